@@ -1,0 +1,65 @@
+"""Plots written at the end of a run, from metrics.jsonl."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from sparsejax.train.metrics import read_metrics  # noqa: E402
+
+
+def plot_loss_curve(metrics_path: str, out_path: str) -> str:
+    """Training loss (and eval loss where logged) against step."""
+    records = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(os.path.basename(os.path.dirname(os.path.abspath(metrics_path))) or "loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def plot_vector_metric(metrics_path: str, prefix: str, out_path: str, ylabel: str,
+                       title: str) -> str | None:
+    """One line per entry of every vector-valued (or scalar) metric whose name starts with
+    `prefix` (e.g. per-layer density, per-expert load). Returns None if there is none."""
+    records = read_metrics(metrics_path)
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        for k, v in r.items():
+            if not k.startswith(prefix) or v is None:
+                continue
+            values: Sequence = v if isinstance(v, list) else [v]
+            for i, x in enumerate(values):
+                if isinstance(x, (int, float)):
+                    name = k[len(prefix):].strip("/") + (f"[{i}]" if isinstance(v, list) else "")
+                    series.setdefault(name, []).append((r["step"], x))
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, pts in sorted(series.items()):
+        ax.plot(*zip(*pts), label=name if len(series) <= 16 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) <= 16:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,72 @@
+"""Multi-head self-attention with grouped-query heads, RoPE and packed-sequence masking.
+
+`kind="dense"` uses `jax.nn.dot_product_attention` (the best implementation on the device);
+`kind="block_sparse"` calls the Pallas block-sparse attention op with a gin-chosen mask.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sparsejax.models.layers import Dtype, rotary_embedding
+
+ATTENTION_KINDS = ("dense", "block_sparse")
+
+
+def causal_segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """[batch, seq] segment ids -> boolean [batch, 1, seq, seq]: causal and same segment."""
+    seq = segment_ids.shape[-1]
+    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal[None] & same)[:, None]
+
+
+class Attention(nn.Module):
+    """Causal self-attention. x: [batch, seq, embed] -> [batch, seq, embed]."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    kind: str = "dense"
+    sparse_mask: Any = None  # a block-sparse mask spec (dict of kwargs) when kind == "block_sparse"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _proj(self, x, heads, name):
+        """x: [b, s, embed] -> [b, s, heads, head_dim]."""
+        kernel = self.param(
+            name, nn.with_logical_partitioning(_fan_in_init(1), ("embed", "heads", "kv")),
+            (x.shape[-1], heads, self.head_dim), self.param_dtype)
+        return jnp.einsum("bse,ehd->bshd", x, kernel.astype(self.dtype))
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        q = self._proj(x, self.num_heads, "query")  # [b, s, h, d]
+        k = self._proj(x, self.num_kv_heads, "key")  # [b, s, kv_h, d]
+        v = self._proj(x, self.num_kv_heads, "value")
+        q = rotary_embedding(q, positions, self.rope_theta)
+        k = rotary_embedding(k, positions, self.rope_theta)
+        q = nn.with_logical_constraint(q, ("batch", "seq", "heads", "kv"))
+        if self.kind == "dense":
+            out = jax.nn.dot_product_attention(q, k, v, mask=causal_segment_mask(segment_ids))
+        elif self.kind == "block_sparse":
+            from sparsejax.models.sparse_attention import block_sparse_self_attention
+            out = block_sparse_self_attention(q, k, v, segment_ids, self.sparse_mask)
+        else:
+            raise ValueError(f"attention kind={self.kind!r} is unknown; valid: {ATTENTION_KINDS}")
+        out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "kv"))
+        out_kernel = self.param(
+            "out", nn.with_logical_partitioning(_fan_in_init(2), ("heads", "kv", "embed")),
+            (self.num_heads, self.head_dim, x.shape[-1]), self.param_dtype)
+        return jnp.einsum("bshd,hde->bse", out.astype(self.dtype), out_kernel.astype(self.dtype))
+
+
+def _fan_in_init(num_in_axes: int):
+    """Truncated-normal init scaled by the product of the first `num_in_axes` dims."""
+    return nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=tuple(range(num_in_axes)),
+        out_axis=tuple(range(num_in_axes, num_in_axes + 2)) if num_in_axes == 1 else -1)

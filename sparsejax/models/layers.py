@@ -1,0 +1,104 @@
+"""Basic transformer layers: RMSNorm, rotary embeddings, token embedding, gated MLP.
+
+Every parameter carries logical axis names (`embed`, `mlp`, `vocab`, ...) so that one
+rules table (sparsejax.parallel.rules) can shard it on any mesh.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+DEFAULT_KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def dtype_from_name(name: str | Dtype) -> Dtype:
+    """Maps 'float32' / 'bfloat16' / a dtype to a jnp dtype, with a clear error."""
+    if not isinstance(name, str):
+        return jnp.dtype(name)
+    valid = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+    if name not in valid:
+        raise ValueError(f"dtype={name!r} is not supported; valid: {sorted(valid)}")
+    return valid[name]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32."""
+
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+    """Applies RoPE. x: [batch, seq, heads, head_dim]; positions: [batch, seq]."""
+    head_dim = x.shape[-1]
+    if head_dim % 2:
+        raise ValueError(f"head_dim={head_dim} must be even for rotary embeddings")
+    freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [d/2]
+    angles = positions[..., None].astype(jnp.float32) * freq  # [b, s, d/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding; `attend` reuses the table as the output projection (weight tying)."""
+
+    vocab_size: int
+    embed_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+            (self.vocab_size, self.embed_dim), self.param_dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("bse,ve->bsv", x, self.embedding.astype(self.dtype))
+
+
+def dense(features: int, axes: tuple[str, str], name: str, dtype: Dtype, param_dtype: Dtype,
+          use_bias: bool = False) -> nn.Dense:
+    """A Dense layer whose kernel is annotated with logical axes (in, out)."""
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
+
+
+class GatedMlp(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)). x: [batch, seq, embed]."""
+
+    embed_dim: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        del deterministic
+        gate = dense(self.mlp_dim, ("embed", "mlp"), "wi_gate", self.dtype, self.param_dtype)(x)
+        up = dense(self.mlp_dim, ("embed", "mlp"), "wi_up", self.dtype, self.param_dtype)(x)
+        h = nn.silu(gate) * up
+        h = nn.with_logical_constraint(h, ("batch", "seq", "mlp"))
+        return dense(self.embed_dim, ("mlp", "embed"), "wo", self.dtype, self.param_dtype)(h)

@@ -1,0 +1,130 @@
+"""Decoder-only transformer LM whose blocks are chosen per layer (dense or MoE MLP,
+dense or block-sparse attention)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+
+from sparsejax.models.attention import ATTENTION_KINDS, Attention
+from sparsejax.models.layers import Embed, GatedMlp, RMSNorm, dense, dtype_from_name
+
+MLP_KINDS = ("dense", "moe")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and per-layer structure of the transformer.
+
+    `mlp_kinds` / `attention_kinds` are cycled over the layers: ("dense", "moe") makes every
+    other layer an MoE layer, starting with a dense one.
+    """
+
+    vocab_size: int = 259
+    num_layers: int = 2
+    embed_dim: int = 64
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int = 16
+    mlp_dim: int = 256
+    max_seq_len: int = 512
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    dtype: str = "float32"  # compute dtype; params stay in param_dtype
+    param_dtype: str = "float32"
+    mlp_kinds: tuple = ("dense",)
+    attention_kinds: tuple = ("dense",)
+    sparse_attention_mask: Any = None
+    remat: bool = False
+
+    def __post_init__(self):
+        for name in ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads",
+                     "head_dim", "mlp_dim", "max_seq_len"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"ModelConfig.num_kv_heads={self.num_kv_heads} must divide "
+                             f"num_heads={self.num_heads}")
+        dtype_from_name(self.dtype), dtype_from_name(self.param_dtype)
+        _check_kinds("mlp_kinds", self.mlp_kinds, MLP_KINDS)
+        _check_kinds("attention_kinds", self.attention_kinds, ATTENTION_KINDS)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Embedding rows, rounded up to a multiple of 128 so the vocab axis shards evenly."""
+        return -(-self.vocab_size // 128) * 128
+
+    def mlp_kind(self, layer: int) -> str:
+        kinds = tuple(self.mlp_kinds)
+        return kinds[layer % len(kinds)]
+
+    def attention_kind(self, layer: int) -> str:
+        kinds = tuple(self.attention_kinds)
+        return kinds[layer % len(kinds)]
+
+
+def _check_kinds(name, kinds, valid):
+    if isinstance(kinds, str):
+        raise ValueError(f"ModelConfig.{name}={kinds!r} must be a tuple such as ({kinds!r},)")
+    if not kinds or any(k not in valid for k in kinds):
+        raise ValueError(f"ModelConfig.{name}={kinds!r}: each entry must be one of {valid}")
+
+
+class Block(nn.Module):
+    config: ModelConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, deterministic: bool):
+        cfg = self.config
+        dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+        h = RMSNorm(dtype=dtype, param_dtype=pdtype, name="attn_norm")(x)
+        h = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
+                      kind=cfg.attention_kind(self.layer), sparse_mask=cfg.sparse_attention_mask,
+                      dtype=dtype, param_dtype=pdtype, name="attn")(h, positions, segment_ids)
+        x = x + h
+        h = RMSNorm(dtype=dtype, param_dtype=pdtype, name="mlp_norm")(x)
+        if cfg.mlp_kind(self.layer) == "moe":
+            from sparsejax.models.moe.layer import MoeMlp
+            mlp = MoeMlp(embed_dim=cfg.embed_dim, dtype=dtype, param_dtype=pdtype, name="moe")
+        else:
+            mlp = GatedMlp(cfg.embed_dim, cfg.mlp_dim, dtype=dtype, param_dtype=pdtype, name="mlp")
+        x = x + mlp(h, deterministic=deterministic)
+        return nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+
+
+class Transformer(nn.Module):
+    """tokens [batch, seq] -> logits [batch, seq, vocab] (float32)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, *, deterministic: bool = True) -> jax.Array:
+        cfg = self.config
+        dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+        if tokens.shape[-1] > cfg.max_seq_len:
+            raise ValueError(f"sequence length {tokens.shape[-1]} exceeds "
+                             f"ModelConfig.max_seq_len={cfg.max_seq_len}")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        embed = Embed(cfg.padded_vocab_size, cfg.embed_dim, dtype=dtype, param_dtype=pdtype,
+                      name="embed")
+        x = embed(tokens) * jnp.sqrt(cfg.embed_dim).astype(dtype)
+        x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+        block_cls = nn.remat(Block, static_argnums=(4,)) if cfg.remat else Block
+        for i in range(cfg.num_layers):
+            x = block_cls(cfg, i, name=f"layer_{i}")(x, positions, segment_ids, deterministic)
+        x = RMSNorm(dtype=dtype, param_dtype=pdtype, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x) / jnp.sqrt(cfg.embed_dim).astype(dtype)
+        else:
+            logits = dense(cfg.padded_vocab_size, ("embed", "vocab"), "lm_head", dtype, pdtype)(x)
+        return logits[..., :cfg.vocab_size].astype(jnp.float32)

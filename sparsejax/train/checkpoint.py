@@ -1,0 +1,109 @@
+"""Checkpoints of the full TrainState, the data-iterator position and the gin config, with
+orbax's CheckpointManager (async, keep the last N). A latest checkpoint that cannot be read is
+moved aside with a warning and the previous one is used."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """Saves and restores {state, data, config} items of one workdir."""
+
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True),
+            item_names=("state", "data", "config"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_args: Any, config: dict, *, force: bool = False):
+        items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
+        if data_args is not None:
+            items["data"] = data_args
+        self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def check_compatible(self, abstract_state: Any) -> None:
+        """Raises ValueError if the newest checkpoint holds arrays of other shapes (a different
+        model), before anything is compiled."""
+        step = self.manager.latest_step()
+        if step is None:
+            return
+        try:
+            meta = self.manager.item_metadata(step)["state"]
+        except Exception:  # unreadable metadata is handled by restore's fallback
+            return
+        if meta is None:
+            return
+        want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in
+                jax.tree_util.tree_leaves_with_path(abstract_state)}
+        have = {jax.tree_util.keystr(p): tuple(getattr(x, "shape", ()) or ()) for p, x in
+                jax.tree_util.tree_leaves_with_path(getattr(meta, "tree", meta))}
+        diffs = [f"{k}: checkpoint {have.get(k)} vs model {v}" for k, v in want.items()
+                 if k in have and have[k] != v]
+        missing = sorted(set(want) ^ set(have))
+        if diffs or missing:
+            detail = "; ".join(diffs[:3] + [f"param set differs at {m}" for m in missing[:3]])
+            raise ValueError(
+                f"workdir {self.directory} holds a checkpoint (step {step}) of a different model "
+                f"shape ({detail}); use a new --workdir or the matching config")
+
+    def restore_latest(self, abstract_state: Any, data_args_fn) -> tuple[int, Any, Any] | None:
+        """Restores the newest readable checkpoint into `abstract_state` (ShapeDtypeStructs with
+        shardings). `data_args_fn()` gives the data-iterator restore args (or None).
+        Returns (step, state, restored items) or None if there is no checkpoint."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            items = {"state": ocp.args.StandardRestore(abstract_state),
+                     "config": ocp.args.JsonRestore()}
+            data_args = data_args_fn()
+            if data_args is not None:
+                items["data"] = data_args
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+                _check_finite_structure(restored["state"], abstract_state)
+                return step, restored["state"], restored
+            except Exception as e:  # corrupt or half-written: move aside, try the previous one
+                log.warning("checkpoint at step %d in %s is unreadable (%s: %s); moving it aside "
+                            "and trying the previous one", step, self.directory, type(e).__name__,
+                            str(e).splitlines()[0][:200] if str(e) else "")
+                self._move_aside(step)
+        return None
+
+    def _move_aside(self, step: int):
+        path = os.path.join(self.directory, str(step))
+        if os.path.isdir(path):
+            dest = os.path.join(self.directory, f"corrupt.{step}")
+            n = 0
+            while os.path.exists(dest):
+                n += 1
+                dest = os.path.join(self.directory, f"corrupt.{step}.{n}")
+            shutil.move(path, dest)
+        self.manager.reload()
+
+
+def _check_finite_structure(state: Any, abstract_state: Any) -> None:
+    leaves, want = jax.tree.leaves(state), jax.tree.leaves(abstract_state)
+    if len(leaves) != len(want):
+        raise ValueError("restored state has a different number of arrays")
+    for a, b in zip(leaves, want):
+        if tuple(np.shape(a)) != tuple(b.shape):
+            raise ValueError(f"restored array of shape {np.shape(a)} where {b.shape} was expected")

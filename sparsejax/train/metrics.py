@@ -1,0 +1,77 @@
+"""Metric sinks: WORKDIR/metrics.jsonl (one JSON object per logged step) and TensorBoard."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+
+def to_python(value: Any) -> Any:
+    """Arrays -> floats/ints/lists so a metrics dict serializes to JSON."""
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+        v = arr.item()
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+    return [to_python(x) for x in arr]
+
+
+class MetricsWriter:
+    """Appends to metrics.jsonl and writes scalars to TensorBoard. Only the process that owns
+    output (process 0) should create one with `enabled=True`."""
+
+    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            if tensorboard:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        record = {"step": int(step), **{k: to_python(v) for k, v in metrics.items()}}
+        if not self.enabled:
+            return record
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if k == "step":
+                    continue
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+                elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
+                    for i, x in enumerate(v):
+                        self._tb.add_scalar(f"{k}/{i}", x, step)
+        return record
+
+    def truncate_after(self, step: int) -> None:
+        """Drops records past `step`: after resuming from a checkpoint, the steps logged after
+        it are recomputed and logged again."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        keep = [line for line in open(self.path) if line.strip() and
+                json.loads(line).get("step", 0) <= step]
+        with open(self.path, "w") as f:
+            f.writelines(keep)
+
+    def close(self):
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """Reads a metrics.jsonl file into a list of records (lines that do not parse are skipped,
+    e.g. a last line cut off by a crash)."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out

@@ -1,0 +1,37 @@
+"""Optimizer and learning-rate schedule (warmup + cosine), with gradient clipping."""
+from __future__ import annotations
+
+import gin
+import optax
+
+
+@gin.configurable
+def learning_rate_schedule(peak_lr: float = 3e-3, warmup_steps: int = 100,
+                           total_steps: int = 1000, end_lr_fraction: float = 0.1) -> optax.Schedule:
+    """Linear warmup to `peak_lr`, then cosine decay to `peak_lr * end_lr_fraction`."""
+    if peak_lr <= 0:
+        raise ValueError(f"peak_lr={peak_lr} must be > 0")
+    if warmup_steps < 0 or total_steps < 1:
+        raise ValueError(f"warmup_steps={warmup_steps} must be >= 0 and total_steps={total_steps} >= 1")
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak_lr, warmup_steps=min(warmup_steps, total_steps),
+        decay_steps=max(total_steps, warmup_steps + 1), end_value=peak_lr * end_lr_fraction)
+
+
+@gin.configurable
+def make_optimizer(total_steps: int, name: str = "adamw", weight_decay: float = 0.1,
+                   b1: float = 0.9, b2: float = 0.95, grad_clip_norm: float | None = 1.0
+                   ) -> optax.GradientTransformation:
+    """AdamW (or SGD with momentum / Lion) with the configured schedule and global-norm clipping."""
+    lr = learning_rate_schedule(total_steps=total_steps)
+    if name == "adamw":
+        tx = optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay)
+    elif name == "sgd":
+        tx = optax.sgd(lr, momentum=b1)
+    elif name == "lion":
+        tx = optax.lion(lr, b1=b1, b2=b2, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer name={name!r} is unknown; valid: ['adamw', 'sgd', 'lion']")
+    if grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
+    return tx

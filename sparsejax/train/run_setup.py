@@ -1,0 +1,137 @@
+"""Everything a run needs before its first step: mesh, model, optimizer, sparsity method, the
+abstract TrainState and its shardings. All validation happens here, before anything compiles."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparsejax.data.sources import check_dataset
+from sparsejax.data.tokenizer import ByteTokenizer
+from sparsejax.models.transformer import ModelConfig, Transformer
+from sparsejax.parallel import mesh as mesh_lib
+from sparsejax.parallel.rules import LOGICAL_RULES, logical_shardings, shardings_like
+from sparsejax.train import optim
+from sparsejax.train.state import TrainState
+
+
+@gin.configurable
+def make_sparsity_method(name: str | None = None) -> Any:
+    """The sparse-training method of the run (None: dense training)."""
+    if name is None:
+        return None
+    from sparsejax.sparsity import make_method
+    return make_method(name=name)
+
+
+@dataclasses.dataclass
+class Run:
+    cfg: Any
+    model_config: ModelConfig
+    mesh: jax.sharding.Mesh
+    model: Transformer
+    tx: optax.GradientTransformation
+    lr_schedule: Callable
+    sparsity_method: Any
+    abstract_state: Any  # TrainState of ShapeDtypeStructs with shardings
+    state_shardings: Any
+    _init: Callable
+
+    def init_state(self) -> TrainState:
+        return self._init()
+
+    def sparsity_update_fn(self):
+        """Jitted (state, batch) -> (state, metrics) for mask updates, or None."""
+        method = self.sparsity_method
+        if method is None or not getattr(method, "has_updates", True):
+            return None
+        from sparsejax.train.sparsity_step import make_sparsity_update
+        return jax.jit(make_sparsity_update(self.model, method),
+                       in_shardings=(self.state_shardings, None),
+                       out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+
+
+def strip_boxes(tree: Any) -> Any:
+    """Removes logical-partitioning boxes without adding sharding constraints."""
+    return jax.tree.map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
+                        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def validate(cfg, model_config: ModelConfig, mesh) -> None:
+    """Fails fast with ValueErrors that name the setting, the value and what is valid."""
+    dp = mesh_lib.data_parallel_size(mesh)
+    if cfg.global_batch_size % dp:
+        raise ValueError(
+            f"TrainConfig.global_batch_size={cfg.global_batch_size} is not divisible by the "
+            f"data-parallel size {dp} (mesh {dict(mesh.shape)}: data*fsdp*expert); use a "
+            f"multiple of {dp}")
+    if cfg.global_batch_size % jax.process_count():
+        raise ValueError(f"TrainConfig.global_batch_size={cfg.global_batch_size} is not divisible "
+                         f"by the process count {jax.process_count()}")
+    if cfg.seq_len > model_config.max_seq_len:
+        raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} exceeds ModelConfig.max_seq_len="
+                         f"{model_config.max_seq_len}; use seq_len <= {model_config.max_seq_len}")
+    vocab = ByteTokenizer.vocab_size
+    if model_config.vocab_size < vocab:
+        raise ValueError(f"ModelConfig.vocab_size={model_config.vocab_size} is smaller than the "
+                         f"tokenizer's vocabulary ({vocab})")
+    check_dataset(cfg.dataset, cfg.data_dir)
+
+
+def setup(cfg, workdir: str, model_config: ModelConfig | None = None) -> Run:
+    model_config = model_config or ModelConfig()
+    mesh = mesh_lib.make_mesh()
+    validate(cfg, model_config, mesh)
+    model = Transformer(model_config)
+    tx = optim.make_optimizer(total_steps=cfg.num_steps)
+    lr_schedule = optim.learning_rate_schedule(total_steps=cfg.num_steps)
+    method = make_sparsity_method()
+    if method is not None:
+        tx = method.wrap_optimizer(tx)
+    dummy = jnp.zeros((1, min(cfg.seq_len, model_config.max_seq_len)), jnp.int32)
+
+    def boxed_state(seed_key):
+        params_key, rng_key, mask_key = jax.random.split(seed_key, 3)
+        variables = model.init({"params": params_key, "router": params_key}, dummy)
+        params = variables["params"]
+        moe_state = variables.get("moe_state") or None
+        sparsity = None
+        if method is not None:
+            params, sparsity = method.init(nn.meta.unbox(params), mask_key, boxed_params=params)
+        opt_state = tx.init(params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                          rng=jax.random.key_data(rng_key), sparsity=sparsity,
+                          moe_state=moe_state)
+
+    seed_key = jax.random.key(cfg.seed)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        abstract_boxed = jax.eval_shape(boxed_state, seed_key)
+        shardings = logical_shardings(abstract_boxed, mesh)
+        abstract = strip_boxes(abstract_boxed)
+        if abstract.sparsity is not None:
+            shardings = shardings.replace(sparsity=shardings_like(
+                abstract.sparsity, abstract.params, shardings.params, mesh))
+        abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        init = jax.jit(lambda: nn.meta.unbox(boxed_state(seed_key)), out_shardings=shardings)
+    return Run(cfg, model_config, mesh, model, tx, lr_schedule, method, abstract_state,
+               shardings, init)
+
+
+def write_plots(workdir: str, method: Any = None) -> None:
+    """Loss curve, plus expert-load and density plots when those metrics were logged."""
+    from sparsejax.analysis import plots
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    plots.plot_loss_curve(path, os.path.join(workdir, "loss.png"))
+    plots.plot_vector_metric(path, "moe/", os.path.join(workdir, "expert_load.png"),
+                             "fraction of tokens", "MoE metrics over training")
+    plots.plot_vector_metric(path, "sparsity/density/", os.path.join(workdir, "density.png"),
+                             "density", "per-layer density over training")

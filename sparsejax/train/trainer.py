@@ -1,0 +1,237 @@
+"""The training loop: owns data, eval, checkpoints, metrics, the progress bar and preemption.
+The step itself is the pure function from step.py, jitted here with explicit shardings."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from sparsejax.data import pipeline
+from sparsejax.data.sources import check_dataset
+from sparsejax.parallel import mesh as mesh_lib
+from sparsejax.parallel.rules import LOGICAL_RULES, batch_sharding, replicated
+from sparsejax.train import run_setup
+from sparsejax.train.checkpoint import Checkpointer
+from sparsejax.train.metrics import MetricsWriter
+from sparsejax.train.step import make_eval_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+NAN_POLICIES = ("skip", "stop")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Run-level settings (model shape lives in ModelConfig, the optimizer in make_optimizer)."""
+
+    num_steps: int = 200
+    global_batch_size: int = 16
+    seq_len: int = 128
+    seed: int = 0
+    dataset: str = "stdlib"
+    data_dir: str | None = None
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    nan_policy: str = "skip"  # "skip": drop the update; "stop": save the last good state and stop
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        for name in ("num_steps", "global_batch_size", "seq_len", "log_every", "eval_every",
+                     "checkpoint_every", "keep_checkpoints"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.eval_batches < 0:
+            raise ValueError(f"TrainConfig.eval_batches={self.eval_batches} must be >= 0")
+        if self.nan_policy not in NAN_POLICIES:
+            raise ValueError(f"TrainConfig.nan_policy={self.nan_policy!r}; valid: {NAN_POLICIES}")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised under nan_policy='stop' after the last good state has been saved."""
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not in the main thread (e.g. a notebook worker thread)
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+    """Assembles per-process numpy batches into global arrays sharded over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def evaluate(eval_fn, state, cfg: TrainConfig, sharding, max_batches: int | None = None
+             ) -> dict[str, float]:
+    """Mean token loss and perplexity over the first `max_batches` validation batches."""
+    n = cfg.eval_batches if max_batches is None else max_batches
+    it = pipeline.make_iterator("validation", global_batch_size=cfg.global_batch_size,
+                                seq_len=cfg.seq_len, seed=cfg.seed, dataset=cfg.dataset,
+                                data_dir=cfg.data_dir, num_epochs=1)
+    loss_sum, count = 0.0, 0.0
+    for i, batch in enumerate(it):
+        if i >= n:
+            break
+        out = eval_fn(state, global_batch(batch, sharding))
+        loss_sum += float(out["loss_sum"])
+        count += float(out["count"])
+    if count == 0:
+        raise ValueError(f"validation split of dataset={cfg.dataset!r} gave no tokens for "
+                         f"global_batch_size={cfg.global_batch_size}, seq_len={cfg.seq_len}")
+    loss = loss_sum / count
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+@gin.configurable(denylist=["workdir", "config_str"])
+def train(workdir: str, config: TrainConfig | None = None, config_str: str = "") -> dict[str, Any]:
+    """Trains (or resumes) the run in `workdir`. Returns the last logged metrics plus
+    `status` ('done', 'preempted')."""
+    cfg = config or TrainConfig()
+    run = run_setup.setup(cfg, workdir)  # validates everything before compiling
+    mesh, model, tx, method = run.mesh, run.model, run.tx, run.sparsity_method
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if is_main and config_str:
+        with open(os.path.join(workdir, "config.gin"), "w") as f:
+            f.write(config_str)
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
+                        async_save=cfg.async_checkpoints)
+    ckpt.check_compatible(run.abstract_state)
+    data_it = pipeline.make_iterator("train", global_batch_size=cfg.global_batch_size,
+                                     seq_len=cfg.seq_len, seed=cfg.seed, dataset=cfg.dataset,
+                                     data_dir=cfg.data_dir)
+    writer = MetricsWriter(workdir, enabled=is_main)
+    bsharding = batch_sharding(mesh)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        restored = ckpt.restore_latest(run.abstract_state,
+                                       lambda: pipeline.iterator_restore_args(data_it))
+        if restored is None:
+            state = run.init_state()
+            start = 0
+        else:
+            start, state, _ = restored
+            log.info("resumed from step %d", start)
+            writer.truncate_after(start)
+        step_fn = jax.jit(make_train_step(model, tx, run.lr_schedule, method),
+                          in_shardings=(run.state_shardings, bsharding),
+                          out_shardings=(run.state_shardings, replicated(mesh)),
+                          donate_argnums=(0,))
+        eval_fn = jax.jit(make_eval_step(model, method),
+                          in_shardings=(run.state_shardings, bsharding))
+        update_fn = run.sparsity_update_fn()
+
+        def save(step, force=False):
+            ckpt.save(step, state, pipeline.iterator_save_args(data_it),
+                      {"step": step, "gin": config_str}, force=force)
+
+        status, last = "done", {}
+        tokens_per_step = cfg.global_batch_size * cfg.seq_len
+        bar = tqdm(total=cfg.num_steps, initial=start, disable=not (is_main and cfg.progress_bar),
+                   dynamic_ncols=True, desc="train")
+        t0, steps_since = time.perf_counter(), 0
+        with _Preemption() as preempt:
+            for step in range(start, cfg.num_steps):
+                batch = global_batch(next(data_it), bsharding)
+                if update_fn is not None and method.is_update_step(step):
+                    state, mask_metrics = update_fn(state, batch)
+                    writer.write(step, mask_metrics)
+                state, metrics = step_fn(state, batch)
+                steps_since += 1
+                done = step + 1
+                if cfg.nan_policy == "stop" and int(metrics["nonfinite"]):
+                    save(done, force=True)  # the guard kept the last good state
+                    ckpt.close()
+                    raise NonFiniteLossError(
+                        f"non-finite loss or gradient at step {step}; the last good state is "
+                        f"saved in {workdir} (nan_policy='stop')")
+                if done % cfg.log_every == 0 or done == cfg.num_steps:
+                    metrics = jax.device_get(metrics)
+                    elapsed = time.perf_counter() - t0
+                    metrics["tokens_per_s"] = tokens_per_step * steps_since / max(elapsed, 1e-9)
+                    if method is not None:
+                        metrics.update(method.log_metrics(state.sparsity, step=done))
+                    last = writer.write(done, metrics)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}",
+                                    tok_s=f"{metrics['tokens_per_s']:.0f}")
+                    t0, steps_since = time.perf_counter(), 0
+                if cfg.eval_batches and (done % cfg.eval_every == 0 or done == cfg.num_steps):
+                    ev = evaluate(eval_fn, state, cfg, bsharding)
+                    last.update(writer.write(done, ev))
+                    t0, steps_since = time.perf_counter(), 0
+                if done % cfg.checkpoint_every == 0 or done == cfg.num_steps:
+                    save(done)
+                bar.update(1)
+                if preempt.requested:
+                    if done % cfg.checkpoint_every and done != cfg.num_steps:
+                        save(done, force=True)
+                    status = "preempted"
+                    log.warning("SIGTERM: saved a checkpoint at step %d; exiting", done)
+                    break
+        bar.close()
+        ckpt.close()
+        writer.close()
+    if is_main and status == "done":
+        run_setup.write_plots(workdir, method)
+    last["status"] = status
+    return last
+
+
+def load_state_for_eval(workdir: str, cfg: TrainConfig):
+    """Restores the latest checkpoint of `workdir` (for `sparsejax eval`)."""
+    run = run_setup.setup(cfg, workdir)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    ckpt.check_compatible(run.abstract_state)
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        restored = ckpt.restore_latest(run.abstract_state, lambda: None)
+    ckpt.close()
+    if restored is None:
+        raise ValueError(f"workdir={workdir!r} holds no checkpoint to evaluate")
+    return run, restored[0], restored[1]
+
+
+@gin.configurable(denylist=["workdir"])
+def evaluate_checkpoint(workdir: str, config: TrainConfig | None = None,
+                        num_batches: int = 16) -> dict[str, Any]:
+    """Loss and perplexity of the latest checkpoint on the validation split."""
+    cfg = config or TrainConfig()
+    run, step, state = load_state_for_eval(workdir, cfg)
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        eval_fn = jax.jit(make_eval_step(run.model, run.sparsity_method),
+                          in_shardings=(run.state_shardings, batch_sharding(run.mesh)))
+        out = evaluate(eval_fn, state, cfg, batch_sharding(run.mesh), max_batches=num_batches)
+    out["step"] = step
+    return out
