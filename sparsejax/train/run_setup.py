@@ -84,9 +84,12 @@ def validate(cfg, model_config: ModelConfig, mesh) -> None:
     check_dataset(cfg.dataset, cfg.data_dir)
 
 
-def setup(cfg, workdir: str, model_config: ModelConfig | None = None) -> Run:
+def setup(cfg, workdir: str | None = None, model_config: ModelConfig | None = None,
+          mesh: jax.sharding.Mesh | None = None) -> Run:
+    """Builds the run; `model_config` and `mesh` default to their gin-configured values."""
+    del workdir
     model_config = model_config or ModelConfig()
-    mesh = mesh_lib.make_mesh()
+    mesh = mesh or mesh_lib.make_mesh()
     validate(cfg, model_config, mesh)
     model = Transformer(model_config)
     tx = optim.make_optimizer(total_steps=cfg.num_steps)
