@@ -44,28 +44,30 @@ class Checkpointer:
 
     def check_compatible(self, abstract_state: Any) -> None:
         """Raises ValueError if the newest checkpoint holds arrays of other shapes (a different
-        model), before anything is compiled."""
+        model or sparsity/MoE setup), before anything is compiled."""
         step = self.manager.latest_step()
         if step is None:
             return
         try:
-            meta = self.manager.item_metadata(step)["state"]
-        except Exception:  # unreadable metadata is handled by restore's fallback
+            meta = ocp.StandardCheckpointer().metadata(
+                os.path.join(self.directory, str(step), "state"))
+            have = {_path_str(p): tuple(x.shape) for p, x in
+                    jax.tree_util.tree_leaves_with_path(getattr(meta, "item_metadata", meta))}
+        except Exception:  # unreadable metadata: restore_latest's fallback handles it
             return
-        if meta is None:
-            return
-        want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in
+        want = {_path_str(p): tuple(x.shape) for p, x in
                 jax.tree_util.tree_leaves_with_path(abstract_state)}
-        have = {jax.tree_util.keystr(p): tuple(getattr(x, "shape", ()) or ()) for p, x in
-                jax.tree_util.tree_leaves_with_path(getattr(meta, "tree", meta))}
-        diffs = [f"{k}: checkpoint {have.get(k)} vs model {v}" for k, v in want.items()
-                 if k in have and have[k] != v]
-        missing = sorted(set(want) ^ set(have))
-        if diffs or missing:
-            detail = "; ".join(diffs[:3] + [f"param set differs at {m}" for m in missing[:3]])
+        problems = [f"{k}: checkpoint {have.get(k, 'missing')} vs model {v}"
+                    for k, v in want.items() if k.startswith("params/") and have.get(k) != v]
+        problems += [f"{k}: in the checkpoint, not in the model" for k in have
+                     if k.startswith("params/") and k not in want]
+        if not problems and sorted(have.values()) != sorted(want.values()):
+            problems.append("optimizer/sparsity/MoE state arrays differ")
+        if problems:
             raise ValueError(
-                f"workdir {self.directory} holds a checkpoint (step {step}) of a different model "
-                f"shape ({detail}); use a new --workdir or the matching config")
+                f"workdir {os.path.dirname(self.directory)} holds a checkpoint (step {step}) of "
+                f"a different model shape ({'; '.join(problems[:3])}); use a new --workdir or "
+                f"the config that wrote it")
 
     def restore_latest(self, abstract_state: Any, data_args_fn) -> tuple[int, Any, Any] | None:
         """Restores the newest readable checkpoint into `abstract_state` (ShapeDtypeStructs with
@@ -98,6 +100,12 @@ class Checkpointer:
                 dest = os.path.join(self.directory, f"corrupt.{step}.{n}")
             shutil.move(path, dest)
         self.manager.reload()
+
+
+def _path_str(path) -> str:
+    """A tree path as 'params/layer_0/mlp/wo/kernel' whatever the container types."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                    for k in path)
 
 
 def _check_finite_structure(state: Any, abstract_state: Any) -> None:

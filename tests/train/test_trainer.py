@@ -1,0 +1,132 @@
+"""End-to-end training through the CLI (in process): outputs, resume, corrupt checkpoints,
+the NaN guard and fail-fast validation."""
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from sparsejax import cli
+from sparsejax.train import trainer
+from sparsejax.train.metrics import read_metrics
+
+
+def _steps(workdir):
+    return [r["step"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+
+
+def _checkpoints(workdir):
+    return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+def _restore_params(workdir, step):
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                               item_names=("state", "data", "config")) as mngr:
+        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return state["state"]["params"]
+
+
+def test_train_writes_outputs_then_resumes(run_cli, tmp_path):
+    w = str(tmp_path / "run")
+    assert run_cli(w) == 0
+    records = read_metrics(os.path.join(w, "metrics.jsonl"))
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in train] == [5, 10, 15, 20]
+    assert train[-1]["loss"] < train[0]["loss"] - 0.3  # loss visibly falls
+    assert [r["step"] for r in evals] == [10, 20]
+    assert os.path.getsize(os.path.join(w, "loss.png")) > 1000
+    assert os.path.exists(os.path.join(w, "config.gin"))
+    assert "TrainConfig.num_steps = 20" in open(os.path.join(w, "config.gin")).read()
+    assert _checkpoints(w) == [10, 20]
+    # Rerunning the same command with more steps resumes from step 20 instead of restarting.
+    assert run_cli(w, "--gin.TrainConfig.num_steps=30") == 0
+    assert _steps(w) == [5, 10, 15, 20, 25, 30]
+    assert _checkpoints(w)[-1] == 30
+
+
+def test_corrupt_latest_checkpoint_falls_back(run_cli, tmp_path, caplog):
+    w = str(tmp_path / "run")
+    assert run_cli(w) == 0
+    params20 = _restore_params(w, 20)
+    state_dir = os.path.join(w, "checkpoints", "20", "state")
+    for root, _, files in os.walk(state_dir):  # truncate every file of the latest checkpoint
+        for f in files:
+            open(os.path.join(root, f), "w").close()
+    with caplog.at_level(logging.WARNING):
+        assert run_cli(w) == 0
+    assert any("unreadable" in r.message for r in caplog.records)
+    assert os.path.isdir(os.path.join(w, "checkpoints", "corrupt.20"))
+    # Resumed from step 10 and recomputed step 20 exactly.
+    assert _checkpoints(w) == [10, 20]
+    again = _restore_params(w, 20)
+    for a, b in zip(np.asarray(jax_leaves(params20), dtype=object), jax_leaves(again)):
+        np.testing.assert_array_equal(a, b)
+
+
+def jax_leaves(tree):
+    import jax
+    return jax.tree.leaves(tree)
+
+
+def test_nan_guard_skip_keeps_params_finite(run_cli, tmp_path):
+    w = str(tmp_path / "run")
+    assert run_cli(w, "--gin.learning_rate_schedule.peak_lr=1e30",
+                   "--gin.learning_rate_schedule.warmup_steps=0") == 0
+    records = [r for r in read_metrics(os.path.join(w, "metrics.jsonl")) if "loss" in r]
+    assert any(r["nonfinite"] for r in records)
+    params = _restore_params(w, 20)
+    assert all(np.all(np.isfinite(x)) for x in jax_leaves(params))
+
+
+def test_nan_guard_stop_saves_last_good_state(run_cli, tmp_path):
+    w = str(tmp_path / "run")
+    cli.parse_gin(["tiny.gin"], [b[len("--gin."):] for b in
+                                 ["--gin.learning_rate_schedule.peak_lr=1e30",
+                                  "--gin.learning_rate_schedule.warmup_steps=0",
+                                  "--gin.TrainConfig.nan_policy='stop'",
+                                  "--gin.TrainConfig.progress_bar=False"]])
+    with pytest.raises(trainer.NonFiniteLossError, match="nan_policy='stop'"):
+        trainer.train(w)
+    steps = _checkpoints(w)
+    assert len(steps) == 1 and steps[0] < 20
+    assert all(np.all(np.isfinite(x)) for x in jax_leaves(_restore_params(w, steps[0])))
+
+
+def test_eval_command(run_cli, tmp_path, capsys):
+    w = str(tmp_path / "run")
+    assert run_cli(w) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "--gin_file=tiny.gin", f"--workdir={w}",
+                     "--gin.evaluate_checkpoint.num_batches=2"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["step"] == 20 and np.isclose(out["eval_perplexity"], np.exp(out["eval_loss"]))
+
+
+@pytest.mark.parametrize("binding,match", [
+    ("TrainConfig.bogus_setting=1", "bogus_setting"),
+    ("make_mesh.data=3", "mesh"),
+    ("TrainConfig.global_batch_size=6", "global_batch_size=6"),
+    ("TrainConfig.seq_len=4096", "max_seq_len"),
+    ("TrainConfig.dataset='files:/nonexistent/dir/*.txt'", "nonexistent"),
+    ("ModelConfig.num_kv_heads=3", "num_kv_heads=3"),
+    ("TrainConfig.nan_policy='ignore'", "nan_policy"),
+])
+def test_bad_input_fails_fast(run_cli, tmp_path, capsys, binding, match):
+    code = cli.main(["train", "--gin_file=tiny.gin", f"--workdir={tmp_path}", "--quiet",
+                     f"--gin.{binding}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and match in err
+    assert not os.path.exists(tmp_path / "checkpoints" / "10")
+
+
+def test_workdir_with_other_model_shape_is_rejected(run_cli, tmp_path, capsys):
+    w = str(tmp_path / "run")
+    assert run_cli(w) == 0
+    capsys.readouterr()
+    assert run_cli(w, "--gin.ModelConfig.embed_dim=32") == 2
+    assert "different model shape" in capsys.readouterr().err
