@@ -25,11 +25,10 @@ def _register_configurables() -> None:
     import sparsejax.train.optim  # noqa: F401
     import sparsejax.train.run_setup  # noqa: F401
     import sparsejax.train.trainer  # noqa: F401
-    for optional in ("sparsejax.sparsity", "sparsejax.models.moe.layer"):
-        try:
-            __import__(optional)
-        except ImportError:
-            pass
+    import pallas_kernels.block_sparse_attention.ops  # noqa: F401
+    import pallas_kernels.grouped_matmul.ops  # noqa: F401
+    import sparsejax.models.moe.layer  # noqa: F401
+    import sparsejax.sparsity  # noqa: F401
 
 
 def resolve_gin_file(name: str) -> str:

@@ -34,14 +34,14 @@ def plot_loss_curve(metrics_path: str, out_path: str) -> str:
 
 
 def plot_vector_metric(metrics_path: str, prefix: str, out_path: str, ylabel: str,
-                       title: str) -> str | None:
+                       title: str, contains: str = "") -> str | None:
     """One line per entry of every vector-valued (or scalar) metric whose name starts with
     `prefix` (e.g. per-layer density, per-expert load). Returns None if there is none."""
     records = read_metrics(metrics_path)
     series: dict[str, list[tuple[int, float]]] = {}
     for r in records:
         for k, v in r.items():
-            if not k.startswith(prefix) or v is None:
+            if not k.startswith(prefix) or contains not in k or v is None:
                 continue
             values: Sequence = v if isinstance(v, list) else [v]
             for i, x in enumerate(values):

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sparsejax.models.layers import Dtype, rotary_embedding
+from sparsejax.models.layers import DEFAULT_KERNEL_INIT, Dtype, rotary_embedding
 
 ATTENTION_KINDS = ("dense", "block_sparse")
 
@@ -37,11 +37,13 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def _proj(self, x, heads, name):
-        """x: [b, s, embed] -> [b, s, heads, head_dim]."""
+        """x: [b, s, embed] -> [b, s, heads, head_dim]. Kernels are 2-D [in, out] like every
+        other linear layer, so sparsity (ERK, N:M along the input dim) treats them alike."""
         kernel = self.param(
-            name, nn.with_logical_partitioning(_fan_in_init(1), ("embed", "heads", "kv")),
-            (x.shape[-1], heads, self.head_dim), self.param_dtype)
-        return jnp.einsum("bse,ehd->bshd", x, kernel.astype(self.dtype))
+            name, nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("embed", "heads")),
+            (x.shape[-1], heads * self.head_dim), self.param_dtype)
+        y = jnp.einsum("bse,ef->bsf", x, kernel.astype(self.dtype))
+        return y.reshape(*y.shape[:-1], heads, self.head_dim)
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -60,13 +62,7 @@ class Attention(nn.Module):
             raise ValueError(f"attention kind={self.kind!r} is unknown; valid: {ATTENTION_KINDS}")
         out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "kv"))
         out_kernel = self.param(
-            "out", nn.with_logical_partitioning(_fan_in_init(2), ("heads", "kv", "embed")),
-            (self.num_heads, self.head_dim, x.shape[-1]), self.param_dtype)
-        return jnp.einsum("bshd,hde->bse", out.astype(self.dtype), out_kernel.astype(self.dtype))
-
-
-def _fan_in_init(num_in_axes: int):
-    """Truncated-normal init scaled by the product of the first `num_in_axes` dims."""
-    return nn.initializers.variance_scaling(
-        1.0, "fan_in", "truncated_normal", in_axis=tuple(range(num_in_axes)),
-        out_axis=tuple(range(num_in_axes, num_in_axes + 2)) if num_in_axes == 1 else -1)
+            "out", nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("heads", "embed")),
+            (self.num_heads * self.head_dim, x.shape[-1]), self.param_dtype)
+        out = out.reshape(*out.shape[:-2], -1).astype(self.dtype)
+        return jnp.einsum("bsf,fe->bse", out, out_kernel.astype(self.dtype))

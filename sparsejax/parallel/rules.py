@@ -39,18 +39,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def path_str(path) -> str:
+    """A tree path as 'layer_0/mlp/wo/kernel', whatever the container types (dict, dataclass,
+    namedtuple), so that paths in params, optimizer state and masks can be compared."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
 def shardings_like(tree: Any, reference: Any, reference_shardings: Any, mesh: Mesh) -> Any:
-    """Shardings for `tree` (e.g. sparsity masks) that reuse the sharding of the leaf at the same
-    path in `reference` (e.g. params) when shapes agree, and replicate everything else."""
-    ref_flat = {jax.tree_util.keystr(p): (leaf, s) for (p, leaf), s in zip(
+    """Shardings for every leaf of `tree` (a TrainState, optimizer state, masks...): a leaf whose
+    path ends with the path of a `reference` leaf (e.g. a param) of the same shape gets that
+    leaf's sharding; everything else is replicated."""
+    by_path = {path_str(p): (getattr(x, "shape", None), s) for (p, x), s in zip(
         jax.tree_util.tree_leaves_with_path(reference),
         jax.tree_util.tree_leaves(reference_shardings))}
 
     def pick(path, leaf):
-        key = jax.tree_util.keystr(path)
-        for ref_key, (ref_leaf, sharding) in ref_flat.items():
-            if key.endswith(ref_key) and getattr(ref_leaf, "shape", None) == getattr(leaf, "shape", ()):
-                return sharding
+        parts = path_str(path).split("/")
+        for i in range(len(parts)):
+            hit = by_path.get("/".join(parts[i:]))
+            if hit is not None and hit[0] == getattr(leaf, "shape", None):
+                return hit[1]
         return replicated(mesh)
 
     return jax.tree_util.tree_map_with_path(pick, tree)

@@ -16,18 +16,18 @@ from sparsejax.data.sources import check_dataset
 from sparsejax.data.tokenizer import ByteTokenizer
 from sparsejax.models.transformer import ModelConfig, Transformer
 from sparsejax.parallel import mesh as mesh_lib
-from sparsejax.parallel.rules import LOGICAL_RULES, logical_shardings, shardings_like
+from sparsejax.parallel.rules import (LOGICAL_RULES, batch_sharding, logical_shardings,
+                                      replicated, shardings_like)
 from sparsejax.train import optim
 from sparsejax.train.state import TrainState
 
 
-@gin.configurable
-def make_sparsity_method(name: str | None = None) -> Any:
-    """The sparse-training method of the run (None: dense training)."""
-    if name is None:
-        return None
-    from sparsejax.sparsity import make_method
-    return make_method(name=name)
+def make_sparsity_method() -> Any:
+    """The run's sparse-training method from gin (`make_method.name = 'rigl'`), or None for
+    plain dense training (the default)."""
+    from sparsejax.sparsity import DenseMethod, make_method
+    method = make_method()
+    return None if type(method) is DenseMethod else method
 
 
 @dataclasses.dataclass
@@ -49,12 +49,13 @@ class Run:
     def sparsity_update_fn(self):
         """Jitted (state, batch) -> (state, metrics) for mask updates, or None."""
         method = self.sparsity_method
-        if method is None or not getattr(method, "has_updates", True):
+        if method is None:
             return None
         from sparsejax.train.sparsity_step import make_sparsity_update
         return jax.jit(make_sparsity_update(self.model, method),
-                       in_shardings=(self.state_shardings, None),
-                       out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+                       in_shardings=(self.state_shardings, batch_sharding(self.mesh)),
+                       out_shardings=(self.state_shardings, replicated(self.mesh)),
+                       donate_argnums=(0,))
 
 
 def strip_boxes(tree: Any) -> Any:
@@ -92,39 +93,39 @@ def setup(cfg, workdir: str | None = None, model_config: ModelConfig | None = No
     mesh = mesh or mesh_lib.make_mesh()
     validate(cfg, model_config, mesh)
     model = Transformer(model_config)
-    tx = optim.make_optimizer(total_steps=cfg.num_steps)
+    base_tx = optim.make_optimizer(total_steps=cfg.num_steps)
     lr_schedule = optim.learning_rate_schedule(total_steps=cfg.num_steps)
     method = make_sparsity_method()
-    if method is not None:
-        tx = method.wrap_optimizer(tx)
     dummy = jnp.zeros((1, min(cfg.seq_len, model_config.max_seq_len)), jnp.int32)
 
-    def boxed_state(seed_key):
+    def init_variables(key):
+        return model.init({"params": key, "router": key, "dropout": key}, dummy)
+
+    def make_state(seed_key):
         params_key, rng_key, mask_key = jax.random.split(seed_key, 3)
-        variables = model.init({"params": params_key, "router": params_key}, dummy)
+        variables = nn.meta.unbox(init_variables(params_key))
         params = variables["params"]
-        moe_state = variables.get("moe_state") or None
-        sparsity = None
+        sparsity, tx = None, base_tx
         if method is not None:
-            params, sparsity = method.init(nn.meta.unbox(params), mask_key, boxed_params=params)
-        opt_state = tx.init(params)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+            params, sparsity = method.init(params, mask_key)
+            tx = method.wrap_optimizer(base_tx, sparsity)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           rng=jax.random.key_data(rng_key), sparsity=sparsity,
-                          moe_state=moe_state)
+                          moe_state=variables.get("moe_state") or None)
 
     seed_key = jax.random.key(cfg.seed)
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        abstract_boxed = jax.eval_shape(boxed_state, seed_key)
-        shardings = logical_shardings(abstract_boxed, mesh)
-        abstract = strip_boxes(abstract_boxed)
-        if abstract.sparsity is not None:
-            shardings = shardings.replace(sparsity=shardings_like(
-                abstract.sparsity, abstract.params, shardings.params, mesh))
+        boxed_vars = jax.eval_shape(init_variables, seed_key)
+        param_shardings = logical_shardings(boxed_vars["params"], mesh)
+        abstract = jax.eval_shape(make_state, seed_key)
+        shardings = shardings_like(abstract, strip_boxes(boxed_vars["params"]), param_shardings,
+                                   mesh)
         abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        init = jax.jit(lambda: nn.meta.unbox(boxed_state(seed_key)), out_shardings=shardings)
+        init = jax.jit(make_state, out_shardings=shardings)
+    tx = base_tx if method is None else method.wrap_optimizer(base_tx, abstract.sparsity)
     return Run(cfg, model_config, mesh, model, tx, lr_schedule, method, abstract_state,
-               shardings, init)
+               shardings, lambda: init(seed_key))
 
 
 def write_plots(workdir: str, method: Any = None) -> None:
@@ -135,6 +136,7 @@ def write_plots(workdir: str, method: Any = None) -> None:
         return
     plots.plot_loss_curve(path, os.path.join(workdir, "loss.png"))
     plots.plot_vector_metric(path, "moe/", os.path.join(workdir, "expert_load.png"),
-                             "fraction of tokens", "MoE metrics over training")
+                             "fraction of tokens", "expert load over training",
+                             contains="expert_load")
     plots.plot_vector_metric(path, "sparsity/density/", os.path.join(workdir, "density.png"),
                              "density", "per-layer density over training")

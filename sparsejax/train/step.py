@@ -39,14 +39,11 @@ def model_variables(params, moe_state):
     return variables
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    lr_schedule: Callable[[Any], Any] | None = None,
-                    sparsity_method: Any = None) -> Callable:
-    """Builds train_step(state, batch) -> (state, metrics).
+def make_loss_fn(model: nn.Module, sparsity_method: Any = None) -> Callable:
+    """loss_fn(params, state, batch, rng) -> (loss + aux losses, (loss, aux, mutated)).
 
-    A step whose loss or gradient is not finite leaves params, optimizer and MoE state unchanged
-    (the step counter still advances past the bad batch) and reports `nonfinite=1`.
-    """
+    With a sparsity method, the model sees `forward_params` (masked, straight-through), so the
+    gradient w.r.t. `params` is the dense gradient that RigL/SNIP use at update steps."""
 
     def loss_fn(params, state: TrainState, batch, rng):
         fwd_params = params
@@ -55,7 +52,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                                                         rng=rng)
         logits, mutated = model.apply(
             model_variables(fwd_params, state.moe_state), batch["inputs"], batch["positions"],
-            batch["segment_ids"], deterministic=False, rngs={"router": rng}, mutable=MUTABLE)
+            batch["segment_ids"], deterministic=False, rngs={"router": rng, "dropout": rng}, mutable=MUTABLE)
         loss_sum, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
         loss = loss_sum / jnp.maximum(count, 1.0)
         aux = sum((jnp.sum(jnp.asarray(v, jnp.float32)) for v in
@@ -64,15 +61,30 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
             aux = aux + sparsity_method.regularizer(params, state.sparsity, step=state.step)
         return loss + aux, (loss, aux, mutated)
 
+    return loss_fn
+
+
+def step_rng(state: TrainState) -> jax.Array:
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    lr_schedule: Callable[[Any], Any] | None = None,
+                    sparsity_method: Any = None) -> Callable:
+    """Builds train_step(state, batch) -> (state, metrics).
+
+    A step whose loss or gradient is not finite leaves params, optimizer, sparsity and MoE state
+    unchanged (the step counter still advances past the bad batch) and reports `nonfinite=1`.
+    """
+    loss_fn = make_loss_fn(model, sparsity_method)
+
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, (loss, aux, mutated)), grads = grad_fn(state.params, state, batch, rng)
+        (_, (loss, aux, mutated)), grads = grad_fn(state.params, state, batch, step_rng(state))
+        sparsity = state.sparsity
         if sparsity_method is not None:
-            grads, sparsity = sparsity_method.process_grads(
-                grads, state.params, state.sparsity, step=state.step)
-        else:
-            sparsity = state.sparsity
+            grads, sparsity = sparsity_method.on_grads(state.params, sparsity, grads,
+                                                       step=state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
@@ -101,7 +113,8 @@ def make_eval_step(model: nn.Module, sparsity_method: Any = None) -> Callable:
     def eval_step(state: TrainState, batch):
         params = state.params
         if sparsity_method is not None:
-            params = sparsity_method.eval_params(params, state.sparsity)
+            params = sparsity_method.forward_params(params, state.sparsity, step=state.step,
+                                                    rng=None)
         logits = model.apply(model_variables(params, state.moe_state), batch["inputs"],
                              batch["positions"], batch["segment_ids"], deterministic=True)
         loss_sum, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])

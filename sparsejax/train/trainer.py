@@ -13,13 +13,10 @@ from typing import Any
 import flax.linen as nn
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from sparsejax.data import pipeline
-from sparsejax.data.sources import check_dataset
-from sparsejax.parallel import mesh as mesh_lib
 from sparsejax.parallel.rules import LOGICAL_RULES, batch_sharding, replicated
 from sparsejax.train import run_setup
 from sparsejax.train.checkpoint import Checkpointer
@@ -183,7 +180,7 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "")
                     elapsed = time.perf_counter() - t0
                     metrics["tokens_per_s"] = tokens_per_step * steps_since / max(elapsed, 1e-9)
                     if method is not None:
-                        metrics.update(method.log_metrics(state.sparsity, step=done))
+                        metrics.update(jax.device_get(method.metrics(state.params, state.sparsity)))
                     last = writer.write(done, metrics)
                     bar.set_postfix(loss=f"{last['loss']:.3f}",
                                     tok_s=f"{metrics['tokens_per_s']:.0f}")

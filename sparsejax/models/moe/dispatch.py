@@ -1,0 +1,118 @@
+"""Dispatch strategies: route tokens to experts, run the experts, combine the outputs.
+
+Every strategy has the signature
+    fn(x [T, embed], routing: Routing, w: ExpertWeights, capacity: int) -> (y [T, embed], dropped)
+where `dropped` is the number of active assignments that were not computed (float32 scalar).
+
+* "onehot": one-hot dispatch/combine einsums into a [experts, capacity] buffer; assignments
+  past an expert's capacity are dropped. The readable reference (GShard / Switch).
+* "ragged_dot": dropless. Sort assignments by expert, one grouped matmul per projection with
+  `jax.lax.ragged_dot`, unsort and combine.
+* "pallas_gmm": the same as "ragged_dot" with the Pallas grouped matmul
+  `pallas_kernels.grouped_matmul.ops.gmm`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from sparsejax.models.moe.experts import (ExpertWeights, GroupedMatmul, batched_ffn, grouped_ffn,
+                                          ragged_dot)
+from sparsejax.models.moe.router import Routing
+
+DISPATCHES = ("onehot", "ragged_dot", "pallas_gmm")
+
+
+def capacity_positions(expert_index: jax.Array, mask: jax.Array, num_experts: int) -> jax.Array:
+    """Slot of each assignment in its expert's buffer, in GShard priority order: all first
+    choices (in token order), then all second choices, ... Inactive assignments take no slot.
+
+    expert_index, mask: [T, k] -> positions [T, k] int32 (meaningless where mask is False).
+    """
+    oh = jax.nn.one_hot(expert_index.T, num_experts, dtype=jnp.int32)  # [k, T, E]
+    oh = oh * mask.T[..., None].astype(jnp.int32)
+    k, t, e = oh.shape
+    pos = jnp.cumsum(oh.reshape(k * t, e), axis=0).reshape(k, t, e) - 1
+    return jnp.sum(pos * oh, axis=-1).T.astype(jnp.int32)
+
+
+def sort_by_expert(expert_index: jax.Array, mask: jax.Array, num_experts: int):
+    """Stable order that groups active assignments by expert (inactive ones last).
+
+    expert_index, mask: [A] -> (order [A], group_sizes [E] int32).
+    """
+    key = jnp.where(mask, expert_index, num_experts)
+    order = jnp.argsort(key, stable=True)
+    sizes = jax.ops.segment_sum(jnp.ones_like(key), key, num_experts + 1)[:num_experts]
+    return order, sizes.astype(jnp.int32)
+
+
+def inverse_permutation(order: jax.Array) -> jax.Array:
+    return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+
+
+def combine(y_flat: jax.Array, routing: Routing) -> jax.Array:
+    """Sums weighted per-assignment outputs y_flat [A, embed] back onto tokens [T, embed]."""
+    w = (routing.weight * routing.mask).astype(y_flat.dtype)[:, None]
+    if routing.token_major:
+        return jnp.sum((y_flat * w).reshape(routing.num_tokens, routing.k, -1), axis=1)
+    return jax.ops.segment_sum(y_flat * w, routing.token_index, routing.num_tokens)
+
+
+def onehot_dispatch(x: jax.Array, routing: Routing, w: ExpertWeights, capacity: int):
+    """Reference strategy: one-hot einsums with a fixed capacity per expert."""
+    t, e = routing.num_tokens, routing.num_experts
+    if routing.token_major:
+        idx = routing.expert_index.reshape(t, routing.k)
+        mask = routing.mask.reshape(t, routing.k)
+        pos = capacity_positions(idx, mask, e)
+        keep = mask & (pos < capacity)
+        oh_e = jax.nn.one_hot(idx, e, dtype=x.dtype) * keep[..., None].astype(x.dtype)
+        oh_c = jax.nn.one_hot(pos, capacity, dtype=x.dtype)
+        dispatch = jnp.einsum("tke,tkc->tec", oh_e, oh_c)  # [T, E, C]
+        gate = routing.weight.reshape(t, routing.k).astype(x.dtype)
+        comb = jnp.einsum("tke,tkc,tk->tec", oh_e, oh_c, gate)
+        dropped = jnp.sum(mask & ~keep).astype(jnp.float32)
+    else:  # expert-major: routing already holds exactly C_r tokens per expert
+        c_r = routing.token_index.shape[0] // e
+        if c_r > capacity:
+            raise ValueError(f"expert-choice capacity {c_r} exceeds the buffer capacity "
+                             f"{capacity}")
+        tok = jax.nn.one_hot(routing.token_index.reshape(e, c_r), t, dtype=x.dtype)  # [E,Cr,T]
+        tok = tok * routing.mask.reshape(e, c_r, 1).astype(x.dtype)
+        dispatch = jnp.pad(tok, ((0, 0), (0, capacity - c_r), (0, 0))).transpose(2, 0, 1)
+        gate = jnp.pad(routing.weight.reshape(e, c_r), ((0, 0), (0, capacity - c_r)))
+        comb = dispatch * gate.astype(x.dtype)[None]
+        dropped = jnp.zeros((), jnp.float32)
+    expert_in = jnp.einsum("tec,td->ecd", dispatch, x)
+    expert_out = batched_ffn(expert_in, w)
+    return jnp.einsum("tec,ecd->td", comb, expert_out), dropped
+
+
+def grouped_dispatch(x: jax.Array, routing: Routing, w: ExpertWeights,
+                     gmm: GroupedMatmul = ragged_dot):
+    """Dropless: sort by expert, grouped matmuls, unsort, combine."""
+    order, sizes = sort_by_expert(routing.expert_index, routing.mask, routing.num_experts)
+    x_sorted = jnp.take(x, routing.token_index[order], axis=0)  # [A, embed]
+    y_sorted = grouped_ffn(x_sorted, sizes, w, gmm)
+    y_flat = jnp.take(y_sorted, inverse_permutation(order), axis=0)
+    return combine(y_flat, routing), jnp.zeros((), jnp.float32)
+
+
+def pallas_gmm() -> GroupedMatmul:
+    """The Pallas grouped matmul, imported lazily (it lives in a separately built package)."""
+    from pallas_kernels.grouped_matmul.ops import gmm  # noqa: PLC0415
+    return gmm
+
+
+def get_dispatch(name: str) -> Callable:
+    """Returns fn(x, routing, w, capacity) -> (y, dropped) for a strategy name."""
+    if name == "onehot":
+        return onehot_dispatch
+    if name == "ragged_dot":
+        return lambda x, r, w, capacity: grouped_dispatch(x, r, w, ragged_dot)
+    if name == "pallas_gmm":
+        return lambda x, r, w, capacity: grouped_dispatch(x, r, w, pallas_gmm())
+    raise ValueError(f"dispatch={name!r} is unknown; valid: {DISPATCHES}")

@@ -1,0 +1,177 @@
+"""`MoeMlp`: the Mixture-of-Experts MLP block (router -> dispatch -> experts -> combine).
+
+Contract with the trainer:
+* aux losses are sown, already weighted, into collection 'aux_loss' (sum them into the loss);
+* metrics (expert load [E], dropped fraction, router entropy, unweighted aux losses) are sown
+  into 'metrics';
+* the auxiliary-loss-free bias lives in collection 'moe_state' ('bias', [E]) and is updated
+  when that collection is mutable and `deterministic=False`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+
+from sparsejax.models.moe import losses
+from sparsejax.models.moe.dispatch import DISPATCHES, get_dispatch, pallas_gmm
+from sparsejax.models.moe.expert_parallel import (EXCHANGES, EXPERT_AXIS, buffer_capacity,
+                                                  expert_axis_size, expert_parallel_ffn)
+from sparsejax.models.moe.experts import Experts, SharedExperts, cast, ragged_dot
+from sparsejax.models.moe.router import ROUTERS, TOKEN_CHOICE_ROUTERS, route
+
+Dtype = Any
+
+
+@gin.configurable
+class MoeMlp(nn.Module):
+    """Mixture-of-Experts gated MLP. x: [batch, seq, embed] -> [batch, seq, embed].
+
+    router: one of ROUTERS; top_k: experts per token (expert choice: average experts per
+    token, i.e. capacity = capacity_factor * top_k * tokens / experts; ReLU: the maximum).
+    dispatch: one of DISPATCHES. expert_parallel: exchange mode used when the current mesh has
+    an 'expert' axis of size > 1 ("all_to_all" with capacity, or dropless "ragged").
+    bias_update_rate > 0 turns on auxiliary-loss-free balancing for token-choice routers.
+    The router param is named `router_kernel` (sparsity code must never prune it).
+    """
+
+    embed_dim: int
+    mlp_dim: int = 256
+    num_experts: int = 8
+    top_k: int = 2
+    router: str = "softmax_topk"
+    renormalize: bool = True
+    routed_scaling: float = 1.0
+    dispatch: str = "pallas_gmm"  # on CPU the op falls back to jax.lax.ragged_dot
+    capacity_factor: float = 1.25
+    num_shared_experts: int = 0
+    load_balance_weight: float = 0.01
+    seq_load_balance_weight: float = 0.0
+    z_loss_weight: float = 0.001
+    concentration_weight: float = 0.0
+    relu_l1_weight: float = 0.0
+    router_jitter: float = 0.0
+    jitter_rng: str = "dropout"
+    bias_update_rate: float = 0.0
+    expert_parallel: str = "all_to_all"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _validate(self):
+        for name in ("embed_dim", "mlp_dim", "num_experts", "top_k"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"MoeMlp.{name}={getattr(self, name)} must be >= 1")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"MoeMlp.top_k={self.top_k} must be <= num_experts="
+                             f"{self.num_experts}")
+        if not self.capacity_factor > 0:
+            raise ValueError(f"MoeMlp.capacity_factor={self.capacity_factor} must be > 0")
+        if self.router not in ROUTERS:
+            raise ValueError(f"MoeMlp.router={self.router!r} is unknown; valid: {ROUTERS}")
+        if self.dispatch not in DISPATCHES:
+            raise ValueError(f"MoeMlp.dispatch={self.dispatch!r} is unknown; valid: "
+                             f"{DISPATCHES}")
+        if self.expert_parallel not in EXCHANGES:
+            raise ValueError(f"MoeMlp.expert_parallel={self.expert_parallel!r} is unknown; "
+                             f"valid: {EXCHANGES}")
+        if self.num_shared_experts < 0:
+            raise ValueError(f"MoeMlp.num_shared_experts={self.num_shared_experts} must be >= 0")
+
+    def _sow(self, collection: str, name: str, value: jax.Array):
+        if not self.is_initializing():  # keep `init` output free of losses and metrics
+            self.sow(collection, name, value)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        self._validate()
+        if x.ndim != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x has shape {x.shape}; expected [batch, seq, {self.embed_dim}]")
+        b, s, d = x.shape
+        e, k = self.num_experts, self.top_k
+        t = b * s
+        mesh = jax.sharding.get_abstract_mesh()
+        n_ep = expert_axis_size(mesh)
+        if e % n_ep:
+            raise ValueError(f"MoeMlp.num_experts={e} must be divisible by the '{EXPERT_AXIS}' "
+                             f"mesh axis size {n_ep}")
+
+        # --- router (float32) ---
+        kernel = self.param("router_kernel", nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+            ("embed", "expert")), (d, e), self.param_dtype)
+        xr = x.reshape(t, d).astype(jnp.float32)
+        if self.router_jitter > 0 and not deterministic:
+            noise = jax.random.uniform(self.make_rng(self.jitter_rng), xr.shape, jnp.float32,
+                                       1.0 - self.router_jitter, 1.0 + self.router_jitter)
+            xr = xr * noise
+        logits = xr @ kernel.astype(jnp.float32)  # [T, E]
+        token_choice = self.router in TOKEN_CHOICE_ROUTERS
+        bias = None
+        if token_choice and self.bias_update_rate > 0:
+            bias_var = self.variable("moe_state", "bias", jnp.zeros, (e,), jnp.float32)
+            bias = bias_var.value
+        capacity = min(t, buffer_capacity(t, k, e, self.capacity_factor))
+        routing = route(self.router, logits, top_k=k, capacity=capacity,
+                        renormalize=self.renormalize, bias=bias,
+                        routed_scaling=self.routed_scaling)
+
+        # --- losses and metrics (global, float32) ---
+        aux = {"router_z_loss": (self.z_loss_weight, lambda: losses.router_z_loss(logits)),
+               "concentration_loss": (self.concentration_weight,
+                                      lambda: losses.concentration_loss(routing.probs))}
+        if token_choice:
+            idx2, m2 = routing.expert_index.reshape(t, k), routing.mask.reshape(t, k)
+            aux["load_balance_loss"] = (self.load_balance_weight, lambda: losses.
+                                        load_balance_loss(routing.probs, idx2, m2))
+            aux["seq_load_balance_loss"] = (self.seq_load_balance_weight, lambda: losses.
+                                            sequence_load_balance_loss(routing.probs, idx2,
+                                                                       m2, b))
+        if self.router == "relu":
+            aux["relu_l1_loss"] = (self.relu_l1_weight,
+                                   lambda: losses.relu_sparsity_loss(jax.nn.relu(logits)))
+        for name, (weight, fn) in aux.items():
+            if weight > 0:
+                value = fn()
+                self._sow("aux_loss", name, weight * value)
+                self._sow("metrics", name, value)
+        load = routing.expert_load()
+        self._sow("metrics", "expert_load", load)
+        self._sow("metrics", "router_entropy", losses.router_entropy(routing.probs))
+        if self.router == "relu":
+            self._sow("metrics", "active_experts_per_token",
+                      jnp.sum(routing.mask).astype(jnp.float32) / t)
+
+        # --- dispatch + experts ---
+        w = cast(Experts(e, d, self.mlp_dim, self.param_dtype, name="experts")(), self.dtype)
+        xt = x.reshape(t, d).astype(self.dtype)
+        if n_ep > 1 and token_choice:
+            gmm = pallas_gmm() if self.dispatch == "pallas_gmm" else ragged_dot
+            y, dropped = expert_parallel_ffn(
+                xt, routing.expert_index.reshape(t, k), routing.weight.reshape(t, k),
+                routing.mask.reshape(t, k), w, num_experts=e,
+                capacity_factor=self.capacity_factor, exchange=self.expert_parallel, gmm=gmm)
+        else:  # local path (expert choice on an expert mesh: GSPMD partitions the einsums)
+            y, dropped = get_dispatch(self.dispatch)(xt, routing, w, capacity)
+        active = jnp.maximum(jnp.sum(routing.mask).astype(jnp.float32), 1.0)
+        self._sow("metrics", "dropped_fraction", dropped / active)
+        y = y.reshape(b, s, d).astype(self.dtype)
+        if self.num_shared_experts:
+            y = y + SharedExperts(d, self.mlp_dim, self.num_shared_experts, self.dtype,
+                                  self.param_dtype, name="shared_experts")(x)
+
+        # --- auxiliary-loss-free bias update (outside the gradient) ---
+        if bias is not None and not deterministic and self.is_mutable_collection("moe_state") \
+                and not self.is_initializing():
+            bias_var.value = losses.aux_free_bias_update(bias, load, self.bias_update_rate)
+        return y
+
+
+def num_active_params(layer: MoeMlp) -> int:
+    """Parameters touched per token (router + k routed experts + shared experts)."""
+    per_expert = 3 * layer.embed_dim * layer.mlp_dim
+    return (layer.embed_dim * layer.num_experts + per_expert * layer.top_k
+            + per_expert * layer.num_shared_experts)
+

@@ -1,0 +1,126 @@
+"""Routers: turn router logits into (token, expert, weight) assignments.
+
+All router math is float32. A router returns a `Routing`, a flat list of assignments that
+every dispatch strategy consumes:
+
+* token-choice routers (softmax / sigmoid / ReLU top-k) give `k` assignments per token in
+  token-major order (`A = tokens * k`, `k = Routing.k > 0`);
+* expert choice gives `capacity` assignments per expert in expert-major order
+  (`A = experts * capacity`, `Routing.k == 0`).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+ROUTERS = ("softmax_topk", "sigmoid_topk", "expert_choice", "relu")
+TOKEN_CHOICE_ROUTERS = ("softmax_topk", "sigmoid_topk", "relu")
+
+
+class Routing(struct.PyTreeNode):
+    """Assignments of tokens to experts. All arrays have a leading dim `A`."""
+
+    token_index: jax.Array   # [A] int32, token of each assignment
+    expert_index: jax.Array  # [A] int32, expert of each assignment
+    weight: jax.Array        # [A] float32, combine weight
+    mask: jax.Array          # [A] bool, False = inactive assignment (e.g. zero ReLU gate)
+    probs: jax.Array         # [T, E] float32, router distribution used by the balance losses
+    num_tokens: int = struct.field(pytree_node=False)
+    num_experts: int = struct.field(pytree_node=False)
+    k: int = struct.field(pytree_node=False)  # >0: token-major, k per token; 0: expert-major
+
+    @property
+    def token_major(self) -> bool:
+        return self.k > 0
+
+    def expert_load(self) -> jax.Array:
+        """Fraction of active assignments per expert: [E], sums to 1 (float32)."""
+        counts = jax.ops.segment_sum(self.mask.astype(jnp.float32), self.expert_index,
+                                     self.num_experts)
+        return counts / jnp.maximum(counts.sum(), 1.0)
+
+
+def _token_major(idx: jax.Array, weight: jax.Array, mask: jax.Array, probs: jax.Array) -> Routing:
+    t, k = idx.shape
+    return Routing(
+        token_index=jnp.repeat(jnp.arange(t, dtype=jnp.int32), k),
+        expert_index=idx.reshape(-1).astype(jnp.int32),
+        weight=weight.reshape(-1).astype(jnp.float32),
+        mask=mask.reshape(-1),
+        probs=probs, num_tokens=t, num_experts=probs.shape[-1], k=k)
+
+
+def _select(scores: jax.Array, k: int, bias: jax.Array | None) -> jax.Array:
+    """Top-k expert indices by `scores + bias`; the bias steers selection only."""
+    sel = scores if bias is None else scores + jax.lax.stop_gradient(bias).astype(jnp.float32)
+    return jax.lax.top_k(sel, k)[1]
+
+
+def softmax_topk(logits: jax.Array, k: int, *, renormalize: bool = True,
+                 bias: jax.Array | None = None) -> Routing:
+    """Softmax over experts, keep the top k (k=1: Switch; k=2 renormalized: Mixtral).
+
+    logits: [T, E]. Weights are the softmax probs of the chosen experts, renormalized to sum
+    to 1 per token when `renormalize`.
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    idx = _select(probs, k, bias)
+    w = jnp.take_along_axis(probs, idx, axis=-1)
+    if renormalize:
+        w = w / jnp.sum(w, axis=-1, keepdims=True)
+    return _token_major(idx, w, jnp.ones(idx.shape, bool), probs)
+
+
+def sigmoid_topk(logits: jax.Array, k: int, *, renormalize: bool = True,
+                 bias: jax.Array | None = None, routed_scaling: float = 1.0) -> Routing:
+    """DeepSeek-V3 routing: sigmoid affinities, top-k (optionally bias-steered), weights
+    normalized over the chosen experts and scaled by `routed_scaling`. logits: [T, E]."""
+    scores = jax.nn.sigmoid(logits.astype(jnp.float32))
+    idx = _select(scores, k, bias)
+    w = jnp.take_along_axis(scores, idx, axis=-1)
+    if renormalize:
+        w = w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-20)
+    probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+    return _token_major(idx, w * routed_scaling, jnp.ones(idx.shape, bool), probs)
+
+
+def relu_topk(logits: jax.Array, k: int, *, bias: jax.Array | None = None) -> Routing:
+    """ReLU routing (ReMoE / BlockFFN): gate = relu(logit); a token uses every expert with a
+    positive gate, at most `k` of them (k = num_experts gives exact ReLU routing). Inactive
+    slots are masked out and cost nothing in the dropless strategies. logits: [T, E]."""
+    gates = jax.nn.relu(logits.astype(jnp.float32))
+    idx = _select(gates, k, bias)
+    w = jnp.take_along_axis(gates, idx, axis=-1)
+    probs = gates / (jnp.sum(gates, axis=-1, keepdims=True) + 1e-9)
+    return _token_major(idx, w, w > 0, probs)
+
+
+def expert_choice(logits: jax.Array, capacity: int) -> Routing:
+    """Expert-choice routing (Zhou et al. 2022): each expert takes its `capacity` tokens with
+    the highest softmax probability. logits: [T, E]."""
+    t, e = logits.shape
+    if not 1 <= capacity <= t:
+        raise ValueError(f"capacity={capacity} must be in [1, num_tokens={t}]")
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    w, tok = jax.lax.top_k(probs.T, capacity)  # [E, C]
+    return Routing(
+        token_index=tok.reshape(-1).astype(jnp.int32),
+        expert_index=jnp.repeat(jnp.arange(e, dtype=jnp.int32), capacity),
+        weight=w.reshape(-1), mask=jnp.ones((e * capacity,), bool),
+        probs=probs, num_tokens=t, num_experts=e, k=0)
+
+
+def route(name: str, logits: jax.Array, *, top_k: int, capacity: int, renormalize: bool = True,
+          bias: jax.Array | None = None, routed_scaling: float = 1.0) -> Routing:
+    """Runs the router called `name` (one of ROUTERS) on logits [T, E]."""
+    if name == "softmax_topk":
+        return softmax_topk(logits, top_k, renormalize=renormalize, bias=bias)
+    if name == "sigmoid_topk":
+        return sigmoid_topk(logits, top_k, renormalize=renormalize, bias=bias,
+                            routed_scaling=routed_scaling)
+    if name == "relu":
+        return relu_topk(logits, top_k, bias=bias)
+    if name == "expert_choice":
+        return expert_choice(logits, capacity)
+    raise ValueError(f"router={name!r} is unknown; valid: {ROUTERS}")

@@ -1,0 +1,79 @@
+"""Schedule values at given steps and average-density solving."""
+import math
+
+import numpy as np
+import pytest
+
+from sparsejax.sparsity import schedules as S
+
+
+def test_polynomial_values_and_update_steps():
+    s = S.PolynomialSchedule(start=10, end=110, frequency=25, exponent=3)
+    for step, want in [(0, 0.0), (10, 0.0), (35, 1 - 0.75 ** 3), (60, 0.875), (110, 1.0), (500, 1.0)]:
+        assert float(s.scale(step)) == pytest.approx(want, abs=1e-6)
+    assert [t for t in range(200) if s.is_update_step(t)] == [10, 35, 60, 85, 110]
+    # Layer density 1 - scale * (1 - final): final 0.2 at step 60 -> 0.3.
+    assert 1 - float(s.scale(60)) * (1 - 0.2) == pytest.approx(0.3)
+    assert S.PolynomialSchedule(0, 100, 10, exponent=1).scale(25) == pytest.approx(0.25)
+
+
+def test_drop_grow_cosine_fraction():
+    s = S.DropGrowSchedule(frequency=10, end=100, init_fraction=0.3)
+    assert float(s.update_fraction(0)) == pytest.approx(0.3)
+    assert float(s.update_fraction(50)) == pytest.approx(0.15)
+    assert float(s.update_fraction(25)) == pytest.approx(0.15 * (1 + math.cos(math.pi / 4)))
+    assert float(s.update_fraction(100)) == pytest.approx(0.0, abs=1e-7)
+    assert [t for t in range(150) if s.is_update_step(t)] == list(range(10, 100, 10))
+    c = S.DropGrowSchedule(frequency=10, end=100, init_fraction=0.3, decay="constant")
+    assert float(c.update_fraction(90)) == pytest.approx(0.3)
+
+
+def test_one_shot_and_sparse_then_dense():
+    o = S.OneShotSchedule(step=7)
+    assert o.init_scale == 0.0 and float(o.scale(6)) == 0.0 and float(o.scale(7)) == 1.0
+    assert [t for t in range(20) if o.is_update_step(t)] == [7]
+    d = S.SparseThenDenseSchedule(dense_step=5)
+    assert d.init_scale == 1.0 and float(d.scale(4)) == 1.0 and float(d.scale(5)) == 0.0
+    assert S.realized_average_density(d, 0.2, 10) == pytest.approx((5 * 0.2 + 5 * 1.0) / 10)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: S.PolynomialSchedule(start=10, end=5),
+    lambda: S.PolynomialSchedule(start=10, end=10),
+    lambda: S.DropGrowSchedule(start=50, end=20),
+])
+def test_end_before_start_raises(make):
+    with pytest.raises(ValueError, match="end"):
+        make()
+
+
+def _simulated_average(schedule, final, total):
+    """Independent simulation of the protocol: updates run before the train step."""
+    density, acc = 1 - schedule.init_scale * (1 - final), 0.0
+    for t in range(total):
+        if schedule.is_update_step(t):
+            density = 1 - float(schedule.scale(t)) * (1 - final)
+        acc += density
+    return acc / total
+
+
+def test_average_density_solves_final_density():
+    s = S.AverageDensitySchedule(avg_density=0.5, total_steps=1000, start=100, end=600, frequency=10)
+    assert 0 < s.final_density < 0.5
+    assert _simulated_average(s, s.final_density, 1000) == pytest.approx(0.5, abs=1e-6)
+
+
+def test_average_density_solves_start_step():
+    s = S.AverageDensitySchedule(avg_density=0.6, total_steps=1000, end=800, frequency=10,
+                                 solve_for="start", final_density=0.1)
+    assert 0 < s.start < 800
+    # Integer start steps: the realized average is within one start step's effect.
+    assert _simulated_average(s, 0.1, 1000) == pytest.approx(0.6, abs=2e-3)
+    np.testing.assert_allclose(S.realized_average_density(s, 0.1, 1000), _simulated_average(s, 0.1, 1000))
+
+
+def test_average_density_unreachable_raises():
+    with pytest.raises(ValueError, match="avg_density"):
+        S.AverageDensitySchedule(avg_density=0.05, total_steps=100, start=50, end=90, frequency=5)
+    with pytest.raises(ValueError, match="final_density"):
+        S.AverageDensitySchedule(avg_density=0.5, solve_for="start")
