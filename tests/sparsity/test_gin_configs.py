@@ -7,7 +7,7 @@ import pytest
 import sparsejax.sparsity as sp
 from sparsejax.sparsity import schedules as S
 
-GIN_DIR = pathlib.Path(sp.__file__).parent / "gin_examples"
+GIN_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs" / "sparsity"
 
 EXPECTED = {
     "dense.gin": (sp.DenseMethod, {}),
