@@ -1,0 +1,9 @@
+"""Block-sparse attention: public op, masks and the dense reference."""
+from pallas_kernels.block_sparse_attention.masks import (BlockLayoutMask, BlockMask, CausalMask,
+                                                         ChunkedMask, GlobalLocalMask,
+                                                         SlidingWindowMask, StridedMask, compress,
+                                                         make_mask)
+from pallas_kernels.block_sparse_attention.ops import block_sparse_attention
+from pallas_kernels.block_sparse_attention.reference import reference_attention
+from pallas_kernels.block_sparse_attention.topk import (TopKBlockMask, init_gate_params,
+                                                        topk_gate_distillation_loss)

@@ -55,6 +55,8 @@ class Checkpointer:
                     jax.tree_util.tree_leaves_with_path(getattr(meta, "item_metadata", meta))}
         except Exception:  # unreadable metadata: restore_latest's fallback handles it
             return
+        if not have:
+            return
         want = {_path_str(p): tuple(x.shape) for p, x in
                 jax.tree_util.tree_leaves_with_path(abstract_state)}
         problems = [f"{k}: checkpoint {have.get(k, 'missing')} vs model {v}"

@@ -1,0 +1,144 @@
+"""Block-sparse vs dense attention, forward + backward, across sequence lengths and sparsities.
+
+Dense baseline: ``jax.nn.dot_product_attention`` (cuDNN on GPU when it works,
+otherwise the default implementation), timed in the same run. Block layouts
+are causal-free, random (each query block keeps a fixed number of kv blocks,
+diagonal included) or banded. Prints the device, a table, and as its last
+line a JSON object with the dense/block-sparse time ratio per sparsity
+(geometric mean over sequence lengths) plus the device.
+
+  python benchmarks/block_sparse_attention.py              # GPU/TPU: 4k..32k
+  python benchmarks/block_sparse_attention.py --quick      # small shapes, CPU/XLA path
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.block_sparse_attention import masks as masks_lib
+from pallas_kernels.block_sparse_attention import ops
+
+
+def make_layout(num_blocks: int, sparsity: float, pattern: str, seed: int = 0) -> np.ndarray:
+    """``[1, nb, nb]`` layout keeping ``round((1 - sparsity) * nb)`` (>= 1) blocks per row."""
+    keep = max(1, int(round((1.0 - sparsity) * num_blocks)))
+    layout = np.zeros((num_blocks, num_blocks), bool)
+    rng = np.random.default_rng(seed)
+    for i in range(num_blocks):
+        if pattern == "banded":
+            cols = (i + np.arange(keep) - keep // 2) % num_blocks
+        else:
+            others = rng.permutation(np.delete(np.arange(num_blocks), i))[: keep - 1]
+            cols = np.concatenate([[i], others])
+        layout[i, cols] = True
+    return layout[None]
+
+
+def _timeit(fn, args, iters: int) -> float:
+    out = fn(*args)
+    jax.block_until_ready(out)
+    best = float("inf")
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _fwd_bwd(attn):
+    def loss(q, k, v, ct):
+        return jnp.sum(attn(q, k, v).astype(jnp.float32) * ct)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+def _dense_impls():
+    if jax.default_backend() == "gpu":
+        return ["cudnn", None]
+    return [None]
+
+
+def time_dense(q, k, v, ct, iters):
+    for impl in _dense_impls():
+        fn = _fwd_bwd(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
+            q, k, v, implementation=impl))
+        try:
+            return _timeit(fn, (q, k, v, ct), iters), impl or "xla"
+        except Exception as e:  # noqa: BLE001 - cuDNN may be unavailable or OOM
+            print(f"  dense implementation={impl!r} failed: {type(e).__name__}: {str(e)[:120]}")
+    return float("nan"), "failed"
+
+
+def time_sparse(q, k, v, ct, layout, block, backend, iters, dense_fast_path=True):
+    mask = masks_lib.BlockLayoutMask(layout)
+    fn = _fwd_bwd(lambda q, k, v: ops.block_sparse_attention(
+        q, k, v, mask, block_q=block, block_k=block, backend=backend,
+        dense_fast_path=dense_fast_path))
+    return _timeit(fn, (q, k, v, ct), iters)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq-lens", default="4096,8192,16384,32768")
+    p.add_argument("--sparsities", default="0,0.5,0.75,0.9,0.95")
+    p.add_argument("--pattern", choices=["random", "banded"], default="random")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block", type=int, default=128)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--backend", default=None, help="gpu | tpu | xla (default: by platform)")
+    p.add_argument("--quick", action="store_true", help="small shapes through the XLA path")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seq_lens, args.heads, args.head_dim, args.block = "512,1024", 4, 64, 64
+        args.iters, args.backend = 2, args.backend or "xla"
+    seq_lens = [int(s) for s in args.seq_lens.split(",")]
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    backend = args.backend or ops.default_backend()
+    device = jax.devices()[0].device_kind
+    print(f"device: {device} ({jax.default_backend()}), backend={backend}, heads={args.heads}, "
+          f"head_dim={args.head_dim}, block={args.block}, bf16, pattern={args.pattern}")
+    print(f"{'seq':>6} {'sparsity':>8} {'nnz/row':>7} {'dense ms':>9} {'sparse ms':>9} "
+          f"{'ratio':>6}  dense impl")
+    ratios: dict[float, list[float]] = {s: [] for s in sparsities}
+    kernel_only: dict[str, float] = {}
+    for seq in seq_lens:
+        keys = jax.random.split(jax.random.PRNGKey(seq), 4)
+        shape = (1, seq, args.heads, args.head_dim)
+        q, k, v, ct = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in keys)
+        dense_t, impl = time_dense(q, k, v, ct, args.iters)
+        for s in sparsities:
+            layout = make_layout(seq // args.block, s, args.pattern)
+            try:
+                t = time_sparse(q, k, v, ct, layout, args.block, backend, args.iters)
+            except Exception as e:  # noqa: BLE001 - report and continue with other shapes
+                print(f"  block-sparse seq={seq} sparsity={s} failed: {type(e).__name__}: "
+                      f"{str(e)[:200]}")
+                continue
+            ratio = dense_t / t
+            if math.isfinite(ratio):
+                ratios[s].append(ratio)
+            print(f"{seq:>6} {s:>8.2f} {int(layout[0].sum(1).max()):>7} {dense_t * 1e3:>9.2f} "
+                  f"{t * 1e3:>9.2f} {ratio:>6.2f}  {impl}")
+            if s == 0.0 and backend == "gpu":
+                tk = time_sparse(q, k, v, ct, layout, args.block, backend, args.iters,
+                                 dense_fast_path=False)
+                kernel_only[f"seq_{seq}"] = dense_t / tk
+                print(f"{seq:>6} {s:>8.2f} {'(kernel only, no dense fast path)':>34} "
+                      f"{tk * 1e3:>9.2f} {dense_t / tk:>6.2f}")
+    result: dict = {f"sparsity_{s:g}": (float(np.exp(np.mean(np.log(r)))) if r else None)
+                    for s, r in ratios.items()}
+    if kernel_only:
+        result["sparsity_0_kernel_only"] = kernel_only
+    result["device"] = device
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Public block-sparse attention op: validation, backend dispatch and ``custom_vjp``."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.block_sparse_attention import masks as masks_lib
+from pallas_kernels.block_sparse_attention import xla as xla_impl
+
+_BACKENDS = ("gpu", "tpu", "xla")
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+DEFAULT_BLOCK = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    backend: str
+    rule: Any
+    scale: float
+    block_q: int
+    block_k: int
+    interpret: bool
+
+
+def _impl(backend: str):
+    if backend == "gpu":
+        from pallas_kernels.block_sparse_attention import gpu
+        return gpu
+    if backend == "tpu":
+        from pallas_kernels.block_sparse_attention import tpu
+        return tpu
+    return xla_impl
+
+
+def _fwd_call(cfg: _Config, q, k, v, seg, kv_idx, kv_cnt):
+    kw = dict(rule=cfg.rule, scale=cfg.scale, block_q=cfg.block_q, block_k=cfg.block_k)
+    if cfg.backend != "xla":
+        kw["interpret"] = cfg.interpret
+    return _impl(cfg.backend).fwd(q, k, v, seg, kv_idx, kv_cnt, **kw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(cfg, q, k, v, seg, kv_idx, kv_cnt, q_idx, q_cnt):
+    return _fwd_call(cfg, q, k, v, seg, kv_idx, kv_cnt)[0]
+
+
+def _attention_fwd(cfg, q, k, v, seg, kv_idx, kv_cnt, q_idx, q_cnt):
+    o, lse = _fwd_call(cfg, q, k, v, seg, kv_idx, kv_cnt)
+    return o, (q, k, v, seg, o, lse, kv_idx, kv_cnt, q_idx, q_cnt)
+
+
+def _attention_bwd(cfg, res, do):
+    q, k, v, seg, o, lse, kv_idx, kv_cnt, q_idx, q_cnt = res
+    kw = dict(rule=cfg.rule, scale=cfg.scale, block_q=cfg.block_q, block_k=cfg.block_k)
+    if cfg.backend == "xla":
+        dq, dk, dv = xla_impl.bwd(q, k, v, seg, o, lse, do, kv_idx, kv_cnt, **kw)
+    else:
+        dq, dk, dv = _impl(cfg.backend).bwd(q, k, v, seg, o, lse, do, kv_idx, kv_cnt, q_idx,
+                                            q_cnt, interpret=cfg.interpret, **kw)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def default_backend() -> str:
+    """'gpu' on CUDA/ROCm, 'tpu' on TPU, otherwise 'xla'."""
+    platform = jax.default_backend()
+    if platform in ("gpu", "cuda", "rocm"):
+        return "gpu"
+    return "tpu" if platform == "tpu" else "xla"
+
+
+def _validate(q, k, v, mask, segment_ids, backend):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name}: shape {x.shape} must be [batch, seq, heads, head_dim].")
+    if k.shape != v.shape:
+        raise ValueError(f"k/v: shapes {k.shape} and {v.shape} must be equal.")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q/k: shapes {q.shape} and {k.shape} must agree in batch and head_dim.")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"k: kv heads {k.shape[2]} must divide q heads {q.shape[2]}.")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q/k/v: dtypes {q.dtype}, {k.dtype}, {v.dtype} must be equal.")
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"q: dtype {q.dtype} unsupported; use float32, bfloat16 or float16.")
+    if not isinstance(mask, masks_lib.BlockMask):
+        raise ValueError(f"mask: {mask!r} must be a BlockMask (see masks.make_mask).")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend: {backend!r} must be None or one of {_BACKENDS}.")
+    if segment_ids is not None:
+        if segment_ids.shape != (q.shape[0], q.shape[1]) or q.shape[1] != k.shape[1]:
+            raise ValueError(f"segment_ids: shape {segment_ids.shape} must be [batch, seq] = "
+                             f"{(q.shape[0], q.shape[1])} with seq_q == seq_k (got {k.shape[1]}).")
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"segment_ids: dtype {segment_ids.dtype} must be an integer type.")
+
+
+def _block_sizes(mask, sq, sk, block_q, block_k, backend):
+    if isinstance(mask, masks_lib.BlockLayoutMask):
+        implied = mask.block_sizes(sq, sk)
+        block_q = implied[0] if block_q is None else block_q
+        block_k = implied[1] if block_k is None else block_k
+    block_q = min(DEFAULT_BLOCK, sq) if block_q is None else block_q
+    block_k = min(DEFAULT_BLOCK, sk) if block_k is None else block_k
+    for name, blk, seq in (("block_q", block_q, sq), ("block_k", block_k, sk)):
+        if not isinstance(blk, (int, np.integer)) or blk <= 0 or seq % blk:
+            raise ValueError(f"{name}: {blk!r} must be a positive integer dividing the sequence "
+                             f"length {seq}.")
+        if backend == "gpu" and (blk < 16 or blk & (blk - 1)):
+            raise ValueError(f"{name}: {blk} must be a power of two >= 16 for the GPU backend.")
+    return int(block_q), int(block_k)
+
+
+def _lists(mask, layout, q_blocks, kv_blocks):
+    """Row lists (kv blocks per q block) and column lists (q blocks per kv block)."""
+    if isinstance(layout, np.ndarray):
+        kv_idx, kv_cnt = masks_lib.compress(layout)
+        q_idx, q_cnt = masks_lib.compress(np.swapaxes(layout, -1, -2))
+        return tuple(jnp.asarray(a) for a in (kv_idx, kv_cnt, q_idx, q_cnt))
+    kv_idx, kv_cnt = masks_lib.compress_dynamic(layout, mask.max_blocks_per_row(q_blocks, kv_blocks))
+    q_idx, q_cnt = masks_lib.compress_dynamic(jnp.swapaxes(layout, -1, -2), q_blocks)
+    return kv_idx, kv_cnt, q_idx, q_cnt
+
+
+def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.BlockMask,
+                           *, segment_ids: jax.Array | None = None, scale: float | None = None,
+                           block_q: int | None = None, block_k: int | None = None,
+                           backend: str | None = None, interpret: bool = False,
+                           dense_fast_path: bool = True) -> jax.Array:
+    """Softmax attention restricted to ``mask``; skipped blocks cost nothing.
+
+    Args:
+      q: ``[batch, seq_q, heads, head_dim]``; k, v: ``[batch, seq_k, kv_heads, head_dim]``
+        with ``kv_heads`` dividing ``heads`` (grouped-query attention).
+      mask: a :mod:`masks` object (causal, sliding window, global+local, strided,
+        chunked, explicit block layout, or data-dependent top-k).
+      segment_ids: ``[batch, seq]`` int; tokens attend only within equal ids.
+      scale: logit scale, default ``1/sqrt(head_dim)``.
+      block_q, block_k: tile sizes (default 128, or implied by a ``BlockLayoutMask``).
+      backend: ``"gpu"`` (Pallas Triton), ``"tpu"`` (Pallas Mosaic) or ``"xla"``;
+        default by platform. ``interpret=True`` runs a Pallas kernel in interpret mode.
+      dense_fast_path: on GPU (compiled, 16-bit, no segment ids), a static layout
+        with every block present and no token rule other than causal is sent to
+        ``jax.nn.dot_product_attention(implementation="cudnn")``: same result, faster.
+
+    Returns:
+      ``[batch, seq_q, heads, head_dim]`` in q's dtype; rows that see no key are zero.
+    """
+    backend = default_backend() if backend is None else backend
+    _validate(q, k, v, mask, segment_ids, backend)
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    block_q, block_k = _block_sizes(mask, sq, sk, block_q, block_k, backend)
+    qb, kb = sq // block_q, sk // block_k
+    layout = masks_lib.layout_for(mask, q, k, block_q, block_k)
+    if layout.shape[-2:] != (qb, kb) or layout.shape[1] not in (1, h) or layout.shape[0] not in (1, b):
+        raise ValueError(f"mask: block layout shape {tuple(layout.shape[1:])} does not match "
+                         f"[heads in (1, {h}), q_blocks={qb}, kv_blocks={kb}] for seq_q={sq}, "
+                         f"seq_k={sk}, block_q={block_q}, block_k={block_k}.")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if segment_ids is not None:
+        segment_ids = segment_ids.astype(jnp.int32)
+    if (dense_fast_path and backend == "gpu" and not interpret and segment_ids is None
+            and q.dtype != jnp.float32 and isinstance(layout, np.ndarray) and layout.all()
+            and (mask.token_rule is None or isinstance(mask.token_rule, masks_lib.CausalMask))
+            and sq == sk):
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=mask.token_rule is not None, implementation="cudnn")
+    pad = 0
+    if backend == "gpu" and d & (d - 1):
+        pad = int(pl_next_pow2(max(d, 16))) - d
+    elif backend == "gpu" and d < 16:
+        pad = 16 - d
+    if pad:
+        widths = [(0, 0)] * 3 + [(0, pad)]
+        q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+    cfg = _Config(backend, mask.token_rule, scale, block_q, block_k, bool(interpret))
+    out = _attention(cfg, q, k, v, segment_ids, *_lists(mask, layout, qb, kb))
+    return out[..., :d] if pad else out
+
+
+def pl_next_pow2(x: int) -> int:
+    return 1 << (int(x) - 1).bit_length()
