@@ -56,8 +56,9 @@ class Attention(nn.Module):
         if self.kind == "dense":
             out = jax.nn.dot_product_attention(q, k, v, mask=causal_segment_mask(segment_ids))
         elif self.kind == "block_sparse":
-            from sparsejax.models.sparse_attention import block_sparse_self_attention
-            out = block_sparse_self_attention(q, k, v, segment_ids, self.sparse_mask)
+            from sparsejax.models.sparse_attention import BlockSparseSelfAttention
+            out = BlockSparseSelfAttention(self.sparse_mask, name="block_sparse")(
+                q, k, v, segment_ids)
         else:
             raise ValueError(f"attention kind={self.kind!r} is unknown; valid: {ATTENTION_KINDS}")
         out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "kv"))

@@ -135,7 +135,7 @@ def write_plots(workdir: str, method: Any = None) -> None:
     if not os.path.exists(path):
         return
     plots.plot_loss_curve(path, os.path.join(workdir, "loss.png"))
-    plots.plot_vector_metric(path, "moe/", os.path.join(workdir, "expert_load.png"),
+    plots.plot_vector_metric(path, "model/", os.path.join(workdir, "expert_load.png"),
                              "fraction of tokens", "expert load over training",
                              contains="expert_load")
     plots.plot_vector_metric(path, "sparsity/density/", os.path.join(workdir, "density.png"),

@@ -101,7 +101,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                    "nonfinite": (~finite).astype(jnp.int32)}
         if lr_schedule is not None:
             metrics["learning_rate"] = lr_schedule(state.step)
-        metrics.update(flatten_sown(mutated.get("metrics", {}), "moe"))
+        metrics.update(flatten_sown(mutated.get("metrics", {}), "model"))
         return new_state, metrics
 
     return train_step

@@ -1,0 +1,76 @@
+"""Block-sparse self-attention for the decoder: builds the gin-chosen mask and calls the
+Pallas block-sparse attention op. A learned top-k mask (SeerAttention-style) owns small gate
+projections that are trained by distilling the block-pooled dense attention map."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.block_sparse_attention import (BlockMask, TopKBlockMask,
+                                                   block_sparse_attention, make_mask,
+                                                   topk_gate_distillation_loss)
+
+DEFAULT_BLOCK = 64
+
+
+def build_mask(spec: Mapping[str, Any] | BlockMask | None) -> tuple[BlockMask, int]:
+    """A mask object and block size from a spec such as
+    {"kind": "sliding_window", "window": 128, "block_size": 64}."""
+    if spec is None:
+        raise ValueError("ModelConfig.sparse_attention_mask must be set when an attention layer "
+                         "is 'block_sparse', e.g. {'kind': 'sliding_window', 'window': 128}")
+    if isinstance(spec, BlockMask):
+        return spec, DEFAULT_BLOCK
+    spec = dict(spec)
+    block = int(spec.pop("block_size", DEFAULT_BLOCK))
+    spec.pop("gate_dim", None)
+    spec.pop("distill_weight", None)
+    return make_mask(**spec), block
+
+
+def check_causal(mask: BlockMask, seq_len: int) -> None:
+    """A decoder must never see the future: reject masks that allow k > q."""
+    if isinstance(mask, TopKBlockMask):
+        ok = mask.causal
+    else:
+        pos = np.arange(min(seq_len, 256))
+        ok = not np.any(np.asarray(mask.token_mask(pos[:, None], pos[None, :]))[np.triu_indices(len(pos), 1)])
+    if not ok:
+        raise ValueError(f"ModelConfig.sparse_attention_mask={mask!r} lets tokens attend to later "
+                         f"positions; a decoder needs a causal mask (set causal=True)")
+
+
+class BlockSparseSelfAttention(nn.Module):
+    """q: [b, s, h, d], k/v: [b, s, kv_h, d] -> [b, s, h, d]."""
+
+    spec: Any
+
+    @nn.compact
+    def __call__(self, q, k, v, segment_ids):
+        mask, block = build_mask(self.spec)
+        seq = q.shape[1]
+        block = min(block, seq)
+        if seq % block:
+            raise ValueError(f"sequence length {seq} is not divisible by the block-sparse attention "
+                             f"block_size={block}; pick a block size dividing it")
+        check_causal(mask, seq)
+        if isinstance(mask, TopKBlockMask):
+            spec = dict(self.spec) if isinstance(self.spec, Mapping) else {}
+            gate_dim = int(spec.get("gate_dim", 32))
+            h, kvh, d = q.shape[2], k.shape[2], q.shape[3]
+            init = nn.initializers.normal(stddev=1.0 / np.sqrt(d))
+            gate = {"wq": self.param("gate_wq", init, (h, d, gate_dim), jnp.float32),
+                    "wk": self.param("gate_wk", init, (kvh, d, gate_dim), jnp.float32)}
+            mask = mask.with_params(gate)
+            weight = float(spec.get("distill_weight", 1.0))
+            if weight > 0 and self.is_mutable_collection("aux_loss"):
+                loss = topk_gate_distillation_loss(q, k, mask, block_q=block, block_k=block,
+                                                   segment_ids=segment_ids)
+                self.sow("aux_loss", "gate_distill_loss", weight * loss)
+                self.sow("metrics", "gate_distill_loss", loss)
+        return block_sparse_attention(q, k, v, mask, segment_ids=segment_ids, block_q=block,
+                                      block_k=block)
