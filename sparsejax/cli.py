@@ -5,9 +5,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
+import pkgutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -18,17 +20,14 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def _register_configurables() -> None:
-    """Imports every module that defines gin configurables, so any binding can be parsed."""
-    import sparsejax.data.pipeline  # noqa: F401
-    import sparsejax.models.transformer  # noqa: F401
-    import sparsejax.parallel.mesh  # noqa: F401
-    import sparsejax.train.optim  # noqa: F401
-    import sparsejax.train.run_setup  # noqa: F401
-    import sparsejax.train.trainer  # noqa: F401
-    import pallas_kernels.block_sparse_attention.ops  # noqa: F401
-    import pallas_kernels.grouped_matmul.ops  # noqa: F401
-    import sparsejax.models.moe.layer  # noqa: F401
-    import sparsejax.sparsity  # noqa: F401
+    """Imports every module of sparsejax and pallas_kernels, so that every gin configurable
+    is registered before any binding is parsed (gin refuses new ones once the config is
+    locked)."""
+    import pallas_kernels
+    import sparsejax
+    for pkg in (sparsejax, pallas_kernels):
+        for mod in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+            importlib.import_module(mod.name)
 
 
 def resolve_gin_file(name: str) -> str:
@@ -93,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:  # gin logs each include-path probe
+        handler.addFilter(lambda r: not r.getMessage().startswith(
+            ("Path not found", "system_path_file_exists")))
     try:
         config_str = parse_gin(args.gin_file or ["base.gin"], bindings)
         from sparsejax.train import trainer

@@ -22,6 +22,7 @@ from sparsejax.train import run_setup
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.metrics import MetricsWriter
 from sparsejax.train.step import make_eval_step, make_train_step
+from sparsejax.train.warm_start import warm_start
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "")
         restored = ckpt.restore_latest(run.abstract_state,
                                        lambda: pipeline.iterator_restore_args(data_it))
         if restored is None:
-            state = run.init_state()
+            state = warm_start(run.init_state(), run.state_shardings.params)
             start = 0
         else:
             start, state, _ = restored
