@@ -82,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="gin file (path or name under configs/); repeatable")
         s.add_argument("--workdir", required=True, help="checkpoints, metrics and plots go here")
         s.add_argument("--quiet", action="store_true", help="do not print the gin config")
+        g = s.add_argument_group("multi-process runs (auto-detected on TPU VMs and SLURM)")
+        g.add_argument("--coordinator_address", help="HOST:PORT of process 0")
+        g.add_argument("--num_processes", type=int)
+        g.add_argument("--process_id", type=int)
+        g.add_argument("--distributed_timeout_s", type=int, default=300,
+                       help="give up joining the run after this many seconds")
+        g.add_argument("--heartbeat_timeout_s", type=int, default=60,
+                       help="a process that stops answering for this long fails the whole run")
     return p
 
 
@@ -96,6 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler.addFilter(lambda r: not r.getMessage().startswith(
             ("Path not found", "system_path_file_exists")))
     try:
+        from sparsejax.parallel import distributed
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                               timeout_s=args.distributed_timeout_s,
+                               heartbeat_timeout_s=args.heartbeat_timeout_s)
         config_str = parse_gin(args.gin_file or ["base.gin"], bindings)
         from sparsejax.train import trainer
         if args.command == "train":
@@ -107,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(result), flush=True)
     return 0
 

@@ -117,3 +117,24 @@ def _check_finite_structure(state: Any, abstract_state: Any) -> None:
     for a, b in zip(leaves, want):
         if tuple(np.shape(a)) != tuple(b.shape):
             raise ValueError(f"restored array of shape {np.shape(a)} where {b.shape} was expected")
+
+
+def restore_state_numpy(workdir: str, step: int | None = None) -> tuple[int, Any]:
+    """(step, TrainState as a nested dict of numpy arrays) from `workdir`'s checkpoint at `step`
+    (default: the latest), whatever mesh or process count wrote it. For analysis, warm starts
+    and tests; training restores through Checkpointer with the run's shardings."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(
+        directory) else []
+    if not steps:
+        raise ValueError(f"workdir={workdir!r} holds no checkpoint")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ValueError(f"workdir={workdir!r} has no checkpoint at step {step}; it has {steps}")
+    path = os.path.join(directory, str(step), "state")
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(path)
+        tree = getattr(meta, "item_metadata", meta).tree
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        state = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    return step, state

@@ -14,9 +14,12 @@ import flax.linen as nn
 import gin
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from sparsejax.data import pipeline
+from sparsejax.data.sharded import (ShardedIteratorRestore, ShardedIteratorSave,
+                                    ShardedTrainIterator)
 from sparsejax.parallel.rules import LOGICAL_RULES, batch_sharding, replicated
 from sparsejax.train import run_setup
 from sparsejax.train.checkpoint import Checkpointer
@@ -40,6 +43,7 @@ class TrainConfig:
     seed: int = 0
     dataset: str = "stdlib"
     data_dir: str | None = None
+    data_shards: int | None = None  # document shards (None: one per process); see data/sharded.py
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 4
@@ -86,6 +90,15 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def preemption_agreed(local_request: bool, ckpt: Checkpointer, step: int) -> bool:
+    """True on every process at the same step once any process got SIGTERM (or the TPU
+    runtime announced a preemption), so that all of them save the same step."""
+    if jax.process_count() == 1:
+        return local_request
+    flags = multihost_utils.process_allgather(np.array(int(local_request), np.int32))
+    return bool(np.any(flags)) or ckpt.manager.reached_preemption(step)
+
+
 def global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
     """Assembles per-process numpy batches into global arrays sharded over the batch axes."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
@@ -128,15 +141,15 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "")
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
                         async_save=cfg.async_checkpoints)
     ckpt.check_compatible(run.abstract_state)
-    data_it = pipeline.make_iterator("train", global_batch_size=cfg.global_batch_size,
-                                     seq_len=cfg.seq_len, seed=cfg.seed, dataset=cfg.dataset,
-                                     data_dir=cfg.data_dir)
+    data_it = ShardedTrainIterator(global_batch_size=cfg.global_batch_size, seq_len=cfg.seq_len,
+                                   seed=cfg.seed, dataset=cfg.dataset, data_dir=cfg.data_dir,
+                                   num_shards=cfg.data_shards)
     writer = MetricsWriter(workdir, enabled=is_main)
     bsharding = batch_sharding(mesh)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         restored = ckpt.restore_latest(run.abstract_state,
-                                       lambda: pipeline.iterator_restore_args(data_it))
+                                       lambda: ShardedIteratorRestore(data_it))
         if restored is None:
             state = warm_start(run.init_state(), run.state_shardings.params)
             start = 0
@@ -151,9 +164,14 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "")
         eval_fn = jax.jit(make_eval_step(model, method),
                           in_shardings=(run.state_shardings, bsharding))
         update_fn = run.sparsity_update_fn()
+        # One compiled program (not a stream of eager ops) so every process runs the same
+        # collectives in the same order.
+        sparsity_metrics_fn = jax.jit(lambda s: method.metrics(s.params, s.sparsity),
+                                      in_shardings=(run.state_shardings,),
+                                      out_shardings=replicated(mesh))
 
         def save(step, force=False):
-            ckpt.save(step, state, pipeline.iterator_save_args(data_it),
+            ckpt.save(step, state, ShardedIteratorSave(data_it),
                       {"step": step, "gin": config_str}, force=force)
 
         status, last = "done", {}
@@ -181,7 +199,7 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "")
                     elapsed = time.perf_counter() - t0
                     metrics["tokens_per_s"] = tokens_per_step * steps_since / max(elapsed, 1e-9)
                     if method is not None:
-                        metrics.update(jax.device_get(method.metrics(state.params, state.sparsity)))
+                        metrics.update(jax.device_get(sparsity_metrics_fn(state)))
                     last = writer.write(done, metrics)
                     bar.set_postfix(loss=f"{last['loss']:.3f}",
                                     tok_s=f"{metrics['tokens_per_s']:.0f}")
@@ -193,7 +211,7 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "")
                 if done % cfg.checkpoint_every == 0 or done == cfg.num_steps:
                     save(done)
                 bar.update(1)
-                if preempt.requested:
+                if preemption_agreed(preempt.requested, ckpt, done):
                     if done % cfg.checkpoint_every and done != cfg.num_steps:
                         save(done, force=True)
                     status = "preempted"

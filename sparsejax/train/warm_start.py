@@ -2,13 +2,12 @@
 or a plain parameter copy (e.g. dense fine-tuning of a sparse pre-trained model)."""
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import gin
 import jax
-import orbax.checkpoint as ocp
 
+from sparsejax.train.checkpoint import restore_state_numpy
 from sparsejax.train.state import TrainState
 
 MODES = ("upcycle", "params")
@@ -16,15 +15,11 @@ MODES = ("upcycle", "params")
 
 def restore_params(workdir: str) -> tuple[int, Any]:
     """(step, params as numpy arrays) of the latest checkpoint in `workdir`."""
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
-        raise ValueError(f"warm_start.from_workdir={workdir!r} holds no checkpoints/ directory")
-    with ocp.CheckpointManager(directory, item_names=("state", "data", "config")) as mngr:
-        step = mngr.latest_step()
-        if step is None:
-            raise ValueError(f"warm_start.from_workdir={workdir!r} holds no checkpoint")
-        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return step, restored["state"]["params"]
+    try:
+        step, state = restore_state_numpy(workdir)
+    except ValueError as e:
+        raise ValueError(f"warm_start.from_workdir: {e}") from None
+    return step, state["params"]
 
 
 @gin.configurable

@@ -6,17 +6,15 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
+
+from sparsejax.train.checkpoint import restore_state_numpy
 
 STEPS = ["--gin.TrainConfig.num_steps=60", "--gin.TrainConfig.checkpoint_every=10",
          "--gin.TrainConfig.eval_every=1000", "--gin.TrainConfig.async_checkpoints=True"]
 
 
 def final_params(workdir, step=60):
-    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                               item_names=("state", "data", "config")) as mngr:
-        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return restored["state"]["params"]
+    return restore_state_numpy(workdir, step)[1]["params"]
 
 
 def wait_for_checkpoint(proc, workdir, step, timeout=120):

@@ -6,11 +6,11 @@ import os
 import shutil
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from sparsejax import cli
 from sparsejax.train import trainer
+from sparsejax.train.checkpoint import restore_state_numpy
 from sparsejax.train.metrics import read_metrics
 
 
@@ -23,10 +23,7 @@ def _checkpoints(workdir):
 
 
 def _restore_params(workdir, step):
-    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                               item_names=("state", "data", "config")) as mngr:
-        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return state["state"]["params"]
+    return restore_state_numpy(workdir, step)[1]["params"]
 
 
 def test_train_writes_outputs_then_resumes(run_cli, tmp_path):
