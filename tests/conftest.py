@@ -25,3 +25,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gin_config():
+    """Gin bindings are process-global: no test sees another test's bindings."""
+    import gin
+    gin.clear_config()
+    yield
+    gin.clear_config()
