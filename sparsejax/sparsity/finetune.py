@@ -27,7 +27,7 @@ from sparsejax.sparsity import distributions as dist_lib
 from sparsejax.sparsity import masks as masks_lib
 from sparsejax.sparsity import optim
 from sparsejax.sparsity import paths as paths_lib
-from sparsejax.sparsity.method import SparsityMethod, density_metrics, new_stats_state
+from sparsejax.sparsity.method import SparsityMethod, density_metrics, new_stats_state, with_masks
 
 PyTree = Any
 SparseDiff = dict[str, dict[str, np.ndarray]]  # {param path: {"indices": int32[k], "values": [k]}}
@@ -150,7 +150,7 @@ class SparseFinetuneMethod(SparsityMethod):
         opt_state = optim.set_masks(optim.reset_slots(opt_state, params, changed), new)
         metrics = density_metrics(new)
         metrics["sparsity/churn"] = masks_lib.mask_churn(old, new)
-        return params, opt_state, {**sparsity, "masks": new}, metrics
+        return params, opt_state, with_masks(sparsity, new), metrics
 
     def finalize(self, params, sparsity):
         return params

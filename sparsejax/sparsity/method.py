@@ -79,8 +79,14 @@ class SparsityMethod:
 
 def new_stats_state(masks: PyTree | None, **extra: Any) -> dict[str, Any]:
     """State dict with masks and the running-average statistics."""
-    return {"masks": masks, "avg_density": jnp.zeros((), jnp.float32),
-            "num_steps": jnp.zeros((), jnp.int32), **extra}
+    return {"masks": masks, "density": current_density(masks),
+            "avg_density": jnp.zeros((), jnp.float32), "num_steps": jnp.zeros((), jnp.int32),
+            **extra}
+
+
+def with_masks(sparsity: PyTree, masks: PyTree) -> PyTree:
+    """New masks plus their overall density, computed once here rather than every step."""
+    return {**sparsity, "masks": masks, "density": current_density(masks)}
 
 
 def current_density(masks: PyTree | None) -> jax.Array:
@@ -91,9 +97,11 @@ def current_density(masks: PyTree | None) -> jax.Array:
 
 def track_density(sparsity: PyTree, masks: PyTree | None = None) -> PyTree:
     """Adds the current overall density to the running average over train steps."""
-    masks = sparsity.get("masks") if masks is None else masks
+    if masks is None and "density" in sparsity:
+        d = sparsity["density"]
+    else:
+        d = current_density(sparsity.get("masks") if masks is None else masks)
     n = sparsity["num_steps"]
-    d = current_density(masks)
     avg = sparsity["avg_density"] + (d - sparsity["avg_density"]) / (n + 1).astype(jnp.float32)
     return {**sparsity, "avg_density": avg, "num_steps": n + 1}
 

@@ -21,7 +21,8 @@ from sparsejax.sparsity import nm as nm_lib
 from sparsejax.sparsity import optim
 from sparsejax.sparsity import paths as paths_lib
 from sparsejax.sparsity import schedules as sched_lib
-from sparsejax.sparsity.method import Metrics, SparsityMethod, density_metrics, new_stats_state, track_density
+from sparsejax.sparsity.method import (Metrics, SparsityMethod, density_metrics, new_stats_state,
+                                       track_density, with_masks)
 
 PyTree = Any
 INIT_CRITERIA = ("random", "magnitude")
@@ -122,7 +123,10 @@ class MaskedPruningMethod(SparsityMethod):
         return optim.masked_optimizer(tx, sparsity["masks"])
 
     def forward_params(self, params, sparsity, *, step=0, rng=None):
-        return masks_lib.ste_masks(params, sparsity["masks"])
+        # Pruned weights are exactly zero in `params` (mask updates zero them and the masked
+        # optimizer never moves them), so the masked forward equals `params`, and the gradient
+        # w.r.t. pruned entries is the dense gradient RigL/SNIP need (what ste_masks computes).
+        return params
 
     def on_grads(self, params, sparsity, grads, *, step=0):
         if sparsity.get("movement") is not None:
@@ -157,5 +161,5 @@ def apply_mask_change(params: PyTree, opt_state: PyTree, sparsity: PyTree, old: 
     opt_state = optim.set_masks(optim.reset_slots(opt_state, params, changed), new)
     metrics = density_metrics(new)
     metrics["sparsity/churn"] = masks_lib.mask_churn(old, new)
-    return params, opt_state, {**sparsity, "masks": new}, metrics
+    return params, opt_state, with_masks(sparsity, new), metrics
 
