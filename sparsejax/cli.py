@@ -1,4 +1,4 @@
-"""`sparsejax train|eval` — gin-configured entry points.
+"""`sparsejax train|eval|sweep|report` — gin-configured entry points.
 
     sparsejax train --gin_file=configs/tiny.gin --gin.TrainConfig.num_steps=50 --workdir=/tmp/run
 """
@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="give up joining the run after this many seconds")
         g.add_argument("--heartbeat_timeout_s", type=int, default=60,
                        help="a process that stops answering for this long fails the whole run")
+    from sparsejax.sweep import cli as sweep_cli
+    sweep_cli.add_subparsers(sub)
     return p
 
 
@@ -97,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     bindings, rest = split_args(argv)
     args = build_parser().parse_args(rest)
+    if args.command in ("sweep", "report"):
+        from sparsejax.sweep import cli as sweep_cli
+        return sweep_cli.run(args, bindings)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -36,10 +36,15 @@ def resolve_mesh_shape(shape: dict[str, int], num_devices: int) -> tuple[int, ..
 
 @gin.configurable
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds the training mesh over all (global) devices with Auto axis types, so that
-    GSPMD propagation and Flax logical constraints apply."""
+              devices: Sequence[jax.Device] | None = None,
+              num_devices: int | None = None) -> Mesh:
+    """Builds the training mesh over all (global) devices, or the first `num_devices`, with
+    Auto axis types, so that GSPMD propagation and Flax logical constraints apply."""
     devices = list(devices) if devices is not None else jax.devices()
+    if num_devices is not None:
+        if not 1 <= num_devices <= len(devices):
+            raise ValueError(f"make_mesh.num_devices={num_devices} must be in 1..{len(devices)}")
+        devices = devices[:num_devices]
     shape = resolve_mesh_shape(
         {"data": data, "fsdp": fsdp, "tensor": tensor, "expert": expert}, len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),

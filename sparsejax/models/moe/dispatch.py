@@ -13,8 +13,11 @@ where `dropped` is the number of active assignments that were not computed (floa
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Callable
 
+import gin
 import jax
 import jax.numpy as jnp
 
@@ -101,10 +104,15 @@ def grouped_dispatch(x: jax.Array, routing: Routing, w: ExpertWeights,
     return combine(y_flat, routing), jnp.zeros((), jnp.float32)
 
 
-def pallas_gmm() -> GroupedMatmul:
-    """The Pallas grouped matmul, imported lazily (it lives in a separately built package)."""
+@gin.configurable
+def pallas_gmm(backend: str | None = None, interpret: bool = False) -> GroupedMatmul:
+    """The Pallas grouped matmul. `backend`/`interpret` force a kernel (e.g. backend='gpu',
+    interpret=True runs the Triton kernel in interpret mode on CPU); by default the op picks
+    the device's kernel, or ragged_dot on CPU."""
     from pallas_kernels.grouped_matmul.ops import gmm  # noqa: PLC0415
-    return gmm
+    if backend is None and not interpret:
+        return gmm
+    return functools.partial(gmm, backend=backend, interpret=interpret)
 
 
 def get_dispatch(name: str) -> Callable:

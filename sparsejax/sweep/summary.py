@@ -1,0 +1,74 @@
+"""One trial's numbers, from its workdir (metrics.jsonl + latest checkpoint), as written to
+the trial's done marker (result.json)."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from sparsejax.train.metrics import read_metrics
+
+RESULT_FILE = "result.json"
+
+
+def metric_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Final/best eval loss, final train loss, throughput and logged param counts.
+
+    tokens_per_s is the mean over logged train records except the first (which includes
+    compilation), or the first one when it is the only one."""
+    evals = [r["eval_loss"] for r in records if _finite(r.get("eval_loss"))]
+    train = [r for r in records if _finite(r.get("loss"))]
+    tps = [r["tokens_per_s"] for r in train if _finite(r.get("tokens_per_s"))]
+    tps = tps[1:] if len(tps) > 1 else tps
+    out: dict[str, Any] = {
+        "final_step": max((int(r["step"]) for r in records), default=0),
+        "final_eval_loss": evals[-1] if evals else None,
+        "best_eval_loss": min(evals) if evals else None,
+        "final_loss": train[-1]["loss"] if train else None,
+        "tokens_per_s": float(np.mean(tps)) if tps else None,
+    }
+    for key, name in (("sparsity/param_count", "logged_params"),
+                      ("sparsity/avg_param_count", "logged_avg_params"),
+                      ("sparsity/density", "density")):
+        vals = [r[key] for r in records if _finite(r.get(key))]
+        out[name] = vals[-1] if vals else None
+    return out
+
+
+def checkpoint_counts(workdir: str) -> dict[str, Any]:
+    """Nonzero parameter count and forward matmul FLOPs per token of the final checkpoint.
+    FLOPs count nonzero kernel entries (pruned weights are exactly zero under the masked
+    optimizer), embeddings excluded (sparsejax.sparsity.flops_per_token's default)."""
+    import logging
+
+    import jax
+
+    from sparsejax.sparsity import LOGITS_KEY, flops_per_token
+    from sparsejax.train.checkpoint import restore_state_numpy
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax metadata notices
+    _, state = restore_state_numpy(workdir)
+    params = {k: v for k, v in state["params"].items() if k != LOGITS_KEY}
+    leaves = [np.asarray(x) for x in jax.tree.leaves(params)]
+    masks = jax.tree.map(lambda p: np.asarray(p) != 0, params)
+    return {"nonzero_params": int(sum(np.count_nonzero(x) for x in leaves)),
+            "total_params": int(sum(x.size for x in leaves)),
+            "flops_per_token": float(flops_per_token(params, masks))}
+
+
+def summarize_trial(workdir: str) -> dict[str, Any]:
+    """Everything the sweep table needs about one finished trial."""
+    out = metric_summary(read_metrics(os.path.join(workdir, "metrics.jsonl")))
+    out.update(checkpoint_counts(workdir))
+    # Sparsity methods log their own (mask-aware) counts; dense runs keep every parameter.
+    out["params"] = (out["logged_params"] if out["logged_params"] is not None
+                     else out["nonzero_params"])
+    out["avg_params"] = (out["logged_avg_params"] if out["logged_avg_params"] is not None
+                         else out["params"])
+    return out
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
