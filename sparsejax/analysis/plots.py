@@ -4,18 +4,19 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from sparsejax.train.metrics import read_metrics
 
-from sparsejax.train.metrics import read_metrics  # noqa: E402
+# Figures are drawn with matplotlib's object API (no pyplot), so writing plots never switches
+# the global backend (a notebook keeps its inline plots).
 
 
 def plot_loss_curve(metrics_path: str, out_path: str) -> str:
     """Training loss (and eval loss where logged) against step."""
     records = read_metrics(metrics_path)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
     if train:
@@ -29,7 +30,6 @@ def plot_loss_curve(metrics_path: str, out_path: str) -> str:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
-    plt.close(fig)
     return out_path
 
 
@@ -50,7 +50,8 @@ def plot_vector_metric(metrics_path: str, prefix: str, out_path: str, ylabel: st
                     series.setdefault(name, []).append((r["step"], x))
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for name, pts in sorted(series.items()):
         ax.plot(*zip(*pts), label=name if len(series) <= 16 else None)
     ax.set_xlabel("step")
@@ -61,5 +62,4 @@ def plot_vector_metric(metrics_path: str, prefix: str, out_path: str, ylabel: st
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
-    plt.close(fig)
     return out_path

@@ -105,19 +105,18 @@ def write_table(out: str, spec: SweepSpec, rows: list[dict[str, Any]]) -> tuple[
     return csv_path, md_path
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def _figure(figsize):
+    """A figure from matplotlib's object API: no pyplot, so the global backend is untouched."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots()
 
 
 def plot_loss_curves(out: str, results: list[dict[str, Any]]) -> str | None:
     """Train loss (lines) and eval loss (markers) of every finished trial."""
     if not results:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = _figure((8, 5))
     for i, r in enumerate(results):
         recs = read_metrics(os.path.join(trial_dir(out, r["_trial"]), "metrics.jsonl"))
         color = f"C{i % 10}"
@@ -136,7 +135,6 @@ def plot_loss_curves(out: str, results: list[dict[str, Any]]) -> str | None:
     fig.tight_layout()
     path = os.path.join(out, LOSS_CURVES_PNG)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -150,7 +148,6 @@ def _as_number(v: str) -> float | None:
 def plot_vs_swept(out: str, spec: SweepSpec, rows: list[dict[str, Any]]) -> list[str]:
     """For each swept binding: final eval loss (mean, std error bars) against its values,
     one line per combination of the other swept bindings."""
-    plt = _plt()
     paths = []
     keys = column_keys(spec)
     for i, (binding, values) in enumerate(spec.sweeps):
@@ -162,7 +159,7 @@ def plot_vs_swept(out: str, spec: SweepSpec, rows: list[dict[str, Any]]) -> list
             other = tuple((b, row[k]) for j, (b, k) in enumerate(zip(
                 [b for b, _ in spec.sweeps], keys)) if j != i)
             groups.setdefault(point_name(other) if other else "", []).append(row)
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = _figure((6, 4))
         drew = False
         for label, grp in groups.items():
             pts = [(xpos[r[keys[i]]], r["final_eval_loss_mean"], r["final_eval_loss_std"] or 0.0)
@@ -174,7 +171,6 @@ def plot_vs_swept(out: str, spec: SweepSpec, rows: list[dict[str, Any]]) -> list
             ax.errorbar(x, y, yerr=e, fmt="o-", capsize=3, label=label or None)
             drew = True
         if not drew:
-            plt.close(fig)
             continue
         if not numeric:
             ax.set_xticks(list(xpos.values()), [str(v) for v in values])
@@ -186,7 +182,6 @@ def plot_vs_swept(out: str, spec: SweepSpec, rows: list[dict[str, Any]]) -> list
         fig.tight_layout()
         path = os.path.join(out, f"eval_loss_vs_{keys[i]}.png")
         fig.savefig(path, dpi=100)
-        plt.close(fig)
         paths.append(path)
     return paths
 

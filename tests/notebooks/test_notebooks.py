@@ -1,7 +1,7 @@
 """Executes every notebook in notebooks/ top to bottom and checks its key outputs.
 
 The kernel runs `sys.executable` (the test's own interpreter, whatever kernelspecs the machine
-has installed) and inherits this process's environment, so it sees JAX on CPU.
+has installed) and inherits this process's environment, with JAX on one CPU device.
 """
 from __future__ import annotations
 
@@ -39,9 +39,14 @@ def kernel_spec_manager(tmp_path_factory) -> KernelSpecManager:
     kernels = tmp_path_factory.mktemp("kernels")
     spec_dir = kernels / KERNEL_NAME
     spec_dir.mkdir()
+    # One CPU device, as on a Colab CPU runtime: the test process simulates 8 (conftest), which
+    # doubles the notebooks' CPU time without testing anything the parallel/ tests do not.
+    xla_flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                         if not f.startswith("--xla_force_host_platform_device_count"))
     spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             "display_name": "sparsejax test kernel", "language": "python",
-            "env": {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}}
+            "env": {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+                    "XLA_FLAGS": xla_flags}}
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     return KernelSpecManager(kernel_dirs=[str(kernels)], ensure_native_kernel=False)
 
