@@ -166,9 +166,9 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "")
         update_fn = run.sparsity_update_fn()
         # One compiled program (not a stream of eager ops) so every process runs the same
         # collectives in the same order.
-        sparsity_metrics_fn = jax.jit(lambda s: method.metrics(s.params, s.sparsity),
-                                      in_shardings=(run.state_shardings,),
-                                      out_shardings=replicated(mesh))
+        sparsity_metrics_fn = None if method is None else jax.jit(
+            lambda s: method.metrics(s.params, s.sparsity),
+            in_shardings=(run.state_shardings,), out_shardings=replicated(mesh))
 
         def save(step, force=False):
             ckpt.save(step, state, ShardedIteratorSave(data_it),
@@ -198,7 +198,7 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "")
                     metrics = jax.device_get(metrics)
                     elapsed = time.perf_counter() - t0
                     metrics["tokens_per_s"] = tokens_per_step * steps_since / max(elapsed, 1e-9)
-                    if method is not None:
+                    if sparsity_metrics_fn is not None:
                         metrics.update(jax.device_get(sparsity_metrics_fn(state)))
                     last = writer.write(done, metrics)
                     bar.set_postfix(loss=f"{last['loss']:.3f}",
