@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sparsejax.models.layers import DEFAULT_KERNEL_INIT, Dtype, rotary_embedding
+from sparsejax.models.layers import DEFAULT_KERNEL_INIT, Dtype, as_tokens, rotary_embedding
 
 ATTENTION_KINDS = ("dense", "block_sparse")
 
@@ -42,8 +42,8 @@ class Attention(nn.Module):
         kernel = self.param(
             name, nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("embed", "heads")),
             (x.shape[-1], heads * self.head_dim), self.param_dtype)
-        y = jnp.einsum("bse,ef->bsf", x, kernel.astype(self.dtype))
-        return y.reshape(*y.shape[:-1], heads, self.head_dim)
+        y = as_tokens(x) @ kernel.astype(self.dtype)  # [tokens, heads * head_dim]
+        return y.reshape(*x.shape[:-1], heads, self.head_dim)
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -65,5 +65,5 @@ class Attention(nn.Module):
         out_kernel = self.param(
             "out", nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("heads", "embed")),
             (self.num_heads * self.head_dim, x.shape[-1]), self.param_dtype)
-        out = out.reshape(*out.shape[:-2], -1).astype(self.dtype)
-        return jnp.einsum("bsf,fe->bse", out, out_kernel.astype(self.dtype))
+        y = out.reshape(-1, out_kernel.shape[0]).astype(self.dtype) @ out_kernel.astype(self.dtype)
+        return y.reshape(x.shape)

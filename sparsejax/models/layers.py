@@ -74,7 +74,8 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("bse,ve->bsv", x, self.embedding.astype(self.dtype))
+        y = as_tokens(x) @ self.embedding.astype(self.dtype).T
+        return y.reshape(x.shape[:-1] + (self.vocab_size,))
 
 
 def dense(features: int, axes: tuple[str, str], name: str, dtype: Dtype, param_dtype: Dtype,
@@ -84,6 +85,12 @@ def dense(features: int, axes: tuple[str, str], name: str, dtype: Dtype, param_d
         features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
         kernel_init=nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
+
+
+def as_tokens(x: jax.Array) -> jax.Array:
+    """[batch, seq, features] -> [batch * seq, features]. Dense layers run on 2-D activations:
+    XLA:CPU's backward matmuls are ~2x faster than with two contracting (batch, seq) dims."""
+    return x.reshape(-1, x.shape[-1])
 
 
 class GatedMlp(nn.Module):
@@ -97,8 +104,9 @@ class GatedMlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
         del deterministic
-        gate = dense(self.mlp_dim, ("embed", "mlp"), "wi_gate", self.dtype, self.param_dtype)(x)
-        up = dense(self.mlp_dim, ("embed", "mlp"), "wi_up", self.dtype, self.param_dtype)(x)
-        h = nn.silu(gate) * up
-        h = nn.with_logical_constraint(h, ("batch", "seq", "mlp"))
-        return dense(self.embed_dim, ("mlp", "embed"), "wo", self.dtype, self.param_dtype)(h)
+        t = as_tokens(x)  # [tokens, embed]
+        gate = dense(self.mlp_dim, ("embed", "mlp"), "wi_gate", self.dtype, self.param_dtype)(t)
+        up = dense(self.mlp_dim, ("embed", "mlp"), "wi_up", self.dtype, self.param_dtype)(t)
+        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "mlp"))
+        y = dense(self.embed_dim, ("mlp", "embed"), "wo", self.dtype, self.param_dtype)(h)
+        return y.reshape(x.shape[:-1] + (self.embed_dim,))

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.models.attention import ATTENTION_KINDS, Attention
-from sparsejax.models.layers import Embed, GatedMlp, RMSNorm, dense, dtype_from_name
+from sparsejax.models.layers import Embed, GatedMlp, RMSNorm, as_tokens, dense, dtype_from_name
 
 MLP_KINDS = ("dense", "moe")
 
@@ -126,5 +126,6 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             logits = embed.attend(x) / jnp.sqrt(cfg.embed_dim).astype(dtype)
         else:
-            logits = dense(cfg.padded_vocab_size, ("embed", "vocab"), "lm_head", dtype, pdtype)(x)
+            logits = dense(cfg.padded_vocab_size, ("embed", "vocab"), "lm_head", dtype,
+                           pdtype)(as_tokens(x)).reshape(x.shape[:-1] + (-1,))
         return logits[..., :cfg.vocab_size].astype(jnp.float32)
