@@ -82,9 +82,7 @@ def scores_for(criterion: str, params: PyTree, masks: PyTree, rng: jax.Array | N
     if criterion == "random":
         if rng is None:
             raise ValueError("rng: the 'random' criterion needs an rng key, got None")
-        leaves = jax.tree.leaves(p)
-        keys = jax.random.split(rng, len(leaves))
-        return _unflatten_like(masks, [jax.random.uniform(k, x.shape) for k, x in zip(keys, leaves)])
+        return uniform_scores(masks, rng)
     if criterion == "snip":
         if grads is None:
             raise ValueError("grads: SNIP needs the dense gradient at the update step, got None")
@@ -94,6 +92,13 @@ def scores_for(criterion: str, params: PyTree, masks: PyTree, rng: jax.Array | N
             raise ValueError("movement: movement pruning needs accumulated scores, got None")
         return movement
     raise ValueError(f"criterion: {criterion!r} is not one of {CRITERIA}")
+
+
+def uniform_scores(masks: PyTree, rng: jax.Array) -> PyTree:
+    """Independent U(0, 1) scores shaped like every mask (random pruning and SET growth)."""
+    leaves = jax.tree.leaves(masks)
+    keys = jax.random.split(rng, len(leaves))
+    return _unflatten_like(masks, [jax.random.uniform(k, m.shape) for k, m in zip(keys, leaves)])
 
 
 def drop_grow(masks: PyTree, params: PyTree, fraction, grow_scores: PyTree) -> PyTree:
@@ -118,9 +123,7 @@ def grow_scores_for(grow: str, masks: PyTree, rng: jax.Array | None, grads: PyTr
     if grow == "random":
         if rng is None:
             raise ValueError("rng: random growth (SET) needs an rng key, got None")
-        leaves = jax.tree.leaves(masks)
-        keys = jax.random.split(rng, len(leaves))
-        return _unflatten_like(masks, [jax.random.uniform(k, m.shape) for k, m in zip(keys, leaves)])
+        return uniform_scores(masks, rng)
     if grow == "gradient":
         if grads is None:
             raise ValueError("grads: gradient growth (RigL) needs dense gradients, got None")

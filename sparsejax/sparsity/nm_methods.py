@@ -41,8 +41,17 @@ def _nm_masks(params: PyTree, masks: PyTree, n: int, m: int, axis: int) -> PyTre
                                 masks, params)
 
 
+class _FlipRateMetrics(SparsityMethod):
+    """N:M methods recompute their masks every step; they also log how many entries flipped."""
+
+    def metrics(self, params, sparsity):
+        out = super().metrics(params, sparsity)
+        out["sparsity/flip_rate"] = sparsity["flip_rate"]
+        return out
+
+
 @gin.configurable
-class SRSTEMethod(SparsityMethod):
+class SRSTEMethod(_FlipRateMetrics):
     """SR-STE (Zhou et al. 2021): N:M by magnitude, recomputed every step, dense weights."""
 
     def __init__(self, n: int = 2, m: int = 4, lam: float = 2e-4, axis: int = -2,
@@ -69,17 +78,12 @@ class SRSTEMethod(SparsityMethod):
         flip = masks_lib.mask_churn(sparsity["masks"], masks)
         return grads, track_density({**sparsity, "masks": masks, "flip_rate": flip})
 
-    def metrics(self, params, sparsity):
-        out = super().metrics(params, sparsity)
-        out["sparsity/flip_rate"] = sparsity["flip_rate"]
-        return out
-
     def finalize(self, params, sparsity):
         return masks_lib.apply_masks(params, _nm_masks(params, sparsity["masks"], self.n, self.m, self.axis))
 
 
 @gin.configurable
-class LearnedNMMethod(SparsityMethod):
+class LearnedNMMethod(_FlipRateMetrics):
     """Learnable N:M masks: Gumbel-softmax over the C(M, N) patterns of each group.
 
     Temperature anneals linearly ``tau[0] -> tau[1]`` and the logit scale
@@ -144,11 +148,6 @@ class LearnedNMMethod(SparsityMethod):
         hard = self._hard(params[LOGITS_KEY], self.finalize_structure(params), sparsity["masks"])
         flip = masks_lib.mask_churn(sparsity["masks"], hard)
         return grads, track_density({**sparsity, "masks": hard, "flip_rate": flip})
-
-    def metrics(self, params, sparsity):
-        out = super().metrics(params, sparsity)
-        out["sparsity/flip_rate"] = sparsity["flip_rate"]
-        return out
 
     def finalize(self, params, sparsity):
         model = self.finalize_structure(params)
