@@ -13,7 +13,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sparsejax.models.moe import router as R
 from sparsejax.models.moe.dispatch import get_dispatch

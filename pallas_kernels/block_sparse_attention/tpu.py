@@ -113,7 +113,7 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref
 
 def _fwd_heads_major(q, k, v, seg, kv_idx, kv_cnt, *, rule, scale, block_q, block_k, interpret):
     b, h, sq, d = q.shape
-    kvh, sk = k.shape[1], k.shape[2]
+    kvh = k.shape[1]
     g = h // kvh
     nb, nh, qb, n = kv_idx.shape
     row = _row(nb, nh, qb)

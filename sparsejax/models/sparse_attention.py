@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sparsejax.parallel.rules import path_str
+
 log = logging.getLogger(__name__)
 
 
@@ -51,13 +53,13 @@ class Checkpointer:
         try:
             meta = ocp.StandardCheckpointer().metadata(
                 os.path.join(self.directory, str(step), "state"))
-            have = {_path_str(p): tuple(x.shape) for p, x in
+            have = {path_str(p): tuple(x.shape) for p, x in
                     jax.tree_util.tree_leaves_with_path(getattr(meta, "item_metadata", meta))}
         except Exception:  # unreadable metadata: restore_latest's fallback handles it
             return
         if not have:
             return
-        want = {_path_str(p): tuple(x.shape) for p, x in
+        want = {path_str(p): tuple(x.shape) for p, x in
                 jax.tree_util.tree_leaves_with_path(abstract_state)}
         problems = [f"{k}: checkpoint {have.get(k, 'missing')} vs model {v}"
                     for k, v in want.items() if k.startswith("params/") and have.get(k) != v]
@@ -71,10 +73,11 @@ class Checkpointer:
                 f"a different model shape ({'; '.join(problems[:3])}); use a new --workdir or "
                 f"the config that wrote it")
 
-    def restore_latest(self, abstract_state: Any, data_args_fn) -> tuple[int, Any, Any] | None:
+    def restore_latest(self, abstract_state: Any, data_args_fn) -> tuple[int, Any] | None:
         """Restores the newest readable checkpoint into `abstract_state` (ShapeDtypeStructs with
         shardings). `data_args_fn()` gives the data-iterator restore args (or None).
-        Returns (step, state, restored items) or None if there is no checkpoint."""
+        Returns (step, state) or None if there is no checkpoint (the data iterator given by
+        `data_args_fn` is moved to the saved position in place)."""
         for step in sorted(self.manager.all_steps(), reverse=True):
             items = {"state": ocp.args.StandardRestore(abstract_state),
                      "config": ocp.args.JsonRestore()}
@@ -83,8 +86,8 @@ class Checkpointer:
                 items["data"] = data_args
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-                _check_finite_structure(restored["state"], abstract_state)
-                return step, restored["state"], restored
+                _check_shapes(restored["state"], abstract_state)
+                return step, restored["state"]
             except Exception as e:  # corrupt or half-written: move aside, try the previous one
                 log.warning("checkpoint at step %d in %s is unreadable (%s: %s); moving it aside "
                             "and trying the previous one", step, self.directory, type(e).__name__,
@@ -104,13 +107,7 @@ class Checkpointer:
         self.manager.reload()
 
 
-def _path_str(path) -> str:
-    """A tree path as 'params/layer_0/mlp/wo/kernel' whatever the container types."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                    for k in path)
-
-
-def _check_finite_structure(state: Any, abstract_state: Any) -> None:
+def _check_shapes(state: Any, abstract_state: Any) -> None:
     leaves, want = jax.tree.leaves(state), jax.tree.leaves(abstract_state)
     if len(leaves) != len(want):
         raise ValueError("restored state has a different number of arrays")

@@ -7,7 +7,6 @@ import os
 from typing import Any, Callable
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 import optax
@@ -128,7 +127,7 @@ def setup(cfg, workdir: str | None = None, model_config: ModelConfig | None = No
                shardings, lambda: init(seed_key))
 
 
-def write_plots(workdir: str, method: Any = None) -> None:
+def write_plots(workdir: str) -> None:
     """Loss curve, plus expert-load and density plots when those metrics were logged."""
     from sparsejax.analysis import plots
     path = os.path.join(workdir, "metrics.jsonl")

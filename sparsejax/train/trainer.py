@@ -154,7 +154,7 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "")
             state = warm_start(run.init_state(), run.state_shardings.params)
             start = 0
         else:
-            start, state, _ = restored
+            start, state = restored
             log.info("resumed from step %d", start)
             writer.truncate_after(start)
         step_fn = jax.jit(make_train_step(model, tx, run.lr_schedule, method),
@@ -221,7 +221,7 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "")
         ckpt.close()
         writer.close()
     if is_main and status == "done":
-        run_setup.write_plots(workdir, method)
+        run_setup.write_plots(workdir)
     last["status"] = status
     return last
 
@@ -236,7 +236,7 @@ def load_state_for_eval(workdir: str, cfg: TrainConfig):
     ckpt.close()
     if restored is None:
         raise ValueError(f"workdir={workdir!r} holds no checkpoint to evaluate")
-    return run, restored[0], restored[1]
+    return (run, *restored)
 
 
 @gin.configurable(denylist=["workdir"])

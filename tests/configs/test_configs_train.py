@@ -7,8 +7,6 @@ from __future__ import annotations
 import math
 import pathlib
 
-import gin
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest

@@ -3,8 +3,8 @@ the NaN guard and fail-fast validation."""
 import json
 import logging
 import os
-import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -60,13 +60,8 @@ def test_corrupt_latest_checkpoint_falls_back(run_cli, tmp_path, caplog):
     # Resumed from step 10 and recomputed step 20 exactly.
     assert _checkpoints(w) == [10, 20]
     again = _restore_params(w, 20)
-    for a, b in zip(np.asarray(jax_leaves(params20), dtype=object), jax_leaves(again)):
+    for a, b in zip(jax.tree.leaves(params20), jax.tree.leaves(again)):
         np.testing.assert_array_equal(a, b)
-
-
-def jax_leaves(tree):
-    import jax
-    return jax.tree.leaves(tree)
 
 
 def test_nan_guard_skip_keeps_params_finite(run_cli, tmp_path):
@@ -76,7 +71,7 @@ def test_nan_guard_skip_keeps_params_finite(run_cli, tmp_path):
     records = [r for r in read_metrics(os.path.join(w, "metrics.jsonl")) if "loss" in r]
     assert any(r["nonfinite"] for r in records)
     params = _restore_params(w, 20)
-    assert all(np.all(np.isfinite(x)) for x in jax_leaves(params))
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
 def test_nan_guard_stop_saves_last_good_state(run_cli, tmp_path):
@@ -90,7 +85,7 @@ def test_nan_guard_stop_saves_last_good_state(run_cli, tmp_path):
         trainer.train(w)
     steps = _checkpoints(w)
     assert len(steps) == 1 and steps[0] < 20
-    assert all(np.all(np.isfinite(x)) for x in jax_leaves(_restore_params(w, steps[0])))
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_restore_params(w, steps[0])))
 
 
 def test_eval_command(run_cli, tmp_path, capsys):

@@ -1,5 +1,4 @@
 """MoeMlp end to end: gin examples, bad input, mesh-invariant losses, bias update, EP path."""
-import glob
 import os
 
 import flax.linen as nn
@@ -10,7 +9,6 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-import sparsejax.models.moe as moe_pkg
 from sparsejax.models.moe.layer import MoeMlp, num_active_params
 
 import sparsejax.models.transformer  # noqa: F401  (registers ModelConfig, bound by the configs)
