@@ -71,12 +71,21 @@ def validate_spec(spec: SweepSpec) -> None:
 
 
 def prepare_out_dir(spec: SweepSpec, out: str) -> None:
-    """Creates OUT and stores the spec, or checks that OUT holds this very sweep."""
+    """Creates OUT and stores the spec, or checks that OUT holds this very sweep. A sweep
+    that only adds seeds to the stored one is accepted (the stored spec is updated, finished
+    trials are kept)."""
     path = os.path.join(out, SPEC_FILE)
     if os.path.exists(path):
         with open(path) as f:
             old = SweepSpec.from_json(json.load(f))
         diff = spec_diff(old, spec)
+        if diff and dataclasses.replace(old, seeds=spec.seeds) == spec and set(
+                old.seeds) <= set(spec.seeds):
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(spec.to_json(), f, indent=1)
+            os.replace(tmp, path)
+            return
         if diff:
             raise ValueError(f"--out={out!r} holds a different sweep ({diff}); use a new --out "
                              "or the same flags/grid file")

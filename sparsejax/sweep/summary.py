@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -37,10 +38,42 @@ def metric_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def flop_multipliers(workdir: str) -> dict[str, float]:
+    """Per-path FLOP multipliers of a trial: embeddings cost none, and each routed expert
+    kernel runs for top_k / num_experts of the tokens (read from the trial's config.gin, or
+    MoeMlp's defaults). For the ReLU and expert-choice routers top_k is the nominal count."""
+    from sparsejax.models.moe.layer import MoeMlp
+    from sparsejax.sparsity.masks import DEFAULT_FLOP_MULTIPLIERS
+
+    bound = {}
+    path = os.path.join(workdir, "config.gin")
+    if os.path.isfile(path):
+        with open(path) as f:
+            bound = dict(re.findall(r"^MoeMlp\.(top_k|num_experts)\s*=\s*(\d+)\s*$", f.read(),
+                                    re.MULTILINE))
+    fields = MoeMlp.__dataclass_fields__
+    k, e = (int(bound.get(n, fields[n].default)) for n in ("top_k", "num_experts"))
+    return {**DEFAULT_FLOP_MULTIPLIERS, r"moe/experts/": k / e}
+
+
+def effective_masks(params, stored_masks=None):
+    """Which weights the exported model keeps: the nonzero ones, and, for methods that keep
+    dense weights and mask them in the forward pass (SR-STE, learned N:M), only those inside
+    the stored masks (a tree mirroring params, None where a param is not masked)."""
+    import jax
+
+    masks = jax.tree.map(lambda p: np.asarray(p) != 0, params)
+    if stored_masks is None:
+        return masks
+    return jax.tree.map(lambda nz, m: nz if m is None else nz & np.asarray(m, bool),
+                        masks, stored_masks, is_leaf=lambda x: x is None)
+
+
 def checkpoint_counts(workdir: str) -> dict[str, Any]:
     """Nonzero parameter count and forward matmul FLOPs per token of the final checkpoint.
     FLOPs count nonzero kernel entries (pruned weights are exactly zero under the masked
-    optimizer), embeddings excluded (sparsejax.sparsity.flops_per_token's default)."""
+    optimizer), embeddings excluded and routed experts scaled by the fraction of tokens each
+    sees (flop_multipliers)."""
     import logging
 
     import jax
@@ -52,10 +85,11 @@ def checkpoint_counts(workdir: str) -> dict[str, Any]:
     _, state = restore_state_numpy(workdir)
     params = {k: v for k, v in state["params"].items() if k != LOGITS_KEY}
     leaves = [np.asarray(x) for x in jax.tree.leaves(params)]
-    masks = jax.tree.map(lambda p: np.asarray(p) != 0, params)
-    return {"nonzero_params": int(sum(np.count_nonzero(x) for x in leaves)),
+    masks = effective_masks(params, (state.get("sparsity") or {}).get("masks"))
+    return {"nonzero_params": int(sum(np.count_nonzero(m) for m in jax.tree.leaves(masks))),
             "total_params": int(sum(x.size for x in leaves)),
-            "flops_per_token": float(flops_per_token(params, masks))}
+            "flops_per_token": float(flops_per_token(params, masks,
+                                                     flop_multipliers(workdir)))}
 
 
 def summarize_trial(workdir: str) -> dict[str, Any]:

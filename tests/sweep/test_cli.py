@@ -1,4 +1,5 @@
 """`sparsejax sweep --dry_run` output and every bad-input error (exit code 2, nothing run)."""
+import dataclasses
 import json
 import os
 import shlex
@@ -79,6 +80,12 @@ def test_out_dir_holding_a_different_sweep(tmp_path, capsys):
     assert rc == 2
     assert "holds a different sweep" in err and "sweeps: stored" in err
     assert os.listdir(os.path.join(out_dir, "trials")) == []
+    fewer = dataclasses.replace(old, seeds=(0,))
+    with pytest.raises(ValueError, match="seeds: stored"):  # dropping seeds would hide trials
+        runner.prepare_out_dir(fewer, out_dir)
+    more = dataclasses.replace(old, seeds=(0, 1, 2))  # adding seeds extends the sweep
+    runner.prepare_out_dir(more, out_dir)
+    assert runner.load_spec(out_dir) == more
 
 
 def test_report_of_a_dir_without_sweep(tmp_path, capsys):

@@ -1,0 +1,147 @@
+"""Runs a reproduction of a published claim and writes its results table and plot.
+
+    python experiments/reproduce.py dst                  # one reproduction
+    python experiments/reproduce.py all --parallel=2     # all six, one after another
+    python experiments/reproduce.py dst --report_only    # redraw from finished trials
+
+A reproduction is a few sweeps (grid files in experiments/grids/) compared side by side; the
+dense baseline grid is shared, so its trials run once for all reproductions. Trials live in
+`--out/<grid name>/` and are resumable (a killed run picks up where it stopped). Results go
+to experiments/results/<name>.md (between the markers; the claim and observation text around
+them is kept) and experiments/results/<name>.png.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GRIDS = os.path.join(HERE, "grids")
+RESULTS = os.path.join(HERE, "results")
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+@dataclasses.dataclass(frozen=True)
+class Reproduction:
+    title: str
+    grids: tuple[str, ...]  # names under experiments/grids/, without .grid
+    baseline: str  # label of the variant the Δ column is relative to
+
+
+DENSE = "dense_small: name=dense"
+REPRODUCTIONS = {
+    "dst": Reproduction("Dynamic sparse training: RigL vs SET vs static random vs dense "
+                        "(ERK, 80% and 90% sparsity)", ("dense_small", "dst"), DENSE),
+    "gmp_vs_oneshot": Reproduction("Gradual magnitude pruning vs one-shot pruning "
+                                   "(80% sparsity)", ("dense_small", "gmp_vs_oneshot"), DENSE),
+    "spdf": Reproduction("Sparse pre-training then dense (SPDF) vs dense vs sparse throughout",
+                         ("dense_small", "spdf"), DENSE),
+    "moe": Reproduction("MoE (8 experts, top-2) vs dense at equal active parameters, with and "
+                        "without load balancing", ("dense_small", "moe_top2"), DENSE),
+    "nm": Reproduction("2:4 sparsity: one-shot magnitude vs SR-STE vs learned masks",
+                       ("dense_small", "nm_2of4"), DENSE),
+    "avg_params": Reproduction("Equal average parameter count: gradual pruning vs a dense "
+                               "model of the average size",
+                               ("dense_small", "avg_params_gradual", "dense_mlp256"),
+                               "dense_mlp256: mlp_dim=256"),
+}
+
+
+def grid_path(name: str) -> str:
+    return os.path.join(GRIDS, f"{name}.grid")
+
+
+def run_grid(name: str, out: str, parallel: int) -> int:
+    """Runs (or resumes) one grid into out/<name>. Returns the number of failed trials."""
+    from sparsejax.sweep import grid, runner
+    spec = grid.build_spec(grid_file=grid_path(name))
+    runner.validate_spec(spec)
+    sweep_dir = os.path.join(out, name)
+    runner.prepare_out_dir(spec, sweep_dir)
+    sweep = runner.SweepRunner(spec, sweep_dir, parallel=parallel)
+    failed = sweep.run()
+    if sweep.stopped:
+        raise KeyboardInterrupt
+    return failed
+
+
+def command(name: str) -> str:
+    return f"python experiments/reproduce.py {name}"
+
+
+def write_results(name: str, out: str, results_dir: str = RESULTS) -> dict:
+    """Writes results_dir/<name>.md (table between the markers) and <name>.png."""
+    from sparsejax.sweep import compare
+    rep = REPRODUCTIONS[name]
+    variants = compare.collect([os.path.join(out, g) for g in rep.grids])
+    rows = compare.compare_rows(variants, baseline=rep.baseline)
+    os.makedirs(results_dir, exist_ok=True)
+    png = compare.plot_comparison(variants, os.path.join(results_dir, f"{name}.png"),
+                                  title=rep.title)
+    block = "\n".join([
+        BEGIN,
+        f"Command: `{command(name)}` (grids: "
+        + ", ".join(f"[{g}](../grids/{g}.grid)" for g in rep.grids) + "). "
+        f"Loss in nats/token, mean ± sample std over seeds; Δ is the difference to "
+        f"`{rep.baseline}` run with the same seed (same data order); params: weights that can be nonzero at the end (embeddings "
+        "included), avg params: their mean over training; tokens/s as measured while "
+        "`--parallel` trials shared the machine.",
+        "",
+        compare.markdown_table(rows),
+        f"![{name}]({name}.png)" if png else "(no finished trials yet)",
+        END])
+    md = os.path.join(results_dir, f"{name}.md")
+    if os.path.isfile(md):
+        with open(md) as f:
+            text = f.read()
+        if BEGIN not in text or END not in text:
+            raise ValueError(f"{md} has no {BEGIN} ... {END} markers; add them where the "
+                             "table goes")
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = f"# {rep.title}\n\n{block}\n"
+    with open(md, "w") as f:
+        f.write(text)
+    finished = sum(len(v.results) for v in variants)
+    return {"reproduction": name, "markdown": md, "plot": png, "finished_trials": finished}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("names", nargs="+", help=f"'all' or some of: {', '.join(REPRODUCTIONS)}")
+    p.add_argument("--out", default=os.path.join(HERE, "runs"),
+                   help="where trials run (default experiments/runs/)")
+    p.add_argument("--parallel", type=int, default=2, help="trials run at once")
+    p.add_argument("--report_only", action="store_true",
+                   help="only rewrite the tables and plots from finished trials")
+    p.add_argument("--results_dir", default=RESULTS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    names = list(REPRODUCTIONS) if args.names == ["all"] else args.names
+    unknown = [n for n in names if n not in REPRODUCTIONS]
+    if unknown:
+        print(f"error: unknown reproduction(s) {unknown}; valid: all, "
+              f"{', '.join(REPRODUCTIONS)}", file=sys.stderr)
+        return 2
+    failed = 0
+    try:
+        for name in names:
+            if not args.report_only:
+                for g in REPRODUCTIONS[name].grids:
+                    failed += run_grid(g, args.out, args.parallel)
+            print(json.dumps(write_results(name, args.out, args.results_dir)), flush=True)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stopped; rerun the same command to resume", file=sys.stderr)
+        return 1
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
