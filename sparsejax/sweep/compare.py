@@ -11,6 +11,7 @@ Used by the reproductions in experiments/ (experiments/reproduce.py)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from typing import Any, Sequence
@@ -18,7 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from sparsejax.sweep.grid import point_name
-from sparsejax.sweep.report import _fmt, load_results, mean_std
+from sparsejax.sweep.report import (MEAN_KEYS, STAT_KEYS, _fmt, fmt_mean_std, load_results,
+                                    mean_std)
 from sparsejax.sweep.runner import load_spec, trial_dir
 from sparsejax.train.metrics import read_metrics
 
@@ -35,8 +37,9 @@ class Variant:
     point: tuple[tuple[str, str], ...]
     results: list[dict[str, Any]]  # result.json of each finished seed (with '_trial')
 
+    @functools.cached_property
     def metrics(self) -> list[list[dict[str, Any]]]:
-        """metrics.jsonl records of each finished seed."""
+        """metrics.jsonl records of each finished seed (read once)."""
         return [read_metrics(os.path.join(trial_dir(self.sweep_dir, r["_trial"]),
                                           "metrics.jsonl")) for r in self.results]
 
@@ -93,9 +96,9 @@ def _last(series: list[tuple[int, float]]) -> float | None:
 
 def compare_rows(variants: Sequence[Variant], baseline: str | None = None) -> list[dict[str, Any]]:
     """One row per variant: final/best eval loss (mean ± std over seeds, and each seed's value),
-    difference of the final eval loss to the baseline variant's with the same seed (mean ± std
-    over the seeds both have), parameter counts, FLOPs,
-    throughput, final density and final expert-load skew (when logged)."""
+    the difference of the final eval loss to the baseline variant's with the same seed (mean ±
+    std over the seeds both have), parameter counts, FLOPs, throughput, and the final density
+    and expert-load skew where logged."""
     labels = [v.label for v in variants]
     if baseline is not None and baseline not in labels:
         raise ValueError(f"baseline={baseline!r} is not a variant; valid: {labels}")
@@ -105,11 +108,11 @@ def compare_rows(variants: Sequence[Variant], baseline: str | None = None) -> li
         row: dict[str, Any] = {"variant": v.label, "n_seeds": len(v.results),
                                "seeds": [r["_trial"].seed for r in v.results],
                                "final_eval_losses": finals}
-        for k in ("final_eval_loss", "best_eval_loss"):
+        for k in STAT_KEYS:
             row[f"{k}_mean"], row[f"{k}_std"] = mean_std([r.get(k) for r in v.results])
-        for k in ("params", "avg_params", "flops_per_token", "tokens_per_s"):
+        for k in MEAN_KEYS:
             row[k] = mean_std([r.get(k) for r in v.results])[0]
-        recs = v.metrics()
+        recs = v.metrics
         row["density"] = mean_std([_last(density_curve(m)) for m in recs])[0]
         row["expert_load_skew"] = mean_std([_last(skew_curve(m)) for m in recs])[0]
         rows.append(row)
@@ -132,10 +135,11 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         dm = r["delta_vs_baseline_mean"]
-        cells = [r["variant"], str(r["n_seeds"]), _pm(r, "final_eval_loss"),
+        sign = "+" if dm is not None and dm >= 0 else ""
+        cells = [r["variant"], str(r["n_seeds"]), fmt_mean_std(r, "final_eval_loss"),
                  ", ".join(_fmt(x) for x in r["final_eval_losses"] if x is not None),
-                 "" if dm is None else ("+" if dm >= 0 else "") + _pm(r, "delta_vs_baseline"),
-                 _pm(r, "best_eval_loss"),
+                 sign + fmt_mean_std(r, "delta_vs_baseline"),
+                 fmt_mean_std(r, "best_eval_loss"),
                  _count(r["params"]), _count(r["avg_params"]),
                  _count(r["flops_per_token"]), _count(r["tokens_per_s"])]
         if has_density:
@@ -144,12 +148,6 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             cells.append(_fmt(r["expert_load_skew"], 2))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _pm(row: dict[str, Any], key: str) -> str:
-    """'mean ± std' of row[key_mean], row[key_std] ('' when there is no mean)."""
-    m, s = row[f"{key}_mean"], row[f"{key}_std"]
-    return "" if m is None else _fmt(m) + ("" if s is None else f" ± {_fmt(s)}")
 
 
 def _count(v: float | None) -> str:
@@ -172,7 +170,7 @@ def plot_comparison(variants: Sequence[Variant], path: str, title: str = "") -> 
     done = [v for v in variants if v.results]
     if not done:
         return None
-    recs = {v.label: v.metrics() for v in done}
+    recs = {v.label: v.metrics for v in done}
     panels = [("eval", eval_curve, "eval loss (nats/token)")]
     if any(len({d for _, d in density_curve(m)}) > 1 for ms in recs.values() for m in ms):
         panels.append(("curve", density_curve, "density of the prunable params"))

@@ -75,6 +75,12 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def fmt_mean_std(row: dict[str, Any], key: str) -> str:
+    """'mean ± std' of row[key_mean] and row[key_std] ('' when there is no mean)."""
+    m, s = row[f"{key}_mean"], row[f"{key}_std"]
+    return "" if m is None else _fmt(m) + ("" if s is None else f" ± {_fmt(s)}")
+
+
 def write_table(out: str, spec: SweepSpec, rows: list[dict[str, Any]]) -> tuple[str, str]:
     keys = column_keys(spec)
     cols = keys + ["n_seeds"] + [f"{k}_{s}" for k in STAT_KEYS for s in ("mean", "std")] + list(
@@ -91,9 +97,7 @@ def write_table(out: str, spec: SweepSpec, rows: list[dict[str, Any]]) -> tuple[
     n_seeds = len(spec.seeds)
     for row in rows:
         cells = [str(row[k]) for k in keys] + [f"{row['n_seeds']}/{n_seeds}"]
-        for k in STAT_KEYS:
-            m, s = row[f"{k}_mean"], row[f"{k}_std"]
-            cells.append("" if m is None else _fmt(m) + ("" if s is None else f" ± {_fmt(s)}"))
+        cells += [fmt_mean_std(row, k) for k in STAT_KEYS]
         cells += [_fmt(row["params"], 0), _fmt(row["avg_params"], 0),
                   _fmt(row["flops_per_token"], 0), _fmt(row["tokens_per_s"], 0)]
         lines.append("| " + " | ".join(cells) + " |")
