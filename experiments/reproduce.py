@@ -59,13 +59,10 @@ def run_grid(name: str, out: str, parallel: int) -> int:
     from sparsejax.sweep import grid, runner
     spec = grid.build_spec(grid_file=grid_path(name))
     runner.validate_spec(spec)
-    sweep_dir = os.path.join(out, name)
-    runner.prepare_out_dir(spec, sweep_dir)
-    sweep = runner.SweepRunner(spec, sweep_dir, parallel=parallel)
-    failed = sweep.run()
+    sweep = runner.run_sweep(spec, os.path.join(out, name), parallel=parallel)
     if sweep.stopped:
         raise KeyboardInterrupt
-    return failed
+    return len(sweep.failed)
 
 
 def command(name: str) -> str:
@@ -86,9 +83,9 @@ def write_results(name: str, out: str, results_dir: str = RESULTS) -> dict:
         f"Command: `{command(name)}` (grids: "
         + ", ".join(f"[{g}](../grids/{g}.grid)" for g in rep.grids) + "). "
         f"Loss in nats/token, mean ± sample std over seeds; Δ is the difference to "
-        f"`{rep.baseline}` run with the same seed (same data order); params: weights that can be nonzero at the end (embeddings "
-        "included), avg params: their mean over training; tokens/s as measured while "
-        "`--parallel` trials shared the machine.",
+        f"`{rep.baseline}` run with the same seed (same data order); params: weights that "
+        "can be nonzero at the end (embeddings included), avg params: their mean over "
+        "training; tokens/s as measured while `--parallel` trials shared the machine.",
         "",
         compare.markdown_table(rows),
         f"![{name}]({name}.png)" if png else "(no finished trials yet)",

@@ -50,12 +50,10 @@ def run(args: argparse.Namespace, bindings: Sequence[str]) -> int:
             for line in runner.dry_run_lines(spec, args.out):
                 print(line)
             return 0
-        sweep = runner.SweepRunner(spec, args.out, parallel=args.parallel,
-                                   cpu_devices=args.cpu_devices or None)
-        runner.prepare_out_dir(spec, args.out)
-        failed = sweep.run()
+        sweep = runner.run_sweep(spec, args.out, parallel=args.parallel,
+                                 cpu_devices=args.cpu_devices or None)
         print(json.dumps(report.write_report(args.out)), flush=True)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 1 if failed or sweep.stopped else 0
+    return 1 if sweep.failed or sweep.stopped else 0

@@ -165,8 +165,8 @@ def _mean_band(curves: list[list[tuple[int, float]]]):
 
 def plot_comparison(variants: Sequence[Variant], path: str, title: str = "") -> str | None:
     """Eval loss vs step (mean over seeds, min-max band), final eval loss per seed, and, when
-    logged, density vs step (if it changes) and expert-load skew vs step. Returns the path (None if nothing
-    has finished)."""
+    logged, density vs step (if it changes) and expert-load skew vs step. Returns the path
+    (None if nothing has finished)."""
     done = [v for v in variants if v.results]
     if not done:
         return None
@@ -183,7 +183,8 @@ def plot_comparison(variants: Sequence[Variant], path: str, title: str = "") -> 
     for ax, (kind, fn, ylabel) in zip(axes, panels):
         if kind == "final":
             for i, v in enumerate(done):
-                ys = [r["final_eval_loss"] for r in v.results if r.get("final_eval_loss") is not None]
+                ys = [r["final_eval_loss"] for r in v.results
+                      if r.get("final_eval_loss") is not None]
                 ax.scatter(ys, [i] * len(ys), color=f"C{i % 10}", alpha=0.7)
                 if ys:
                     ax.plot([np.mean(ys)] * 2, [i - 0.3, i + 0.3], color=f"C{i % 10}", lw=2)

@@ -266,3 +266,13 @@ class SweepRunner:
         self._print(f"{self._done_count()}/{len(self.trials)} trials finished"
                     + (f"; failed: {', '.join(self.failed)}" if self.failed else ""))
         return len(self.failed)
+
+
+def run_sweep(spec: SweepSpec, out: str, *, parallel: int = 1,
+              cpu_devices: int | None = 1) -> SweepRunner:
+    """Checks the runner settings, claims OUT for this sweep (or checks it already holds it)
+    and runs every unfinished trial. The runner's `failed` and `stopped` tell how it ended."""
+    sweep = SweepRunner(spec, out, parallel=parallel, cpu_devices=cpu_devices)
+    prepare_out_dir(spec, out)
+    sweep.run()
+    return sweep
