@@ -1,9 +1,13 @@
 """Block-sparse flash attention for GPU (Pallas, Triton backend).
 
-Each program owns one (query block, batch, head) and loops only over the kv
-blocks listed for its row (forward, dq) or one (kv block, batch, head) looping
-over the query blocks that see it (dk/dv). Online softmax in the log2 domain
-with float32 accumulation; the log-sum-exp (base 2) is saved for the backward.
+Each program owns one tile of rows: query rows for the forward and dq passes,
+key rows for the dk/dv pass. It loops only over the blocks its mask block row
+lists (kv blocks for forward/dq, query blocks for dk/dv), in steps of a
+sub-tile. Program tiles and loop steps are tuned per pass and may be smaller
+than the mask's blocks (see :class:`GpuConfig`); the mask decides what is
+skipped, the tiles decide how the kept work is cut. Online softmax in the log2
+domain with float32 accumulation; the log-sum-exp (base 2) is saved for the
+backward.
 
 Block lists arrive packed as ``[B', H', rows, W]`` int32 with the count in
 column 0 and the block indices after it (``W`` a power of two), so one small
@@ -11,8 +15,11 @@ row block per program carries everything.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +29,68 @@ from jax.experimental.pallas import triton as plgpu
 NEG = -1e30
 BIG = 1e30
 LOG2E = math.log2(math.e)
+TUNING_FILE = pathlib.Path(__file__).with_name("gpu_tuning.json")
+PASSES = ("fwd", "dq", "dkv")
+
+
+@dataclasses.dataclass(frozen=True)
+class PassConfig:
+    """How one pass cuts its work.
+
+    rows: rows each program owns (query rows for fwd/dq, key rows for dkv); a
+      power of two dividing that axis's mask block.
+    cols: rows of the other operand per loop step; a power of two dividing the
+      other axis's mask block.
+    num_warps, num_stages: Triton launch and software-pipelining depth.
+    """
+    rows: int = 128
+    cols: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
+
+    def fit(self, block_rows: int, block_cols: int) -> PassConfig:
+        """Clip the tiles to the mask's blocks (both are powers of two)."""
+        return dataclasses.replace(self, rows=min(self.rows, block_rows),
+                                   cols=min(self.cols, block_cols))
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuConfig:
+    fwd: PassConfig = PassConfig()
+    dq: PassConfig = PassConfig()
+    dkv: PassConfig = PassConfig()
+
+    def to_json(self) -> dict:
+        return {p: dataclasses.asdict(getattr(self, p)) for p in PASSES}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> GpuConfig:
+        return cls(**{p: PassConfig(**obj[p]) for p in PASSES if p in obj})
+
+
+def _check_config(config: GpuConfig) -> None:
+    for name in PASSES:
+        pc = getattr(config, name)
+        for field in ("rows", "cols"):
+            val = getattr(pc, field)
+            if not isinstance(val, int) or val < 16 or val & (val - 1):
+                raise ValueError(f"gpu_config.{name}.{field}: {val!r} must be a power of two "
+                                 ">= 16.")
+        if pc.num_warps not in (1, 2, 4, 8, 16) or pc.num_stages < 1:
+            raise ValueError(f"gpu_config.{name}: num_warps={pc.num_warps} must be a power of "
+                             f"two <= 16 and num_stages={pc.num_stages} >= 1.")
+
+
+@functools.cache
+def default_config(head_dim: int) -> GpuConfig:
+    """Tuned tiles for ``head_dim`` from ``gpu_tuning.json``: the smallest entry whose
+    ``max_head_dim`` covers it, else the largest. Entries are written by
+    ``benchmarks/block_sparse_attention_tune.py --write`` on the device named in
+    each entry's ``tuned_on``."""
+    entries = sorted(json.loads(TUNING_FILE.read_text())["entries"],
+                     key=lambda e: e["max_head_dim"])
+    entry = next((e for e in entries if head_dim <= e["max_head_dim"]), entries[-1])
+    return GpuConfig.from_json(entry)
 
 
 def pack_lists(idx: jax.Array, cnt: jax.Array) -> jax.Array:
@@ -32,12 +101,13 @@ def pack_lists(idx: jax.Array, cnt: jax.Array) -> jax.Array:
     return jnp.pad(packed, [(0, 0)] * 3 + [(0, width - n - 1)])
 
 
-def _list_spec(packed: jax.Array):
-    """BlockSpec for one packed row; broadcasts over batch/heads where the list does."""
+def _list_spec(packed: jax.Array, tiles_per_block: int):
+    """BlockSpec for the packed row of the mask block holding program ``r``'s tile;
+    broadcasts over batch/heads where the list does."""
     nb, nh, _, width = packed.shape
 
     def index_map(r, b, h):
-        return (b if nb > 1 else 0, h if nh > 1 else 0, r, 0)
+        return (b if nb > 1 else 0, h if nh > 1 else 0, r // tiles_per_block, 0)
 
     return pl.BlockSpec((None, None, None, width), index_map)
 
@@ -59,23 +129,31 @@ def _visibility(rule, q_pos, k_pos, q_seg, k_seg):
     return vis
 
 
+def _step_start(list_ref, j, block: int, cols: int):
+    """Row offset of loop step ``j``: sub-tile ``j % steps`` of listed block ``j // steps``."""
+    steps = block // cols
+    if steps == 1:
+        return pl.multiple_of(list_ref[j + 1] * block, block)
+    shift = steps.bit_length() - 1
+    blk = list_ref[jax.lax.shift_right_logical(j, shift) + 1]
+    return pl.multiple_of(blk * block + (j & (steps - 1)) * cols, cols)
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, list_ref, o_ref, lse_ref, *,
-                rule, scale, block_q, block_k):
-    qi = pl.program_id(0)
-    q = q_ref[...]  # [bq, d]
+                rule, scale, rows, cols, block_k):
+    q = q_ref[...]  # [rows, d]
     d = q.shape[-1]
-    q_pos = qi * block_q + jnp.arange(block_q)
+    q_pos = pl.program_id(0) * rows + jnp.arange(rows)
     q_seg = None if qseg_ref is None else qseg_ref[...]
-    count = list_ref[0]
 
     def body(j, carry):
         acc, m, l = carry
-        start = pl.multiple_of(list_ref[j + 1] * block_k, block_k)
-        kblk = k_ref[pl.ds(start, block_k), :]
-        vblk = v_ref[pl.ds(start, block_k), :]
-        s = _dot(q, kblk, trans_b=True) * (scale * LOG2E)  # [bq, bk], log2 domain
-        k_seg = None if kseg_ref is None else kseg_ref[pl.ds(start, block_k)]
-        vis = _visibility(rule, q_pos, start + jnp.arange(block_k), q_seg, k_seg)
+        start = _step_start(list_ref, j, block_k, cols)
+        kblk = k_ref[pl.ds(start, cols), :]
+        vblk = v_ref[pl.ds(start, cols), :]
+        s = _dot(q, kblk, trans_b=True) * (scale * LOG2E)  # [rows, cols], log2 domain
+        k_seg = None if kseg_ref is None else kseg_ref[pl.ds(start, cols)]
+        vis = _visibility(rule, q_pos, start + jnp.arange(cols), q_seg, k_seg)
         if vis is not None:
             s = jnp.where(vis, s, NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
@@ -85,9 +163,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, list_ref, o_ref, lse_re
         acc = corr[:, None] * acc + _dot(p.astype(vblk.dtype), vblk)
         return acc, m_new, l
 
-    init = (jnp.zeros((block_q, d), jnp.float32), jnp.full((block_q,), NEG, jnp.float32),
-            jnp.zeros((block_q,), jnp.float32))
-    acc, m, l = jax.lax.fori_loop(0, count, body, init)
+    init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), NEG, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+    acc, m, l = jax.lax.fori_loop(0, list_ref[0] * (block_k // cols), body, init)
     # Rows whose max is still NEG saw no key: garbage from all-masked tiles is
     # wiped by the correction factor as soon as a real logit arrives.
     ok = m > 0.5 * NEG
@@ -96,63 +174,80 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, list_ref, o_ref, lse_re
     lse_ref[...] = jnp.where(ok, m + jnp.log2(l_safe), BIG)
 
 
-def _qkv_specs(block_q, seq_k, d, groups):
-    q_spec = pl.BlockSpec((None, block_q, None, d), lambda r, b, h: (b, r, h, 0))
-    kv_spec = pl.BlockSpec((None, seq_k, None, d), lambda r, b, h: (b, 0, h // groups, 0))
-    return q_spec, kv_spec
+def _row_spec(rows, d, head_map):
+    """``[rows, d]`` tile of a ``[b, seq, heads, d]`` array at program row ``r``."""
+    return pl.BlockSpec((None, rows, None, d), lambda r, b, h: (b, r, head_map(h), 0))
 
 
-def _seg_specs(seg, block, seq):
+def _full_spec(seq, d, head_map):
+    """Whole sequence of one head of a ``[b, seq, heads, d]`` array."""
+    return pl.BlockSpec((None, seq, None, d), lambda r, b, h: (b, 0, head_map(h), 0))
+
+
+def _seg_specs(seg, rows, seq):
     if seg is None:
         return [None, None]
-    return [pl.BlockSpec((None, block), lambda r, b, h: (b, r)),
+    return [pl.BlockSpec((None, rows), lambda r, b, h: (b, r)),
             pl.BlockSpec((None, seq), lambda r, b, h: (b, 0))]
 
 
-def _params(d, block_a, block_b):
-    warps = 4 if d <= 64 and block_a * block_b <= 64 * 64 else 8
-    return plgpu.CompilerParams(num_warps=warps, num_stages=2)
+def _vec_spec(rows):
+    return pl.BlockSpec((None, None, rows), lambda r, b, h: (b, h, r))
 
 
-@functools.partial(jax.jit, static_argnames=("rule", "scale", "block_q", "block_k", "interpret"))
-def fwd(q, k, v, seg, kv_idx, kv_cnt, *, rule, scale, block_q, block_k, interpret=False):
+def _params(pc: PassConfig):
+    return plgpu.CompilerParams(num_warps=pc.num_warps, num_stages=pc.num_stages)
+
+
+def _resolve(config, d, block_rows, block_cols, name):
+    config = default_config(d) if config is None else config
+    return getattr(config, name).fit(block_rows, block_cols)
+
+
+@functools.partial(jax.jit, static_argnames=("rule", "scale", "block_q", "block_k", "interpret",
+                                             "config"))
+def fwd(q, k, v, seg, kv_idx, kv_cnt, *, rule, scale, block_q, block_k, interpret=False,
+        config=None):
     """o ``[b, sq, h, d]`` and lse ``[b, h, sq]`` (float32, base-2 log-sum-exp)."""
     b, sq, h, d = q.shape
     sk, kvh = k.shape[1], k.shape[2]
+    g = h // kvh
+    pc = _resolve(config, d, block_q, block_k, "fwd")
     packed = pack_lists(kv_idx, kv_cnt)
-    q_spec, kv_spec = _qkv_specs(block_q, sk, d, h // kvh)
-    kernel = functools.partial(_fwd_kernel, rule=rule, scale=scale, block_q=block_q,
+    q_spec = _row_spec(pc.rows, d, lambda h: h)
+    kv_spec = _full_spec(sk, d, lambda h: h // g)
+    kernel = functools.partial(_fwd_kernel, rule=rule, scale=scale, rows=pc.rows, cols=pc.cols,
                                block_k=block_k)
     return pl.pallas_call(
         kernel,
-        grid=(sq // block_q, b, h),
-        in_specs=[q_spec, kv_spec, kv_spec, *_seg_specs(seg, block_q, sk), _list_spec(packed)],
-        out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda r, b, h: (b, h, r))],
+        grid=(sq // pc.rows, b, h),
+        in_specs=[q_spec, kv_spec, kv_spec, *_seg_specs(seg, pc.rows, sk),
+                  _list_spec(packed, block_q // pc.rows)],
+        out_specs=[q_spec, _vec_spec(pc.rows)],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((b, h, sq), jnp.float32)],
-        compiler_params=_params(d, block_q, block_k),
+        compiler_params=_params(pc),
         interpret=interpret,
         name="bsa_fwd",
     )(q, k, v, seg, seg, packed)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, list_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, *, rule, scale, block_q, block_k):
-    qi = pl.program_id(0)
+               dq_ref, *, rule, scale, rows, cols, block_k):
     q = q_ref[...]
     do = do_ref[...]
     lse = lse_ref[...]
     delta = delta_ref[...]
-    q_pos = qi * block_q + jnp.arange(block_q)
+    q_pos = pl.program_id(0) * rows + jnp.arange(rows)
     q_seg = None if qseg_ref is None else qseg_ref[...]
 
     def body(j, dq):
-        start = pl.multiple_of(list_ref[j + 1] * block_k, block_k)
-        kblk = k_ref[pl.ds(start, block_k), :]
-        vblk = v_ref[pl.ds(start, block_k), :]
+        start = _step_start(list_ref, j, block_k, cols)
+        kblk = k_ref[pl.ds(start, cols), :]
+        vblk = v_ref[pl.ds(start, cols), :]
         s = _dot(q, kblk, trans_b=True) * (scale * LOG2E)
-        k_seg = None if kseg_ref is None else kseg_ref[pl.ds(start, block_k)]
-        vis = _visibility(rule, q_pos, start + jnp.arange(block_k), q_seg, k_seg)
+        k_seg = None if kseg_ref is None else kseg_ref[pl.ds(start, cols)]
+        vis = _visibility(rule, q_pos, start + jnp.arange(cols), q_seg, k_seg)
         if vis is not None:
             s = jnp.where(vis, s, NEG)
         p = jnp.exp2(s - lse[:, None])
@@ -160,31 +255,31 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, list_ref, do_ref, lse_re
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(kblk.dtype), kblk)
 
-    dq = jax.lax.fori_loop(0, list_ref[0], body, jnp.zeros(q.shape, jnp.float32))
+    dq = jax.lax.fori_loop(0, list_ref[0] * (block_k // cols), body,
+                           jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(k_ref, v_ref, q_ref, kseg_ref, qseg_ref, list_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, *, rule, scale, block_q, block_k):
-    ki = pl.program_id(0)
+                dk_ref, dv_ref, *, rule, scale, rows, cols, block_q):
     kblk = k_ref[...]
     vblk = v_ref[...]
-    k_pos = ki * block_k + jnp.arange(block_k)
+    k_pos = pl.program_id(0) * rows + jnp.arange(rows)
     k_seg = None if kseg_ref is None else kseg_ref[...]
 
     def body(j, carry):
         dk, dv = carry
-        start = pl.multiple_of(list_ref[j + 1] * block_q, block_q)
-        q = q_ref[pl.ds(start, block_q), :]
-        do = do_ref[pl.ds(start, block_q), :]
-        lse = lse_ref[pl.ds(start, block_q)]
-        delta = delta_ref[pl.ds(start, block_q)]
+        start = _step_start(list_ref, j, block_q, cols)
+        q = q_ref[pl.ds(start, cols), :]
+        do = do_ref[pl.ds(start, cols), :]
+        lse = lse_ref[pl.ds(start, cols)]
+        delta = delta_ref[pl.ds(start, cols)]
         s = _dot(q, kblk, trans_b=True) * (scale * LOG2E)
-        q_seg = None if qseg_ref is None else qseg_ref[pl.ds(start, block_q)]
-        vis = _visibility(rule, start + jnp.arange(block_q), k_pos, q_seg, k_seg)
+        q_seg = None if qseg_ref is None else qseg_ref[pl.ds(start, cols)]
+        vis = _visibility(rule, start + jnp.arange(cols), k_pos, q_seg, k_seg)
         if vis is not None:
             s = jnp.where(vis, s, NEG)
-        p = jnp.exp2(s - lse[:, None])  # [bq, bk]
+        p = jnp.exp2(s - lse[:, None])  # [cols, rows]
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
         dp = _dot(do, vblk, trans_b=True)
         ds = p * (dp - delta[:, None])
@@ -192,53 +287,87 @@ def _dkv_kernel(k_ref, v_ref, q_ref, kseg_ref, qseg_ref, list_ref, do_ref, lse_r
         return dk, dv
 
     zeros = jnp.zeros(kblk.shape, jnp.float32)
-    dk, dv = jax.lax.fori_loop(0, list_ref[0], body, (zeros, zeros))
+    dk, dv = jax.lax.fori_loop(0, list_ref[0] * (block_q // cols), body, (zeros, zeros))
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("rule", "scale", "block_q", "block_k", "interpret"))
-def bwd(q, k, v, seg, o, lse, do, kv_idx, kv_cnt, q_idx, q_cnt, *, rule, scale, block_q,
-        block_k, interpret=False):
-    """(dq, dk, dv); dk/dv are computed per query head and summed over each GQA group."""
+@functools.partial(jax.jit, static_argnames=("rule", "scale", "block_q", "block_k", "interpret",
+                                             "config"))
+def dq_pass(q, k, v, seg, do, lse, delta, kv_idx, kv_cnt, *, rule, scale, block_q, block_k,
+            interpret=False, config=None):
+    """dq ``[b, sq, h, d]``; ``delta`` is ``sum(o * do, -1)`` as ``[b, h, sq]`` float32."""
     b, sq, h, d = q.shape
     sk, kvh = k.shape[1], k.shape[2]
     g = h // kvh
-    delta = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), do.astype(jnp.float32))
-    kw = dict(rule=rule, scale=scale, block_q=block_q, block_k=block_k)
-    row_packed = pack_lists(kv_idx, kv_cnt)
-    q_spec, kv_full = _qkv_specs(block_q, sk, d, g)
-    row_vec = pl.BlockSpec((None, None, block_q), lambda r, b, h: (b, h, r))
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, **kw),
-        grid=(sq // block_q, b, h),
-        in_specs=[q_spec, kv_full, kv_full, *_seg_specs(seg, block_q, sk), _list_spec(row_packed),
-                  q_spec, row_vec, row_vec],
+    pc = _resolve(config, d, block_q, block_k, "dq")
+    packed = pack_lists(kv_idx, kv_cnt)
+    q_spec = _row_spec(pc.rows, d, lambda h: h)
+    kv_full = _full_spec(sk, d, lambda h: h // g)
+    kernel = functools.partial(_dq_kernel, rule=rule, scale=scale, rows=pc.rows, cols=pc.cols,
+                               block_k=block_k)
+    return pl.pallas_call(
+        kernel,
+        grid=(sq // pc.rows, b, h),
+        in_specs=[q_spec, kv_full, kv_full, *_seg_specs(seg, pc.rows, sk),
+                  _list_spec(packed, block_q // pc.rows), q_spec, _vec_spec(pc.rows),
+                  _vec_spec(pc.rows)],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_params(d, block_q, block_k),
+        compiler_params=_params(pc),
         interpret=interpret,
         name="bsa_dq",
-    )(q, k, v, seg, seg, row_packed, do, lse, delta)
+    )(q, k, v, seg, seg, packed, do, lse, delta)
 
-    col_packed = pack_lists(q_idx, q_cnt)
-    k_spec = pl.BlockSpec((None, block_k, None, d), lambda r, b, h: (b, r, h // g, 0))
-    q_full = pl.BlockSpec((None, sq, None, d), lambda r, b, h: (b, 0, h, 0))
+
+@functools.partial(jax.jit, static_argnames=("rule", "scale", "block_q", "block_k", "interpret",
+                                             "config"))
+def dkv_pass(q, k, v, seg, do, lse, delta, q_idx, q_cnt, *, rule, scale, block_q, block_k,
+             interpret=False, config=None):
+    """(dk, dv), computed per query head and summed over each GQA group."""
+    b, sq, h, d = q.shape
+    sk, kvh = k.shape[1], k.shape[2]
+    g = h // kvh
+    pc = _resolve(config, d, block_k, block_q, "dkv")
+    packed = pack_lists(q_idx, q_cnt)
+    k_spec = _row_spec(pc.rows, d, lambda h: h // g)
+    q_full = _full_spec(sq, d, lambda h: h)
     vec_full = pl.BlockSpec((None, None, sq), lambda r, b, h: (b, h, 0))
     out_dtype = jnp.float32 if g > 1 else k.dtype
-    dkv_spec = pl.BlockSpec((None, block_k, None, d), lambda r, b, h: (b, r, h, 0))
+    dkv_spec = _row_spec(pc.rows, d, lambda h: h)
+    kernel = functools.partial(_dkv_kernel, rule=rule, scale=scale, rows=pc.rows, cols=pc.cols,
+                               block_q=block_q)
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, **kw),
-        grid=(sk // block_k, b, h),
-        in_specs=[k_spec, k_spec, q_full, *_seg_specs(seg, block_k, sq), _list_spec(col_packed),
-                  q_full, vec_full, vec_full],
+        kernel,
+        grid=(sk // pc.rows, b, h),
+        in_specs=[k_spec, k_spec, q_full, *_seg_specs(seg, pc.rows, sq),
+                  _list_spec(packed, block_k // pc.rows), q_full, vec_full, vec_full],
         out_specs=[dkv_spec, dkv_spec],
         out_shape=[jax.ShapeDtypeStruct((b, sk, h, d), out_dtype)] * 2,
-        compiler_params=_params(d, block_q, block_k),
+        compiler_params=_params(pc),
         interpret=interpret,
         name="bsa_dkv",
-    )(k, v, q, seg, seg, col_packed, do, lse, delta)
+    )(k, v, q, seg, seg, packed, do, lse, delta)
     if g > 1:
         dk = dk.reshape(b, sk, kvh, g, d).sum(3).astype(k.dtype)
         dv = dv.reshape(b, sk, kvh, g, d).sum(3).astype(v.dtype)
+    return dk, dv
+
+
+def delta_of(o, do):
+    """``sum(o * do, -1)`` as ``[b, h, sq]`` float32: the softmax-backward row term."""
+    prod = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [b, sq, h]
+    return jnp.swapaxes(prod, 1, 2)
+
+
+@functools.partial(jax.jit, static_argnames=("rule", "scale", "block_q", "block_k", "interpret",
+                                             "config"))
+def bwd(q, k, v, seg, o, lse, do, kv_idx, kv_cnt, q_idx, q_cnt, *, rule, scale, block_q,
+        block_k, interpret=False, config=None):
+    """(dq, dk, dv)."""
+    kw = dict(rule=rule, scale=scale, block_q=block_q, block_k=block_k, interpret=interpret,
+              config=config)
+    delta = delta_of(o, do)
+    dq = dq_pass(q, k, v, seg, do, lse, delta, kv_idx, kv_cnt, **kw)
+    dk, dv = dkv_pass(q, k, v, seg, do, lse, delta, q_idx, q_cnt, **kw)
     return dq, dk, dv

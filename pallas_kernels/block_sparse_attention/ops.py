@@ -26,6 +26,7 @@ class _Config:
     block_q: int
     block_k: int
     interpret: bool
+    gpu_config: Any = None
 
 
 def _impl(backend: str):
@@ -42,6 +43,8 @@ def _fwd_call(cfg: _Config, q, k, v, seg, kv_idx, kv_cnt):
     kw = dict(rule=cfg.rule, scale=cfg.scale, block_q=cfg.block_q, block_k=cfg.block_k)
     if cfg.backend != "xla":
         kw["interpret"] = cfg.interpret
+    if cfg.backend == "gpu":
+        kw["config"] = cfg.gpu_config
     return _impl(cfg.backend).fwd(q, k, v, seg, kv_idx, kv_cnt, **kw)
 
 
@@ -60,6 +63,9 @@ def _attention_bwd(cfg, res, do):
     kw = dict(rule=cfg.rule, scale=cfg.scale, block_q=cfg.block_q, block_k=cfg.block_k)
     if cfg.backend == "xla":
         dq, dk, dv = xla_impl.bwd(q, k, v, seg, o, lse, do, kv_idx, kv_cnt, **kw)
+    elif cfg.backend == "gpu":
+        dq, dk, dv = _impl("gpu").bwd(q, k, v, seg, o, lse, do, kv_idx, kv_cnt, q_idx, q_cnt,
+                                      interpret=cfg.interpret, config=cfg.gpu_config, **kw)
     else:
         dq, dk, dv = _impl(cfg.backend).bwd(q, k, v, seg, o, lse, do, kv_idx, kv_cnt, q_idx,
                                             q_cnt, interpret=cfg.interpret, **kw)
@@ -134,7 +140,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks
                            *, segment_ids: jax.Array | None = None, scale: float | None = None,
                            block_q: int | None = None, block_k: int | None = None,
                            backend: str | None = None, interpret: bool = False,
-                           dense_fast_path: bool = True) -> jax.Array:
+                           dense_fast_path: bool = True, gpu_config: Any = None) -> jax.Array:
     """Softmax attention restricted to ``mask``; skipped blocks cost nothing.
 
     Args:
@@ -150,6 +156,8 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks
       dense_fast_path: on GPU (compiled, 16-bit, no segment ids), a static layout
         with every block present and no token rule other than causal is sent to
         ``jax.nn.dot_product_attention(implementation="cudnn")``: same result, faster.
+      gpu_config: a ``gpu.GpuConfig`` (per-pass tiles, warps, pipeline stages) for
+        the GPU kernels; default: the tuned entry for the head dim in ``gpu_tuning.json``.
 
     Returns:
       ``[batch, seq_q, heads, head_dim]`` in q's dtype; rows that see no key are zero.
@@ -182,7 +190,12 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks
     if pad:
         widths = [(0, 0)] * 3 + [(0, pad)]
         q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
-    cfg = _Config(backend, mask.token_rule, scale, block_q, block_k, bool(interpret))
+    if gpu_config is not None:
+        from pallas_kernels.block_sparse_attention import gpu
+        if not isinstance(gpu_config, gpu.GpuConfig):
+            raise ValueError(f"gpu_config: {gpu_config!r} must be None or a gpu.GpuConfig.")
+        gpu._check_config(gpu_config)
+    cfg = _Config(backend, mask.token_rule, scale, block_q, block_k, bool(interpret), gpu_config)
     out = _attention(cfg, q, k, v, segment_ids, *_lists(mask, layout, qb, kb))
     return out[..., :d] if pad else out
 

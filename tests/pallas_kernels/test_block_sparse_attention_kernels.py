@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pallas_kernels.block_sparse_attention import gpu, ops, reference
 from pallas_kernels.block_sparse_attention import masks as masks_lib
-from pallas_kernels.block_sparse_attention import ops, reference
 
 F32_TOL = 2e-4
 BF16_OUT_TOL = 2e-2
@@ -50,7 +50,8 @@ def _mask(kind, seq, bq, bk, heads, seed):
     return masks_lib.TopKBlockMask(top_k=int(rng.integers(1, 3)), causal=bool(rng.integers(2)))
 
 
-def _check(backend, seed, batch, seq, bq, bk, head_dim, kv_heads, group, dtype, kind, use_seg):
+def _check(backend, seed, batch, seq, bq, bk, head_dim, kv_heads, group, dtype, kind, use_seg,
+           gpu_config=None):
     heads = kv_heads * group
     keys = jax.random.split(jax.random.PRNGKey(seed), 4)
     q = jax.random.normal(keys[0], (batch, seq, heads, head_dim), dtype)
@@ -66,7 +67,8 @@ def _check(backend, seed, batch, seq, bq, bk, head_dim, kv_heads, group, dtype, 
 
     def run(q, k, v):
         return ops.block_sparse_attention(q, k, v, mask, segment_ids=seg, block_q=bq, block_k=bk,
-                                          backend=backend, interpret=True)
+                                          backend=backend, interpret=True,
+                                          gpu_config=gpu_config)
 
     def ref(q, k, v):
         f32 = lambda x: x.astype(jnp.float32)
@@ -121,6 +123,43 @@ def test_xla_path_matches_reference(case):
 @given(_cases([32, 64], [16, 32], max_batch=2, max_kv_heads=2))
 def test_gpu_kernel_interpret_matches_reference(case):
     _check("gpu", **case)
+
+
+SUBTILE_CASES = [
+    # (bq, bk, fwd, dq, dkv tiles as (rows, cols), dtype, mask kind, segments)
+    (64, 32, (32, 16), (16, 32), (16, 32), jnp.bfloat16, "causal", True),
+    (32, 64, (16, 32), (32, 16), (32, 16), jnp.float32, "layout_random", False),
+]
+
+
+@pytest.mark.parametrize("bq,bk,fwd,dq,dkv,dtype,kind,use_seg", SUBTILE_CASES)
+def test_gpu_kernel_interpret_subtiles_match_reference(bq, bk, fwd, dq, dkv, dtype, kind,
+                                                       use_seg):
+    """Program tiles and loop steps smaller than the mask blocks, in every pass."""
+    tiles = {"fwd": fwd, "dq": dq, "dkv": dkv}
+    config = gpu.GpuConfig(**{name: gpu.PassConfig(rows=r, cols=c, num_warps=4, num_stages=2)
+                              for name, (r, c) in tiles.items()})
+    _check("gpu", seed=bq + bk, batch=1, seq=128, bq=bq, bk=bk, head_dim=16, kv_heads=1,
+           group=2, dtype=dtype, kind=kind, use_seg=use_seg, gpu_config=config)
+
+
+def test_gpu_config_bad_input():
+    q = jnp.zeros((1, 32, 2, 16))
+    mask = masks_lib.CausalMask()
+    bad = gpu.GpuConfig(dq=gpu.PassConfig(rows=24))
+    with pytest.raises(ValueError, match="gpu_config.dq.rows: 24"):
+        ops.block_sparse_attention(q, q, q, mask, backend="gpu", interpret=True, gpu_config=bad)
+    with pytest.raises(ValueError, match="gpu_config"):
+        ops.block_sparse_attention(q, q, q, mask, backend="gpu", interpret=True,
+                                   gpu_config={"fwd": 1})
+
+
+def test_gpu_tuning_file_covers_every_head_dim():
+    for d in (16, 64, 100, 128, 256):
+        cfg = gpu.default_config(d)
+        assert all(isinstance(getattr(cfg, p), gpu.PassConfig) for p in gpu.PASSES)
+    round_trip = gpu.GpuConfig.from_json(gpu.default_config(128).to_json())
+    assert round_trip == gpu.default_config(128)
 
 
 @settings(max_examples=3, **_SETTINGS)

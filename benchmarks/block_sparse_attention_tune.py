@@ -1,0 +1,242 @@
+"""Tune the GPU block-sparse attention kernels: tiles, warps and pipeline depth per pass.
+
+For each pass (forward, dq, dk/dv) every candidate ``PassConfig`` is first
+checked against the dense float32 reference on a hard case (causal, packed
+segments, GQA 4:1, bf16) and then timed alone on the benchmark's layout
+(random blocks at the given sparsity). The winner of each pass is the fastest
+correct candidate; ``--write`` stores it in ``gpu_tuning.json`` as the
+default for head dims up to the bucket's ``max_head_dim``. Prints one table per
+pass (ms, TFLOP/s counted over the kept blocks, error) and as its last line a
+JSON object: the winners and, per pass, the time of the current default over
+the winner's.
+
+  python benchmarks/block_sparse_attention_tune.py --write      # on a GPU
+  python benchmarks/block_sparse_attention_tune.py --quick      # tiny, interpret mode (CPU)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from block_sparse_attention import compile_all, make_layout, time_calls  # benchmark beside this
+from pallas_kernels.block_sparse_attention import gpu, ops, reference
+from pallas_kernels.block_sparse_attention import masks as masks_lib
+
+# (rows, cols, num_warps, num_stages) per pass, tried besides the current default.
+CANDIDATES = {
+    "fwd": [(128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 4, 2), (128, 32, 4, 3),
+            (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 4, 4)],
+    "dq": [(128, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (64, 128, 4, 2),
+           (64, 64, 8, 2), (32, 64, 4, 2), (128, 32, 4, 3)],
+    "dkv": [(128, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2),
+            (64, 64, 8, 2), (32, 32, 4, 2), (64, 128, 4, 2)],
+}
+QUICK_CANDIDATES = {p: [(16, 16, 4, 2), (32, 16, 4, 2)] for p in gpu.PASSES}
+MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}  # block-pair matmuls each pass does
+BF16_TOL = 2e-2  # max error over the reference's largest magnitude
+
+
+@dataclasses.dataclass
+class Problem:
+    """Inputs of all three passes for one shape and mask."""
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    do: jax.Array
+    seg: jax.Array | None
+    mask: masks_lib.BlockMask
+    block: int
+    lists: tuple
+    o: jax.Array = None
+    lse: jax.Array = None
+    delta: jax.Array = None
+
+    def kw(self, interpret):
+        return dict(rule=self.mask.token_rule, scale=1.0 / math.sqrt(self.q.shape[-1]),
+                    block_q=self.block, block_k=self.block, interpret=interpret)
+
+    def job(self, name, config, interpret):
+        """(jitted pass with everything static bound, its array arguments)."""
+        kv_idx, kv_cnt, q_idx, q_cnt = self.lists
+        kw = dict(self.kw(interpret), config=config)
+        if name == "fwd":
+            return (jax.jit(functools.partial(gpu.fwd, **kw)),
+                    (self.q, self.k, self.v, self.seg, kv_idx, kv_cnt))
+        args = (self.q, self.k, self.v, self.seg, self.do, self.lse, self.delta)
+        if name == "dq":
+            return jax.jit(functools.partial(gpu.dq_pass, **kw)), (*args, kv_idx, kv_cnt)
+        return jax.jit(functools.partial(gpu.dkv_pass, **kw)), (*args, q_idx, q_cnt)
+
+    def run(self, name, config, interpret):
+        fn, args = self.job(name, config, interpret)
+        return fn(*args)
+
+
+def make_problem(seq, heads, kv_heads, head_dim, block, mask, seg, seed, interpret):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(keys[0], (1, seq, heads, head_dim), jnp.bfloat16)
+    k, v = (jax.random.normal(kk, (1, seq, kv_heads, head_dim), jnp.bfloat16) for kk in keys[1:3])
+    do = jax.random.normal(keys[3], (1, seq, heads, head_dim), jnp.bfloat16)
+    nb = seq // block
+    layout = masks_lib.layout_for(mask, q, k, block, block)
+    prob = Problem(q, k, v, do, seg, mask, block, ops._lists(mask, layout, nb, nb))
+    # The backward passes start from the default forward's output.
+    prob.o, prob.lse = prob.run("fwd", None, interpret)
+    prob.delta = gpu.delta_of(prob.o, do)
+    return prob
+
+
+def reference_outputs(prob: Problem) -> dict:
+    f32 = lambda x: x.astype(jnp.float32)
+
+    def ref(q, k, v):
+        return reference.reference_attention(q, k, v, prob.mask, block_q=prob.block,
+                                             block_k=prob.block, segment_ids=prob.seg)
+
+    out, vjp = jax.vjp(ref, f32(prob.q), f32(prob.k), f32(prob.v))
+    dq, dk, dv = vjp(f32(prob.do))
+    return {"fwd": (out,), "dq": (dq,), "dkv": (dk, dv)}
+
+
+def rel_err(got, want) -> float:
+    errs = []
+    for x, r in zip(got, want):
+        x, r = np.asarray(x, np.float32), np.asarray(r, np.float32)
+        if not np.all(np.isfinite(x)):
+            return float("inf")
+        errs.append(float(np.max(np.abs(x - r)) / max(float(np.max(np.abs(r))), 1e-6)))
+    return max(errs)
+
+
+def astuple(pc: gpu.PassConfig) -> tuple:
+    return (pc.rows, pc.cols, pc.num_warps, pc.num_stages)
+
+
+def with_pass(name, cand) -> gpu.GpuConfig:
+    rows, cols, warps, stages = cand
+    return dataclasses.replace(gpu.GpuConfig(), **{name: gpu.PassConfig(rows, cols, warps, stages)})
+
+
+def write_tuning(head_dim: int, winners: dict, device: str, path=None) -> dict:
+    """Store ``winners`` in the entry for head dims up to ``head_dim``'s power of two.
+
+    A new bucket starts as a copy of the entry that covered it, so passes not
+    tuned in this run keep their previous settings.
+    """
+    path = gpu.TUNING_FILE if path is None else path
+    entries = json.loads(path.read_text())["entries"]
+    bucket = 1 << (head_dim - 1).bit_length()
+    entry = next((e for e in entries if e["max_head_dim"] == bucket), None)
+    if entry is None:
+        covering = [e for e in entries if e["max_head_dim"] >= bucket]
+        base = min(covering or entries, key=lambda e: abs(e["max_head_dim"] - bucket))
+        entry = {**base, "max_head_dim": bucket}
+        entry.pop("tuned_on", None)
+        entries.append(entry)
+    entry.update({p: dataclasses.asdict(pc) for p, pc in winners.items()})
+    entry["tuned_on"] = device
+    entries.sort(key=lambda e: e["max_head_dim"])
+    path.write_text(json.dumps({"entries": entries}, indent=2) + "\n")
+    gpu.default_config.cache_clear()
+    print(f"wrote {path} (max_head_dim={bucket})")
+    return entry
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq", type=int, default=8192, help="timing sequence length")
+    p.add_argument("--sparsity", type=float, default=0.9, help="timing block sparsity")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block", type=int, default=128)
+    p.add_argument("--check-seq", type=int, default=1024, help="correctness-check length")
+    p.add_argument("--passes", default="fwd,dq,dkv")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--write", action="store_true", help="store the winners in gpu_tuning.json")
+    p.add_argument("--quick", action="store_true", help="tiny shapes in interpret mode (CPU)")
+    args = p.parse_args(argv)
+    passes = [s for s in args.passes.split(",") if s]
+    bad = [s for s in passes if s not in gpu.PASSES]
+    if bad:
+        raise ValueError(f"--passes: {bad} not in {gpu.PASSES}")
+    interpret = args.quick or jax.default_backend() != "gpu"
+    candidates = CANDIDATES
+    if args.quick:
+        args.seq, args.check_seq, args.heads, args.head_dim, args.block = 64, 64, 2, 16, 32
+        args.iters, args.repeats = 1, 1
+        candidates = QUICK_CANDIDATES
+    device = jax.devices()[0].device_kind
+    print(f"device: {device}, interpret={interpret}, timing seq={args.seq} "
+          f"sparsity={args.sparsity} heads={args.heads} head_dim={args.head_dim} "
+          f"block={args.block}; check seq={args.check_seq} causal+segments+GQA 4:1", flush=True)
+
+    cs = args.check_seq
+    seg = jnp.asarray((np.arange(cs) >= cs // 3).astype(np.int32) + (np.arange(cs) >= cs // 2))
+    check = make_problem(cs, 8, 2, args.head_dim, args.block, masks_lib.CausalMask(), seg[None],
+                         seed=1, interpret=interpret)
+    want = reference_outputs(check)
+    layout = make_layout(args.seq // args.block, args.sparsity, "random")
+    timing = make_problem(args.seq, args.heads, args.heads, args.head_dim, args.block,
+                          masks_lib.BlockLayoutMask(layout), None, seed=2, interpret=interpret)
+    pair_flops = 2 * args.block * args.block * args.head_dim * int(layout.sum()) * args.heads
+
+    winners, speedups = {}, {}
+    for name in passes:
+        print(f"\n{name}: {'rows':>4} {'cols':>4} {'warps':>5} {'stages':>6} {'ms':>8} "
+              f"{'TFLOP/s':>8} {'err':>8}", flush=True)
+        current = getattr(gpu.default_config(args.head_dim), name)
+        current = astuple(current.fit(args.block, args.block))
+        cands = [current] + [c for c in candidates[name] if c != current]
+        results = []
+        jobs = {}
+        for cand in cands:
+            jobs[cand, "check"] = check.job(name, with_pass(name, cand), interpret)
+            jobs[cand, "time"] = timing.job(name, with_pass(name, cand), interpret)
+        compiled = compile_all(jobs)
+        for cand in cands:
+            try:
+                fns = [compiled[cand, "check"], compiled[cand, "time"]]
+                bad = next((f for f in fns if isinstance(f, Exception)), None)
+                if bad is not None:
+                    raise bad
+                got = fns[0](*jobs[cand, "check"][1])
+                got = got if isinstance(got, tuple) else (got,)
+                err = rel_err(got[: len(want[name])], want[name])
+                t = time_calls(fns[1], jobs[cand, "time"][1], args.iters, args.repeats)
+            except Exception as e:  # noqa: BLE001 - a config may not fit the chip; keep going
+                print(f"{'':>5} {cand} failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                continue
+            ok = err <= BF16_TOL
+            tflops = MATMULS[name] * pair_flops / t / 1e12
+            results.append((t, cand, ok))
+            print(f"{'':>5} {cand[0]:>4} {cand[1]:>4} {cand[2]:>5} {cand[3]:>6} {t * 1e3:>8.3f} "
+                  f"{tflops:>8.1f} {err:>8.1e}{'' if ok else '  WRONG'}"
+                  f"{'  (current default)' if cand == current else ''}", flush=True)
+        good = [r for r in results if r[2]]
+        if not good:
+            print(f"{name}: no correct candidate", flush=True)
+            continue
+        best = min(good)
+        winners[name] = getattr(with_pass(name, best[1]), name)
+        base = next((r[0] for r in results if r[1] == current), None)
+        speedups[name] = None if base is None else base / best[0]
+        print(f"{name}: best {best[1]} {best[0] * 1e3:.3f} ms", flush=True)
+        if args.write and not interpret:  # pass by pass: a cut-short run keeps what it found
+            write_tuning(args.head_dim, {name: winners[name]}, device)
+    result = {"winners": {p: dataclasses.asdict(pc) for p, pc in winners.items()},
+              "current_default_over_best": speedups, "device": device}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
