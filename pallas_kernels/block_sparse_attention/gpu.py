@@ -199,6 +199,20 @@ def _params(pc: PassConfig):
     return plgpu.CompilerParams(num_warps=pc.num_warps, num_stages=pc.num_stages)
 
 
+def _query_row_call(q, k, seg, kv_idx, kv_cnt, pc: PassConfig, block_q: int):
+    """Grid and leading in_specs of a pass whose programs own query rows (forward, dq):
+    the q tile, the whole k and v of the head's kv group, segment ids, and the
+    packed kv-block list of the tile's mask row. Returns (grid, in_specs, q_spec, packed)."""
+    b, sq, h, d = q.shape
+    sk, g = k.shape[1], h // k.shape[2]
+    packed = pack_lists(kv_idx, kv_cnt)
+    q_spec = _row_spec(pc.rows, d, lambda h: h)
+    kv_spec = _full_spec(sk, d, lambda h: h // g)
+    in_specs = [q_spec, kv_spec, kv_spec, *_seg_specs(seg, pc.rows, sk),
+                _list_spec(packed, block_q // pc.rows)]
+    return (sq // pc.rows, b, h), in_specs, q_spec, packed
+
+
 def _resolve(config, d, block_rows, block_cols, name):
     config = default_config(d) if config is None else config
     return getattr(config, name).fit(block_rows, block_cols)
@@ -209,20 +223,15 @@ def _resolve(config, d, block_rows, block_cols, name):
 def fwd(q, k, v, seg, kv_idx, kv_cnt, *, rule, scale, block_q, block_k, interpret=False,
         config=None):
     """o ``[b, sq, h, d]`` and lse ``[b, h, sq]`` (float32, base-2 log-sum-exp)."""
-    b, sq, h, d = q.shape
-    sk, kvh = k.shape[1], k.shape[2]
-    g = h // kvh
-    pc = _resolve(config, d, block_q, block_k, "fwd")
-    packed = pack_lists(kv_idx, kv_cnt)
-    q_spec = _row_spec(pc.rows, d, lambda h: h)
-    kv_spec = _full_spec(sk, d, lambda h: h // g)
+    b, sq, h, _ = q.shape
+    pc = _resolve(config, q.shape[-1], block_q, block_k, "fwd")
+    grid, in_specs, q_spec, packed = _query_row_call(q, k, seg, kv_idx, kv_cnt, pc, block_q)
     kernel = functools.partial(_fwd_kernel, rule=rule, scale=scale, rows=pc.rows, cols=pc.cols,
                                block_k=block_k)
     return pl.pallas_call(
         kernel,
-        grid=(sq // pc.rows, b, h),
-        in_specs=[q_spec, kv_spec, kv_spec, *_seg_specs(seg, pc.rows, sk),
-                  _list_spec(packed, block_q // pc.rows)],
+        grid=grid,
+        in_specs=in_specs,
         out_specs=[q_spec, _vec_spec(pc.rows)],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((b, h, sq), jnp.float32)],
@@ -297,21 +306,14 @@ def _dkv_kernel(k_ref, v_ref, q_ref, kseg_ref, qseg_ref, list_ref, do_ref, lse_r
 def dq_pass(q, k, v, seg, do, lse, delta, kv_idx, kv_cnt, *, rule, scale, block_q, block_k,
             interpret=False, config=None):
     """dq ``[b, sq, h, d]``; ``delta`` is ``sum(o * do, -1)`` as ``[b, h, sq]`` float32."""
-    b, sq, h, d = q.shape
-    sk, kvh = k.shape[1], k.shape[2]
-    g = h // kvh
-    pc = _resolve(config, d, block_q, block_k, "dq")
-    packed = pack_lists(kv_idx, kv_cnt)
-    q_spec = _row_spec(pc.rows, d, lambda h: h)
-    kv_full = _full_spec(sk, d, lambda h: h // g)
+    pc = _resolve(config, q.shape[-1], block_q, block_k, "dq")
+    grid, in_specs, q_spec, packed = _query_row_call(q, k, seg, kv_idx, kv_cnt, pc, block_q)
     kernel = functools.partial(_dq_kernel, rule=rule, scale=scale, rows=pc.rows, cols=pc.cols,
                                block_k=block_k)
     return pl.pallas_call(
         kernel,
-        grid=(sq // pc.rows, b, h),
-        in_specs=[q_spec, kv_full, kv_full, *_seg_specs(seg, pc.rows, sk),
-                  _list_spec(packed, block_q // pc.rows), q_spec, _vec_spec(pc.rows),
-                  _vec_spec(pc.rows)],
+        grid=grid,
+        in_specs=[*in_specs, q_spec, _vec_spec(pc.rows), _vec_spec(pc.rows)],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_params(pc),
