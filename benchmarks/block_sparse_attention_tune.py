@@ -59,14 +59,11 @@ class Problem:
     lse: jax.Array = None
     delta: jax.Array = None
 
-    def kw(self, interpret):
-        return dict(rule=self.mask.token_rule, scale=1.0 / math.sqrt(self.q.shape[-1]),
-                    block_q=self.block, block_k=self.block, interpret=interpret)
-
     def job(self, name, config, interpret):
         """(jitted pass with everything static bound, its array arguments)."""
         kv_idx, kv_cnt, q_idx, q_cnt = self.lists
-        kw = dict(self.kw(interpret), config=config)
+        kw = dict(rule=self.mask.token_rule, scale=1.0 / math.sqrt(self.q.shape[-1]),
+                  block_q=self.block, block_k=self.block, interpret=interpret, config=config)
         if name == "fwd":
             return (jax.jit(functools.partial(gpu.fwd, **kw)),
                     (self.q, self.k, self.v, self.seg, kv_idx, kv_cnt))

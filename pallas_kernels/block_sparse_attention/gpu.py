@@ -60,9 +60,6 @@ class GpuConfig:
     dq: PassConfig = PassConfig()
     dkv: PassConfig = PassConfig()
 
-    def to_json(self) -> dict:
-        return {p: dataclasses.asdict(getattr(self, p)) for p in PASSES}
-
     @classmethod
     def from_json(cls, obj: dict) -> GpuConfig:
         return cls(**{p: PassConfig(**obj[p]) for p in PASSES if p in obj})

@@ -39,13 +39,18 @@ def _impl(backend: str):
     return xla_impl
 
 
-def _fwd_call(cfg: _Config, q, k, v, seg, kv_idx, kv_cnt):
+def _kernel_kw(cfg: _Config) -> dict:
+    """Keyword arguments every pass of ``cfg.backend`` takes."""
     kw = dict(rule=cfg.rule, scale=cfg.scale, block_q=cfg.block_q, block_k=cfg.block_k)
     if cfg.backend != "xla":
         kw["interpret"] = cfg.interpret
     if cfg.backend == "gpu":
         kw["config"] = cfg.gpu_config
-    return _impl(cfg.backend).fwd(q, k, v, seg, kv_idx, kv_cnt, **kw)
+    return kw
+
+
+def _fwd_call(cfg: _Config, q, k, v, seg, kv_idx, kv_cnt):
+    return _impl(cfg.backend).fwd(q, k, v, seg, kv_idx, kv_cnt, **_kernel_kw(cfg))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -60,15 +65,12 @@ def _attention_fwd(cfg, q, k, v, seg, kv_idx, kv_cnt, q_idx, q_cnt):
 
 def _attention_bwd(cfg, res, do):
     q, k, v, seg, o, lse, kv_idx, kv_cnt, q_idx, q_cnt = res
-    kw = dict(rule=cfg.rule, scale=cfg.scale, block_q=cfg.block_q, block_k=cfg.block_k)
+    kw = _kernel_kw(cfg)
     if cfg.backend == "xla":
         dq, dk, dv = xla_impl.bwd(q, k, v, seg, o, lse, do, kv_idx, kv_cnt, **kw)
-    elif cfg.backend == "gpu":
-        dq, dk, dv = _impl("gpu").bwd(q, k, v, seg, o, lse, do, kv_idx, kv_cnt, q_idx, q_cnt,
-                                      interpret=cfg.interpret, config=cfg.gpu_config, **kw)
     else:
         dq, dk, dv = _impl(cfg.backend).bwd(q, k, v, seg, o, lse, do, kv_idx, kv_cnt, q_idx,
-                                            q_cnt, interpret=cfg.interpret, **kw)
+                                            q_cnt, **kw)
     return dq, dk, dv, None, None, None, None, None
 
 
