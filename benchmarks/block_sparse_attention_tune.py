@@ -1,14 +1,17 @@
 """Tune the GPU block-sparse attention kernels: tiles, warps and pipeline depth per pass.
 
-For each pass (forward, dq, dk/dv) every candidate ``PassConfig`` is first
+For each pass (forward, dq, dk/dv, and the fused backward that adds dq
+atomically from the dk/dv programs) every candidate ``PassConfig`` is first
 checked against the dense float32 reference on a hard case (causal, packed
 segments, GQA 4:1, bf16) and then timed alone on the benchmark's layout
 (random blocks at the given sparsity). The winner of each pass is the fastest
 correct candidate; ``--write`` stores it in ``gpu_tuning.json`` as the
-default for head dims up to the bucket's ``max_head_dim``. Prints one table per
-pass (ms, TFLOP/s counted over the kept blocks, error) and as its last line a
-JSON object: the winners and, per pass, the time of the current default over
-the winner's.
+default for head dims up to the bucket's ``max_head_dim``. When the dq, dk/dv
+and fused passes are all tuned in one run, the faster backward (best dq + best
+dk/dv, or best fused) becomes the default (``fused_backward``). Prints one
+table per pass (ms, TFLOP/s counted over the kept blocks, error) and as its
+last line a JSON object: the winners, the backward choice and, per pass, the
+time of the current default over the winner's.
 
   python benchmarks/block_sparse_attention_tune.py --write      # on a GPU
   python benchmarks/block_sparse_attention_tune.py --quick      # tiny, interpret mode (CPU)
@@ -25,9 +28,14 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from block_sparse_attention import (  # benchmark beside this
+    compile_all,
+    make_layout,
+    time_calls,
+)
 
-from block_sparse_attention import compile_all, make_layout, time_calls  # benchmark beside this
 from pallas_kernels.block_sparse_attention import gpu, ops, reference
+from pallas_kernels.block_sparse_attention import gpu_config as gcfg
 from pallas_kernels.block_sparse_attention import masks as masks_lib
 
 # (rows, cols, num_warps, num_stages) per pass, tried besides the current default.
@@ -38,9 +46,11 @@ CANDIDATES = {
            (64, 64, 8, 2), (32, 64, 4, 2), (128, 32, 4, 3)],
     "dkv": [(128, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2),
             (64, 64, 8, 2), (32, 32, 4, 2), (64, 128, 4, 2)],
+    "bwd": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2),
+            (64, 64, 8, 2), (128, 64, 8, 2), (32, 32, 4, 2)],
 }
-QUICK_CANDIDATES = {p: [(16, 16, 4, 2), (32, 16, 4, 2)] for p in gpu.PASSES}
-MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}  # block-pair matmuls each pass does
+QUICK_CANDIDATES = {p: [(16, 16, 4, 2), (32, 16, 4, 2)] for p in gcfg.PASSES}
+MATMULS = {"fwd": 2, "dq": 3, "dkv": 4, "bwd": 5}  # block-pair matmuls each pass does
 BF16_TOL = 2e-2  # max error over the reference's largest magnitude
 
 
@@ -70,7 +80,8 @@ class Problem:
         args = (self.q, self.k, self.v, self.seg, self.do, self.lse, self.delta)
         if name == "dq":
             return jax.jit(functools.partial(gpu.dq_pass, **kw)), (*args, kv_idx, kv_cnt)
-        return jax.jit(functools.partial(gpu.dkv_pass, **kw)), (*args, q_idx, q_cnt)
+        fn = gpu.dkv_pass if name == "dkv" else gpu.fused_bwd_pass
+        return jax.jit(functools.partial(fn, **kw)), (*args, q_idx, q_cnt)
 
     def run(self, name, config, interpret):
         fn, args = self.job(name, config, interpret)
@@ -100,7 +111,7 @@ def reference_outputs(prob: Problem) -> dict:
 
     out, vjp = jax.vjp(ref, f32(prob.q), f32(prob.k), f32(prob.v))
     dq, dk, dv = vjp(f32(prob.do))
-    return {"fwd": (out,), "dq": (dq,), "dkv": (dk, dv)}
+    return {"fwd": (out,), "dq": (dq,), "dkv": (dk, dv), "bwd": (dq, dk, dv)}
 
 
 def rel_err(got, want) -> float:
@@ -113,22 +124,25 @@ def rel_err(got, want) -> float:
     return max(errs)
 
 
-def astuple(pc: gpu.PassConfig) -> tuple:
+def astuple(pc: gcfg.PassConfig) -> tuple:
     return (pc.rows, pc.cols, pc.num_warps, pc.num_stages)
 
 
-def with_pass(name, cand) -> gpu.GpuConfig:
+def with_pass(name, cand) -> gcfg.GpuConfig:
     rows, cols, warps, stages = cand
-    return dataclasses.replace(gpu.GpuConfig(), **{name: gpu.PassConfig(rows, cols, warps, stages)})
+    pc = gcfg.PassConfig(rows, cols, warps, stages)
+    return dataclasses.replace(gcfg.GpuConfig(), **{name: pc})
 
 
-def write_tuning(head_dim: int, winners: dict, device: str, path=None) -> dict:
-    """Store ``winners`` in the entry for head dims up to ``head_dim``'s power of two.
+def write_tuning(head_dim: int, winners: dict, device: str, path=None,
+                 fused_backward: bool | None = None) -> dict:
+    """Store ``winners`` (and ``fused_backward`` unless None) in the entry for head
+    dims up to ``head_dim``'s power of two.
 
     A new bucket starts as a copy of the entry that covered it, so passes not
     tuned in this run keep their previous settings.
     """
-    path = gpu.TUNING_FILE if path is None else path
+    path = gcfg.TUNING_FILE if path is None else path
     entries = json.loads(path.read_text())["entries"]
     bucket = 1 << (head_dim - 1).bit_length()
     entry = next((e for e in entries if e["max_head_dim"] == bucket), None)
@@ -139,10 +153,15 @@ def write_tuning(head_dim: int, winners: dict, device: str, path=None) -> dict:
         entry.pop("tuned_on", None)
         entries.append(entry)
     entry.update({p: dataclasses.asdict(pc) for p, pc in winners.items()})
+    untuned = [p for p in entry.pop("untuned", []) if p not in winners]
+    if untuned:  # passes whose settings are guesses, not measurements on tuned_on
+        entry["untuned"] = untuned
+    if fused_backward is not None:
+        entry["fused_backward"] = fused_backward
     entry["tuned_on"] = device
     entries.sort(key=lambda e: e["max_head_dim"])
     path.write_text(json.dumps({"entries": entries}, indent=2) + "\n")
-    gpu.default_config.cache_clear()
+    gcfg.default_config.cache_clear()
     print(f"wrote {path} (max_head_dim={bucket})")
     return entry
 
@@ -155,16 +174,16 @@ def main(argv=None) -> dict:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--check-seq", type=int, default=1024, help="correctness-check length")
-    p.add_argument("--passes", default="fwd,dq,dkv")
+    p.add_argument("--passes", default=",".join(gcfg.PASSES))
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--write", action="store_true", help="store the winners in gpu_tuning.json")
     p.add_argument("--quick", action="store_true", help="tiny shapes in interpret mode (CPU)")
     args = p.parse_args(argv)
     passes = [s for s in args.passes.split(",") if s]
-    bad = [s for s in passes if s not in gpu.PASSES]
+    bad = [s for s in passes if s not in gcfg.PASSES]
     if bad:
-        raise ValueError(f"--passes: {bad} not in {gpu.PASSES}")
+        raise ValueError(f"--passes: {bad} not in {gcfg.PASSES}")
     interpret = args.quick or jax.default_backend() != "gpu"
     candidates = CANDIDATES
     if args.quick:
@@ -186,11 +205,11 @@ def main(argv=None) -> dict:
                           masks_lib.BlockLayoutMask(layout), None, seed=2, interpret=interpret)
     pair_flops = 2 * args.block * args.block * args.head_dim * int(layout.sum()) * args.heads
 
-    winners, speedups = {}, {}
+    winners, speedups, best_ms = {}, {}, {}
     for name in passes:
         print(f"\n{name}: {'rows':>4} {'cols':>4} {'warps':>5} {'stages':>6} {'ms':>8} "
               f"{'TFLOP/s':>8} {'err':>8}", flush=True)
-        current = getattr(gpu.default_config(args.head_dim), name)
+        current = getattr(gcfg.default_config(args.head_dim), name)
         current = astuple(current.fit(args.block, args.block))
         cands = [current] + [c for c in candidates[name] if c != current]
         results = []
@@ -223,14 +242,23 @@ def main(argv=None) -> dict:
             print(f"{name}: no correct candidate", flush=True)
             continue
         best = min(good)
+        best_ms[name] = best[0] * 1e3
         winners[name] = getattr(with_pass(name, best[1]), name)
         base = next((r[0] for r in results if r[1] == current), None)
         speedups[name] = None if base is None else base / best[0]
         print(f"{name}: best {best[1]} {best[0] * 1e3:.3f} ms", flush=True)
         if args.write and not interpret:  # pass by pass: a cut-short run keeps what it found
             write_tuning(args.head_dim, {name: winners[name]}, device)
+    fused = None
+    if {"dq", "dkv", "bwd"} <= set(best_ms):
+        split_ms = best_ms["dq"] + best_ms["dkv"]
+        fused = best_ms["bwd"] < split_ms
+        print(f"\nbackward: split (dq + dk/dv) {split_ms:.3f} ms, fused {best_ms['bwd']:.3f} ms "
+              f"-> {'fused' if fused else 'split'}", flush=True)
+        if args.write and not interpret:
+            write_tuning(args.head_dim, {}, device, fused_backward=fused)
     result = {"winners": {p: dataclasses.asdict(pc) for p, pc in winners.items()},
-              "current_default_over_best": speedups, "device": device}
+              "fused_backward": fused, "current_default_over_best": speedups, "device": device}
     print(json.dumps(result))
     return result
 

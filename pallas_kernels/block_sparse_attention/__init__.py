@@ -1,4 +1,5 @@
-"""Block-sparse attention: public op, masks and the dense reference."""
+"""Block-sparse attention: public op, masks, GPU launch settings and the dense reference."""
+from pallas_kernels.block_sparse_attention.gpu_config import GpuConfig, PassConfig
 from pallas_kernels.block_sparse_attention.masks import (BlockLayoutMask, BlockMask, CausalMask,
                                                          ChunkedMask, GlobalLocalMask,
                                                          SlidingWindowMask, StridedMask, compress,

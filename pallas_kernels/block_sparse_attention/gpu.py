@@ -4,10 +4,17 @@ Each program owns one tile of rows: query rows for the forward and dq passes,
 key rows for the dk/dv pass. It loops only over the blocks its mask block row
 lists (kv blocks for forward/dq, query blocks for dk/dv), in steps of a
 sub-tile. Program tiles and loop steps are tuned per pass and may be smaller
-than the mask's blocks (see :class:`GpuConfig`); the mask decides what is
+than the mask's blocks (see :mod:`gpu_config`); the mask decides what is
 skipped, the tiles decide how the kept work is cut. Online softmax in the log2
 domain with float32 accumulation; the log-sum-exp (base 2) is saved for the
 backward.
+
+The backward runs either split (a dq pass over query rows plus a dk/dv pass
+over key rows, each recomputing the probabilities: 9 block matmuls per kept
+block pair, forward included) or fused (the dk/dv pass also adds each step's
+dq contribution into a float32 dq with atomic adds: 7 matmuls per pair, at the
+price of atomics). ``GpuConfig.fused_backward`` picks one; the tuner measures
+both.
 
 Block lists arrive packed as ``[B', H', rows, W]`` int32 with the count in
 column 0 and the block indices after it (``W`` a power of two), so one small
@@ -15,79 +22,21 @@ row block per program carries everything.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.block_sparse_attention.gpu_config import PassConfig, default_config
+
 NEG = -1e30
 BIG = 1e30
 LOG2E = math.log2(math.e)
-TUNING_FILE = pathlib.Path(__file__).with_name("gpu_tuning.json")
-PASSES = ("fwd", "dq", "dkv")
-
-
-@dataclasses.dataclass(frozen=True)
-class PassConfig:
-    """How one pass cuts its work.
-
-    rows: rows each program owns (query rows for fwd/dq, key rows for dkv); a
-      power of two dividing that axis's mask block.
-    cols: rows of the other operand per loop step; a power of two dividing the
-      other axis's mask block.
-    num_warps, num_stages: Triton launch and software-pipelining depth.
-    """
-    rows: int = 128
-    cols: int = 64
-    num_warps: int = 8
-    num_stages: int = 2
-
-    def fit(self, block_rows: int, block_cols: int) -> PassConfig:
-        """Clip the tiles to the mask's blocks (both are powers of two)."""
-        return dataclasses.replace(self, rows=min(self.rows, block_rows),
-                                   cols=min(self.cols, block_cols))
-
-
-@dataclasses.dataclass(frozen=True)
-class GpuConfig:
-    fwd: PassConfig = PassConfig()
-    dq: PassConfig = PassConfig()
-    dkv: PassConfig = PassConfig()
-
-    @classmethod
-    def from_json(cls, obj: dict) -> GpuConfig:
-        return cls(**{p: PassConfig(**obj[p]) for p in PASSES if p in obj})
-
-
-def _check_config(config: GpuConfig) -> None:
-    for name in PASSES:
-        pc = getattr(config, name)
-        for field in ("rows", "cols"):
-            val = getattr(pc, field)
-            if not isinstance(val, int) or val < 16 or val & (val - 1):
-                raise ValueError(f"gpu_config.{name}.{field}: {val!r} must be a power of two "
-                                 ">= 16.")
-        if pc.num_warps not in (1, 2, 4, 8, 16) or pc.num_stages < 1:
-            raise ValueError(f"gpu_config.{name}: num_warps={pc.num_warps} must be a power of "
-                             f"two <= 16 and num_stages={pc.num_stages} >= 1.")
-
-
-@functools.cache
-def default_config(head_dim: int) -> GpuConfig:
-    """Tuned tiles for ``head_dim`` from ``gpu_tuning.json``: the smallest entry whose
-    ``max_head_dim`` covers it, else the largest. Entries are written by
-    ``benchmarks/block_sparse_attention_tune.py --write`` on the device named in
-    each entry's ``tuned_on``."""
-    entries = sorted(json.loads(TUNING_FILE.read_text())["entries"],
-                     key=lambda e: e["max_head_dim"])
-    entry = next((e for e in entries if head_dim <= e["max_head_dim"]), entries[-1])
-    return GpuConfig.from_json(entry)
+# keyword arguments every pass takes as jit-static
+_STATIC = ("rule", "scale", "block_q", "block_k", "interpret", "config")
 
 
 def pack_lists(idx: jax.Array, cnt: jax.Array) -> jax.Array:
@@ -210,13 +159,15 @@ def _query_row_call(q, k, seg, kv_idx, kv_cnt, pc: PassConfig, block_q: int):
     return (sq // pc.rows, b, h), in_specs, q_spec, packed
 
 
+def _or_default(config, d):
+    return default_config(d) if config is None else config
+
+
 def _resolve(config, d, block_rows, block_cols, name):
-    config = default_config(d) if config is None else config
-    return getattr(config, name).fit(block_rows, block_cols)
+    return getattr(_or_default(config, d), name).fit(block_rows, block_cols)
 
 
-@functools.partial(jax.jit, static_argnames=("rule", "scale", "block_q", "block_k", "interpret",
-                                             "config"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def fwd(q, k, v, seg, kv_idx, kv_cnt, *, rule, scale, block_q, block_k, interpret=False,
         config=None):
     """o ``[b, sq, h, d]`` and lse ``[b, h, sq]`` (float32, base-2 log-sum-exp)."""
@@ -267,7 +218,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, list_ref, do_ref, lse_re
 
 
 def _dkv_kernel(k_ref, v_ref, q_ref, kseg_ref, qseg_ref, list_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, *, rule, scale, rows, cols, block_q):
+                *refs, rule, scale, rows, cols, block_q, fuse_dq):
+    """dk, dv of one key tile; with ``fuse_dq`` also adds each step's dq rows
+    (scaled) into the float32 dq ref, which arrives zeroed and aliased."""
+    if fuse_dq:
+        _, dk_ref, dv_ref, dq_ref = refs
+    else:
+        dk_ref, dv_ref = refs
     kblk = k_ref[...]
     vblk = v_ref[...]
     k_pos = pl.program_id(0) * rows + jnp.arange(rows)
@@ -288,8 +245,11 @@ def _dkv_kernel(k_ref, v_ref, q_ref, kseg_ref, qseg_ref, list_ref, do_ref, lse_r
         p = jnp.exp2(s - lse[:, None])  # [cols, rows]
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
         dp = _dot(do, vblk, trans_b=True)
-        ds = p * (dp - delta[:, None])
-        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+        ds = (p * (dp - delta[:, None])).astype(q.dtype)
+        dk = dk + _dot(ds, q, trans_a=True)
+        if fuse_dq:
+            plgpu.atomic_add(dq_ref, (pl.ds(start, cols), slice(None)),
+                             _dot(ds, kblk) * scale)
         return dk, dv
 
     zeros = jnp.zeros(kblk.shape, jnp.float32)
@@ -298,8 +258,7 @@ def _dkv_kernel(k_ref, v_ref, q_ref, kseg_ref, qseg_ref, list_ref, do_ref, lse_r
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("rule", "scale", "block_q", "block_k", "interpret",
-                                             "config"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def dq_pass(q, k, v, seg, do, lse, delta, kv_idx, kv_cnt, *, rule, scale, block_q, block_k,
             interpret=False, config=None):
     """dq ``[b, sq, h, d]``; ``delta`` is ``sum(o * do, -1)`` as ``[b, h, sq]`` float32."""
@@ -319,38 +278,68 @@ def dq_pass(q, k, v, seg, do, lse, delta, kv_idx, kv_cnt, *, rule, scale, block_
     )(q, k, v, seg, seg, packed, do, lse, delta)
 
 
-@functools.partial(jax.jit, static_argnames=("rule", "scale", "block_q", "block_k", "interpret",
-                                             "config"))
-def dkv_pass(q, k, v, seg, do, lse, delta, q_idx, q_cnt, *, rule, scale, block_q, block_k,
-             interpret=False, config=None):
-    """(dk, dv), computed per query head and summed over each GQA group."""
+def _key_row_call(q, k, v, seg, do, lse, delta, q_idx, q_cnt, *, rule, scale, block_q, block_k,
+                  interpret, config, fuse_dq):
+    """The dk/dv pass (programs own key rows), or with ``fuse_dq`` the fused backward.
+    Returns (dk, dv) or (dk, dv, dq); dk/dv are summed over each GQA group."""
     b, sq, h, d = q.shape
     sk, kvh = k.shape[1], k.shape[2]
     g = h // kvh
-    pc = _resolve(config, d, block_k, block_q, "dkv")
+    pc = _resolve(config, d, block_k, block_q, "bwd" if fuse_dq else "dkv")
     packed = pack_lists(q_idx, q_cnt)
     k_spec = _row_spec(pc.rows, d, lambda h: h // g)
     q_full = _full_spec(sq, d, lambda h: h)
     vec_full = pl.BlockSpec((None, None, sq), lambda r, b, h: (b, h, 0))
     out_dtype = jnp.float32 if g > 1 else k.dtype
     dkv_spec = _row_spec(pc.rows, d, lambda h: h)
+    in_specs = [k_spec, k_spec, q_full, *_seg_specs(seg, pc.rows, sq),
+                _list_spec(packed, block_k // pc.rows), q_full, vec_full, vec_full]
+    args = [k, v, q, seg, seg, packed, do, lse, delta]
+    out_specs = [dkv_spec, dkv_spec]
+    out_shape = [jax.ShapeDtypeStruct((b, sk, h, d), out_dtype)] * 2
+    aliases = {}
+    if fuse_dq:  # dq starts as zeros that the output aliases, then takes atomic adds
+        aliases = {sum(a is not None for a in args): 2}  # None segment ids take no slot
+        in_specs.append(q_full)
+        args.append(jnp.zeros(q.shape, jnp.float32))
+        out_specs.append(q_full)
+        out_shape.append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
     kernel = functools.partial(_dkv_kernel, rule=rule, scale=scale, rows=pc.rows, cols=pc.cols,
-                               block_q=block_q)
-    dk, dv = pl.pallas_call(
+                               block_q=block_q, fuse_dq=fuse_dq)
+    dk, dv, *dq = pl.pallas_call(
         kernel,
         grid=(sk // pc.rows, b, h),
-        in_specs=[k_spec, k_spec, q_full, *_seg_specs(seg, pc.rows, sq),
-                  _list_spec(packed, block_k // pc.rows), q_full, vec_full, vec_full],
-        out_specs=[dkv_spec, dkv_spec],
-        out_shape=[jax.ShapeDtypeStruct((b, sk, h, d), out_dtype)] * 2,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=_params(pc),
         interpret=interpret,
-        name="bsa_dkv",
-    )(k, v, q, seg, seg, packed, do, lse, delta)
+        name="bsa_bwd" if fuse_dq else "bsa_dkv",
+    )(*args)
     if g > 1:
         dk = dk.reshape(b, sk, kvh, g, d).sum(3).astype(k.dtype)
         dv = dv.reshape(b, sk, kvh, g, d).sum(3).astype(v.dtype)
-    return dk, dv
+    return (dk, dv, dq[0].astype(q.dtype)) if fuse_dq else (dk, dv)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def dkv_pass(q, k, v, seg, do, lse, delta, q_idx, q_cnt, *, rule, scale, block_q, block_k,
+             interpret=False, config=None):
+    """(dk, dv), computed per query head and summed over each GQA group."""
+    return _key_row_call(q, k, v, seg, do, lse, delta, q_idx, q_cnt, rule=rule, scale=scale,
+                         block_q=block_q, block_k=block_k, interpret=interpret, config=config,
+                         fuse_dq=False)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def fused_bwd_pass(q, k, v, seg, do, lse, delta, q_idx, q_cnt, *, rule, scale, block_q,
+                   block_k, interpret=False, config=None):
+    """(dq, dk, dv) from one key-row pass; dq is accumulated with float32 atomic adds."""
+    dk, dv, dq = _key_row_call(q, k, v, seg, do, lse, delta, q_idx, q_cnt, rule=rule,
+                               scale=scale, block_q=block_q, block_k=block_k,
+                               interpret=interpret, config=config, fuse_dq=True)
+    return dq, dk, dv
 
 
 def delta_of(o, do):
@@ -359,14 +348,15 @@ def delta_of(o, do):
     return jnp.swapaxes(prod, 1, 2)
 
 
-@functools.partial(jax.jit, static_argnames=("rule", "scale", "block_q", "block_k", "interpret",
-                                             "config"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def bwd(q, k, v, seg, o, lse, do, kv_idx, kv_cnt, q_idx, q_cnt, *, rule, scale, block_q,
         block_k, interpret=False, config=None):
     """(dq, dk, dv)."""
     kw = dict(rule=rule, scale=scale, block_q=block_q, block_k=block_k, interpret=interpret,
               config=config)
     delta = delta_of(o, do)
+    if _or_default(config, q.shape[-1]).fused_backward:
+        return fused_bwd_pass(q, k, v, seg, do, lse, delta, q_idx, q_cnt, **kw)
     dq = dq_pass(q, k, v, seg, do, lse, delta, kv_idx, kv_cnt, **kw)
     dk, dv = dkv_pass(q, k, v, seg, do, lse, delta, q_idx, q_cnt, **kw)
     return dq, dk, dv

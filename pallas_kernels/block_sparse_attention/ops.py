@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.block_sparse_attention import gpu_config as gpu_config_lib
 from pallas_kernels.block_sparse_attention import masks as masks_lib
 from pallas_kernels.block_sparse_attention import xla as xla_impl
 
@@ -158,8 +159,9 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks
       dense_fast_path: on GPU (compiled, 16-bit, no segment ids), a static layout
         with every block present and no token rule other than causal is sent to
         ``jax.nn.dot_product_attention(implementation="cudnn")``: same result, faster.
-      gpu_config: a ``gpu.GpuConfig`` (per-pass tiles, warps, pipeline stages) for
-        the GPU kernels; default: the tuned entry for the head dim in ``gpu_tuning.json``.
+      gpu_config: a ``gpu_config.GpuConfig`` (per-pass tiles, warps, pipeline stages,
+        split or fused backward) for the GPU kernels; default: the tuned entry for the
+        head dim in ``gpu_tuning.json``.
 
     Returns:
       ``[batch, seq_q, heads, head_dim]`` in q's dtype; rows that see no key are zero.
@@ -193,10 +195,9 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks
         widths = [(0, 0)] * 3 + [(0, pad)]
         q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
     if gpu_config is not None:
-        from pallas_kernels.block_sparse_attention import gpu
-        if not isinstance(gpu_config, gpu.GpuConfig):
-            raise ValueError(f"gpu_config: {gpu_config!r} must be None or a gpu.GpuConfig.")
-        gpu._check_config(gpu_config)
+        if not isinstance(gpu_config, gpu_config_lib.GpuConfig):
+            raise ValueError(f"gpu_config: {gpu_config!r} must be None or a GpuConfig.")
+        gpu_config_lib.check_config(gpu_config)
     cfg = _Config(backend, mask.token_rule, scale, block_q, block_k, bool(interpret), gpu_config)
     out = _attention(cfg, q, k, v, segment_ids, *_lists(mask, layout, qb, kb))
     return out[..., :d] if pad else out

@@ -2,11 +2,14 @@
 
 Run on a CUDA machine with SPARSEJAX_TEST_GPU=1 (otherwise skipped).
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.block_sparse_attention import gpu_config as gcfg
 from pallas_kernels.block_sparse_attention import masks as masks_lib
 from pallas_kernels.block_sparse_attention import ops, reference
 
@@ -38,9 +41,10 @@ CASES = [
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True], ids=["split_bwd", "fused_bwd"])
 @pytest.mark.parametrize("seq,block,head_dim,heads,kv_heads,mask_kind,use_segments", CASES)
 def test_compiled_gpu_kernel_matches_reference(seq, block, head_dim, heads, kv_heads, mask_kind,
-                                               use_segments):
+                                               use_segments, fused):
     keys = jax.random.split(jax.random.PRNGKey(seq + block + head_dim), 4)
     q = jax.random.normal(keys[0], (1, seq, heads, head_dim), jnp.bfloat16)
     k = jax.random.normal(keys[1], (1, seq, kv_heads, head_dim), jnp.bfloat16)
@@ -57,9 +61,12 @@ def test_compiled_gpu_kernel_matches_reference(seq, block, head_dim, heads, kv_h
         seg = jnp.asarray((np.arange(seq) >= seq // 3).astype(np.int32)
                           + (np.arange(seq) >= seq // 2))[None]
 
+    config = dataclasses.replace(gcfg.default_config(head_dim), fused_backward=fused)
+
     def kernel(q, k, v):
         return ops.block_sparse_attention(q, k, v, mask, segment_ids=seg, block_q=block,
-                                          block_k=block, backend="gpu", dense_fast_path=False)
+                                          block_k=block, backend="gpu", dense_fast_path=False,
+                                          gpu_config=config)
 
     def ref(q, k, v):
         f32 = lambda x: x.astype(jnp.float32)

@@ -5,6 +5,7 @@ masks (empty rows, fully dense, single block, top-k) and segment ids.
 Tolerances: float32 max-abs error 2e-4 (inputs ~N(0, 1)); bfloat16 2e-2 of
 the reference's largest magnitude (outputs) and 3e-2 (gradients).
 """
+import dataclasses
 import json
 
 import jax
@@ -14,8 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels.block_sparse_attention import gpu, ops, reference
+from pallas_kernels.block_sparse_attention import gpu_config as gcfg
 from pallas_kernels.block_sparse_attention import masks as masks_lib
+from pallas_kernels.block_sparse_attention import ops, reference
 
 F32_TOL = 2e-4
 BF16_OUT_TOL = 2e-2
@@ -128,42 +130,57 @@ def test_gpu_kernel_interpret_matches_reference(case):
 
 
 SUBTILE_CASES = [
-    # (bq, bk, fwd, dq, dkv tiles as (rows, cols), dtype, mask kind, segments)
+    # (bq, bk, fwd, dq, dkv/bwd tiles as (rows, cols), dtype, mask kind, segments)
     (64, 32, (32, 16), (16, 32), (16, 32), jnp.bfloat16, "causal", True),
     (32, 64, (16, 32), (32, 16), (32, 16), jnp.float32, "layout_random", False),
 ]
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["split_bwd", "fused_bwd"])
 @pytest.mark.parametrize("bq,bk,fwd,dq,dkv,dtype,kind,use_seg", SUBTILE_CASES)
 def test_gpu_kernel_interpret_subtiles_match_reference(bq, bk, fwd, dq, dkv, dtype, kind,
-                                                       use_seg):
-    """Program tiles and loop steps smaller than the mask blocks, in every pass."""
-    tiles = {"fwd": fwd, "dq": dq, "dkv": dkv}
-    config = gpu.GpuConfig(**{name: gpu.PassConfig(rows=r, cols=c, num_warps=4, num_stages=2)
-                              for name, (r, c) in tiles.items()})
+                                                       use_seg, fused):
+    """Program tiles and loop steps smaller than the mask blocks, in every pass; the
+    backward split (dq pass + dk/dv pass) or fused (dq added atomically)."""
+    tiles = {"fwd": fwd, "dq": dq, "dkv": dkv, "bwd": dkv}
+    config = gcfg.GpuConfig(**{name: gcfg.PassConfig(rows=r, cols=c, num_warps=4, num_stages=2)
+                              for name, (r, c) in tiles.items()}, fused_backward=fused)
     _check("gpu", seed=bq + bk, batch=1, seq=128, bq=bq, bk=bk, head_dim=16, kv_heads=1,
            group=2, dtype=dtype, kind=kind, use_seg=use_seg, gpu_config=config)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["split_bwd", "fused_bwd"])
+def test_gpu_backward_batch_gqa_default_tiles(fused):
+    """Split and fused backward give the same gradients as the reference, through
+    the tuned default's tiles (clipped to 16-blocks), batch 2 and GQA 2:1."""
+    config = dataclasses.replace(gcfg.default_config(16), fused_backward=fused)
+    _check("gpu", seed=11, batch=2, seq=64, bq=16, bk=16, head_dim=16, kv_heads=2, group=2,
+           dtype=jnp.float32, kind="global_local", use_seg=True, gpu_config=config)
 
 
 def test_gpu_config_bad_input():
     q = jnp.zeros((1, 32, 2, 16))
     mask = masks_lib.CausalMask()
-    bad = gpu.GpuConfig(dq=gpu.PassConfig(rows=24))
+    bad = gcfg.GpuConfig(dq=gcfg.PassConfig(rows=24))
     with pytest.raises(ValueError, match="gpu_config.dq.rows: 24"):
         ops.block_sparse_attention(q, q, q, mask, backend="gpu", interpret=True, gpu_config=bad)
     with pytest.raises(ValueError, match="gpu_config"):
         ops.block_sparse_attention(q, q, q, mask, backend="gpu", interpret=True,
                                    gpu_config={"fwd": 1})
+    with pytest.raises(ValueError, match="gpu_config.fused_backward: 'yes'"):
+        ops.block_sparse_attention(q, q, q, mask, backend="gpu", interpret=True,
+                                   gpu_config=gcfg.GpuConfig(fused_backward="yes"))
 
 
 def test_gpu_tuning_file_covers_every_head_dim():
     for d in (16, 64, 100, 128, 256):
-        cfg = gpu.default_config(d)
-        assert all(isinstance(getattr(cfg, p), gpu.PassConfig) for p in gpu.PASSES)
-    entries = json.loads(gpu.TUNING_FILE.read_text())["entries"]
+        cfg = gcfg.default_config(d)
+        assert all(isinstance(getattr(cfg, p), gcfg.PassConfig) for p in gcfg.PASSES)
+    entries = json.loads(gcfg.TUNING_FILE.read_text())["entries"]
     entry = next(e for e in entries if e["max_head_dim"] >= 128)
-    assert gpu.default_config(128) == gpu.GpuConfig(
-        **{p: gpu.PassConfig(**entry[p]) for p in gpu.PASSES})
+    assert gcfg.default_config(128) == gcfg.GpuConfig(
+        **{p: gcfg.PassConfig(**entry[p]) for p in gcfg.PASSES},
+        fused_backward=entry["fused_backward"])
 
 
 @settings(max_examples=3, **_SETTINGS)
@@ -191,3 +208,23 @@ def test_gpu_pads_odd_head_dim():
     for g, rg in zip(jax.grad(f, (0, 1, 2))(q, k, v), jax.grad(r, (0, 1, 2))(q, k, v)):
         assert g.shape == rg.shape == (1, 32, 2, 24)
         np.testing.assert_allclose(g, rg, atol=F32_TOL)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["split_bwd", "fused_bwd"])
+def test_gpu_kernels_lower_to_triton(fused):
+    """Interpret mode never runs the Triton lowering; cross-lowering for CUDA does
+    (on CPU), so an op Triton cannot express fails here, not first on a GPU."""
+    q = jnp.zeros((1, 256, 4, 64), jnp.bfloat16)
+    kv = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+    seg = jnp.zeros((1, 256), jnp.int32)
+    config = dataclasses.replace(gcfg.default_config(64), fused_backward=fused)
+
+    def loss(q, k, v):
+        out = ops.block_sparse_attention(q, k, v, masks_lib.CausalMask(), segment_ids=seg,
+                                         backend="gpu", gpu_config=config)
+        return out.astype(jnp.float32).sum()
+
+    text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, kv, kv).lower(
+        lowering_platforms=("cuda",)).as_text()
+    # forward + (dq, dk/dv) or forward + fused backward
+    assert text.count("xla.gpu.triton") == (2 if fused else 3)

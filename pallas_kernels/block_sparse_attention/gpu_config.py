@@ -1,0 +1,86 @@
+"""Launch settings of the GPU block-sparse attention kernels, and their tuned defaults.
+
+A :class:`GpuConfig` holds one :class:`PassConfig` per pass (tiles, warps,
+pipeline depth) and which backward runs. ``gpu_tuning.json`` (package data)
+holds the tuned configs per head-dim bucket, written by
+``benchmarks/block_sparse_attention_tune.py --write`` on the device named in
+each entry's ``tuned_on``; passes listed in an entry's ``untuned`` are guesses
+not yet measured there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+
+TUNING_FILE = pathlib.Path(__file__).with_name("gpu_tuning.json")
+PASSES = ("fwd", "dq", "dkv", "bwd")  # bwd: the fused dq + dk/dv pass
+
+
+@dataclasses.dataclass(frozen=True)
+class PassConfig:
+    """How one pass cuts its work.
+
+    rows: rows each program owns (query rows for fwd/dq, key rows for dkv); a
+      power of two dividing that axis's mask block.
+    cols: rows of the other operand per loop step; a power of two dividing the
+      other axis's mask block.
+    num_warps, num_stages: Triton launch and software-pipelining depth.
+    """
+    rows: int = 128
+    cols: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
+
+    def fit(self, block_rows: int, block_cols: int) -> PassConfig:
+        """Clip the tiles to the mask's blocks (both are powers of two)."""
+        return dataclasses.replace(self, rows=min(self.rows, block_rows),
+                                   cols=min(self.cols, block_cols))
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuConfig:
+    """Tiles per pass, and which backward runs.
+
+    fused_backward: False runs the ``dq`` and ``dkv`` passes; True runs the
+      fused ``bwd`` pass (key-row programs that also add into dq atomically).
+    """
+    fwd: PassConfig = PassConfig()
+    dq: PassConfig = PassConfig()
+    dkv: PassConfig = PassConfig()
+    bwd: PassConfig = PassConfig()
+    fused_backward: bool = False
+
+    @classmethod
+    def from_json(cls, obj: dict) -> GpuConfig:
+        passes = {p: PassConfig(**obj[p]) for p in PASSES if p in obj}
+        return cls(**passes, fused_backward=bool(obj.get("fused_backward", False)))
+
+
+def check_config(config: GpuConfig) -> None:
+    """Raise a ValueError naming the first bad field of ``config``."""
+    for name in PASSES:
+        pc = getattr(config, name)
+        for field in ("rows", "cols"):
+            val = getattr(pc, field)
+            if not isinstance(val, int) or val < 16 or val & (val - 1):
+                raise ValueError(f"gpu_config.{name}.{field}: {val!r} must be a power of two "
+                                 ">= 16.")
+        if pc.num_warps not in (1, 2, 4, 8, 16) or pc.num_stages < 1:
+            raise ValueError(f"gpu_config.{name}: num_warps={pc.num_warps} must be a power of "
+                             f"two <= 16 and num_stages={pc.num_stages} >= 1.")
+    if not isinstance(config.fused_backward, bool):
+        raise ValueError(f"gpu_config.fused_backward: {config.fused_backward!r} must be a bool.")
+
+
+@functools.cache
+def default_config(head_dim: int) -> GpuConfig:
+    """Tuned tiles for ``head_dim`` from ``gpu_tuning.json``: the smallest entry whose
+    ``max_head_dim`` covers it, else the largest. Entries are written by
+    ``benchmarks/block_sparse_attention_tune.py --write`` on the device named in
+    each entry's ``tuned_on``."""
+    entries = sorted(json.loads(TUNING_FILE.read_text())["entries"],
+                     key=lambda e: e["max_head_dim"])
+    entry = next((e for e in entries if head_dim <= e["max_head_dim"]), entries[-1])
+    return GpuConfig.from_json(entry)
