@@ -210,21 +210,21 @@ def test_gpu_pads_odd_head_dim():
         np.testing.assert_allclose(g, rg, atol=F32_TOL)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["split_bwd", "fused_bwd"])
-def test_gpu_kernels_lower_to_triton(fused):
-    """Interpret mode never runs the Triton lowering; cross-lowering for CUDA does
-    (on CPU), so an op Triton cannot express fails here, not first on a GPU."""
-    q = jnp.zeros((1, 256, 4, 64), jnp.bfloat16)
-    kv = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+@pytest.mark.parametrize("backend,fused", [("gpu", False), ("gpu", True), ("tpu", False)],
+                         ids=["triton_split_bwd", "triton_fused_bwd", "mosaic"])
+def test_kernels_lower_for_their_platform(kernel_calls, backend, fused):
+    """Forward and backward kernels pass the real Triton / Mosaic lowering (see conftest)."""
+    q = jnp.zeros((1, 256, 4, 128), jnp.bfloat16)
+    kv = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
     seg = jnp.zeros((1, 256), jnp.int32)
-    config = dataclasses.replace(gcfg.default_config(64), fused_backward=fused)
+    config = dataclasses.replace(gcfg.default_config(128), fused_backward=fused)
 
     def loss(q, k, v):
         out = ops.block_sparse_attention(q, k, v, masks_lib.CausalMask(), segment_ids=seg,
-                                         backend="gpu", gpu_config=config)
+                                         backend=backend, gpu_config=config)
         return out.astype(jnp.float32).sum()
 
-    text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, kv, kv).lower(
-        lowering_platforms=("cuda",)).as_text()
+    platform = "cuda" if backend == "gpu" else "tpu"
     # forward + (dq, dk/dv) or forward + fused backward
-    assert text.count("xla.gpu.triton") == (2 if fused else 3)
+    assert kernel_calls(platform, jax.value_and_grad(loss, (0, 1, 2)), q, kv, kv) == (
+        2 if fused else 3)

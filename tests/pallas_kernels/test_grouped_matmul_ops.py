@@ -164,3 +164,19 @@ def test_bad_options_raise_value_error():
         ops.gmm(lhs, rhs, gs, preferred_element_type=jnp.int32)
     with pytest.raises(ValueError, match="grad has 7"):
         ops.tgmm(lhs, jnp.zeros((7, 3), jnp.float32), gs)
+
+
+@pytest.mark.parametrize("backend", KERNELS, ids=_id)
+def test_kernels_lower_for_their_platform(kernel_calls, backend):
+    """gmm forward, gmm for d(lhs) and tgmm for d(rhs) pass the real Triton / Mosaic
+    lowering (see conftest)."""
+    lhs = jnp.zeros((512, 256), jnp.bfloat16)
+    rhs = jnp.zeros((4, 256, 128), jnp.bfloat16)
+    sizes = jnp.array([100, 200, 12, 200], jnp.int32)
+
+    def loss(lhs, rhs):
+        out = ops._gmm_vjp(lhs, rhs, sizes, jnp.bfloat16, None, backend, False)
+        return out.astype(jnp.float32).sum()
+
+    platform = "cuda" if backend == "gpu" else "tpu"
+    assert kernel_calls(platform, jax.value_and_grad(loss, (0, 1)), lhs, rhs) == 3
