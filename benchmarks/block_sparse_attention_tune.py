@@ -71,17 +71,18 @@ class Problem:
 
     def job(self, name, config, interpret):
         """(jitted pass with everything static bound, its array arguments)."""
-        kv_idx, kv_cnt, q_idx, q_cnt = self.lists
+        kv_idx, kv_cnt, kv_nfull, q_idx, q_cnt, q_nfull = self.lists
         kw = dict(rule=self.mask.token_rule, scale=1.0 / math.sqrt(self.q.shape[-1]),
                   block_q=self.block, block_k=self.block, interpret=interpret, config=config)
         if name == "fwd":
             return (jax.jit(functools.partial(gpu.fwd, **kw)),
-                    (self.q, self.k, self.v, self.seg, kv_idx, kv_cnt))
+                    (self.q, self.k, self.v, self.seg, kv_idx, kv_cnt, kv_nfull))
         args = (self.q, self.k, self.v, self.seg, self.do, self.lse, self.delta)
         if name == "dq":
-            return jax.jit(functools.partial(gpu.dq_pass, **kw)), (*args, kv_idx, kv_cnt)
+            return (jax.jit(functools.partial(gpu.dq_pass, **kw)),
+                    (*args, kv_idx, kv_cnt, kv_nfull))
         fn = gpu.dkv_pass if name == "dkv" else gpu.fused_bwd_pass
-        return jax.jit(functools.partial(fn, **kw)), (*args, q_idx, q_cnt)
+        return jax.jit(functools.partial(fn, **kw)), (*args, q_idx, q_cnt, q_nfull)
 
     def run(self, name, config, interpret):
         fn, args = self.job(name, config, interpret)
@@ -95,7 +96,8 @@ def make_problem(seq, heads, kv_heads, head_dim, block, mask, seg, seed, interpr
     do = jax.random.normal(keys[3], (1, seq, heads, head_dim), jnp.bfloat16)
     nb = seq // block
     layout = masks_lib.layout_for(mask, q, k, block, block)
-    prob = Problem(q, k, v, do, seg, mask, block, ops._lists(mask, layout, nb, nb))
+    full = ops._full_tiles(mask, "gpu", seq, seq, block, block)
+    prob = Problem(q, k, v, do, seg, mask, block, ops._lists(mask, layout, nb, nb, full))
     # The backward passes start from the default forward's output.
     prob.o, prob.lse = prob.run("fwd", None, interpret)
     prob.delta = gpu.delta_of(prob.o, do)

@@ -16,9 +16,12 @@ dq contribution into a float32 dq with atomic adds: 7 matmuls per pair, at the
 price of atomics). ``GpuConfig.fused_backward`` picks one; the tuner measures
 both.
 
-Block lists arrive packed as ``[B', H', rows, W]`` int32 with the count in
-column 0 and the block indices after it (``W`` a power of two), so one small
-row block per program carries everything.
+Block lists arrive packed as ``[B', H', rows, W]`` int32: the count in column
+0, the number of *full* blocks in column 1, then the block indices (``W`` a
+power of two), so one small row block per program carries everything. Full
+blocks (the token rule holds for every pair, see ``masks.full_first``) are
+listed first and visited by a loop that skips the rule; the rest follow in a
+second loop that applies it.
 """
 from __future__ import annotations
 
@@ -39,12 +42,18 @@ LOG2E = math.log2(math.e)
 _STATIC = ("rule", "scale", "block_q", "block_k", "interpret", "config")
 
 
-def pack_lists(idx: jax.Array, cnt: jax.Array) -> jax.Array:
-    """(indices ``[B', H', rows, n]``, counts ``[B', H', rows]``) -> packed ``[B', H', rows, W]``."""
+HEADER = 2  # packed list columns before the indices: count, full count
+
+
+def pack_lists(idx: jax.Array, cnt: jax.Array, nfull: jax.Array | None = None) -> jax.Array:
+    """(indices ``[B', H', rows, n]``, counts and full counts ``[B', H', rows]``) -> packed
+    ``[B', H', rows, W]``. Without ``nfull`` no block is taken as full."""
     n = idx.shape[-1]
-    width = int(pl.next_power_of_2(n + 1))
-    packed = jnp.concatenate([cnt[..., None].astype(jnp.int32), idx.astype(jnp.int32)], axis=-1)
-    return jnp.pad(packed, [(0, 0)] * 3 + [(0, width - n - 1)])
+    width = int(pl.next_power_of_2(n + HEADER))
+    nfull = jnp.zeros_like(cnt) if nfull is None else nfull
+    packed = jnp.concatenate([cnt[..., None].astype(jnp.int32), nfull[..., None].astype(jnp.int32),
+                              idx.astype(jnp.int32)], axis=-1)
+    return jnp.pad(packed, [(0, 0)] * 3 + [(0, width - n - HEADER)])
 
 
 def _list_spec(packed: jax.Array, tiles_per_block: int):
@@ -79,10 +88,22 @@ def _step_start(list_ref, j, block: int, cols: int):
     """Row offset of loop step ``j``: sub-tile ``j % steps`` of listed block ``j // steps``."""
     steps = block // cols
     if steps == 1:
-        return pl.multiple_of(list_ref[j + 1] * block, block)
+        return pl.multiple_of(list_ref[j + HEADER] * block, block)
     shift = steps.bit_length() - 1
-    blk = list_ref[jax.lax.shift_right_logical(j, shift) + 1]
+    blk = list_ref[jax.lax.shift_right_logical(j, shift) + HEADER]
     return pl.multiple_of(blk * block + (j & (steps - 1)) * cols, cols)
+
+
+def _list_loop(list_ref, block: int, cols: int, rule, body, init):
+    """Run ``body(j, carry, rule)`` over every loop step of the listed blocks: the full
+    blocks' steps with ``rule=None``, then the others' with the token rule."""
+    steps = block // cols
+    total = list_ref[0] * steps
+    if rule is None:
+        return jax.lax.fori_loop(0, total, functools.partial(body, rule=None), init)
+    split = list_ref[1] * steps
+    carry = jax.lax.fori_loop(0, split, functools.partial(body, rule=None), init)
+    return jax.lax.fori_loop(split, total, functools.partial(body, rule=rule), carry)
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, list_ref, o_ref, lse_ref, *,
@@ -92,7 +113,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, list_ref, o_ref, lse_re
     q_pos = pl.program_id(0) * rows + jnp.arange(rows)
     q_seg = None if qseg_ref is None else qseg_ref[...]
 
-    def body(j, carry):
+    def body(j, carry, rule):
         acc, m, l = carry
         start = _step_start(list_ref, j, block_k, cols)
         kblk = k_ref[pl.ds(start, cols), :]
@@ -111,7 +132,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, list_ref, o_ref, lse_re
 
     init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), NEG, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
-    acc, m, l = jax.lax.fori_loop(0, list_ref[0] * (block_k // cols), body, init)
+    acc, m, l = _list_loop(list_ref, block_k, cols, rule, body, init)
     # Rows whose max is still NEG saw no key: garbage from all-masked tiles is
     # wiped by the correction factor as soon as a real logit arrives.
     ok = m > 0.5 * NEG
@@ -145,13 +166,13 @@ def _params(pc: PassConfig):
     return plgpu.CompilerParams(num_warps=pc.num_warps, num_stages=pc.num_stages)
 
 
-def _query_row_call(q, k, seg, kv_idx, kv_cnt, pc: PassConfig, block_q: int):
+def _query_row_call(q, k, seg, kv_lists, pc: PassConfig, block_q: int):
     """Grid and leading in_specs of a pass whose programs own query rows (forward, dq):
     the q tile, the whole k and v of the head's kv group, segment ids, and the
     packed kv-block list of the tile's mask row. Returns (grid, in_specs, q_spec, packed)."""
     b, sq, h, d = q.shape
     sk, g = k.shape[1], h // k.shape[2]
-    packed = pack_lists(kv_idx, kv_cnt)
+    packed = pack_lists(*kv_lists)
     q_spec = _row_spec(pc.rows, d, lambda h: h)
     kv_spec = _full_spec(sk, d, lambda h: h // g)
     in_specs = [q_spec, kv_spec, kv_spec, *_seg_specs(seg, pc.rows, sk),
@@ -168,12 +189,16 @@ def _resolve(config, d, block_rows, block_cols, name):
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def fwd(q, k, v, seg, kv_idx, kv_cnt, *, rule, scale, block_q, block_k, interpret=False,
-        config=None):
-    """o ``[b, sq, h, d]`` and lse ``[b, h, sq]`` (float32, base-2 log-sum-exp)."""
+def fwd(q, k, v, seg, kv_idx, kv_cnt, kv_nfull=None, *, rule, scale, block_q, block_k,
+        interpret=False, config=None):
+    """o ``[b, sq, h, d]`` and lse ``[b, h, sq]`` (float32, base-2 log-sum-exp).
+
+    ``kv_nfull``: per list row, how many leading listed blocks are full (no rule
+    needed); ``None`` applies the rule everywhere."""
     b, sq, h, _ = q.shape
     pc = _resolve(config, q.shape[-1], block_q, block_k, "fwd")
-    grid, in_specs, q_spec, packed = _query_row_call(q, k, seg, kv_idx, kv_cnt, pc, block_q)
+    grid, in_specs, q_spec, packed = _query_row_call(q, k, seg, (kv_idx, kv_cnt, kv_nfull), pc,
+                                                     block_q)
     kernel = functools.partial(_fwd_kernel, rule=rule, scale=scale, rows=pc.rows, cols=pc.cols,
                                block_k=block_k)
     return pl.pallas_call(
@@ -198,7 +223,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, list_ref, do_ref, lse_re
     q_pos = pl.program_id(0) * rows + jnp.arange(rows)
     q_seg = None if qseg_ref is None else qseg_ref[...]
 
-    def body(j, dq):
+    def body(j, dq, rule):
         start = _step_start(list_ref, j, block_k, cols)
         kblk = k_ref[pl.ds(start, cols), :]
         vblk = v_ref[pl.ds(start, cols), :]
@@ -212,8 +237,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, list_ref, do_ref, lse_re
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(kblk.dtype), kblk)
 
-    dq = jax.lax.fori_loop(0, list_ref[0] * (block_k // cols), body,
-                           jnp.zeros(q.shape, jnp.float32))
+    dq = _list_loop(list_ref, block_k, cols, rule, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -230,7 +254,7 @@ def _dkv_kernel(k_ref, v_ref, q_ref, kseg_ref, qseg_ref, list_ref, do_ref, lse_r
     k_pos = pl.program_id(0) * rows + jnp.arange(rows)
     k_seg = None if kseg_ref is None else kseg_ref[...]
 
-    def body(j, carry):
+    def body(j, carry, rule):
         dk, dv = carry
         start = _step_start(list_ref, j, block_q, cols)
         q = q_ref[pl.ds(start, cols), :]
@@ -253,17 +277,18 @@ def _dkv_kernel(k_ref, v_ref, q_ref, kseg_ref, qseg_ref, list_ref, do_ref, lse_r
         return dk, dv
 
     zeros = jnp.zeros(kblk.shape, jnp.float32)
-    dk, dv = jax.lax.fori_loop(0, list_ref[0] * (block_q // cols), body, (zeros, zeros))
+    dk, dv = _list_loop(list_ref, block_q, cols, rule, body, (zeros, zeros))
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def dq_pass(q, k, v, seg, do, lse, delta, kv_idx, kv_cnt, *, rule, scale, block_q, block_k,
-            interpret=False, config=None):
+def dq_pass(q, k, v, seg, do, lse, delta, kv_idx, kv_cnt, kv_nfull=None, *, rule, scale,
+            block_q, block_k, interpret=False, config=None):
     """dq ``[b, sq, h, d]``; ``delta`` is ``sum(o * do, -1)`` as ``[b, h, sq]`` float32."""
     pc = _resolve(config, q.shape[-1], block_q, block_k, "dq")
-    grid, in_specs, q_spec, packed = _query_row_call(q, k, seg, kv_idx, kv_cnt, pc, block_q)
+    grid, in_specs, q_spec, packed = _query_row_call(q, k, seg, (kv_idx, kv_cnt, kv_nfull), pc,
+                                                     block_q)
     kernel = functools.partial(_dq_kernel, rule=rule, scale=scale, rows=pc.rows, cols=pc.cols,
                                block_k=block_k)
     return pl.pallas_call(
@@ -278,7 +303,7 @@ def dq_pass(q, k, v, seg, do, lse, delta, kv_idx, kv_cnt, *, rule, scale, block_
     )(q, k, v, seg, seg, packed, do, lse, delta)
 
 
-def _key_row_call(q, k, v, seg, do, lse, delta, q_idx, q_cnt, *, rule, scale, block_q, block_k,
+def _key_row_call(q, k, v, seg, do, lse, delta, q_lists, *, rule, scale, block_q, block_k,
                   interpret, config, fuse_dq):
     """The dk/dv pass (programs own key rows), or with ``fuse_dq`` the fused backward.
     Returns (dk, dv) or (dk, dv, dq); dk/dv are summed over each GQA group."""
@@ -286,7 +311,7 @@ def _key_row_call(q, k, v, seg, do, lse, delta, q_idx, q_cnt, *, rule, scale, bl
     sk, kvh = k.shape[1], k.shape[2]
     g = h // kvh
     pc = _resolve(config, d, block_k, block_q, "bwd" if fuse_dq else "dkv")
-    packed = pack_lists(q_idx, q_cnt)
+    packed = pack_lists(*q_lists)
     k_spec = _row_spec(pc.rows, d, lambda h: h // g)
     q_full = _full_spec(sq, d, lambda h: h)
     vec_full = pl.BlockSpec((None, None, sq), lambda r, b, h: (b, h, 0))
@@ -324,19 +349,20 @@ def _key_row_call(q, k, v, seg, do, lse, delta, q_idx, q_cnt, *, rule, scale, bl
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def dkv_pass(q, k, v, seg, do, lse, delta, q_idx, q_cnt, *, rule, scale, block_q, block_k,
-             interpret=False, config=None):
+def dkv_pass(q, k, v, seg, do, lse, delta, q_idx, q_cnt, q_nfull=None, *, rule, scale, block_q,
+             block_k, interpret=False, config=None):
     """(dk, dv), computed per query head and summed over each GQA group."""
-    return _key_row_call(q, k, v, seg, do, lse, delta, q_idx, q_cnt, rule=rule, scale=scale,
+    return _key_row_call(q, k, v, seg, do, lse, delta, (q_idx, q_cnt, q_nfull), rule=rule,
+                         scale=scale,
                          block_q=block_q, block_k=block_k, interpret=interpret, config=config,
                          fuse_dq=False)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def fused_bwd_pass(q, k, v, seg, do, lse, delta, q_idx, q_cnt, *, rule, scale, block_q,
-                   block_k, interpret=False, config=None):
+def fused_bwd_pass(q, k, v, seg, do, lse, delta, q_idx, q_cnt, q_nfull=None, *, rule, scale,
+                   block_q, block_k, interpret=False, config=None):
     """(dq, dk, dv) from one key-row pass; dq is accumulated with float32 atomic adds."""
-    dk, dv, dq = _key_row_call(q, k, v, seg, do, lse, delta, q_idx, q_cnt, rule=rule,
+    dk, dv, dq = _key_row_call(q, k, v, seg, do, lse, delta, (q_idx, q_cnt, q_nfull), rule=rule,
                                scale=scale, block_q=block_q, block_k=block_k,
                                interpret=interpret, config=config, fuse_dq=True)
     return dq, dk, dv
@@ -349,14 +375,14 @@ def delta_of(o, do):
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def bwd(q, k, v, seg, o, lse, do, kv_idx, kv_cnt, q_idx, q_cnt, *, rule, scale, block_q,
-        block_k, interpret=False, config=None):
+def bwd(q, k, v, seg, o, lse, do, kv_idx, kv_cnt, q_idx, q_cnt, kv_nfull=None, q_nfull=None, *,
+        rule, scale, block_q, block_k, interpret=False, config=None):
     """(dq, dk, dv)."""
     kw = dict(rule=rule, scale=scale, block_q=block_q, block_k=block_k, interpret=interpret,
               config=config)
     delta = delta_of(o, do)
     if _or_default(config, q.shape[-1]).fused_backward:
-        return fused_bwd_pass(q, k, v, seg, do, lse, delta, q_idx, q_cnt, **kw)
-    dq = dq_pass(q, k, v, seg, do, lse, delta, kv_idx, kv_cnt, **kw)
-    dk, dv = dkv_pass(q, k, v, seg, do, lse, delta, q_idx, q_cnt, **kw)
+        return fused_bwd_pass(q, k, v, seg, do, lse, delta, q_idx, q_cnt, q_nfull, **kw)
+    dq = dq_pass(q, k, v, seg, do, lse, delta, kv_idx, kv_cnt, kv_nfull, **kw)
+    dk, dv = dkv_pass(q, k, v, seg, do, lse, delta, q_idx, q_cnt, q_nfull, **kw)
     return dq, dk, dv

@@ -10,6 +10,9 @@ A mask says which (query, key) pairs may attend. Kernels see it in two parts:
   refines the listed tiles (causal diagonal, window edges, strides). It uses
   only elementwise integer operators, so the same rule runs in numpy, XLA,
   Triton and Mosaic kernels. ``None`` means "every pair in a listed tile".
+  Its :meth:`~BlockMask.full_layout` marks the tiles where the rule holds for
+  every pair; kernels visit those first and skip the rule there
+  (:func:`full_first`).
 """
 from __future__ import annotations
 
@@ -50,13 +53,19 @@ class BlockMask:
 
     def block_layout(self, seq_q: int, seq_k: int, block_q: int, block_k: int) -> np.ndarray:
         """Static block layout ``[1, seq_q // block_q, seq_k // block_k]`` (bool)."""
-        return _generic_block_layout(self, seq_q, seq_k, block_q, block_k)
+        return _generic_block_layout(self, seq_q, seq_k, block_q, block_k, "any")
+
+    def full_layout(self, seq_q: int, seq_k: int, block_q: int, block_k: int) -> np.ndarray:
+        """Tiles where every pair is visible, ``[1, q_blocks, kv_blocks]`` (bool): inside
+        them the token rule need not be applied."""
+        return _generic_block_layout(self, seq_q, seq_k, block_q, block_k, "all")
 
 
 @functools.lru_cache(maxsize=64)
 def _generic_block_layout(mask: BlockMask, seq_q: int, seq_k: int, block_q: int,
-                          block_k: int) -> np.ndarray:
-    """Exact layout by evaluating the token rule, a band of query rows at a time."""
+                          block_k: int, reduce: str) -> np.ndarray:
+    """Exact layout by evaluating the token rule, a band of query rows at a time:
+    tiles with any visible pair (``reduce="any"``) or with all pairs visible ("all")."""
     qb, kb = seq_q // block_q, seq_k // block_k
     out = np.zeros((qb, kb), dtype=bool)
     k_pos = np.arange(seq_k, dtype=np.int64)[None, :]
@@ -66,17 +75,20 @@ def _generic_block_layout(mask: BlockMask, seq_q: int, seq_k: int, block_q: int,
         q_pos = np.arange(start * block_q, stop * block_q, dtype=np.int64)[:, None]
         vis = np.asarray(mask.token_mask(q_pos, k_pos), dtype=bool)
         vis = np.broadcast_to(vis, (q_pos.shape[0], seq_k))
-        out[start:stop] = vis.reshape(stop - start, block_q, kb, block_k).any(axis=(1, 3))
+        out[start:stop] = getattr(vis.reshape(stop - start, block_q, kb, block_k),
+                                  reduce)(axis=(1, 3))
     out.setflags(write=False)
     return out[None]
 
 
-def _band_layout(seq_q, seq_k, block_q, block_k, lo, hi) -> np.ndarray:
-    """Tiles holding some pair with ``lo <= q - k <= hi``."""
+def _band_layout(seq_q, seq_k, block_q, block_k, lo, hi, full=False) -> np.ndarray:
+    """Tiles holding some pair with ``lo <= q - k <= hi`` (with ``full``: only such pairs)."""
     qs = np.arange(seq_q // block_q)[:, None] * block_q
     ks = np.arange(seq_k // block_k)[None, :] * block_k
     max_diff = qs + block_q - 1 - ks
     min_diff = qs - (ks + block_k - 1)
+    if full:
+        return ((min_diff >= lo) & (max_diff <= hi))[None]
     return ((max_diff >= lo) & (min_diff <= hi))[None]
 
 
@@ -90,6 +102,9 @@ class CausalMask(BlockMask):
 
     def block_layout(self, seq_q, seq_k, block_q, block_k):
         return _band_layout(seq_q, seq_k, block_q, block_k, 0, seq_q + seq_k)
+
+    def full_layout(self, seq_q, seq_k, block_q, block_k):
+        return _band_layout(seq_q, seq_k, block_q, block_k, 0, seq_q + seq_k, full=True)
 
 
 @gin.configurable
@@ -108,6 +123,9 @@ class SlidingWindowMask(BlockMask):
 
     def block_layout(self, seq_q, seq_k, block_q, block_k):
         return _band_layout(seq_q, seq_k, block_q, block_k, 0, self.window - 1)
+
+    def full_layout(self, seq_q, seq_k, block_q, block_k):
+        return _band_layout(seq_q, seq_k, block_q, block_k, 0, self.window - 1, full=True)
 
 
 @gin.configurable
@@ -245,6 +263,26 @@ def compress(layout: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     last = np.take_along_axis(order, np.maximum(counts - 1, 0)[..., None], axis=-1)
     idx = np.where(j < counts[..., None], order, np.where(counts[..., None] > 0, last, 0))
     return idx.astype(np.int32), counts
+
+
+def full_first(idx, cnt, full: np.ndarray):
+    """Reorder each row's listed blocks so that those marked in ``full`` come first.
+
+    ``idx`` ``[..., rows, n]`` and ``cnt`` ``[..., rows]`` as from :func:`compress`
+    (numpy) or :func:`compress_dynamic` (traced); ``full`` is ``[rows, cols]``: the
+    blocks where the token rule holds for every pair. Returns (indices, number of
+    full blocks per row); the order within each group and the padding past the
+    count are kept.
+    """
+    xp = np if isinstance(idx, np.ndarray) and isinstance(cnt, np.ndarray) else jnp
+    n = idx.shape[-1]
+    is_full = xp.asarray(full)[xp.arange(full.shape[0])[:, None], idx]
+    valid = xp.arange(n) < cnt[..., None]
+    key = xp.where(valid, xp.where(is_full, 0, 1), 2)
+    order = (np.argsort(key, axis=-1, kind="stable") if xp is np
+             else jnp.argsort(key, axis=-1, stable=True))
+    return (xp.take_along_axis(idx, order, axis=-1).astype(np.int32),
+            xp.sum(valid & is_full, axis=-1).astype(np.int32))
 
 
 def compress_dynamic(layout: jax.Array, max_nnz: int) -> tuple[jax.Array, jax.Array]:

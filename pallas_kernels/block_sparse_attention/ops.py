@@ -50,29 +50,32 @@ def _kernel_kw(cfg: _Config) -> dict:
     return kw
 
 
-def _fwd_call(cfg: _Config, q, k, v, seg, kv_idx, kv_cnt):
-    return _impl(cfg.backend).fwd(q, k, v, seg, kv_idx, kv_cnt, **_kernel_kw(cfg))
+def _fwd_call(cfg: _Config, q, k, v, seg, lists):
+    kv_idx, kv_cnt, kv_nfull = lists[:3]
+    full = (kv_nfull,) if cfg.backend == "gpu" else ()
+    return _impl(cfg.backend).fwd(q, k, v, seg, kv_idx, kv_cnt, *full, **_kernel_kw(cfg))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg, q, k, v, seg, kv_idx, kv_cnt, q_idx, q_cnt):
-    return _fwd_call(cfg, q, k, v, seg, kv_idx, kv_cnt)[0]
+def _attention(cfg, q, k, v, seg, lists):
+    return _fwd_call(cfg, q, k, v, seg, lists)[0]
 
 
-def _attention_fwd(cfg, q, k, v, seg, kv_idx, kv_cnt, q_idx, q_cnt):
-    o, lse = _fwd_call(cfg, q, k, v, seg, kv_idx, kv_cnt)
-    return o, (q, k, v, seg, o, lse, kv_idx, kv_cnt, q_idx, q_cnt)
+def _attention_fwd(cfg, q, k, v, seg, lists):
+    o, lse = _fwd_call(cfg, q, k, v, seg, lists)
+    return o, (q, k, v, seg, o, lse, lists)
 
 
 def _attention_bwd(cfg, res, do):
-    q, k, v, seg, o, lse, kv_idx, kv_cnt, q_idx, q_cnt = res
+    q, k, v, seg, o, lse, (kv_idx, kv_cnt, kv_nfull, q_idx, q_cnt, q_nfull) = res
     kw = _kernel_kw(cfg)
     if cfg.backend == "xla":
         dq, dk, dv = xla_impl.bwd(q, k, v, seg, o, lse, do, kv_idx, kv_cnt, **kw)
     else:
+        full = (kv_nfull, q_nfull) if cfg.backend == "gpu" else ()
         dq, dk, dv = _impl(cfg.backend).bwd(q, k, v, seg, o, lse, do, kv_idx, kv_cnt, q_idx,
-                                            q_cnt, **kw)
-    return dq, dk, dv, None, None, None, None, None
+                                            q_cnt, *full, **kw)
+    return dq, dk, dv, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -128,15 +131,32 @@ def _block_sizes(mask, sq, sk, block_q, block_k, backend):
     return int(block_q), int(block_k)
 
 
-def _lists(mask, layout, q_blocks, kv_blocks):
-    """Row lists (kv blocks per q block) and column lists (q blocks per kv block)."""
+def _full_tiles(mask, backend, seq_q, seq_k, block_q, block_k):
+    """``[q_blocks, kv_blocks]`` tiles where the token rule holds for every pair, for the
+    backends that skip the rule there (GPU); None when there is no rule to skip."""
+    if backend != "gpu" or mask.token_rule is None:
+        return None
+    return np.asarray(mask.token_rule.full_layout(seq_q, seq_k, block_q, block_k))[0]
+
+
+def _lists(mask, layout, q_blocks, kv_blocks, full=None):
+    """Row lists (kv blocks per q block) and column lists (q blocks per kv block):
+    ``(kv_idx, kv_cnt, kv_nfull, q_idx, q_cnt, q_nfull)``. Given ``full`` (``[q_blocks,
+    kv_blocks]``, the tiles where the token rule holds everywhere) each list names its
+    full blocks first and ``*_nfull`` counts them; otherwise ``*_nfull`` is None."""
     if isinstance(layout, np.ndarray):
-        kv_idx, kv_cnt = masks_lib.compress(layout)
-        q_idx, q_cnt = masks_lib.compress(np.swapaxes(layout, -1, -2))
-        return tuple(jnp.asarray(a) for a in (kv_idx, kv_cnt, q_idx, q_cnt))
-    kv_idx, kv_cnt = masks_lib.compress_dynamic(layout, mask.max_blocks_per_row(q_blocks, kv_blocks))
-    q_idx, q_cnt = masks_lib.compress_dynamic(jnp.swapaxes(layout, -1, -2), q_blocks)
-    return kv_idx, kv_cnt, q_idx, q_cnt
+        rows = masks_lib.compress(layout)
+        cols = masks_lib.compress(np.swapaxes(layout, -1, -2))
+    else:
+        rows = masks_lib.compress_dynamic(layout, mask.max_blocks_per_row(q_blocks, kv_blocks))
+        cols = masks_lib.compress_dynamic(jnp.swapaxes(layout, -1, -2), q_blocks)
+    out = []
+    for (idx, cnt), fl in ((rows, full), (cols, None if full is None else full.T)):
+        nfull = None
+        if fl is not None:
+            idx, nfull = masks_lib.full_first(idx, cnt, fl)
+        out += [idx, cnt, nfull]
+    return tuple(None if a is None else jnp.asarray(a) for a in out)
 
 
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks_lib.BlockMask,
@@ -199,7 +219,8 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks
             raise ValueError(f"gpu_config: {gpu_config!r} must be None or a GpuConfig.")
         gpu_config_lib.check_config(gpu_config)
     cfg = _Config(backend, mask.token_rule, scale, block_q, block_k, bool(interpret), gpu_config)
-    out = _attention(cfg, q, k, v, segment_ids, *_lists(mask, layout, qb, kb))
+    full = _full_tiles(mask, backend, sq, sk, block_q, block_k)
+    out = _attention(cfg, q, k, v, segment_ids, _lists(mask, layout, qb, kb, full))
     return out[..., :d] if pad else out
 
 

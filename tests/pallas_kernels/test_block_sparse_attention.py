@@ -10,11 +10,13 @@ from pallas_kernels.block_sparse_attention import masks as masks_lib
 from pallas_kernels.block_sparse_attention import ops, reference, topk
 
 
-def _token_layout(mask, seq, bq, bk):
-    """Layout from the dense token rule, evaluated naively."""
+def _token_layout(mask, seq, bq, bk, reduce="any"):
+    """Layout from the dense token rule, evaluated naively: tiles with any visible pair,
+    or with all pairs visible (``reduce="all"``)."""
     pos = np.arange(seq)
-    vis = np.asarray(mask.token_mask(pos[:, None], pos[None, :]), bool)
-    return vis.reshape(seq // bq, bq, seq // bk, bk).any(axis=(1, 3))
+    vis = np.broadcast_to(np.asarray(mask.token_mask(pos[:, None], pos[None, :]), bool),
+                          (seq, seq))
+    return getattr(vis.reshape(seq // bq, bq, seq // bk, bk), reduce)(axis=(1, 3))
 
 
 @settings(max_examples=25, deadline=None, derandomize=True)
@@ -29,6 +31,28 @@ def test_static_layouts_match_token_rule(kind, bq, bk, param):
     layout = mask.block_layout(64, 64, bq, bk)
     assert layout.shape == (1, 64 // bq, 64 // bk)
     np.testing.assert_array_equal(layout[0], _token_layout(mask, 64, bq, bk))
+    full = mask.full_layout(64, 64, bq, bk)
+    assert full.shape == layout.shape
+    np.testing.assert_array_equal(full[0], _token_layout(mask, 64, bq, bk, "all"))
+
+
+def test_full_first_reorders_lists_and_counts_full_blocks():
+    rng = np.random.default_rng(1)
+    layout = rng.random((2, 6, 9)) < 0.5
+    layout[1, 3] = False  # an empty row
+    full = rng.random((6, 9)) < 0.5
+    idx, cnt = masks_lib.compress(layout)
+    new_idx, nfull = masks_lib.full_first(idx, cnt, full)
+    np.testing.assert_array_equal(nfull, (layout & full).sum(-1))
+    for h, r in np.ndindex(cnt.shape):
+        listed, n, c = new_idx[h, r], nfull[h, r], cnt[h, r]
+        assert sorted(listed[:c]) == sorted(idx[h, r, :c])  # same blocks, reordered
+        assert full[r, listed[:n]].all() and not full[r, listed[n:c]].any()
+        assert np.all(np.diff(listed[:n]) > 0) and np.all(np.diff(listed[n:c]) > 0)
+        np.testing.assert_array_equal(listed[c:], idx[h, r, c:])  # padding kept
+    d_idx, d_nfull = masks_lib.full_first(jnp.asarray(idx), jnp.asarray(cnt), full)
+    np.testing.assert_array_equal(d_idx, new_idx)
+    np.testing.assert_array_equal(d_nfull, nfull)
 
 
 def test_compress_round_trip_and_transpose():
