@@ -3,9 +3,10 @@
 Dense baseline: ``jax.nn.dot_product_attention`` (cuDNN on GPU when it works,
 otherwise the default implementation), timed in the same run. Block layouts
 are causal-free, random (each query block keeps a fixed number of kv blocks,
-diagonal included) or banded. Prints the device, a table, and as its last
-line a JSON object with the dense/block-sparse time ratio per sparsity
-(geometric mean over sequence lengths) plus the device. Times are per call
+diagonal included) or banded. A causal row compares ``CausalMask`` with dense
+causal attention. Prints the device, a table, and as its last line a JSON
+object with the dense/block-sparse time ratio per sparsity and for causal
+(geometric means over sequence lengths) plus the device. Times are per call
 from back-to-back calls (median of five samples); each sequence length's
 kernels compile in parallel before timing.
 
@@ -98,10 +99,10 @@ def _dense_impls():
     return [None]
 
 
-def time_dense(q, k, v, ct, iters):
+def time_dense(q, k, v, ct, iters, causal=False):
     for impl in _dense_impls():
         fn = _fwd_bwd(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
-            q, k, v, implementation=impl))
+            q, k, v, is_causal=causal, implementation=impl))
         try:
             return time_calls(fn, (q, k, v, ct), iters), impl or "xla"
         except Exception as e:  # noqa: BLE001 - cuDNN may be unavailable or OOM
@@ -110,7 +111,8 @@ def time_dense(q, k, v, ct, iters):
 
 
 def sparse_fn(layout, block, backend, dense_fast_path=True):
-    mask = masks_lib.BlockLayoutMask(layout)
+    """Block-sparse forward + backward over ``layout`` (a mask object if not an array)."""
+    mask = masks_lib.BlockLayoutMask(layout) if isinstance(layout, np.ndarray) else layout
     return _fwd_bwd(lambda q, k, v: ops.block_sparse_attention(
         q, k, v, mask, block_q=block, block_k=block, backend=backend,
         dense_fast_path=dense_fast_path))
@@ -139,7 +141,7 @@ def main(argv=None) -> dict:
           f"head_dim={args.head_dim}, block={args.block}, bf16, pattern={args.pattern}")
     print(f"{'seq':>6} {'sparsity':>8} {'nnz/row':>7} {'dense ms':>9} {'sparse ms':>9} "
           f"{'ratio':>6}  dense impl")
-    ratios: dict[float, list[float]] = {s: [] for s in sparsities}
+    ratios: dict = {s: [] for s in [*sparsities, "causal"]}
     kernel_only: dict[str, float] = {}
     for seq in seq_lens:
         keys = jax.random.split(jax.random.PRNGKey(seq), 4)
@@ -147,8 +149,10 @@ def main(argv=None) -> dict:
         q, k, v, ct = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in keys)
         inputs = (q, k, v, ct)
         dense_t, impl = time_dense(q, k, v, ct, args.iters)
+        dense_causal_t, _ = time_dense(q, k, v, ct, args.iters, causal=True)
         layouts = {s: make_layout(seq // args.block, s, args.pattern) for s in sparsities}
-        jobs = {s: (sparse_fn(layouts[s], args.block, backend), inputs) for s in sparsities}
+        layouts["causal"] = masks_lib.CausalMask()
+        jobs = {s: (sparse_fn(layouts[s], args.block, backend), inputs) for s in layouts}
         if 0.0 in sparsities and backend == "gpu":
             jobs["kernel"] = (sparse_fn(layouts[0.0], args.block, backend, False), inputs)
         compiled = compile_all(jobs)
@@ -158,7 +162,12 @@ def main(argv=None) -> dict:
                       f"{str(fn)[:200]}")
                 continue
             t = time_calls(fn, inputs, args.iters)
-            ratio = dense_t / t
+            ratio = (dense_causal_t if label == "causal" else dense_t) / t
+            if label == "causal":
+                ratios[label].append(ratio)
+                print(f"{seq:>6} {'causal':>8} {'':>7} {dense_causal_t * 1e3:>9.2f} "
+                      f"{t * 1e3:>9.2f} {ratio:>6.2f}  {impl}, both causal")
+                continue
             if label == "kernel":
                 kernel_only[f"seq_{seq}"] = ratio
                 print(f"{seq:>6} {0.0:>8.2f} {'(kernel only, no dense fast path)':>34} "
@@ -168,7 +177,8 @@ def main(argv=None) -> dict:
                 ratios[label].append(ratio)
             print(f"{seq:>6} {label:>8.2f} {int(layouts[label][0].sum(1).max()):>7} "
                   f"{dense_t * 1e3:>9.2f} {t * 1e3:>9.2f} {ratio:>6.2f}  {impl}")
-    result: dict = {f"sparsity_{s:g}": (float(np.exp(np.mean(np.log(r)))) if r else None)
+    result: dict = {(s if s == "causal" else f"sparsity_{s:g}"):
+                    (float(np.exp(np.mean(np.log(r)))) if r else None)
                     for s, r in ratios.items()}
     if kernel_only:
         result["sparsity_0_kernel_only"] = kernel_only
