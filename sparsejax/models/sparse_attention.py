@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import flax.linen as nn
+import gin
 import jax.numpy as jnp
 import numpy as np
 
@@ -14,6 +15,14 @@ from pallas_kernels.block_sparse_attention import (BlockMask, TopKBlockMask,
                                                    topk_gate_distillation_loss)
 
 DEFAULT_BLOCK = 64
+
+
+@gin.configurable
+def attention_kernel(backend: str | None = None, interpret: bool = False) -> dict:
+    """Which block-sparse attention kernel the model calls: by default the device's
+    (Triton on GPU, Mosaic on TPU, the XLA path on CPU); ``backend='gpu',
+    interpret=True`` runs the Triton kernel in interpret mode on CPU."""
+    return {"backend": backend, "interpret": interpret}
 
 
 def build_mask(spec: Mapping[str, Any] | BlockMask | None) -> tuple[BlockMask, int]:
@@ -72,4 +81,4 @@ class BlockSparseSelfAttention(nn.Module):
                 self.sow("aux_loss", "gate_distill_loss", weight * loss)
                 self.sow("metrics", "gate_distill_loss", loss)
         return block_sparse_attention(q, k, v, mask, segment_ids=segment_ids, block_q=block,
-                                      block_k=block)
+                                      block_k=block, **attention_kernel())
