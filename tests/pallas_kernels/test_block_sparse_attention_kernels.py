@@ -124,9 +124,11 @@ def test_xla_path_matches_reference(case):
 
 
 @settings(max_examples=8, **_SETTINGS)
-@given(_cases([32, 64], [16, 32], max_batch=2, max_kv_heads=2))
-def test_gpu_kernel_interpret_matches_reference(case):
-    _check("gpu", **case)
+@given(_cases([32, 64], [16, 32], max_batch=2, max_kv_heads=2), st.booleans())
+def test_gpu_kernel_interpret_matches_reference(case, fused):
+    """The tuned default tiles (clipped to the blocks), split or fused backward."""
+    config = dataclasses.replace(gcfg.default_config(case["head_dim"]), fused_backward=fused)
+    _check("gpu", **case, gpu_config=config)
 
 
 SUBTILE_CASES = [
