@@ -14,6 +14,8 @@ last line a JSON object: the winners, the backward choice and, per pass, the
 time of the current default over the winner's.
 
   python benchmarks/block_sparse_attention_tune.py --write      # on a GPU
+  python benchmarks/block_sparse_attention_tune.py --seq 4096 --max-seq 4096 --write
+                                                   # settings for sequences up to 4096 only
   python benchmarks/block_sparse_attention_tune.py --quick      # tiny, interpret mode (CPU)
 """
 from __future__ import annotations
@@ -137,22 +139,25 @@ def with_pass(name, cand) -> gcfg.GpuConfig:
 
 
 def write_tuning(head_dim: int, winners: dict, device: str, path=None,
-                 fused_backward: bool | None = None) -> dict:
+                 fused_backward: bool | None = None, max_seq: int | None = None) -> dict:
     """Store ``winners`` (and ``fused_backward`` unless None) in the entry for head
-    dims up to ``head_dim``'s power of two.
+    dims up to ``head_dim``'s power of two and, with ``max_seq``, sequences up to
+    ``max_seq`` only (else every length).
 
-    A new bucket starts as a copy of the entry that covered it, so passes not
-    tuned in this run keep their previous settings.
+    A new entry starts as a copy of the one that served it, with every pass listed
+    as ``untuned`` until this or a later run measures it.
     """
     path = gcfg.TUNING_FILE if path is None else path
     entries = json.loads(path.read_text())["entries"]
     bucket = 1 << (head_dim - 1).bit_length()
-    entry = next((e for e in entries if e["max_head_dim"] == bucket), None)
+    entry = next((e for e in entries if e["max_head_dim"] == bucket
+                  and e.get("max_seq") == max_seq), None)
     if entry is None:
-        covering = [e for e in entries if e["max_head_dim"] >= bucket]
-        base = min(covering or entries, key=lambda e: abs(e["max_head_dim"] - bucket))
-        entry = {**base, "max_head_dim": bucket}
-        entry.pop("tuned_on", None)
+        base = gcfg.pick_entry(entries, bucket, max_seq)
+        entry = {**base, "max_head_dim": bucket, "untuned": list(gcfg.PASSES)}
+        entry.pop("max_seq", None)
+        if max_seq is not None:
+            entry["max_seq"] = max_seq
         entries.append(entry)
     entry.update({p: dataclasses.asdict(pc) for p, pc in winners.items()})
     untuned = [p for p in entry.pop("untuned", []) if p not in winners]
@@ -161,10 +166,10 @@ def write_tuning(head_dim: int, winners: dict, device: str, path=None,
     if fused_backward is not None:
         entry["fused_backward"] = fused_backward
     entry["tuned_on"] = device
-    entries.sort(key=lambda e: e["max_head_dim"])
+    entries.sort(key=lambda e: (e["max_head_dim"], e.get("max_seq") or math.inf))
     path.write_text(json.dumps({"entries": entries}, indent=2) + "\n")
     gcfg.default_config.cache_clear()
-    print(f"wrote {path} (max_head_dim={bucket})")
+    print(f"wrote {path} (max_head_dim={bucket}, max_seq={max_seq})")
     return entry
 
 
@@ -180,12 +185,18 @@ def main(argv=None) -> dict:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--write", action="store_true", help="store the winners in gpu_tuning.json")
+    p.add_argument("--max-seq", type=int, default=None,
+                   help="with --write: store them for sequences up to this length only "
+                        "(default: for every length)")
     p.add_argument("--quick", action="store_true", help="tiny shapes in interpret mode (CPU)")
     args = p.parse_args(argv)
     passes = [s for s in args.passes.split(",") if s]
     bad = [s for s in passes if s not in gcfg.PASSES]
     if bad:
         raise ValueError(f"--passes: {bad} not in {gcfg.PASSES}")
+    if args.max_seq is not None and args.max_seq < args.seq:
+        raise ValueError(f"--max-seq: {args.max_seq} is below the timed --seq {args.seq}; the "
+                         "tuned length must lie in the bucket it is stored for.")
     interpret = args.quick or jax.default_backend() != "gpu"
     candidates = CANDIDATES
     if args.quick:
@@ -211,7 +222,7 @@ def main(argv=None) -> dict:
     for name in passes:
         print(f"\n{name}: {'rows':>4} {'cols':>4} {'warps':>5} {'stages':>6} {'ms':>8} "
               f"{'TFLOP/s':>8} {'err':>8}", flush=True)
-        current = getattr(gcfg.default_config(args.head_dim), name)
+        current = getattr(gcfg.default_config(args.head_dim, args.seq), name)
         current = astuple(current.fit(args.block, args.block))
         cands = [current] + [c for c in candidates[name] if c != current]
         results = []
@@ -250,7 +261,7 @@ def main(argv=None) -> dict:
         speedups[name] = None if base is None else base / best[0]
         print(f"{name}: best {best[1]} {best[0] * 1e3:.3f} ms", flush=True)
         if args.write and not interpret:  # pass by pass: a cut-short run keeps what it found
-            write_tuning(args.head_dim, {name: winners[name]}, device)
+            write_tuning(args.head_dim, {name: winners[name]}, device, max_seq=args.max_seq)
     fused = None
     if {"dq", "dkv", "bwd"} <= set(best_ms):
         split_ms = best_ms["dq"] + best_ms["dkv"]
@@ -258,7 +269,7 @@ def main(argv=None) -> dict:
         print(f"\nbackward: split (dq + dk/dv) {split_ms:.3f} ms, fused {best_ms['bwd']:.3f} ms "
               f"-> {'fused' if fused else 'split'}", flush=True)
         if args.write and not interpret:
-            write_tuning(args.head_dim, {}, device, fused_backward=fused)
+            write_tuning(args.head_dim, {}, device, fused_backward=fused, max_seq=args.max_seq)
     result = {"winners": {p: dataclasses.asdict(pc) for p, pc in winners.items()},
               "fused_backward": fused, "current_default_over_best": speedups, "device": device}
     print(json.dumps(result))

@@ -38,11 +38,9 @@ from pallas_kernels.block_sparse_attention.gpu_config import PassConfig, default
 NEG = -1e30
 BIG = 1e30
 LOG2E = math.log2(math.e)
+HEADER = 2  # packed list columns before the indices: count, full count
 # keyword arguments every pass takes as jit-static
 _STATIC = ("rule", "scale", "block_q", "block_k", "interpret", "config")
-
-
-HEADER = 2  # packed list columns before the indices: count, full count
 
 
 def pack_lists(idx: jax.Array, cnt: jax.Array, nfull: jax.Array | None = None) -> jax.Array:
@@ -180,12 +178,13 @@ def _query_row_call(q, k, seg, kv_lists, pc: PassConfig, block_q: int):
     return (sq // pc.rows, b, h), in_specs, q_spec, packed
 
 
-def _or_default(config, d):
-    return default_config(d) if config is None else config
+def _or_default(config, q):
+    """``config``, or the tuned default for q's head dim and sequence length."""
+    return default_config(q.shape[-1], q.shape[1]) if config is None else config
 
 
-def _resolve(config, d, block_rows, block_cols, name):
-    return getattr(_or_default(config, d), name).fit(block_rows, block_cols)
+def _resolve(config, q, block_rows, block_cols, name):
+    return getattr(_or_default(config, q), name).fit(block_rows, block_cols)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -196,7 +195,7 @@ def fwd(q, k, v, seg, kv_idx, kv_cnt, kv_nfull=None, *, rule, scale, block_q, bl
     ``kv_nfull``: per list row, how many leading listed blocks are full (no rule
     needed); ``None`` applies the rule everywhere."""
     b, sq, h, _ = q.shape
-    pc = _resolve(config, q.shape[-1], block_q, block_k, "fwd")
+    pc = _resolve(config, q, block_q, block_k, "fwd")
     grid, in_specs, q_spec, packed = _query_row_call(q, k, seg, (kv_idx, kv_cnt, kv_nfull), pc,
                                                      block_q)
     kernel = functools.partial(_fwd_kernel, rule=rule, scale=scale, rows=pc.rows, cols=pc.cols,
@@ -286,7 +285,7 @@ def _dkv_kernel(k_ref, v_ref, q_ref, kseg_ref, qseg_ref, list_ref, do_ref, lse_r
 def dq_pass(q, k, v, seg, do, lse, delta, kv_idx, kv_cnt, kv_nfull=None, *, rule, scale,
             block_q, block_k, interpret=False, config=None):
     """dq ``[b, sq, h, d]``; ``delta`` is ``sum(o * do, -1)`` as ``[b, h, sq]`` float32."""
-    pc = _resolve(config, q.shape[-1], block_q, block_k, "dq")
+    pc = _resolve(config, q, block_q, block_k, "dq")
     grid, in_specs, q_spec, packed = _query_row_call(q, k, seg, (kv_idx, kv_cnt, kv_nfull), pc,
                                                      block_q)
     kernel = functools.partial(_dq_kernel, rule=rule, scale=scale, rows=pc.rows, cols=pc.cols,
@@ -310,7 +309,7 @@ def _key_row_call(q, k, v, seg, do, lse, delta, q_lists, *, rule, scale, block_q
     b, sq, h, d = q.shape
     sk, kvh = k.shape[1], k.shape[2]
     g = h // kvh
-    pc = _resolve(config, d, block_k, block_q, "bwd" if fuse_dq else "dkv")
+    pc = _resolve(config, q, block_k, block_q, "bwd" if fuse_dq else "dkv")
     packed = pack_lists(*q_lists)
     k_spec = _row_spec(pc.rows, d, lambda h: h // g)
     q_full = _full_spec(sq, d, lambda h: h)
@@ -381,7 +380,7 @@ def bwd(q, k, v, seg, o, lse, do, kv_idx, kv_cnt, q_idx, q_cnt, kv_nfull=None, q
     kw = dict(rule=rule, scale=scale, block_q=block_q, block_k=block_k, interpret=interpret,
               config=config)
     delta = delta_of(o, do)
-    if _or_default(config, q.shape[-1]).fused_backward:
+    if _or_default(config, q).fused_backward:
         return fused_bwd_pass(q, k, v, seg, do, lse, delta, q_idx, q_cnt, q_nfull, **kw)
     dq = dq_pass(q, k, v, seg, do, lse, delta, kv_idx, kv_cnt, kv_nfull, **kw)
     dk, dv = dkv_pass(q, k, v, seg, do, lse, delta, q_idx, q_cnt, q_nfull, **kw)

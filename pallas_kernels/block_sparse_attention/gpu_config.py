@@ -2,7 +2,8 @@
 
 A :class:`GpuConfig` holds one :class:`PassConfig` per pass (tiles, warps,
 pipeline depth) and which backward runs. ``gpu_tuning.json`` (package data)
-holds the tuned configs per head-dim bucket, written by
+holds the tuned configs per head-dim bucket (and, optionally, sequence-length
+bucket: ``max_seq``), written by
 ``benchmarks/block_sparse_attention_tune.py --write`` on the device named in
 each entry's ``tuned_on``; passes listed in an entry's ``untuned`` are guesses
 not yet measured there.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import pathlib
 
 TUNING_FILE = pathlib.Path(__file__).with_name("gpu_tuning.json")
@@ -74,13 +76,32 @@ def check_config(config: GpuConfig) -> None:
         raise ValueError(f"gpu_config.fused_backward: {config.fused_backward!r} must be a bool.")
 
 
+def _seq_limit(entry: dict) -> float:
+    return entry.get("max_seq") or math.inf
+
+
+def pick_entry(entries: list[dict], head_dim: int, seq_len: int | None = None) -> dict:
+    """The entry that serves ``head_dim`` and ``seq_len``.
+
+    Head dim: the smallest ``max_head_dim`` bucket covering it, else the largest.
+    Within the bucket: the entry with the smallest ``max_seq`` covering ``seq_len``;
+    an entry without ``max_seq`` covers every length and is the one used when
+    ``seq_len`` is None. If nothing covers the length, the entry with the largest
+    ``max_seq`` is used.
+    """
+    dims = sorted({e["max_head_dim"] for e in entries})
+    dim = next((d for d in dims if head_dim <= d), dims[-1])
+    bucket = [e for e in entries if e["max_head_dim"] == dim]
+    target = math.inf if seq_len is None else seq_len
+    covering = [e for e in bucket if _seq_limit(e) >= target]
+    return min(covering, key=_seq_limit) if covering else max(bucket, key=_seq_limit)
+
+
 @functools.cache
-def default_config(head_dim: int) -> GpuConfig:
-    """Tuned tiles for ``head_dim`` from ``gpu_tuning.json``: the smallest entry whose
-    ``max_head_dim`` covers it, else the largest. Entries are written by
+def default_config(head_dim: int, seq_len: int | None = None) -> GpuConfig:
+    """Tuned settings for ``head_dim`` (and ``seq_len``) from ``gpu_tuning.json``; see
+    :func:`pick_entry`. Entries are written by
     ``benchmarks/block_sparse_attention_tune.py --write`` on the device named in
     each entry's ``tuned_on``."""
-    entries = sorted(json.loads(TUNING_FILE.read_text())["entries"],
-                     key=lambda e: e["max_head_dim"])
-    entry = next((e for e in entries if head_dim <= e["max_head_dim"]), entries[-1])
-    return GpuConfig.from_json(entry)
+    entries = json.loads(TUNING_FILE.read_text())["entries"]
+    return GpuConfig.from_json(pick_entry(entries, head_dim, seq_len))

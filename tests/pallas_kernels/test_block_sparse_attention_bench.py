@@ -41,6 +41,26 @@ def test_tuner_rejects_unknown_pass(bench_modules):
         tune.main(["--quick", "--passes", "fwd,dkvq"])
 
 
+def test_tuner_rejects_a_bucket_below_the_timed_length(bench_modules):
+    _, tune = bench_modules
+    with pytest.raises(ValueError, match="--max-seq: 4096"):
+        tune.main(["--seq", "8192", "--max-seq", "4096"])
+
+
+def test_pick_entry_by_head_dim_then_sequence_length():
+    entries = [{"max_head_dim": 64, "tag": "d64"},
+               {"max_head_dim": 128, "tag": "d128"},
+               {"max_head_dim": 128, "max_seq": 4096, "tag": "d128_4k"},
+               {"max_head_dim": 128, "max_seq": 1024, "tag": "d128_1k"}]
+    pick = lambda d, s=None: gcfg.pick_entry(entries, d, s)["tag"]
+    assert pick(32) == pick(64, 512) == "d64"  # no length bucket: covers all
+    assert pick(128) == pick(100, 8192) == pick(256, 32768) == "d128"
+    assert pick(128, 1024) == pick(128, 64) == "d128_1k"
+    assert pick(128, 1025) == pick(128, 4096) == "d128_4k"
+    only_buckets = entries[2:]  # nothing covers 8192: the largest bucket
+    assert gcfg.pick_entry(only_buckets, 128, 8192)["tag"] == "d128_4k"
+
+
 def test_write_tuning_updates_or_adds_a_head_dim_bucket(bench_modules, tmp_path, monkeypatch):
     _, tune = bench_modules
     path = tmp_path / "gpu_tuning.json"
@@ -69,5 +89,13 @@ def test_write_tuning_updates_or_adds_a_head_dim_bucket(bench_modules, tmp_path,
     assert gcfg.default_config(128).bwd == new_bwd
     entry = next(e for e in json.loads(path.read_text())["entries"] if e["max_head_dim"] == 128)
     assert "bwd" not in entry.get("untuned", [])  # measured now
+
+    short = tune.write_tuning(128, {"fwd": new_bwd}, "test device", max_seq=4096)
+    assert short["max_seq"] == 4096 and "fwd" not in short["untuned"]
+    assert set(short["untuned"]) == set(gcfg.PASSES) - {"fwd"}  # copied, not measured
+    assert gcfg.default_config(128, 4096).fwd == new_bwd
+    assert gcfg.default_config(128, 4096).dq == gcfg.default_config(128).dq  # copied
+    assert gcfg.default_config(128, 8192).fwd == new_fwd  # longer: the general entry
+    assert gcfg.default_config(128).fwd == new_fwd
     assert gcfg.default_config(64).fused_backward is before.fused_backward  # other bucket kept
     gcfg.default_config.cache_clear()
