@@ -191,6 +191,15 @@ def test_tpu_kernel_interpret_matches_reference(case):
     _check("tpu", **case)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["split_bwd", "fused_bwd"])
+def test_gpu_kernel_traced_topk_lists(fused):
+    """Causal top-k: traced block lists, reordered full tiles first inside the trace."""
+    config = dataclasses.replace(gcfg.default_config(16), fused_backward=fused)
+    for seed in (0, 2):  # _mask draws causal from the seed: 0 causal, 2 not
+        _check("gpu", seed=seed, batch=2, seq=64, bq=16, bk=16, head_dim=16, kv_heads=1,
+               group=2, dtype=jnp.float32, kind="top_k", use_seg=False, gpu_config=config)
+
+
 @pytest.mark.parametrize("backend", ["gpu", "tpu"], ids=["triton", "mosaic"])
 def test_kernels_gqa_segments_empty_rows(backend):
     """Fixed hard case per kernel: GQA 2:1, packed segments, an empty query block, bf16."""
