@@ -181,7 +181,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks
         ``jax.nn.dot_product_attention(implementation="cudnn")``: same result, faster.
       gpu_config: a ``gpu_config.GpuConfig`` (per-pass tiles, warps, pipeline stages,
         split or fused backward) for the GPU kernels; default: the tuned entry for the
-        head dim in ``gpu_tuning.json``.
+        head dim and sequence length in ``gpu_tuning.json``.
 
     Returns:
       ``[batch, seq_q, heads, head_dim]`` in q's dtype; rows that see no key are zero.
