@@ -30,11 +30,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from block_sparse_attention import (  # benchmark beside this
-    compile_all,
-    make_layout,
-    time_calls,
-)
+from block_sparse_attention import compile_all, make_layout, time_calls  # benchmark beside this
 
 from pallas_kernels.block_sparse_attention import gpu, ops, reference
 from pallas_kernels.block_sparse_attention import gpu_config as gcfg
@@ -166,7 +162,7 @@ def write_tuning(head_dim: int, winners: dict, device: str, path=None,
     if fused_backward is not None:
         entry["fused_backward"] = fused_backward
     entry["tuned_on"] = device
-    entries.sort(key=lambda e: (e["max_head_dim"], e.get("max_seq") or math.inf))
+    entries.sort(key=lambda e: (e["max_head_dim"], gcfg.seq_limit(e)))
     path.write_text(json.dumps({"entries": entries}, indent=2) + "\n")
     gcfg.default_config.cache_clear()
     print(f"wrote {path} (max_head_dim={bucket}, max_seq={max_seq})")

@@ -352,9 +352,8 @@ def dkv_pass(q, k, v, seg, do, lse, delta, q_idx, q_cnt, q_nfull=None, *, rule, 
              block_k, interpret=False, config=None):
     """(dk, dv), computed per query head and summed over each GQA group."""
     return _key_row_call(q, k, v, seg, do, lse, delta, (q_idx, q_cnt, q_nfull), rule=rule,
-                         scale=scale,
-                         block_q=block_q, block_k=block_k, interpret=interpret, config=config,
-                         fuse_dq=False)
+                         scale=scale, block_q=block_q, block_k=block_k, interpret=interpret,
+                         config=config, fuse_dq=False)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)

@@ -76,7 +76,8 @@ def check_config(config: GpuConfig) -> None:
         raise ValueError(f"gpu_config.fused_backward: {config.fused_backward!r} must be a bool.")
 
 
-def _seq_limit(entry: dict) -> float:
+def seq_limit(entry: dict) -> float:
+    """The longest sequence a tuning entry serves (``max_seq``; unbounded without it)."""
     return entry.get("max_seq") or math.inf
 
 
@@ -93,8 +94,8 @@ def pick_entry(entries: list[dict], head_dim: int, seq_len: int | None = None) -
     dim = next((d for d in dims if head_dim <= d), dims[-1])
     bucket = [e for e in entries if e["max_head_dim"] == dim]
     target = math.inf if seq_len is None else seq_len
-    covering = [e for e in bucket if _seq_limit(e) >= target]
-    return min(covering, key=_seq_limit) if covering else max(bucket, key=_seq_limit)
+    covering = [e for e in bucket if seq_limit(e) >= target]
+    return min(covering, key=seq_limit) if covering else max(bucket, key=seq_limit)
 
 
 @functools.cache
