@@ -99,3 +99,28 @@ def test_write_tuning_updates_or_adds_a_head_dim_bucket(bench_modules, tmp_path,
     assert gcfg.default_config(128).fwd == new_fwd
     assert gcfg.default_config(64).fused_backward is before.fused_backward  # other bucket kept
     gcfg.default_config.cache_clear()
+
+
+def test_tuner_scores_over_patterns_so_a_causal_loss_is_not_hidden(bench_modules):
+    _, tune = bench_modules
+    # (rows, cols, warps, stages), correct, seconds per pattern
+    fast_random = ((64, 64, 4, 3), True, {"random": 1.00, "causal": 1.35})
+    balanced = ((64, 64, 4, 2), True, {"random": 1.01, "causal": 1.00})
+    wrong = ((32, 32, 4, 2), False, {"random": 0.10, "causal": 0.10})
+    cand, score, times = tune.best_of([fast_random, balanced, wrong])
+    assert cand == (64, 64, 4, 2) and times == balanced[2]
+    assert score == pytest.approx((1.01 * 1.00) ** 0.5)
+    only_random = [(c, ok, {"random": t["random"]}) for c, ok, t in (fast_random, balanced)]
+    assert tune.best_of(only_random)[0] == (64, 64, 4, 3)
+    assert tune.best_of([wrong]) is None
+
+
+def test_tuner_times_the_patterns_it_is_given(bench_modules, capsys):
+    _, tune = bench_modules
+    out = tune.main(["--quick", "--passes", "fwd", "--patterns", "banded,causal"])
+    assert set(out["winners"]) == {"fwd"}
+    header = next(line for line in capsys.readouterr().out.splitlines()
+                  if line.startswith("fwd:") and "rows" in line)
+    assert "banded ms" in header and "causal ms" in header and "random ms" not in header
+    with pytest.raises(ValueError, match="--patterns"):
+        tune.main(["--quick", "--patterns", "random,diagonal"])
