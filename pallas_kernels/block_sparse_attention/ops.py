@@ -52,7 +52,7 @@ def _kernel_kw(cfg: _Config) -> dict:
 
 def _fwd_call(cfg: _Config, q, k, v, seg, lists):
     kv_idx, kv_cnt, kv_nfull = lists[:3]
-    full = (kv_nfull,) if cfg.backend == "gpu" else ()
+    full = (kv_nfull,) if cfg.backend != "xla" else ()
     return _impl(cfg.backend).fwd(q, k, v, seg, kv_idx, kv_cnt, *full, **_kernel_kw(cfg))
 
 
@@ -72,7 +72,7 @@ def _attention_bwd(cfg, res, do):
     if cfg.backend == "xla":
         dq, dk, dv = xla_impl.bwd(q, k, v, seg, o, lse, do, kv_idx, kv_cnt, **kw)
     else:
-        full = (kv_nfull, q_nfull) if cfg.backend == "gpu" else ()
+        full = (kv_nfull, q_nfull)
         dq, dk, dv = _impl(cfg.backend).bwd(q, k, v, seg, o, lse, do, kv_idx, kv_cnt, q_idx,
                                             q_cnt, *full, **kw)
     return dq, dk, dv, None, None
@@ -133,8 +133,8 @@ def _block_sizes(mask, sq, sk, block_q, block_k, backend):
 
 def _full_tiles(mask, backend, seq_q, seq_k, block_q, block_k):
     """``[q_blocks, kv_blocks]`` tiles where the token rule holds for every pair, for the
-    backends that skip the rule there (GPU); None when there is no rule to skip."""
-    if backend != "gpu" or mask.token_rule is None:
+    kernels that skip the rule there (GPU, TPU); None when there is no rule to skip."""
+    if backend == "xla" or mask.token_rule is None:
         return None
     return np.asarray(mask.token_rule.full_layout(seq_q, seq_k, block_q, block_k))[0]
 

@@ -239,3 +239,11 @@ def test_kernels_lower_for_their_platform(kernel_calls, backend, fused):
     # forward + (dq, dk/dv) or forward + fused backward
     assert kernel_calls(platform, jax.value_and_grad(loss, (0, 1, 2)), q, kv, kv) == (
         2 if fused else 3)
+
+
+@pytest.mark.parametrize("kind", ["causal", "sliding", "global_local"])
+def test_tpu_kernel_full_tiles_skip_the_rule(kind):
+    """Rule masks over several blocks: full tiles (listed first, no rule) and partial
+    tiles (rule applied) in one list, with packed segments on top."""
+    _check("tpu", seed=5, batch=1, seq=64, bq=16, bk=16, head_dim=16, kv_heads=1, group=1,
+           dtype=jnp.float32, kind=kind, use_seg=True)
