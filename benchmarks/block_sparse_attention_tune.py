@@ -1,7 +1,8 @@
 """Tune the GPU block-sparse attention kernels: tiles, warps and pipeline depth per pass.
 
-For each pass (forward, dq, dk/dv, and the fused backward that adds dq
-atomically from the dk/dv programs) every candidate ``PassConfig`` is first
+For each pass (forward, dq, dk/dv, the fused backward that adds dq
+atomically from the dk/dv programs, and the cached backward's dq from stored
+dS tiles) every candidate ``PassConfig`` is first
 checked against the dense float32 reference on a hard case (causal, packed
 segments, GQA 4:1, bf16) and then timed alone on each timing pattern: by
 default the benchmark's layout (random blocks at the given sparsity) and a
@@ -11,9 +12,11 @@ another is not picked (on an H200, three pipeline stages in the backward
 passes tie on random blocks and cost 35% on causal masks). The winner of each
 pass is the correct candidate with the lowest score; ``--write`` stores it in
 ``gpu_tuning.json`` as the default for head dims up to the bucket's
-``max_head_dim``. When the dq, dk/dv and fused passes are all tuned in one
-run, the faster backward by the same score (dq + dk/dv per pattern, or fused)
-becomes the default (``fused_backward``). Prints one table per pass (ms and
+``max_head_dim``. When every backward pass is tuned in one run, the fastest
+backward by the same score becomes the default (``backward``): split (dq +
+dk/dv per pattern), fused, or cached (the dk/dv pass storing dS, timed with the
+winning dk/dv tiles, + cached dq; split where the store would pass the default
+``ds_cache_max_bytes``). Prints one table per pass (ms and
 TFLOP/s counted over the kept blocks per pattern, score, error) and as its
 last line a JSON object: the winners, the backward choice and, per pass, the
 score of the current default over the winner's.
@@ -51,9 +54,11 @@ CANDIDATES = {
             (64, 128, 4, 2), (128, 32, 8, 2), (128, 32, 4, 2), (128, 64, 8, 3)],
     "bwd": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2),
             (64, 64, 8, 2), (128, 64, 8, 2), (32, 32, 4, 2)],
+    "dq_cached": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2),
+                  (64, 128, 4, 2), (128, 128, 8, 2), (64, 32, 4, 3), (128, 32, 4, 3)],
 }
 QUICK_CANDIDATES = {p: [(16, 16, 4, 2), (32, 16, 4, 2)] for p in gcfg.PASSES}
-MATMULS = {"fwd": 2, "dq": 3, "dkv": 4, "bwd": 5}  # block-pair matmuls each pass does
+MATMULS = {"fwd": 2, "dq": 3, "dkv": 4, "bwd": 5, "dq_cached": 1}  # block-pair matmuls
 PATTERNS = ("random", "banded", "causal")  # timing masks: block layouts of the benchmark, causal
 BF16_TOL = 2e-2  # max error over the reference's largest magnitude
 
@@ -73,6 +78,7 @@ class Problem:
     lse: jax.Array = None
     delta: jax.Array = None
     pairs: int = 0  # kept (query block, kv block) pairs over all heads
+    store: jax.Array = None  # dS tiles from the default dk/dv store pass, for dq_cached
 
     def job(self, name, config, interpret):
         """(jitted pass with everything static bound, its array arguments)."""
@@ -86,8 +92,19 @@ class Problem:
         if name == "dq":
             return (jax.jit(functools.partial(gpu.dq_pass, **kw)),
                     (*args, kv_idx, kv_cnt, kv_nfull))
+        if name == "dq_cached":
+            if self.store is None:
+                self.store = self.run("dkv_store", None, interpret)[2]
+            return (jax.jit(functools.partial(gpu.dq_cached_pass, **kw)),
+                    (self.q, self.k, self.store, kv_idx, kv_cnt))
+        if name == "dkv_store":
+            return (jax.jit(functools.partial(gpu.dkv_store_pass, **kw)),
+                    (*args, kv_idx, kv_cnt, q_idx, q_cnt, q_nfull))
         fn = gpu.dkv_pass if name == "dkv" else gpu.fused_bwd_pass
         return jax.jit(functools.partial(fn, **kw)), (*args, q_idx, q_cnt, q_nfull)
+
+    def store_bytes(self) -> int:
+        return gpu.ds_store_bytes(self.q, self.lists[0], self.block, self.block)
 
     def run(self, name, config, interpret):
         fn, args = self.job(name, config, interpret)
@@ -119,7 +136,7 @@ def reference_outputs(prob: Problem) -> dict:
 
     out, vjp = jax.vjp(ref, f32(prob.q), f32(prob.k), f32(prob.v))
     dq, dk, dv = vjp(f32(prob.do))
-    return {"fwd": (out,), "dq": (dq,), "dkv": (dk, dv), "bwd": (dq, dk, dv)}
+    return {"fwd": (out,), "dq": (dq,), "dkv": (dk, dv), "bwd": (dq, dk, dv), "dq_cached": (dq,)}
 
 
 def timing_mask(pattern: str, seq: int, block: int, sparsity: float) -> masks_lib.BlockMask:
@@ -164,8 +181,8 @@ def with_pass(name, cand) -> gcfg.GpuConfig:
 
 
 def write_tuning(head_dim: int, winners: dict, device: str, path=None,
-                 fused_backward: bool | None = None, max_seq: int | None = None) -> dict:
-    """Store ``winners`` (and ``fused_backward`` unless None) in the entry for head
+                 backward: str | None = None, max_seq: int | None = None) -> dict:
+    """Store ``winners`` (and ``backward`` unless None) in the entry for head
     dims up to ``head_dim``'s power of two and, with ``max_seq``, sequences up to
     ``max_seq`` only (else every length).
 
@@ -188,14 +205,35 @@ def write_tuning(head_dim: int, winners: dict, device: str, path=None,
     untuned = [p for p in entry.pop("untuned", []) if p not in winners]
     if untuned:  # passes whose settings are guesses, not measurements on tuned_on
         entry["untuned"] = untuned
-    if fused_backward is not None:
-        entry["fused_backward"] = fused_backward
+    if backward is not None:
+        entry["backward"] = backward
     entry["tuned_on"] = device
     entries.sort(key=lambda e: (e["max_head_dim"], gcfg.seq_limit(e)))
     path.write_text(json.dumps({"entries": entries}, indent=2) + "\n")
     gcfg.default_config.cache_clear()
     print(f"wrote {path} (max_head_dim={bucket}, max_seq={max_seq})")
     return entry
+
+
+def choose_backward(best_times, timing, patterns, dkv_tiles, interpret, args) -> str:
+    """The backward with the lowest score: split, fused, or cached (the dk/dv store
+    pass timed here with the winning dk/dv tiles; split where the store would
+    exceed the default ``ds_cache_max_bytes``)."""
+    cap = gcfg.GpuConfig().ds_cache_max_bytes
+    config = dataclasses.replace(gcfg.GpuConfig(), dkv=dkv_tiles)
+    jobs = {p: timing[p].job("dkv_store", config, interpret) for p in patterns}
+    compiled = compile_all(jobs)
+    times = {"split": {}, "fused": best_times["bwd"], "cached": {}}
+    for p in patterns:
+        times["split"][p] = best_times["dq"][p] + best_times["dkv"][p]
+        fits = timing[p].store_bytes() <= cap and not isinstance(compiled[p], Exception)
+        times["cached"][p] = (time_calls(compiled[p], jobs[p][1], args.iters, args.repeats)
+                              + best_times["dq_cached"][p]) if fits else times["split"][p]
+    scores = {name: geomean(t.values()) for name, t in times.items()}
+    best = min(scores, key=scores.get)
+    print("\nbackward: " + ", ".join(f"{name} score {sc * 1e3:.3f} ms"
+                                     for name, sc in scores.items()) + f" -> {best}", flush=True)
+    return best
 
 
 def main(argv=None) -> dict:
@@ -300,17 +338,13 @@ def main(argv=None) -> dict:
         print(f"{name}: best {cand} score {score * 1e3:.3f} ms", flush=True)
         if args.write and not interpret:  # pass by pass: a cut-short run keeps what it found
             write_tuning(args.head_dim, {name: winners[name]}, device, max_seq=args.max_seq)
-    fused = None
-    if {"dq", "dkv", "bwd"} <= set(best_times):
-        split = geomean(best_times["dq"][p] + best_times["dkv"][p] for p in patterns)
-        fused_score = geomean(best_times["bwd"].values())
-        fused = fused_score < split
-        print(f"\nbackward: split (dq + dk/dv) score {split * 1e3:.3f} ms, fused "
-              f"{fused_score * 1e3:.3f} ms -> {'fused' if fused else 'split'}", flush=True)
+    backward = None
+    if {"dq", "dkv", "bwd", "dq_cached"} <= set(best_times):
+        backward = choose_backward(best_times, timing, patterns, winners["dkv"], interpret, args)
         if args.write and not interpret:
-            write_tuning(args.head_dim, {}, device, fused_backward=fused, max_seq=args.max_seq)
+            write_tuning(args.head_dim, {}, device, backward=backward, max_seq=args.max_seq)
     result = {"winners": {p: dataclasses.asdict(pc) for p, pc in winners.items()},
-              "fused_backward": fused, "current_default_over_best": speedups, "device": device}
+              "backward": backward, "current_default_over_best": speedups, "device": device}
     print(json.dumps(result))
     return result
 

@@ -17,7 +17,10 @@ import math
 import pathlib
 
 TUNING_FILE = pathlib.Path(__file__).with_name("gpu_tuning.json")
-PASSES = ("fwd", "dq", "dkv", "bwd")  # bwd: the fused dq + dk/dv pass
+# bwd: the fused dq + dk/dv pass; dq_cached: dq from the dS tiles the dk/dv pass stored
+PASSES = ("fwd", "dq", "dkv", "bwd", "dq_cached")
+BACKWARDS = ("split", "fused", "cached")
+DS_CACHE_MAX_BYTES = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,19 +48,27 @@ class PassConfig:
 class GpuConfig:
     """Tiles per pass, and which backward runs.
 
-    fused_backward: False runs the ``dq`` and ``dkv`` passes; True runs the
-      fused ``bwd`` pass (key-row programs that also add into dq atomically).
+    backward: ``"split"`` runs the ``dq`` and ``dkv`` passes, each recomputing
+      the probabilities (7 block matmuls per kept pair); ``"fused"`` runs the
+      ``bwd`` pass (key-row programs that also add into dq atomically: 5);
+      ``"cached"`` runs the ``dkv`` pass storing each kept pair's dS tile, then
+      ``dq_cached`` (dq = dS @ k from the stored tiles: 5 matmuls, no atomics,
+      one bf16 tile of memory per kept pair).
+    ds_cache_max_bytes: the largest dS store ``"cached"`` may allocate; past it
+      the backward runs split.
     """
     fwd: PassConfig = PassConfig()
     dq: PassConfig = PassConfig()
     dkv: PassConfig = PassConfig()
     bwd: PassConfig = PassConfig()
-    fused_backward: bool = False
+    dq_cached: PassConfig = PassConfig()
+    backward: str = "split"
+    ds_cache_max_bytes: int = DS_CACHE_MAX_BYTES
 
     @classmethod
     def from_json(cls, obj: dict) -> GpuConfig:
         passes = {p: PassConfig(**obj[p]) for p in PASSES if p in obj}
-        return cls(**passes, fused_backward=bool(obj.get("fused_backward", False)))
+        return cls(**passes, backward=obj.get("backward", "split"))
 
 
 def check_config(config: GpuConfig) -> None:
@@ -72,8 +83,11 @@ def check_config(config: GpuConfig) -> None:
         if pc.num_warps not in (1, 2, 4, 8, 16) or pc.num_stages < 1:
             raise ValueError(f"gpu_config.{name}: num_warps={pc.num_warps} must be a power of "
                              f"two <= 16 and num_stages={pc.num_stages} >= 1.")
-    if not isinstance(config.fused_backward, bool):
-        raise ValueError(f"gpu_config.fused_backward: {config.fused_backward!r} must be a bool.")
+    if config.backward not in BACKWARDS:
+        raise ValueError(f"gpu_config.backward: {config.backward!r} must be one of {BACKWARDS}.")
+    if not isinstance(config.ds_cache_max_bytes, int) or config.ds_cache_max_bytes < 0:
+        raise ValueError(f"gpu_config.ds_cache_max_bytes: {config.ds_cache_max_bytes!r} must be "
+                         "an int >= 0.")
 
 
 def seq_limit(entry: dict) -> float:

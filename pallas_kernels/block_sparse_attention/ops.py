@@ -180,7 +180,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks
         with every block present and no token rule other than causal is sent to
         ``jax.nn.dot_product_attention(implementation="cudnn")``: same result, faster.
       gpu_config: a ``gpu_config.GpuConfig`` (per-pass tiles, warps, pipeline stages,
-        split or fused backward) for the GPU kernels; default: the tuned entry for the
+        split, fused or cached backward) for the GPU kernels; default: the tuned entry for the
         head dim and sequence length in ``gpu_tuning.json``.
 
     Returns:

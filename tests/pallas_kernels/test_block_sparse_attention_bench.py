@@ -32,7 +32,7 @@ def test_tuner_quick_picks_a_correct_winner_per_pass(bench_modules):
     for pc in out["winners"].values():
         assert gcfg.PassConfig(**pc).rows in (16, 32)
     assert all(v > 0 for v in out["current_default_over_best"].values())
-    assert isinstance(out["fused_backward"], bool)  # all backward passes ran: a choice is made
+    assert out["backward"] in gcfg.BACKWARDS  # all backward passes ran: a choice is made
 
 
 def test_tuner_rejects_unknown_pass(bench_modules):
@@ -83,9 +83,8 @@ def test_write_tuning_updates_or_adds_a_head_dim_bucket(bench_modules, tmp_path,
     assert gcfg.default_config(512) == gcfg.default_config(128)  # past every bucket: the largest
 
     new_bwd = gcfg.PassConfig(rows=32, cols=64, num_warps=4, num_stages=3)
-    tune.write_tuning(128, {"bwd": new_bwd}, "test device",
-                      fused_backward=not before.fused_backward)
-    assert gcfg.default_config(128).fused_backward is not before.fused_backward
+    tune.write_tuning(128, {"bwd": new_bwd}, "test device", backward="cached")
+    assert before.backward != "cached" and gcfg.default_config(128).backward == "cached"
     assert gcfg.default_config(128).bwd == new_bwd
     entry = next(e for e in json.loads(path.read_text())["entries"] if e["max_head_dim"] == 128)
     assert "bwd" not in entry.get("untuned", [])  # measured now
@@ -97,7 +96,7 @@ def test_write_tuning_updates_or_adds_a_head_dim_bucket(bench_modules, tmp_path,
     assert gcfg.default_config(128, 4096).dq == gcfg.default_config(128).dq  # copied
     assert gcfg.default_config(128, 8192).fwd == new_fwd  # longer: the general entry
     assert gcfg.default_config(128).fwd == new_fwd
-    assert gcfg.default_config(64).fused_backward is before.fused_backward  # other bucket kept
+    assert gcfg.default_config(64).backward == before.backward  # other bucket kept
     gcfg.default_config.cache_clear()
 
 

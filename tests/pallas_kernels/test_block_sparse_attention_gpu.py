@@ -41,10 +41,10 @@ CASES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [False, True], ids=["split_bwd", "fused_bwd"])
+@pytest.mark.parametrize("backward", gcfg.BACKWARDS)
 @pytest.mark.parametrize("seq,block,head_dim,heads,kv_heads,mask_kind,use_segments", CASES)
 def test_compiled_gpu_kernel_matches_reference(seq, block, head_dim, heads, kv_heads, mask_kind,
-                                               use_segments, fused):
+                                               use_segments, backward):
     keys = jax.random.split(jax.random.PRNGKey(seq + block + head_dim), 4)
     q = jax.random.normal(keys[0], (1, seq, heads, head_dim), jnp.bfloat16)
     k = jax.random.normal(keys[1], (1, seq, kv_heads, head_dim), jnp.bfloat16)
@@ -61,7 +61,7 @@ def test_compiled_gpu_kernel_matches_reference(seq, block, head_dim, heads, kv_h
         seg = jnp.asarray((np.arange(seq) >= seq // 3).astype(np.int32)
                           + (np.arange(seq) >= seq // 2))[None]
 
-    config = dataclasses.replace(gcfg.default_config(head_dim), fused_backward=fused)
+    config = dataclasses.replace(gcfg.default_config(head_dim), backward=backward)
 
     def kernel(q, k, v):
         return ops.block_sparse_attention(q, k, v, mask, segment_ids=seg, block_q=block,

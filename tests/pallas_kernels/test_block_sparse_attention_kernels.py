@@ -124,10 +124,10 @@ def test_xla_path_matches_reference(case):
 
 
 @settings(max_examples=8, **_SETTINGS)
-@given(_cases([32, 64], [16, 32], max_batch=2, max_kv_heads=2), st.booleans())
-def test_gpu_kernel_interpret_matches_reference(case, fused):
-    """The tuned default tiles (clipped to the blocks), split or fused backward."""
-    config = dataclasses.replace(gcfg.default_config(case["head_dim"]), fused_backward=fused)
+@given(_cases([32, 64], [16, 32], max_batch=2, max_kv_heads=2), st.sampled_from(gcfg.BACKWARDS))
+def test_gpu_kernel_interpret_matches_reference(case, backward):
+    """The tuned default tiles (clipped to the blocks), each backward."""
+    config = dataclasses.replace(gcfg.default_config(case["head_dim"]), backward=backward)
     _check("gpu", **case, gpu_config=config)
 
 
@@ -138,24 +138,25 @@ SUBTILE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["split_bwd", "fused_bwd"])
+@pytest.mark.parametrize("backward", gcfg.BACKWARDS)
 @pytest.mark.parametrize("bq,bk,fwd,dq,dkv,dtype,kind,use_seg", SUBTILE_CASES)
 def test_gpu_kernel_interpret_subtiles_match_reference(bq, bk, fwd, dq, dkv, dtype, kind,
-                                                       use_seg, fused):
+                                                       use_seg, backward):
     """Program tiles and loop steps smaller than the mask blocks, in every pass; the
-    backward split (dq pass + dk/dv pass) or fused (dq added atomically)."""
-    tiles = {"fwd": fwd, "dq": dq, "dkv": dkv, "bwd": dkv}
+    backward split (dq pass + dk/dv pass), fused (dq added atomically) or cached
+    (dq from the dS tiles the dk/dv pass stored, whose tiles differ from dq's)."""
+    tiles = {"fwd": fwd, "dq": dq, "dkv": dkv, "bwd": dkv, "dq_cached": dq}
     config = gcfg.GpuConfig(**{name: gcfg.PassConfig(rows=r, cols=c, num_warps=4, num_stages=2)
-                              for name, (r, c) in tiles.items()}, fused_backward=fused)
+                              for name, (r, c) in tiles.items()}, backward=backward)
     _check("gpu", seed=bq + bk, batch=1, seq=128, bq=bq, bk=bk, head_dim=16, kv_heads=1,
            group=2, dtype=dtype, kind=kind, use_seg=use_seg, gpu_config=config)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["split_bwd", "fused_bwd"])
-def test_gpu_backward_batch_gqa_default_tiles(fused):
-    """Split and fused backward give the same gradients as the reference, through
-    the tuned default's tiles (clipped to 16-blocks), batch 2 and GQA 2:1."""
-    config = dataclasses.replace(gcfg.default_config(16), fused_backward=fused)
+@pytest.mark.parametrize("backward", gcfg.BACKWARDS)
+def test_gpu_backward_batch_gqa_default_tiles(backward):
+    """Every backward gives the reference's gradients through the tuned default's
+    tiles (clipped to 16-blocks), batch 2 and GQA 2:1."""
+    config = dataclasses.replace(gcfg.default_config(16), backward=backward)
     _check("gpu", seed=11, batch=2, seq=64, bq=16, bk=16, head_dim=16, kv_heads=2, group=2,
            dtype=jnp.float32, kind="global_local", use_seg=True, gpu_config=config)
 
@@ -169,9 +170,12 @@ def test_gpu_config_bad_input():
     with pytest.raises(ValueError, match="gpu_config"):
         ops.block_sparse_attention(q, q, q, mask, backend="gpu", interpret=True,
                                    gpu_config={"fwd": 1})
-    with pytest.raises(ValueError, match="gpu_config.fused_backward: 'yes'"):
+    with pytest.raises(ValueError, match="gpu_config.backward: 'atomic'"):
         ops.block_sparse_attention(q, q, q, mask, backend="gpu", interpret=True,
-                                   gpu_config=gcfg.GpuConfig(fused_backward="yes"))
+                                   gpu_config=gcfg.GpuConfig(backward="atomic"))
+    with pytest.raises(ValueError, match="gpu_config.ds_cache_max_bytes: -1"):
+        ops.block_sparse_attention(q, q, q, mask, backend="gpu", interpret=True,
+                                   gpu_config=gcfg.GpuConfig(ds_cache_max_bytes=-1))
 
 
 def test_gpu_tuning_file_covers_every_head_dim():
@@ -182,7 +186,7 @@ def test_gpu_tuning_file_covers_every_head_dim():
     entry = next(e for e in entries if e["max_head_dim"] >= 128)
     assert gcfg.default_config(128) == gcfg.GpuConfig(
         **{p: gcfg.PassConfig(**entry[p]) for p in gcfg.PASSES},
-        fused_backward=entry["fused_backward"])
+        backward=entry["backward"])
 
 
 @settings(max_examples=3, **_SETTINGS)
@@ -191,10 +195,10 @@ def test_tpu_kernel_interpret_matches_reference(case):
     _check("tpu", **case)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["split_bwd", "fused_bwd"])
-def test_gpu_kernel_traced_topk_lists(fused):
+@pytest.mark.parametrize("backward", gcfg.BACKWARDS)
+def test_gpu_kernel_traced_topk_lists(backward):
     """Causal top-k: traced block lists, reordered full tiles first inside the trace."""
-    config = dataclasses.replace(gcfg.default_config(16), fused_backward=fused)
+    config = dataclasses.replace(gcfg.default_config(16), backward=backward)
     for seed in (0, 2):  # _mask draws causal from the seed: 0 causal, 2 not
         _check("gpu", seed=seed, batch=2, seq=64, bq=16, bk=16, head_dim=16, kv_heads=1,
                group=2, dtype=jnp.float32, kind="top_k", use_seg=False, gpu_config=config)
@@ -221,14 +225,16 @@ def test_gpu_pads_odd_head_dim():
         np.testing.assert_allclose(g, rg, atol=F32_TOL)
 
 
-@pytest.mark.parametrize("backend,fused", [("gpu", False), ("gpu", True), ("tpu", False)],
-                         ids=["triton_split_bwd", "triton_fused_bwd", "mosaic"])
-def test_kernels_lower_for_their_platform(kernel_calls, backend, fused):
+@pytest.mark.parametrize("backend,backward", [("gpu", "split"), ("gpu", "fused"),
+                                              ("gpu", "cached"), ("tpu", "split")],
+                         ids=["triton_split_bwd", "triton_fused_bwd", "triton_cached_bwd",
+                              "mosaic"])
+def test_kernels_lower_for_their_platform(kernel_calls, backend, backward):
     """Forward and backward kernels pass the real Triton / Mosaic lowering (see conftest)."""
     q = jnp.zeros((1, 256, 4, 128), jnp.bfloat16)
     kv = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
     seg = jnp.zeros((1, 256), jnp.int32)
-    config = dataclasses.replace(gcfg.default_config(128), fused_backward=fused)
+    config = dataclasses.replace(gcfg.default_config(128), backward=backward)
 
     def loss(q, k, v):
         out = ops.block_sparse_attention(q, k, v, masks_lib.CausalMask(), segment_ids=seg,
@@ -236,9 +242,9 @@ def test_kernels_lower_for_their_platform(kernel_calls, backend, fused):
         return out.astype(jnp.float32).sum()
 
     platform = "cuda" if backend == "gpu" else "tpu"
-    # forward + (dq, dk/dv) or forward + fused backward
+    # forward + (dq, dk/dv), forward + fused backward, or forward + (dk/dv store, cached dq)
     assert kernel_calls(platform, jax.value_and_grad(loss, (0, 1, 2)), q, kv, kv) == (
-        2 if fused else 3)
+        2 if backward == "fused" else 3)
 
 
 @pytest.mark.parametrize("kind", ["causal", "sliding", "global_local"])
@@ -247,3 +253,26 @@ def test_tpu_kernel_full_tiles_skip_the_rule(kind):
     tiles (rule applied) in one list, with packed segments on top."""
     _check("tpu", seed=5, batch=1, seq=64, bq=16, bk=16, head_dim=16, kv_heads=1, group=1,
            dtype=jnp.float32, kind=kind, use_seg=True)
+
+
+def test_gpu_cached_backward_falls_back_to_split_past_its_memory_cap():
+    """The dS store costs one tile per listed pair; past ``ds_cache_max_bytes`` the
+    split passes run instead (read off the kernels in the CUDA lowering)."""
+    from pallas_kernels.block_sparse_attention import gpu
+    q = jnp.zeros((2, 256, 2, 64), jnp.bfloat16)
+    mask = masks_lib.CausalMask()
+    kv_idx = ops._lists(mask, masks_lib.layout_for(mask, q, q, 64, 64), 4, 4)[0]
+    store = gpu.ds_store_bytes(q, kv_idx, 64, 64)
+    assert store == 2 * 2 * 4 * 4 * 64 * 64 * 2  # batch, heads, q blocks, row width, tile, bf16
+
+    def kernels(cap):
+        cfg = dataclasses.replace(gcfg.default_config(64), backward="cached",
+                                  ds_cache_max_bytes=cap)
+        loss = lambda q: ops.block_sparse_attention(
+            q, q, q, mask, block_q=64, block_k=64, backend="gpu",
+            gpu_config=cfg).astype(jnp.float32).sum()
+        text = jax.jit(jax.grad(loss)).trace(q).lower(lowering_platforms=("cuda",)).as_text()
+        return {n for n in ("bsa_dkv_store", "bsa_dq_cached") if n in text}
+
+    assert kernels(store) == {"bsa_dkv_store", "bsa_dq_cached"}
+    assert kernels(store - 1) == set()
