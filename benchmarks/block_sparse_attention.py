@@ -4,11 +4,13 @@ Dense baseline: ``jax.nn.dot_product_attention`` (cuDNN on GPU when it works,
 otherwise the default implementation), timed in the same run. Block layouts
 are causal-free, random (each query block keeps a fixed number of kv blocks,
 diagonal included) or banded. A causal row compares ``CausalMask`` with dense
-causal attention. Prints the device, a table, and as its last line a JSON
-object with the dense/block-sparse time ratio per sparsity and for causal
-(geometric means over sequence lengths) plus the device. Times are per call
-from back-to-back calls (median of five samples); each sequence length's
-kernels compile in parallel before timing.
+causal attention. Each row also times the forward alone (inference,
+prefill). Prints the device, a table, and as its last line a JSON object with
+the dense/block-sparse time ratio (forward + backward) per sparsity and for
+causal (geometric means over sequence lengths), the same for the forward
+alone under ``"forward"``, plus the device. Times are per call from
+back-to-back calls (median of five samples); each sequence length's kernels
+compile in parallel before timing.
 
   python benchmarks/block_sparse_attention.py              # GPU/TPU: 4k..32k
   python benchmarks/block_sparse_attention.py --quick      # small shapes, CPU/XLA path
@@ -93,6 +95,10 @@ def _fwd_bwd(attn):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
+def _fwd(attn):
+    return jax.jit(lambda q, k, v, ct: attn(q, k, v))
+
+
 def _dense_impls():
     if jax.default_backend() == "gpu":
         return ["cudnn", None]
@@ -100,20 +106,24 @@ def _dense_impls():
 
 
 def time_dense(q, k, v, ct, iters, causal=False):
+    """(forward + backward seconds, forward seconds, implementation name)."""
     for impl in _dense_impls():
-        fn = _fwd_bwd(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
-            q, k, v, is_causal=causal, implementation=impl))
+        attn = lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation=impl)
         try:
-            return time_calls(fn, (q, k, v, ct), iters), impl or "xla"
+            return (time_calls(_fwd_bwd(attn), (q, k, v, ct), iters),
+                    time_calls(_fwd(attn), (q, k, v, ct), iters), impl or "xla")
         except Exception as e:  # noqa: BLE001 - cuDNN may be unavailable or OOM
             print(f"  dense implementation={impl!r} failed: {type(e).__name__}: {str(e)[:120]}")
-    return float("nan"), "failed"
+    return float("nan"), float("nan"), "failed"
 
 
-def sparse_fn(layout, block, backend, dense_fast_path=True):
-    """Block-sparse forward + backward over ``layout`` (a mask object if not an array)."""
+def sparse_fn(layout, block, backend, dense_fast_path=True, forward_only=False):
+    """Block-sparse forward + backward (or forward alone) over ``layout`` (a mask
+    object if not an array)."""
     mask = masks_lib.BlockLayoutMask(layout) if isinstance(layout, np.ndarray) else layout
-    return _fwd_bwd(lambda q, k, v: ops.block_sparse_attention(
+    wrap = _fwd if forward_only else _fwd_bwd
+    return wrap(lambda q, k, v: ops.block_sparse_attention(
         q, k, v, mask, block_q=block, block_k=block, backend=backend,
         dense_fast_path=dense_fast_path))
 
@@ -140,19 +150,24 @@ def main(argv=None) -> dict:
     print(f"device: {device} ({jax.default_backend()}), backend={backend}, heads={args.heads}, "
           f"head_dim={args.head_dim}, block={args.block}, bf16, pattern={args.pattern}")
     print(f"{'seq':>6} {'sparsity':>8} {'nnz/row':>7} {'dense ms':>9} {'sparse ms':>9} "
-          f"{'ratio':>6}  dense impl")
+          f"{'ratio':>6} {'fwd ratio':>9}  dense impl")
     ratios: dict = {s: [] for s in [*sparsities, "causal"]}
+    fwd_ratios: dict = {s: [] for s in ratios}
     kernel_only: dict[str, float] = {}
     for seq in seq_lens:
         keys = jax.random.split(jax.random.PRNGKey(seq), 4)
         shape = (1, seq, args.heads, args.head_dim)
         q, k, v, ct = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in keys)
         inputs = (q, k, v, ct)
-        dense_t, impl = time_dense(q, k, v, ct, args.iters)
-        dense_causal_t, _ = time_dense(q, k, v, ct, args.iters, causal=True)
+        dense = {"full": time_dense(q, k, v, ct, args.iters),
+                 "causal": time_dense(q, k, v, ct, args.iters, causal=True)}
+        impl = dense["full"][2]
         layouts = {s: make_layout(seq // args.block, s, args.pattern) for s in sparsities}
         layouts["causal"] = masks_lib.CausalMask()
-        jobs = {s: (sparse_fn(layouts[s], args.block, backend), inputs) for s in layouts}
+        jobs = {}
+        for s, layout in layouts.items():
+            jobs[s] = (sparse_fn(layout, args.block, backend), inputs)
+            jobs[s, "fwd"] = (sparse_fn(layout, args.block, backend, forward_only=True), inputs)
         if 0.0 in sparsities and backend == "gpu":
             jobs["kernel"] = (sparse_fn(layouts[0.0], args.block, backend, False), inputs)
         compiled = compile_all(jobs)
@@ -160,26 +175,34 @@ def main(argv=None) -> dict:
             if isinstance(fn, Exception):
                 print(f"  block-sparse seq={seq} {label} failed: {type(fn).__name__}: "
                       f"{str(fn)[:200]}")
+        times = {label: time_calls(fn, inputs, args.iters) for label, fn in compiled.items()
+                 if not isinstance(fn, Exception)}
+        if "kernel" in times:
+            kernel_only[f"seq_{seq}"] = dense["full"][0] / times["kernel"]
+        for s in layouts:
+            if s not in times:
                 continue
-            t = time_calls(fn, inputs, args.iters)
-            ratio = (dense_causal_t if label == "causal" else dense_t) / t
-            if label == "causal":
-                ratios[label].append(ratio)
-                print(f"{seq:>6} {'causal':>8} {'':>7} {dense_causal_t * 1e3:>9.2f} "
-                      f"{t * 1e3:>9.2f} {ratio:>6.2f}  {impl}, both causal")
-                continue
-            if label == "kernel":
-                kernel_only[f"seq_{seq}"] = ratio
-                print(f"{seq:>6} {0.0:>8.2f} {'(kernel only, no dense fast path)':>34} "
-                      f"{t * 1e3:>9.2f} {ratio:>6.2f}")
-                continue
+            dense_t, dense_fwd_t, _ = dense["causal" if s == "causal" else "full"]
+            ratio = dense_t / times[s]
+            fwd_ratio = dense_fwd_t / times[s, "fwd"] if (s, "fwd") in times else float("nan")
             if math.isfinite(ratio):
-                ratios[label].append(ratio)
-            print(f"{seq:>6} {label:>8.2f} {int(layouts[label][0].sum(1).max()):>7} "
-                  f"{dense_t * 1e3:>9.2f} {t * 1e3:>9.2f} {ratio:>6.2f}  {impl}")
-    result: dict = {(s if s == "causal" else f"sparsity_{s:g}"):
-                    (float(np.exp(np.mean(np.log(r)))) if r else None)
-                    for s, r in ratios.items()}
+                ratios[s].append(ratio)
+            if math.isfinite(fwd_ratio):
+                fwd_ratios[s].append(fwd_ratio)
+            label = "causal" if s == "causal" else f"{s:.2f}"
+            nnz = "" if s == "causal" else int(layouts[s][0].sum(1).max())
+            print(f"{seq:>6} {label:>8} {nnz:>7} {dense_t * 1e3:>9.2f} {times[s] * 1e3:>9.2f} "
+                  f"{ratio:>6.2f} {fwd_ratio:>9.2f}  {impl}{', both causal' if s == 'causal' else ''}")
+        if "kernel" in times:
+            print(f"{seq:>6} {0.0:>8.2f} {'(kernel only, no dense fast path)':>34} "
+                  f"{times['kernel'] * 1e3:>9.2f} {kernel_only[f'seq_{seq}']:>6.2f}")
+
+    def summary(table):
+        return {(s if s == "causal" else f"sparsity_{s:g}"):
+                (float(np.exp(np.mean(np.log(r)))) if r else None) for s, r in table.items()}
+
+    result: dict = summary(ratios)
+    result["forward"] = summary(fwd_ratios)
     if kernel_only:
         result["sparsity_0_kernel_only"] = kernel_only
     result["device"] = device

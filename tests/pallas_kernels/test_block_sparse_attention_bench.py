@@ -21,8 +21,10 @@ def bench_modules(monkeypatch):
 def test_benchmark_quick_reports_every_sparsity(bench_modules):
     bench, _ = bench_modules
     out = bench.main(["--quick", "--seq-lens", "256", "--sparsities", "0,0.75"])
-    assert set(out) == {"sparsity_0", "sparsity_0.75", "causal", "device"}
+    assert set(out) == {"sparsity_0", "sparsity_0.75", "causal", "forward", "device"}
     assert all(out[k] > 0 for k in ("sparsity_0", "sparsity_0.75", "causal"))
+    assert set(out["forward"]) == {"sparsity_0", "sparsity_0.75", "causal"}
+    assert all(r > 0 for r in out["forward"].values())
 
 
 def test_tuner_quick_picks_a_correct_winner_per_pass(bench_modules):
