@@ -131,6 +131,21 @@ def _block_sizes(mask, sq, sk, block_q, block_k, backend):
     return int(block_q), int(block_k)
 
 
+def cudnn_equivalent(mask, layout, seq_q, seq_k, block_q, block_k) -> bool:
+    """Whether the masked attention equals dense attention (no token rule, every block
+    listed) or dense causal attention (the causal rule, every block it touches listed),
+    so that cuDNN can run it."""
+    if not isinstance(layout, np.ndarray) or seq_q != seq_k:
+        return False
+    rule = mask.token_rule
+    if rule is None:
+        return bool(layout.all())
+    if not isinstance(rule, masks_lib.CausalMask):
+        return False
+    touched = rule.block_layout(seq_q, seq_k, block_q, block_k)
+    return bool(np.all(layout | ~touched))
+
+
 def _full_tiles(mask, backend, seq_q, seq_k, block_q, block_k):
     """``[q_blocks, kv_blocks]`` tiles where the token rule holds for every pair, for the
     kernels that skip the rule there (GPU, TPU); None when there is no rule to skip."""
@@ -176,9 +191,10 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks
       block_q, block_k: tile sizes (default 128, or implied by a ``BlockLayoutMask``).
       backend: ``"gpu"`` (Pallas Triton), ``"tpu"`` (Pallas Mosaic) or ``"xla"``;
         default by platform. ``interpret=True`` runs a Pallas kernel in interpret mode.
-      dense_fast_path: on GPU (compiled, 16-bit, no segment ids), a static layout
-        with every block present and no token rule other than causal is sent to
-        ``jax.nn.dot_product_attention(implementation="cudnn")``: same result, faster.
+      dense_fast_path: on GPU (compiled, 16-bit, no segment ids), a mask that is
+        plain dense or plain causal attention (see :func:`cudnn_equivalent`; e.g.
+        ``CausalMask``) is sent to ``jax.nn.dot_product_attention(implementation=
+        "cudnn")``: same result, faster.
       gpu_config: a ``gpu_config.GpuConfig`` (per-pass tiles, warps, pipeline stages,
         split, fused or cached backward) for the GPU kernels; default: the tuned entry for the
         head dim and sequence length in ``gpu_tuning.json``.
@@ -201,9 +217,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks
     if segment_ids is not None:
         segment_ids = segment_ids.astype(jnp.int32)
     if (dense_fast_path and backend == "gpu" and not interpret and segment_ids is None
-            and q.dtype != jnp.float32 and isinstance(layout, np.ndarray) and layout.all()
-            and (mask.token_rule is None or isinstance(mask.token_rule, masks_lib.CausalMask))
-            and sq == sk):
+            and q.dtype != jnp.float32 and cudnn_equivalent(mask, layout, sq, sk, block_q, block_k)):
         return jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=mask.token_rule is not None, implementation="cudnn")
     pad = 0

@@ -27,6 +27,16 @@ def test_benchmark_quick_reports_every_sparsity(bench_modules):
     assert all(r > 0 for r in out["forward"].values())
 
 
+def test_benchmark_gpu_rows_in_interpret_mode(bench_modules):
+    """The GPU-only rows (the kernel on layouts the op sends to cuDNN) run end to end."""
+    bench, _ = bench_modules
+    out = bench.main(["--quick", "--backend", "gpu", "--interpret", "--seq-lens", "128",
+                      "--sparsities", "0,0.5"])
+    assert set(out["kernel_only"]) == {"sparsity_0", "causal"}
+    assert all(set(r) == {"seq_128"} and r["seq_128"] > 0 for r in out["kernel_only"].values())
+    assert out["sparsity_0.5"] > 0 and out["forward"]["causal"] > 0
+
+
 def test_tuner_quick_picks_a_correct_winner_per_pass(bench_modules):
     _, tune = bench_modules
     out = tune.main(["--quick"])

@@ -269,10 +269,30 @@ def test_gpu_cached_backward_falls_back_to_split_past_its_memory_cap():
         cfg = dataclasses.replace(gcfg.default_config(64), backward="cached",
                                   ds_cache_max_bytes=cap)
         loss = lambda q: ops.block_sparse_attention(
-            q, q, q, mask, block_q=64, block_k=64, backend="gpu",
+            q, q, q, mask, block_q=64, block_k=64, backend="gpu", dense_fast_path=False,
             gpu_config=cfg).astype(jnp.float32).sum()
         text = jax.jit(jax.grad(loss)).trace(q).lower(lowering_platforms=("cuda",)).as_text()
         return {n for n in ("bsa_dkv_store", "bsa_dq_cached") if n in text}
 
     assert kernels(store) == {"bsa_dkv_store", "bsa_dq_cached"}
     assert kernels(store - 1) == set()
+
+
+def test_cudnn_equivalent_only_for_plain_dense_or_causal():
+    """The dense fast path's test: dense without a rule, or the causal rule with every
+    block it touches listed; block-level causal layouts and other rules are not."""
+    seq, blk = 256, 64
+    layout = lambda m: masks_lib.layout_for(m, jnp.zeros((1, seq, 1, 16)),
+                                            jnp.zeros((1, seq, 1, 16)), blk, blk)
+    eq = lambda m, s=seq: ops.cudnn_equivalent(m, layout(m), s, s, blk, blk)
+    tril = np.tril(np.ones((4, 4), bool))
+    assert eq(masks_lib.CausalMask())
+    assert eq(masks_lib.BlockLayoutMask(np.ones((1, 4, 4), bool)))
+    assert not eq(masks_lib.BlockLayoutMask(tril))  # block-causal: the diagonal tiles are full
+    assert not eq(masks_lib.SlidingWindowMask(window=64))
+    assert not eq(masks_lib.ChunkedMask(chunk_size=64, causal=True))
+    random = np.random.default_rng(0).random((1, 4, 4)) < 0.5
+    assert not eq(masks_lib.BlockLayoutMask(random))
+    top_k = masks_lib.TopKBlockMask(top_k=2, causal=True)
+    assert not ops.cudnn_equivalent(top_k, jnp.ones((1, 4, 4), bool), seq, seq, blk, blk)
+    assert not ops.cudnn_equivalent(masks_lib.CausalMask(), tril[None], seq, 2 * seq, blk, blk)
