@@ -218,8 +218,12 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks
         segment_ids = segment_ids.astype(jnp.int32)
     if (dense_fast_path and backend == "gpu" and not interpret and segment_ids is None
             and q.dtype != jnp.float32 and cudnn_equivalent(mask, layout, sq, sk, block_q, block_k)):
-        return jax.nn.dot_product_attention(
-            q, k, v, scale=scale, is_causal=mask.token_rule is not None, implementation="cudnn")
+        try:
+            return jax.nn.dot_product_attention(
+                q, k, v, scale=scale, is_causal=mask.token_rule is not None,
+                implementation="cudnn")
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # cuDNN missing, or a head dim / length it does not take: the kernel runs
     pad = 0
     if backend == "gpu" and d & (d - 1):
         pad = int(pl_next_pow2(max(d, 16))) - d

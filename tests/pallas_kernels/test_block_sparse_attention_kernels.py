@@ -296,3 +296,20 @@ def test_cudnn_equivalent_only_for_plain_dense_or_causal():
     top_k = masks_lib.TopKBlockMask(top_k=2, causal=True)
     assert not ops.cudnn_equivalent(top_k, jnp.ones((1, 4, 4), bool), seq, seq, blk, blk)
     assert not ops.cudnn_equivalent(masks_lib.CausalMask(), tril[None], seq, 2 * seq, blk, blk)
+
+
+def test_dense_fast_path_falls_back_to_the_kernel_when_cudnn_refuses(kernel_calls, monkeypatch):
+    """A causal mask goes to cuDNN; if cuDNN refuses the shape at trace time (or is
+    missing), the Triton kernels run instead of the call failing."""
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(kwargs.get("implementation"))
+        raise NotImplementedError("head dim not supported")
+
+    monkeypatch.setattr(ops.jax.nn, "dot_product_attention", refuse)
+    q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+    loss = lambda q: ops.block_sparse_attention(q, q, q, masks_lib.CausalMask(),
+                                                backend="gpu").astype(jnp.float32).sum()
+    assert kernel_calls("cuda", jax.value_and_grad(loss), q) == 3  # forward, dq, dk/dv
+    assert calls and set(calls) == {"cudnn"}
