@@ -39,8 +39,9 @@ def test_benchmark_gpu_rows_in_interpret_mode(bench_modules):
 
 def test_tuner_quick_picks_a_correct_winner_per_pass(bench_modules):
     _, tune = bench_modules
-    out = tune.main(["--quick"])
-    assert set(out["winners"]) == set(gcfg.PASSES)
+    backward_passes = [p for p in gcfg.PASSES if p != "fwd"]  # fwd: the patterns test
+    out = tune.main(["--quick", "--passes", ",".join(backward_passes)])
+    assert set(out["winners"]) == set(backward_passes)
     for pc in out["winners"].values():
         assert gcfg.PassConfig(**pc).rows in (16, 32)
     assert all(v > 0 for v in out["current_default_over_best"].values())
