@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from block_sparse_attention import compile_all, make_layout, time_calls  # benchmark beside this
 
-from pallas_kernels.block_sparse_attention import gpu, ops, reference
+from pallas_kernels.block_sparse_attention import gpu, gpu_backward, ops, reference
 from pallas_kernels.block_sparse_attention import gpu_config as gcfg
 from pallas_kernels.block_sparse_attention import masks as masks_lib
 
@@ -90,21 +90,21 @@ class Problem:
                     (self.q, self.k, self.v, self.seg, kv_idx, kv_cnt, kv_nfull))
         args = (self.q, self.k, self.v, self.seg, self.do, self.lse, self.delta)
         if name == "dq":
-            return (jax.jit(functools.partial(gpu.dq_pass, **kw)),
+            return (jax.jit(functools.partial(gpu_backward.dq_pass, **kw)),
                     (*args, kv_idx, kv_cnt, kv_nfull))
         if name == "dq_cached":
             if self.store is None:
                 self.store = self.run("dkv_store", None, interpret)[2]
-            return (jax.jit(functools.partial(gpu.dq_cached_pass, **kw)),
+            return (jax.jit(functools.partial(gpu_backward.dq_cached_pass, **kw)),
                     (self.q, self.k, self.store, kv_idx, kv_cnt))
         if name == "dkv_store":
-            return (jax.jit(functools.partial(gpu.dkv_store_pass, **kw)),
+            return (jax.jit(functools.partial(gpu_backward.dkv_store_pass, **kw)),
                     (*args, kv_idx, kv_cnt, q_idx, q_cnt, q_nfull))
-        fn = gpu.dkv_pass if name == "dkv" else gpu.fused_bwd_pass
+        fn = gpu_backward.dkv_pass if name == "dkv" else gpu_backward.fused_bwd_pass
         return jax.jit(functools.partial(fn, **kw)), (*args, q_idx, q_cnt, q_nfull)
 
     def store_bytes(self) -> int:
-        return gpu.ds_store_bytes(self.q, self.lists[0], self.block, self.block)
+        return gpu_backward.ds_store_bytes(self.q, self.lists[0], self.block, self.block)
 
     def run(self, name, config, interpret):
         fn, args = self.job(name, config, interpret)
@@ -123,7 +123,7 @@ def make_problem(seq, heads, kv_heads, head_dim, block, mask, seg, seed, interpr
     prob.pairs = int(np.sum(np.asarray(layout))) * (heads if np.shape(layout)[0] == 1 else 1)
     # The backward passes start from the default forward's output.
     prob.o, prob.lse = prob.run("fwd", None, interpret)
-    prob.delta = gpu.delta_of(prob.o, do)
+    prob.delta = gpu_backward.delta_of(prob.o, do)
     return prob
 
 

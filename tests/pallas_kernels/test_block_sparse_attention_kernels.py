@@ -258,11 +258,11 @@ def test_tpu_kernel_full_tiles_skip_the_rule(kind):
 def test_gpu_cached_backward_falls_back_to_split_past_its_memory_cap():
     """The dS store costs one tile per listed pair; past ``ds_cache_max_bytes`` the
     split passes run instead (read off the kernels in the CUDA lowering)."""
-    from pallas_kernels.block_sparse_attention import gpu
+    from pallas_kernels.block_sparse_attention import gpu_backward
     q = jnp.zeros((2, 256, 2, 64), jnp.bfloat16)
     mask = masks_lib.CausalMask()
     kv_idx = ops._lists(mask, masks_lib.layout_for(mask, q, q, 64, 64), 4, 4)[0]
-    store = gpu.ds_store_bytes(q, kv_idx, 64, 64)
+    store = gpu_backward.ds_store_bytes(q, kv_idx, 64, 64)
     assert store == 2 * 2 * 4 * 4 * 64 * 64 * 2  # batch, heads, q blocks, row width, tile, bf16
 
     def kernels(cap):
