@@ -318,7 +318,8 @@ def test_slurm_example_runs_same_command_with_slurm_coordinator(tmp_path):
     """The sbatch script with fake scontrol/srun/sparsejax: coordinator from the node list."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()
-    fakes = {"scontrol": 'printf "gpu017\\ngpu018\\n"',
+    # A long node list: reading only its first line under pipefail would die of SIGPIPE.
+    fakes = {"scontrol": 'printf "gpu017\\ngpu018\\n"; seq -f "gpu%06g" 1 200000',
              "srun": 'shift; exec "$@"',  # drops --kill-on-bad-exit=1, runs the task here
              "sparsejax": 'echo "ARGS $* COORD $JAX_COORDINATOR_ADDRESS ID $SLURM_PROCID"'}
     for name, body in fakes.items():
