@@ -9,6 +9,13 @@ if os.environ.get("SPARSEJAX_TEST_GPU") != "1":
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Property tests draw the same examples on every run by default, so a CI result does not depend
+# on luck; HYPOTHESIS_PROFILE=explore draws fresh random examples (and more of them) to hunt bugs.
+settings.register_profile("ci", derandomize=True, deadline=None)
+settings.register_profile("explore", derandomize=False, deadline=None, max_examples=200)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def _has_gpu() -> bool:
