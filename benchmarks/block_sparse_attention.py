@@ -138,20 +138,25 @@ def main(argv=None) -> dict:
                    help="comma-separated (default 4096,8192,16384,32768; 512,1024 with --quick)")
     p.add_argument("--sparsities", default="0,0.5,0.75,0.9,0.95")
     p.add_argument("--pattern", choices=["random", "banded"], default="random")
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--block", type=int, default=128)
-    p.add_argument("--iters", type=int, default=10, help="back-to-back calls per sample")
+    p.add_argument("--heads", type=int, default=None, help="default 16 (4 with --quick)")
+    p.add_argument("--head-dim", type=int, default=None, help="default 128 (64 with --quick)")
+    p.add_argument("--block", type=int, default=None, help="default 128 (64 with --quick)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="back-to-back calls per sample (default 10, 2 with --quick)")
     p.add_argument("--backend", default=None, help="gpu | tpu | xla (default: by platform)")
-    p.add_argument("--quick", action="store_true", help="small shapes through the XLA path")
+    p.add_argument("--quick", action="store_true",
+                   help="small shapes through the XLA path (flags given explicitly still apply)")
     p.add_argument("--interpret", action="store_true",
                    help="run the Pallas kernels in interpret mode (a CPU check of --backend gpu)")
     args = p.parse_args(argv)
+    defaults = dict(seq_lens="4096,8192,16384,32768", heads=16, head_dim=128, block=128, iters=10)
     if args.quick:
-        args.seq_lens = args.seq_lens or "512,1024"
-        args.heads, args.head_dim, args.block = 4, 64, 64
-        args.iters, args.backend = 2, args.backend or "xla"
-    seq_lens = [int(s) for s in (args.seq_lens or "4096,8192,16384,32768").split(",")]
+        defaults.update(seq_lens="512,1024", heads=4, head_dim=64, block=64, iters=2)
+        args.backend = args.backend or "xla"
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    seq_lens = [int(s) for s in args.seq_lens.split(",")]
     sparsities = [float(s) for s in args.sparsities.split(",")]
     backend = args.backend or ops.default_backend()
     device = jax.devices()[0].device_kind

@@ -116,10 +116,10 @@ def make_problem(seq, heads, kv_heads, head_dim, block, mask, seg, seed, interpr
     q = jax.random.normal(keys[0], (1, seq, heads, head_dim), jnp.bfloat16)
     k, v = (jax.random.normal(kk, (1, seq, kv_heads, head_dim), jnp.bfloat16) for kk in keys[1:3])
     do = jax.random.normal(keys[3], (1, seq, heads, head_dim), jnp.bfloat16)
-    nb = seq // block
     layout = masks_lib.layout_for(mask, q, k, block, block)
     full = ops._full_tiles(mask, "gpu", seq, seq, block, block)
-    prob = Problem(q, k, v, do, seg, mask, block, ops._lists(mask, layout, nb, nb, full))
+    lists = ops._lists(mask, layout, seq, seq, block, block, full)
+    prob = Problem(q, k, v, do, seg, mask, block, lists)
     prob.pairs = int(np.sum(np.asarray(layout))) * (heads if np.shape(layout)[0] == 1 else 1)
     # The backward passes start from the default forward's output.
     prob.o, prob.lse = prob.run("fwd", None, interpret)

@@ -286,9 +286,10 @@ def full_first(idx, cnt, full: np.ndarray):
 
 
 def compress_dynamic(layout: jax.Array, max_nnz: int) -> tuple[jax.Array, jax.Array]:
-    """Traced counterpart of :func:`compress` with a static ``max_nnz``."""
+    """Traced counterpart of :func:`compress` with a static ``max_nnz``: the most blocks
+    any row can hold. Counts are capped at ``max_nnz`` so that no kernel reads past a list."""
     cols = layout.shape[-1]
-    counts = jnp.sum(layout, axis=-1, dtype=jnp.int32)
+    counts = jnp.minimum(jnp.sum(layout, axis=-1, dtype=jnp.int32), max_nnz)
     key = jnp.where(layout, 0, cols) + jnp.arange(cols)
     order = jnp.argsort(key, axis=-1, stable=True)[..., :max_nnz].astype(jnp.int32)
     last = jnp.take_along_axis(order, jnp.maximum(counts - 1, 0)[..., None], axis=-1)

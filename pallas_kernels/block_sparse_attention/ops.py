@@ -28,6 +28,7 @@ class _Config:
     block_k: int
     interpret: bool
     gpu_config: Any = None
+    rows: Any = None  # XLA path: query blocks bucketed by list length (xla.plan_rows)
 
 
 def _impl(backend: str):
@@ -43,7 +44,9 @@ def _impl(backend: str):
 def _kernel_kw(cfg: _Config) -> dict:
     """Keyword arguments every pass of ``cfg.backend`` takes."""
     kw = dict(rule=cfg.rule, scale=cfg.scale, block_q=cfg.block_q, block_k=cfg.block_k)
-    if cfg.backend != "xla":
+    if cfg.backend == "xla":
+        kw["rows"] = cfg.rows
+    else:
         kw["interpret"] = cfg.interpret
     if cfg.backend == "gpu":
         kw["config"] = cfg.gpu_config
@@ -131,10 +134,10 @@ def _block_sizes(mask, sq, sk, block_q, block_k, backend):
     return int(block_q), int(block_k)
 
 
-def cudnn_equivalent(mask, layout, seq_q, seq_k, block_q, block_k) -> bool:
+def dense_equivalent(mask, layout, seq_q, seq_k, block_q, block_k) -> bool:
     """Whether the masked attention equals dense attention (no token rule, every block
     listed) or dense causal attention (the causal rule, every block it touches listed),
-    so that cuDNN can run it."""
+    so that a dense implementation (cuDNN) can run it."""
     if not isinstance(layout, np.ndarray) or seq_q != seq_k:
         return False
     rule = mask.token_rule
@@ -154,7 +157,7 @@ def _full_tiles(mask, backend, seq_q, seq_k, block_q, block_k):
     return np.asarray(mask.token_rule.full_layout(seq_q, seq_k, block_q, block_k))[0]
 
 
-def _lists(mask, layout, q_blocks, kv_blocks, full=None):
+def _lists(mask, layout, seq_q, seq_k, block_q, block_k, full=None):
     """Row lists (kv blocks per q block) and column lists (q blocks per kv block):
     ``(kv_idx, kv_cnt, kv_nfull, q_idx, q_cnt, q_nfull)``. Given ``full`` (``[q_blocks,
     kv_blocks]``, the tiles where the token rule holds everywhere) each list names its
@@ -163,8 +166,9 @@ def _lists(mask, layout, q_blocks, kv_blocks, full=None):
         rows = masks_lib.compress(layout)
         cols = masks_lib.compress(np.swapaxes(layout, -1, -2))
     else:
-        rows = masks_lib.compress_dynamic(layout, mask.max_blocks_per_row(q_blocks, kv_blocks))
-        cols = masks_lib.compress_dynamic(jnp.swapaxes(layout, -1, -2), q_blocks)
+        max_nnz = mask.max_blocks_per_row(seq_q, seq_k, block_q, block_k)
+        rows = masks_lib.compress_dynamic(layout, max_nnz)
+        cols = masks_lib.compress_dynamic(jnp.swapaxes(layout, -1, -2), seq_q // block_q)
     out = []
     for (idx, cnt), fl in ((rows, full), (cols, None if full is None else full.T)):
         nfull = None
@@ -191,10 +195,12 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks
       block_q, block_k: tile sizes (default 128, or implied by a ``BlockLayoutMask``).
       backend: ``"gpu"`` (Pallas Triton), ``"tpu"`` (Pallas Mosaic) or ``"xla"``;
         default by platform. ``interpret=True`` runs a Pallas kernel in interpret mode.
-      dense_fast_path: on GPU (compiled, 16-bit, no segment ids), a mask that is
-        plain dense or plain causal attention (see :func:`cudnn_equivalent`; e.g.
-        ``CausalMask``) is sent to ``jax.nn.dot_product_attention(implementation=
-        "cudnn")``: same result, faster.
+      dense_fast_path: without segment ids, a mask that is plain dense or plain causal
+        attention (see :func:`dense_equivalent`) runs as dense attention instead: on GPU
+        (compiled, 16-bit) dense and causal masks (e.g. ``CausalMask``) through
+        ``jax.nn.dot_product_attention(implementation="cudnn")``, on the XLA path dense
+        ones through its XLA implementation (causal is faster block-sparse there). Same
+        result, faster.
       gpu_config: a ``gpu_config.GpuConfig`` (per-pass tiles, warps, pipeline stages,
         split, fused or cached backward) for the GPU kernels; default: the tuned entry for the
         head dim and sequence length in ``gpu_tuning.json``.
@@ -216,14 +222,17 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if segment_ids is not None:
         segment_ids = segment_ids.astype(jnp.int32)
-    if (dense_fast_path and backend == "gpu" and not interpret and segment_ids is None
-            and q.dtype != jnp.float32 and cudnn_equivalent(mask, layout, sq, sk, block_q, block_k)):
-        try:
-            return jax.nn.dot_product_attention(
-                q, k, v, scale=scale, is_causal=mask.token_rule is not None,
-                implementation="cudnn")
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass  # cuDNN missing, or a head dim / length it does not take: the kernel runs
+    if (dense_fast_path and segment_ids is None
+            and dense_equivalent(mask, layout, sq, sk, block_q, block_k)):
+        causal = mask.token_rule is not None
+        if backend == "gpu" and not interpret and q.dtype != jnp.float32:
+            try:
+                return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                                    implementation="cudnn")
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # cuDNN missing, or a head dim / length it does not take: the kernel runs
+        elif backend == "xla" and not causal:
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
     pad = 0
     if backend == "gpu" and d & (d - 1):
         pad = int(pl_next_pow2(max(d, 16))) - d
@@ -236,9 +245,14 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks
         if not isinstance(gpu_config, gpu_config_lib.GpuConfig):
             raise ValueError(f"gpu_config: {gpu_config!r} must be None or a GpuConfig.")
         gpu_config_lib.check_config(gpu_config)
-    cfg = _Config(backend, mask.token_rule, scale, block_q, block_k, bool(interpret), gpu_config)
-    full = _full_tiles(mask, backend, sq, sk, block_q, block_k)
-    out = _attention(cfg, q, k, v, segment_ids, _lists(mask, layout, qb, kb, full))
+    lists = _lists(mask, layout, sq, sk, block_q, block_k,
+                   _full_tiles(mask, backend, sq, sk, block_q, block_k))
+    rows = None
+    if backend == "xla" and isinstance(layout, np.ndarray):
+        rows = xla_impl.plan_rows(layout.sum(-1))
+    cfg = _Config(backend, mask.token_rule, scale, block_q, block_k, bool(interpret), gpu_config,
+                  rows)
+    out = _attention(cfg, q, k, v, segment_ids, lists)
     return out[..., :d] if pad else out
 
 

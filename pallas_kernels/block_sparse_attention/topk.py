@@ -51,8 +51,11 @@ class TopKBlockMask(masks_lib.BlockMask):
         """Same mask with (traced) gate parameters attached."""
         return dataclasses.replace(self, gate_params=gate_params)
 
-    def max_blocks_per_row(self, q_blocks: int, kv_blocks: int) -> int:
-        return min(kv_blocks, self.top_k + 1)
+    def max_blocks_per_row(self, seq_q: int, seq_k: int, block_q: int, block_k: int) -> int:
+        """Longest possible row list: ``top_k`` picks plus the diagonal tiles (one, or
+        several when ``block_k < block_q``)."""
+        diag = _diagonal(seq_q // block_q, seq_k // block_k, block_q, block_k)
+        return min(seq_k // block_k, self.top_k + int(diag.sum(-1).max(initial=0)))
 
     def allowed_layout(self, seq_q, seq_k, block_q, block_k) -> np.ndarray:
         """Tiles the selection may pick from: ``[1, qb, kb]``."""
@@ -73,13 +76,19 @@ class TopKBlockMask(masks_lib.BlockMask):
         kk = min(self.top_k, kb)
         _, top = jax.lax.top_k(scores, kk)  # [b, h, qb, kk]
         picked = jnp.any(top[..., None] == jnp.arange(kb), axis=-2)
-        qstart = jnp.arange(qb)[:, None] * block_q
-        kv = jnp.arange(kb)[None, :]
-        diag = (kv >= qstart // block_k) & (kv <= (qstart + block_q - 1) // block_k)
+        diag = jnp.asarray(_diagonal(qb, kb, block_q, block_k))
         return (picked | diag) & allowed[None]
 
     def block_layout(self, seq_q, seq_k, block_q, block_k):
         raise ValueError("TopKBlockMask: the layout depends on q and k; use block_layout_dynamic.")
+
+
+def _diagonal(q_blocks: int, kv_blocks: int, block_q: int, block_k: int) -> np.ndarray:
+    """``[q_blocks, kv_blocks]``: the kv tiles holding the keys at the query tile's own
+    positions (always kept)."""
+    qstart = np.arange(q_blocks)[:, None] * block_q
+    kv = np.arange(kv_blocks)[None, :]
+    return (kv >= qstart // block_k) & (kv <= (qstart + block_q - 1) // block_k)
 
 
 def init_gate_params(key: jax.Array, num_heads: int, num_kv_heads: int, head_dim: int,

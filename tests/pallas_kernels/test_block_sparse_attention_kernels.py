@@ -72,7 +72,7 @@ def _check(backend, seed, batch, seq, bq, bk, head_dim, kv_heads, group, dtype, 
     def run(q, k, v):
         return ops.block_sparse_attention(q, k, v, mask, segment_ids=seg, block_q=bq, block_k=bk,
                                           backend=backend, interpret=True,
-                                          gpu_config=gpu_config)
+                                          gpu_config=gpu_config, dense_fast_path=False)
 
     def ref(q, k, v):
         f32 = lambda x: x.astype(jnp.float32)
@@ -117,10 +117,49 @@ _SETTINGS = dict(deadline=None, derandomize=True,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-@settings(max_examples=10, **_SETTINGS)
+@settings(max_examples=25, **_SETTINGS)
 @given(_cases([16, 32, 48, 64], [8, 16, 32], max_batch=2, max_kv_heads=2))
 def test_xla_path_matches_reference(case):
     _check("xla", **case)
+
+
+def test_xla_path_buckets_causal_rows():
+    """Causal rows of 1..8 blocks run in several buckets (each padded to its own longest
+    list), and still match the reference with GQA, packed segments and a batch of 2."""
+    from pallas_kernels.block_sparse_attention import xla
+    plan = xla.plan_rows(masks_lib.CausalMask().block_layout(64, 64, 8, 8).sum(-1))
+    assert 1 < len(plan) <= xla.MAX_BUCKETS
+    _check("xla", seed=5, batch=2, seq=64, bq=8, bk=8, head_dim=16, kv_heads=1, group=2,
+           dtype=jnp.float32, kind="causal", use_seg=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 40), st.integers(0, 2**16), st.booleans())
+def test_plan_rows_covers_every_row_once_and_bounds_padding(heads, q_blocks, seed, uniform):
+    from pallas_kernels.block_sparse_attention import xla
+    rng = np.random.default_rng(seed)
+    counts = (np.full((1, heads, q_blocks), rng.integers(0, 9)) if uniform
+              else rng.integers(0, 9, size=(1, heads, q_blocks)))
+    plan = xla.plan_rows(counts)
+    rows = np.concatenate([r for r, _, _ in plan])
+    assert sorted(rows.tolist()) == list(range(q_blocks))
+    assert 1 <= len(plan) <= xla.MAX_BUCKETS
+    longest = counts.max(axis=(0, 1))
+    for r, n, full in plan:
+        assert n >= max(1, longest[list(r)].max())
+        assert full == bool(np.all(counts[..., list(r)] == n))
+    padded = sum(len(r) * n for r, n, _ in plan)
+    if uniform:
+        assert len(plan) == 1 and plan[0][2] == (counts.max() > 0)
+    elif len(plan) < xla.MAX_BUCKETS:  # fewer buckets only once the padding is small
+        assert padded <= xla.SLACK * max(1, longest.sum())
+
+
+@pytest.mark.parametrize("backend", ["xla", "gpu", "tpu"], ids=["xla", "triton", "mosaic"])
+def test_topk_lists_hold_picks_and_every_diagonal_tile(backend):
+    """block_k < block_q: the diagonal spans two kv tiles, so a row lists top_k + 2 blocks."""
+    _check(backend, seed=2, batch=1, seq=64, bq=32, bk=16, head_dim=16, kv_heads=2, group=1,
+           dtype=jnp.float32, kind="top_k", use_seg=False)
 
 
 @settings(max_examples=8, **_SETTINGS)
@@ -261,7 +300,7 @@ def test_gpu_cached_backward_falls_back_to_split_past_its_memory_cap():
     from pallas_kernels.block_sparse_attention import gpu_backward
     q = jnp.zeros((2, 256, 2, 64), jnp.bfloat16)
     mask = masks_lib.CausalMask()
-    kv_idx = ops._lists(mask, masks_lib.layout_for(mask, q, q, 64, 64), 4, 4)[0]
+    kv_idx = ops._lists(mask, masks_lib.layout_for(mask, q, q, 64, 64), 256, 256, 64, 64)[0]
     store = gpu_backward.ds_store_bytes(q, kv_idx, 64, 64)
     assert store == 2 * 2 * 4 * 4 * 64 * 64 * 2  # batch, heads, q blocks, row width, tile, bf16
 
@@ -278,13 +317,13 @@ def test_gpu_cached_backward_falls_back_to_split_past_its_memory_cap():
     assert kernels(store - 1) == set()
 
 
-def test_cudnn_equivalent_only_for_plain_dense_or_causal():
+def test_dense_equivalent_only_for_plain_dense_or_causal():
     """The dense fast path's test: dense without a rule, or the causal rule with every
     block it touches listed; block-level causal layouts and other rules are not."""
     seq, blk = 256, 64
     layout = lambda m: masks_lib.layout_for(m, jnp.zeros((1, seq, 1, 16)),
                                             jnp.zeros((1, seq, 1, 16)), blk, blk)
-    eq = lambda m, s=seq: ops.cudnn_equivalent(m, layout(m), s, s, blk, blk)
+    eq = lambda m, s=seq: ops.dense_equivalent(m, layout(m), s, s, blk, blk)
     tril = np.tril(np.ones((4, 4), bool))
     assert eq(masks_lib.CausalMask())
     assert eq(masks_lib.BlockLayoutMask(np.ones((1, 4, 4), bool)))
@@ -294,8 +333,35 @@ def test_cudnn_equivalent_only_for_plain_dense_or_causal():
     random = np.random.default_rng(0).random((1, 4, 4)) < 0.5
     assert not eq(masks_lib.BlockLayoutMask(random))
     top_k = masks_lib.TopKBlockMask(top_k=2, causal=True)
-    assert not ops.cudnn_equivalent(top_k, jnp.ones((1, 4, 4), bool), seq, seq, blk, blk)
-    assert not ops.cudnn_equivalent(masks_lib.CausalMask(), tril[None], seq, 2 * seq, blk, blk)
+    assert not ops.dense_equivalent(top_k, jnp.ones((1, 4, 4), bool), seq, seq, blk, blk)
+    assert not ops.dense_equivalent(masks_lib.CausalMask(), tril[None], seq, 2 * seq, blk, blk)
+
+
+def test_xla_dense_fast_path_runs_dense_layouts_as_dense_attention(monkeypatch):
+    """On the XLA path a fully listed layout without a rule runs as jax.nn's dense
+    attention (same result); causal stays block-sparse, which is faster there."""
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("implementation"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    q, k, v = (jax.random.normal(kk, (2, 64, 2, 16)) for kk in jax.random.split(
+        jax.random.PRNGKey(0), 3))
+    dense = masks_lib.BlockLayoutMask(np.ones((1, 4, 4), bool))
+    for mask, fast in ((dense, True), (masks_lib.CausalMask(), False)):
+        calls.clear()
+        out = ops.block_sparse_attention(q, k, v, mask, block_q=16, block_k=16, backend="xla")
+        ref = reference.reference_attention(q, k, v, mask, block_q=16, block_k=16)
+        np.testing.assert_allclose(out, ref, atol=F32_TOL)
+        assert calls == (["xla"] if fast else [])
+    seg = jnp.zeros((2, 64), jnp.int32)
+    calls.clear()
+    ops.block_sparse_attention(q, k, v, dense, segment_ids=seg, block_q=16, block_k=16,
+                               backend="xla")
+    assert calls == []  # segment ids: block-sparse path
 
 
 def test_dense_fast_path_falls_back_to_the_kernel_when_cudnn_refuses(kernel_calls, monkeypatch):
