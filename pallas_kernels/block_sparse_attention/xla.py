@@ -82,8 +82,6 @@ class _Bucket:
         r = np.asarray(rows)
         idx = kv_idx[..., r, :n]  # [b or 1, h or 1, R, n]
         self.rows, self.idx = r, idx
-        self.bi = jnp.arange(b)[:, None, None, None] if idx.shape[0] > 1 else None
-        self.hi = jnp.arange(h)[None, :, None, None] if idx.shape[1] > 1 else None
         m = n * block_k
         self.q = q_t[:, :, r].astype(_F32)  # [b, h, R, bq, d]
         self.k = self.gather(k_t).reshape(b, h, len(r), m, d).astype(_F32)
@@ -104,14 +102,21 @@ class _Bucket:
             vis = _and(vis, q_seg == k_seg)
         self.vis = vis
 
+    def _listed(self, x):
+        """Index of the bucket's listed tiles in ``x`` ``[b, h, kv_blocks, ...]``."""
+        if self.idx.shape[:2] == (1, 1):  # one list for every batch and head
+            return slice(None), slice(None), self.idx[0, 0]
+        b, h = x.shape[:2]
+        return jnp.arange(b)[:, None, None, None], jnp.arange(h)[None, :, None, None], self.idx
+
     def gather(self, x_t):
         """``[b, h, kv_blocks, bk, d]`` -> this bucket's ``[b, h, R, n, bk, d]``."""
-        if self.bi is None and self.hi is None:
-            return jnp.take(x_t, self.idx[0, 0], axis=2)
-        b, h = x_t.shape[:2]
-        bi = jnp.arange(b)[:, None, None, None] if self.bi is None else self.bi
-        hi = jnp.arange(h)[None, :, None, None] if self.hi is None else self.hi
-        return x_t[bi, hi, self.idx]
+        return x_t[self._listed(x_t)]
+
+    def scatter_add(self, acc, contrib):
+        """Adds ``contrib`` ``[b, h, R, n, bk, d]`` into ``acc`` ``[b, h, kv_blocks, bk, d]``
+        at the bucket's listed tiles."""
+        return acc.at[self._listed(acc)].add(contrib)
 
     def masked(self, x, fill):
         return x if self.vis is None else jnp.where(self.vis, x, fill)
@@ -200,19 +205,9 @@ def bwd(q, k, v, seg, o, lse, do, kv_idx, kv_cnt, *, rule, scale, block_q, block
         n = bk.idx.shape[-1]
         dk_c = _dot("bhiqm,bhiqd->bhimd", ds, bk.q).reshape(b, h, len(r), n, block_k, d)
         dv_c = _dot("bhiqm,bhiqd->bhimd", p, do_r).reshape(b, h, len(r), n, block_k, d)
-        dk, dv = _scatter_add(dk, dk_c, bk), _scatter_add(dv, dv_c, bk)
+        dk, dv = bk.scatter_add(dk, dk_c), bk.scatter_add(dv, dv_c)
     dq = _tokens_last(_unbucket(dqs, rows_list, qb), q.dtype)
     g = h // kvh
     dk, dv = (x.reshape(b, kvh, g, kb, block_k, d).sum(axis=2) for x in (dk, dv))
     return dq, _tokens_last(dk, k.dtype), _tokens_last(dv, v.dtype)
 
-
-def _scatter_add(acc, contrib, bk):
-    """Adds ``contrib`` ``[b, h, R, n, bk, d]`` into ``acc`` ``[b, h, kv_blocks, bk, d]``
-    at the bucket's listed kv blocks."""
-    if bk.bi is None and bk.hi is None:
-        return acc.at[:, :, bk.idx[0, 0]].add(contrib)
-    b, h = acc.shape[:2]
-    bi = jnp.arange(b)[:, None, None, None] if bk.bi is None else bk.bi
-    hi = jnp.arange(h)[None, :, None, None] if bk.hi is None else bk.hi
-    return acc.at[bi, hi, bk.idx].add(contrib)
