@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import optax
 
-from sparsejax import cli
+from sparsejax import config
 from sparsejax.data import pipeline
 from sparsejax.parallel.rules import LOGICAL_RULES, batch_sharding, replicated
 from sparsejax.sparsity import masks as masks_lib
@@ -130,7 +130,7 @@ def build(name: str, args, batches) -> Bench:
     Compiling here, while this method's gin config is active, keeps gin lookups made during
     tracing consistent; later calls hit the jit cache."""
     base = name.split("-")[0]
-    cli.parse_gin([args.gin_file, GIN[base]], [*args.gin, *method_bindings(base, args)])
+    config.parse_gin([args.gin_file, GIN[base]], [*args.gin, *method_bindings(base, args)])
     cfg = TrainConfig()
     run = setup(cfg)
     method, tx = run.sparsity_method, run.tx
@@ -218,7 +218,7 @@ def main(argv=None) -> dict[str, Any]:
     if args.breakdown:
         names += list(VARIANTS)
 
-    cli.parse_gin([args.gin_file], args.gin)
+    config.parse_gin([args.gin_file], args.gin)
     cfg = TrainConfig()
     it = pipeline.make_iterator("train", global_batch_size=cfg.global_batch_size,
                                 seq_len=cfg.seq_len, seed=cfg.seed, dataset=cfg.dataset,

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax import cli
+from sparsejax import config
 from sparsejax.data import pipeline
 from sparsejax.parallel.rules import LOGICAL_RULES, batch_sharding, replicated
 from sparsejax.train.run_setup import setup
@@ -57,7 +57,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--gin", action="append", default=[], help="extra gin bindings A.b=V")
     args = ap.parse_args()
-    cli.parse_gin([args.gin_file], args.gin)
+    config.parse_gin([args.gin_file], args.gin)
     cfg = TrainConfig()
     run = setup(cfg)
     mesh = run.mesh

@@ -13,7 +13,7 @@ import sys
 from typing import Sequence
 
 
-def add_subparsers(sub) -> None:
+def add_parsers(sub) -> None:
     """Adds the `sweep` and `report` subcommands to sparsejax's argparse subparsers."""
     s = sub.add_parser("sweep", help="run a grid of training runs (resumable), then report")
     s.add_argument("--gin_file", action="append", default=[],
@@ -32,6 +32,8 @@ def add_subparsers(sub) -> None:
                    help="print one launch command per trial and run nothing")
     r = sub.add_parser("report", help="regenerate a sweep's table and plots")
     r.add_argument("--out", required=True, help="sweep dir written by `sparsejax sweep`")
+    s.set_defaults(handler=run)
+    r.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace, bindings: Sequence[str]) -> int:

@@ -62,7 +62,7 @@ def validate_spec(spec: SweepSpec) -> None:
     unknown configurable/parameter or a bad value fails before anything is launched."""
     import gin
 
-    from sparsejax.cli import parse_gin
+    from sparsejax.config import parse_gin
     try:
         for trial in spec.trials()[::len(spec.seeds)]:  # one per grid point
             parse_gin(spec.gin_files, list(spec.overrides) + trial.bindings())

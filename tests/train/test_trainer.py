@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from sparsejax import cli
+from sparsejax import cli, config
 from sparsejax.train import trainer
 from sparsejax.train.checkpoint import restore_state_numpy
 from sparsejax.train.metrics import read_metrics
@@ -76,7 +76,7 @@ def test_nan_guard_skip_keeps_params_finite(run_cli, tmp_path):
 
 def test_nan_guard_stop_saves_last_good_state(run_cli, tmp_path):
     w = str(tmp_path / "run")
-    cli.parse_gin(["tiny.gin"], [b[len("--gin."):] for b in
+    config.parse_gin(["tiny.gin"], [b[len("--gin."):] for b in
                                  ["--gin.learning_rate_schedule.peak_lr=1e30",
                                   "--gin.learning_rate_schedule.warmup_steps=0",
                                   "--gin.TrainConfig.nan_policy='stop'",

@@ -1,0 +1,51 @@
+"""`sparsejax list`: the shipped configs and every registered plug-in, one line each."""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("list", help="shipped configs and registered methods, criteria, "
+                                    "schedules, routers, ... with one line each")
+    s.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first, so its plug-ins are listed too")
+    s.set_defaults(handler=run)
+
+
+def listing(imports: Sequence[str] = ()) -> str:
+    """The text `sparsejax list` prints."""
+    from sparsejax import config
+    from sparsejax.registry import REGISTRIES
+    config.register_configurables()
+    config.import_plugins(imports)
+    lines = [f"configs ({config.config_dir()}):"]
+    for name in config.shipped_configs():
+        lines.append(f"  {name:<34} {first_comment(config.config_dir() / name)}")
+    for kind, reg in REGISTRIES.items():
+        lines.append(f"\n{kind} ({len(reg)}):")
+        for name, doc in reg.describe().items():
+            lines.append(f"  {name:<34} {doc}")
+    return "\n".join(lines)
+
+
+def first_comment(path) -> str:
+    """The first comment line of a gin file (its one-line description)."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith("#"):
+                return line.lstrip("# ").rstrip()
+    return ""
+
+
+def run(args: argparse.Namespace, bindings: Sequence[str]) -> int:
+    import sys
+    if bindings:
+        print(f"error: list takes no --gin.* flags (got {list(bindings)})", file=sys.stderr)
+        return 2
+    try:
+        print(listing(args.imports))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
