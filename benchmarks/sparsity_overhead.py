@@ -6,7 +6,7 @@
 Methods (configs/sparsity/*.gin on top of the model config): dense, static (static_random),
 gmp (gradual magnitude, update every --gmp_frequency steps) and rigl (update every
 --rigl_frequency steps). Each is built and jitted exactly as the trainer does it
-(`run_setup.setup`, `step.make_train_step` jitted with the state shardings and donation,
+(`build.build_run`, `step.make_train_step` jitted with the state shardings and donation,
 `run.sparsity_update_fn()` for the mask update). The timed loop runs `--rounds` rounds; in each
 round every method runs `--steps` ordinary steps in turn (interleaved, so load drift on a
 shared machine hits all methods alike) and then one mask-update call. A method's amortized
@@ -37,9 +37,8 @@ from sparsejax import config
 from sparsejax.data import pipeline
 from sparsejax.parallel.rules import LOGICAL_RULES, batch_sharding, replicated
 from sparsejax.sparsity import masks as masks_lib
-from sparsejax.sparsity.optim import MaskedState
 from sparsejax.train import optim as train_optim
-from sparsejax.train.run_setup import setup
+from sparsejax.train.build import build_run
 from sparsejax.train.step import make_train_step
 from sparsejax.train.trainer import TrainConfig, global_batch
 
@@ -62,24 +61,18 @@ VARIANTS = {
 
 
 def post_masked_optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """Like sparsity.optim.masked_optimizer (same MaskedState), but masks only the updates."""
+    """Like sparsity.optim.masked_optimizer (same state), but masks only the updates."""
     inner = optax.with_extra_args_support(tx)
 
-    def update_fn(updates, state, params=None, **extra_args):
-        u, new_inner = inner.update(updates, state.inner, params, **extra_args)
-        return masks_lib.apply_masks(u, state.masks), MaskedState(new_inner, state.masks)
+    def update_fn(updates, state, params=None, *, sparsity, **extra_args):
+        u, new_inner = inner.update(updates, state, params, **extra_args)
+        return masks_lib.apply_masks(u, sparsity["masks"]), new_inner
 
-    return optax.GradientTransformationExtraArgs(lambda p: None, update_fn)
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 def unmasked_optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    inner = optax.with_extra_args_support(tx)
-
-    def update_fn(updates, state, params=None, **extra_args):
-        u, new_inner = inner.update(updates, state.inner, params, **extra_args)
-        return u, MaskedState(new_inner, state.masks)
-
-    return optax.GradientTransformationExtraArgs(lambda p: None, update_fn)
+    return optax.with_extra_args_support(tx)
 
 
 def apply_variant(run, removed: tuple[str, ...], total_steps: int):
@@ -132,14 +125,14 @@ def build(name: str, args, batches) -> Bench:
     base = name.split("-")[0]
     config.parse_gin([args.gin_file, GIN[base]], [*args.gin, *method_bindings(base, args)])
     cfg = TrainConfig()
-    run = setup(cfg)
+    run = build_run(cfg)
     method, tx = run.sparsity_method, run.tx
     if name in VARIANTS:
         method, tx = apply_variant(run, VARIANTS[name], cfg.num_steps)
     mesh, bsh = run.mesh, batch_sharding(run.mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         state = run.init_state()
-        step_fn = jax.jit(make_train_step(run.model, tx, run.lr_schedule, method),
+        step_fn = jax.jit(make_train_step(run.model, tx, method, run.lr_schedule),
                           in_shardings=(run.state_shardings, bsh),
                           out_shardings=(run.state_shardings, replicated(mesh)),
                           donate_argnums=(0,))

@@ -20,7 +20,7 @@ import numpy as np
 from sparsejax import config
 from sparsejax.data import pipeline
 from sparsejax.parallel.rules import LOGICAL_RULES, batch_sharding, replicated
-from sparsejax.train.run_setup import setup
+from sparsejax.train.build import build_run
 from sparsejax.train.step import make_train_step
 from sparsejax.train.trainer import TrainConfig, global_batch
 
@@ -59,7 +59,7 @@ def main():
     args = ap.parse_args()
     config.parse_gin([args.gin_file], args.gin)
     cfg = TrainConfig()
-    run = setup(cfg)
+    run = build_run(cfg)
     mesh = run.mesh
     bsh = batch_sharding(mesh)
     it = pipeline.make_iterator("train", global_batch_size=cfg.global_batch_size,
@@ -68,7 +68,7 @@ def main():
     batches = [next(it) for _ in range(args.steps + args.warmup)]
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         state = run.init_state()
-        step = jax.jit(make_train_step(run.model, run.tx, None, run.sparsity_method),
+        step = jax.jit(make_train_step(run.model, run.tx, run.sparsity_method),
                        in_shardings=(run.state_shardings, bsh),
                        out_shardings=(run.state_shardings, replicated(mesh)), donate_argnums=(0,))
         for b in batches[:args.warmup]:

@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 def quiet_logging() -> None:
     """INFO logs from sparsejax, warnings only from the libraries underneath."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets"):
+    for noisy in ("orbax", "jax._src", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on missing metadata files
     for handler in logging.getLogger().handlers:  # gin logs each include-path probe
         handler.addFilter(lambda r: not r.getMessage().startswith(
             ("Path not found", "system_path_file_exists")))

@@ -9,13 +9,16 @@ non-editable install runs the README's commands from any directory.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.resources
 import os
 import pkgutil
 import re
+import types
+import typing
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import gin
 
@@ -94,26 +97,196 @@ def _binding_error(binding: str, err: Exception) -> ValueError:
     return ValueError(f"gin binding {name}={value} is not valid: {msg}")
 
 
+WORKDIR_SOURCE = "the workdir's config.gin"
+_SOURCES: dict[str, str] = {}  # binding key -> where the parse that last set it came from
+_IMPORTS: list[str] = []
+
+
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
-              imports: Sequence[str] = ()) -> str:
-    """Parses gin files and `A.b=V` bindings (later ones win); unknown or malformed bindings
-    raise a ValueError naming them. Returns the parsed config text."""
+              imports: Sequence[str] = (), workdir_config: str | None = None) -> str:
+    """Parses `workdir_config` (a run's saved config.gin, when resuming), then gin files and
+    `A.b=V` bindings (later ones win); unknown or malformed bindings raise a ValueError naming
+    them. Remembers which file or flag set each binding (`binding_sources`). Returns the parsed
+    config text."""
     register_configurables()
     import_plugins(imports)
     gin.clear_config()
+    _SOURCES.clear()
+    _IMPORTS[:] = list(imports)
     gin.add_config_file_search_path(str(config_dir()))
     gin.add_config_file_search_path(os.getcwd())
-    files = [resolve_gin_file(f) for f in gin_files]
-    for f in files:
+    files = [(workdir_config, WORKDIR_SOURCE)] if workdir_config else []
+    files += [(resolve_gin_file(f), f"--gin_file={f}") for f in gin_files]
+    for path, source in files:
+        before = parsed_bindings()
         try:
-            gin.parse_config_file(f)
+            gin.parse_config_file(path)
         except (ValueError, KeyError, IOError, SyntaxError) as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"gin file {f}: {msg}") from None
+            raise ValueError(f"gin file {path}: {msg}") from None
+        _record_sources(before, source)
     for b in bindings:
+        before = parsed_bindings()
         try:
             gin.parse_config(b)
         except (ValueError, KeyError, SyntaxError) as e:
             raise _binding_error(b, e) from None
+        _record_sources(before, f"--gin.{b}")
     gin.finalize()
     return gin.config_str()
+
+
+# --- the operative config -----------------------------------------------------------------
+
+
+def _bindings_of(configuration) -> dict[str, str]:
+    """{'scope/Configurable.param': repr(value)} of a gin configuration dict."""
+    out = {}
+    for (scope, selector), params in configuration.items():
+        for name, value in params.items():
+            out[gin.config._format_binding_key(scope, selector, name)] = repr(value)
+    return out
+
+
+def parsed_bindings() -> dict[str, str]:
+    """Every binding parsed so far (from files and flags), as `key -> repr(value)`."""
+    return _bindings_of(gin.config._CONFIG)
+
+
+def operative_bindings() -> dict[str, str]:
+    """Every value the run used so far (defaults included), as `key -> repr(value)`."""
+    with gin.config._OPERATIVE_CONFIG_LOCK:
+        return _bindings_of(gin.config._OPERATIVE_CONFIG)
+
+
+def _record_sources(before: dict[str, str], source: str) -> None:
+    for key, value in parsed_bindings().items():
+        if before.get(key) != value:
+            _SOURCES[key] = source
+
+
+def binding_sources() -> dict[str, str]:
+    """{binding key: the file or flag that set it} of the last `parse_gin`."""
+    return dict(_SOURCES)
+
+
+def operative_config_text() -> str:
+    """The operative config as a gin file: plug-in imports first, then every value used."""
+    imports = "".join(f"import {m}\n" for m in _IMPORTS)
+    return (imports + "\n" if imports else "") + gin.operative_config_str()
+
+
+def unused_bindings() -> dict[str, str]:
+    """{key: source} of bindings given in a gin file or flag that the run never used (a
+    configurable that was not called, or a parameter it never read). The workdir's own
+    config.gin is left out: it may hold settings of commands other than this one."""
+    used = operative_bindings()
+    return {k: src for k, src in _SOURCES.items()
+            if src != WORKDIR_SOURCE and k not in used}
+
+
+def check_unused_bindings(allow: bool = False) -> dict[str, str]:
+    """Raises a ValueError naming every given binding that took no effect (unless `allow`,
+    for sweeps whose shared bindings concern some trials only); returns them."""
+    unused = unused_bindings()
+    if unused and not allow:
+        lines = "; ".join(f"{k} (from {src})" for k, src in sorted(unused.items()))
+        raise ValueError(f"these bindings have no effect on this run, so it is refused: {lines}. "
+                         f"Their configurable is never called with this config (e.g. a schedule "
+                         f"the method does not use) or the parameter is passed explicitly; "
+                         f"remove them")
+    return unused
+
+
+# Bindings a resumed run may change without --allow_config_change: how the run is driven,
+# not what it computes.
+RESUME_SAFE = (r"^TrainConfig\.(progress_bar|log_every|eval_every|checkpoint_every|"
+               r"keep_checkpoints|async_checkpoints|max_skipped_steps)$",
+               r"^make_mesh\.", r"^attention_kernel\.", r"^pallas_gmm\.",
+               r"^gmm_default_tiling\.", r"^gmm_gpu_compiler_params\.",
+               r"^make_dataset\.(num_threads|prefetch_buffer_size)$", r"^train\.config$")
+
+
+def config_changes(saved: dict[str, str], now: dict[str, str]) -> list[str]:
+    """Lines `key: saved -> now` for every binding that differs (resume-safe ones left out):
+    values both runs used, and values given now that the saved run did not use."""
+    out = []
+    given = {k for k, src in _SOURCES.items() if src != WORKDIR_SOURCE}
+    for key in sorted((set(saved) & set(now)) | (set(now) & given)):
+        if any(re.search(p, key) for p in RESUME_SAFE):
+            continue
+        a, b = saved.get(key, "(unset)"), now.get(key, "(unset)")
+        if a != b:
+            out.append(f"{key}: {a} -> {b}")
+    return out
+
+
+# --- run-relative steps -------------------------------------------------------------------
+
+
+def check_step_spec(value, setting: str, minimum: int = 0) -> int | float:
+    """Validates a step given as an absolute int (>= minimum) or as a float fraction of the
+    run's length in [0, 1]; returns it unchanged."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{setting}={value!r} must be an int (an absolute step) or a float in "
+                         f"[0, 1] (a fraction of TrainConfig.num_steps)")
+    if isinstance(value, float):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{setting}={value!r}: a float is a fraction of "
+                             f"TrainConfig.num_steps and must be in [0, 1]; give an int for an "
+                             f"absolute step")
+    elif value < minimum:
+        raise ValueError(f"{setting}={value!r} must be >= {minimum}")
+    return value
+
+
+def run_step(value, num_steps: int, setting: str, minimum: int = 0) -> int:
+    """An absolute step from `value`: an int as given, a float as round(value * num_steps)
+    (at least `minimum`)."""
+    check_step_spec(value, setting, minimum)
+    if isinstance(value, float):
+        return max(minimum, int(round(value * num_steps)))
+    return int(value)
+
+
+# --- type checks of config dataclasses ----------------------------------------------------
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (tuple, list) or hint in (tuple, list):
+        return isinstance(value, (tuple, list))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def check_field_types(obj: Any) -> None:
+    """Raises a ValueError naming the first field of dataclass `obj` whose value does not
+    have the annotated type (e.g. `TrainConfig.num_steps='20'` or `num_layers=2.5`)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, hint = getattr(obj, f.name), hints.get(f.name, Any)
+        if not _matches(value, hint):
+            raise ValueError(f"{type(obj).__name__}.{f.name}={value!r} has type "
+                             f"{type(value).__name__}; expected {_type_name(hint)}")

@@ -63,3 +63,15 @@ def plot_vector_metric(metrics_path: str, prefix: str, out_path: str, ylabel: st
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     return out_path
+
+
+def write_run_plots(workdir: str) -> None:
+    """A run's loss curve, plus expert-load and density plots when those metrics were logged."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    plot_loss_curve(path, os.path.join(workdir, "loss.png"))
+    plot_vector_metric(path, "model/", os.path.join(workdir, "expert_load.png"),
+                       "fraction of tokens", "expert load over training", contains="expert_load")
+    plot_vector_metric(path, "sparsity/density/", os.path.join(workdir, "density.png"),
+                       "density", "per-layer density over training")

@@ -5,7 +5,7 @@ rules table (sparsejax.parallel.rules) can shard it on any mesh.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -56,18 +56,35 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float = 10000.0)
     return out.astype(x.dtype)
 
 
+def zero_padding(init: Callable, axis: int, length: int | None) -> Callable:
+    """`init` with the entries at index >= `length` along `axis` set to zero. Padding (rows or
+    columns that exist only so the vocab axis shards evenly) then stays exactly zero under
+    the optimizers here (its gradient is zero), so it is never counted as parameters."""
+    if length is None:
+        return init
+
+    def padded_init(key, shape, dtype=jnp.float32):
+        x = init(key, shape, dtype)
+        keep = jax.lax.broadcasted_iota(jnp.int32, shape, axis % len(shape)) < length
+        return jnp.where(keep, x, jnp.zeros_like(x))
+
+    return padded_init
+
+
 class Embed(nn.Module):
-    """Token embedding; `attend` reuses the table as the output projection (weight tying)."""
+    """Token embedding; `attend` reuses the table as the output projection (weight tying).
+    Rows from `real_vocab_size` on are padding and start at zero."""
 
     vocab_size: int
     embed_dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    real_vocab_size: int | None = None
 
     def setup(self):
+        init = zero_padding(nn.initializers.normal(stddev=1.0), 0, self.real_vocab_size)
         self.embedding = self.param(
-            "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+            "embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
             (self.vocab_size, self.embed_dim), self.param_dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -79,11 +96,13 @@ class Embed(nn.Module):
 
 
 def dense(features: int, axes: tuple[str, str], name: str, dtype: Dtype, param_dtype: Dtype,
-          use_bias: bool = False) -> nn.Dense:
-    """A Dense layer whose kernel is annotated with logical axes (in, out)."""
+          use_bias: bool = False, real_features: int | None = None) -> nn.Dense:
+    """A Dense layer whose kernel is annotated with logical axes (in, out); output columns
+    from `real_features` on are padding and start at zero."""
     return nn.Dense(
         features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, axes),
+        kernel_init=nn.with_logical_partitioning(
+            zero_padding(DEFAULT_KERNEL_INIT, -1, real_features), axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
 
 

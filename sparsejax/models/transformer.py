@@ -10,6 +10,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from sparsejax.config import check_field_types
 from sparsejax.models.attention import ATTENTION_KINDS, Attention
 from sparsejax.models.layers import Embed, GatedMlp, RMSNorm, as_tokens, dense, dtype_from_name
 
@@ -43,6 +44,7 @@ class ModelConfig:
     remat: bool = False
 
     def __post_init__(self):
+        check_field_types(self)
         for name in ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads",
                      "head_dim", "mlp_dim", "max_seq_len"):
             if int(getattr(self, name)) < 1:
@@ -66,6 +68,16 @@ class ModelConfig:
     def attention_kind(self, layer: int) -> str:
         kinds = tuple(self.attention_kinds)
         return kinds[layer % len(kinds)]
+
+
+def padded_params(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """{param path: (axis, real length)} of the params padded to `padded_vocab_size`: their
+    entries past the vocab exist only so the vocab axis shards evenly (sparsity never keeps
+    them, parameter counts leave them out)."""
+    out = {"embed/embedding": (0, cfg.vocab_size)}
+    if not cfg.tie_embeddings:
+        out["lm_head/kernel"] = (1, cfg.vocab_size)
+    return out
 
 
 def _check_kinds(name, kinds, valid):
@@ -116,7 +128,7 @@ class Transformer(nn.Module):
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         embed = Embed(cfg.padded_vocab_size, cfg.embed_dim, dtype=dtype, param_dtype=pdtype,
-                      name="embed")
+                      real_vocab_size=cfg.vocab_size, name="embed")
         x = embed(tokens) * jnp.sqrt(cfg.embed_dim).astype(dtype)
         x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
         block_cls = nn.remat(Block, static_argnums=(4,)) if cfg.remat else Block
@@ -127,5 +139,5 @@ class Transformer(nn.Module):
             logits = embed.attend(x) / jnp.sqrt(cfg.embed_dim).astype(dtype)
         else:
             logits = dense(cfg.padded_vocab_size, ("embed", "vocab"), "lm_head", dtype,
-                           pdtype)(as_tokens(x)).reshape(x.shape[:-1] + (-1,))
+                           pdtype, real_features=cfg.vocab_size)(as_tokens(x)).reshape(x.shape[:-1] + (-1,))
         return logits[..., :cfg.vocab_size].astype(jnp.float32)

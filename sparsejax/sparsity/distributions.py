@@ -3,7 +3,9 @@
 All functions work on ``{path: shape}`` for the prunable params and return
 ``{path: density}`` (host floats). Overrides (regex -> density) fix the density
 of the layers they match; the distribution then spreads ``density`` over the
-remaining layers (as RigL's custom sparsity map does).
+remaining layers (as RigL's custom sparsity map does). Distributions are registered by name
+in ``DISTRIBUTIONS`` (``MaskedPruningMethod.distribution = 'erk'``): a function
+``(shapes, density) -> {path: density}`` whose size-weighted mean is ``density``.
 """
 from __future__ import annotations
 
@@ -12,17 +14,18 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from sparsejax.registry import Registry
 from sparsejax.sparsity import paths as paths_lib
 
 Shapes = Mapping[str, Sequence[int]]
-DISTRIBUTIONS = ("uniform", "erdos_renyi", "erk")
+DISTRIBUTIONS = Registry("distribution")
 
 
 def check_density(density: float, arg: str = "density") -> float:
     """Raises ``ValueError`` unless ``0 < density <= 1``."""
     d = float(density)
     if not (0.0 < d <= 1.0) or math.isnan(d):
-        raise ValueError(f"{arg}: {density!r} is outside (0, 1]; a density is the kept fraction")
+        raise ValueError(f"{arg}={density!r} is outside (0, 1]; a density is the kept fraction")
     return d
 
 
@@ -60,17 +63,33 @@ def erdos_renyi_densities(
     return {k: (1.0 if k in dense else float(eps * raw[k])) for k in shapes}
 
 
+@DISTRIBUTIONS.register("uniform")
+def uniform(shapes: Shapes, density: float) -> dict[str, float]:
+    """Every layer at the same density."""
+    return {k: density for k in shapes}
+
+
+@DISTRIBUTIONS.register("erdos_renyi")
+def erdos_renyi(shapes: Shapes, density: float) -> dict[str, float]:
+    """Erdős–Rényi: density proportional to (n_in + n_out) / (n_in * n_out)."""
+    return erdos_renyi_densities(shapes, density, kernel=False)
+
+
+@DISTRIBUTIONS.register("erk")
+def erk(shapes: Shapes, density: float) -> dict[str, float]:
+    """Erdős–Rényi-Kernel: density proportional to sum(shape) / prod(shape) (RigL's default)."""
+    return erdos_renyi_densities(shapes, density, kernel=True)
+
+
 def layer_densities(
     shapes: Shapes,
     density: float,
     distribution: str = "uniform",
     overrides: Mapping[str, float] | None = None,
-    power: float = 1.0,
 ) -> dict[str, float]:
     """{path: density}. ``overrides`` (regex -> density) fix matched layers first."""
     density = check_density(density)
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"distribution: {distribution!r} is not one of {DISTRIBUTIONS}")
+    spread = DISTRIBUTIONS.get(distribution, "distribution")
     overrides = dict(overrides or {})
     paths_lib.check_patterns_match(list(overrides), list(shapes), "overrides")
     fixed = {}
@@ -79,12 +98,7 @@ def layer_densities(
         if d is not None:
             fixed[path] = check_density(d, f"overrides[{path!r}]")
     free = {k: s for k, s in shapes.items() if k not in fixed}
-    if not free:
-        out = {}
-    elif distribution == "uniform":
-        out = {k: density for k in free}
-    else:
-        out = erdos_renyi_densities(free, density, kernel=distribution == "erk", power=power)
+    out = spread(free, density) if free else {}
     out.update(fixed)
     return {k: out[k] for k in shapes}
 

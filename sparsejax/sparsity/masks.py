@@ -3,6 +3,10 @@
 A mask pytree mirrors the params: a bool array shaped like the param where it is
 prunable (True = kept) and ``None`` where it is never pruned. Bool arrays shaped
 like the params can use the params' shardings and are checkpointed with them.
+
+Statistics take an optional ``valid`` table ``{param path: (axis, length)}`` for params
+padded past ``length`` along ``axis`` (the LM head's vocab padding): padded entries are
+never kept and are left out of every count and density.
 """
 from __future__ import annotations
 
@@ -10,10 +14,12 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sparsejax.sparsity import paths as paths_lib
 
 PyTree = Any
+Valid = Mapping[str, tuple[int, int]]  # {param path: (axis, real length)}
 
 
 def is_none(x: Any) -> bool:
@@ -40,9 +46,40 @@ def select_masked(tree: PyTree, masks: PyTree) -> PyTree:
     return jax.tree.map(lambda m, x: None if m is None else x, masks, tree, is_leaf=is_none)
 
 
-def ones_masks(params: PyTree, prunable: PyTree) -> PyTree:
-    """All-True masks for prunable params, ``None`` for the others."""
-    return jax.tree.map(lambda p, ok: jnp.ones(p.shape, bool) if ok else None, params, prunable)
+def ones_masks(params: PyTree, prunable: PyTree, valid: Valid | None = None) -> PyTree:
+    """Masks keeping every real entry of the prunable params (padding is False), ``None`` for
+    the others."""
+    masks = jax.tree.map(lambda p, ok: jnp.ones(p.shape, bool) if ok else None, params, prunable)
+    v = valid_tree(masks, valid)
+    return masks if v is None else jax.tree.map(lambda m, ok: m & ok, masks, v)
+
+
+
+def valid_entries(shape: tuple[int, ...], axis: int, length: int) -> jax.Array:
+    """Bool array of `shape`: True where the index along `axis` is below `length`."""
+    return jax.lax.broadcasted_iota(jnp.int32, shape, axis % len(shape)) < length
+
+
+def padded_count(shape: tuple[int, ...], axis: int, length: int) -> int:
+    """Entries of a param of `shape` past `length` along `axis`."""
+    size = int(np.prod(shape))
+    return size - size // shape[axis] * min(length, shape[axis])
+
+
+def valid_tree(masks: PyTree, valid: Valid | None) -> PyTree | None:
+    """Bool trees of the real entries of each masked param (None when nothing is padded)."""
+    if not valid or masks is None:
+        return None
+    return paths_lib.map_with_path(
+        lambda path, m: valid_entries(m.shape, *valid[path]) if path in valid
+        else jnp.ones(m.shape, bool), masks)
+
+
+def real_sizes(masks: PyTree, valid: Valid | None = None) -> dict[str, int]:
+    """{path: number of real (unpadded) entries} of every masked param."""
+    valid = valid or {}
+    return {p: m.size - (padded_count(m.shape, *valid[p]) if p in valid else 0)
+            for p, m in mask_leaves(masks)}
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
@@ -72,44 +109,52 @@ def nnz(masks: PyTree) -> jax.Array:
     return sum((jnp.sum(m, dtype=jnp.int32) for m in jax.tree.leaves(masks)), jnp.int32(0))
 
 
-def num_masked(masks: PyTree) -> int:
-    """Number of entries over all masked params (host int)."""
-    return int(sum(m.size for m in jax.tree.leaves(masks)))
+def num_masked(masks: PyTree, valid: Valid | None = None) -> int:
+    """Number of real entries over all masked params (host int)."""
+    return int(sum(real_sizes(masks, valid).values()))
 
 
-def layer_densities(masks: PyTree) -> dict[str, jax.Array]:
+def layer_densities(masks: PyTree, valid: Valid | None = None) -> dict[str, jax.Array]:
     """{param path: fraction of kept entries} for every masked param."""
-    return {p: jnp.mean(m.astype(jnp.float32)) for p, m in mask_leaves(masks)}
+    sizes = real_sizes(masks, valid)
+    return {p: jnp.sum(m, dtype=jnp.int32).astype(jnp.float32) / max(sizes[p], 1)
+            for p, m in mask_leaves(masks)}
 
 
-def overall_density(masks: PyTree) -> jax.Array:
+def overall_density(masks: PyTree, valid: Valid | None = None) -> jax.Array:
     """Kept fraction over all masked params (unmasked params not counted)."""
-    total = num_masked(masks)
-    return nnz(masks).astype(jnp.float32) / max(total, 1)
+    return nnz(masks).astype(jnp.float32) / max(num_masked(masks, valid), 1)
 
 
-def mask_churn(old: PyTree, new: PyTree) -> jax.Array:
+def mask_churn(old: PyTree, new: PyTree, valid: Valid | None = None) -> jax.Array:
     """Fraction of masked entries whose kept/pruned state changed."""
     flips = sum(
         (jnp.sum(a != b, dtype=jnp.int32) for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new))),
         jnp.int32(0),
     )
-    return flips.astype(jnp.float32) / max(num_masked(new), 1)
+    return flips.astype(jnp.float32) / max(num_masked(new, valid), 1)
 
 
-def param_count(params: PyTree, masks: PyTree) -> jax.Array:
-    """Nonzero-capable param count: unmasked params in full plus kept masked entries."""
-    flat_m = jax.tree.leaves(masks)
-    masked_size = sum(m.size for m in flat_m)
-    total = sum(p.size for p in jax.tree.leaves(params))
-    return nnz(masks).astype(jnp.float32) + float(total - masked_size)
+def _unmasked_real_size(params: PyTree, masks: PyTree | None, valid: Valid | None) -> int:
+    """Real entries of the params no mask covers (padding left out)."""
+    valid = valid or {}
+    masked = set() if masks is None else {p for p, _ in mask_leaves(masks)}
+    return int(sum(x.size - (padded_count(x.shape, *valid[p]) if p in valid else 0)
+                   for p, x in paths_lib.named_leaves(params) if p not in masked))
 
 
-def average_param_count(params: PyTree, masks: PyTree, avg_density: jax.Array) -> jax.Array:
+def param_count(params: PyTree, masks: PyTree | None, valid: Valid | None = None) -> jax.Array:
+    """Nonzero-capable param count: unmasked params in full plus kept masked entries
+    (padding never counts)."""
+    kept = jnp.float32(0) if masks is None else nnz(masks).astype(jnp.float32)
+    return kept + float(_unmasked_real_size(params, masks, valid))
+
+
+def average_param_count(params: PyTree, masks: PyTree | None, avg_density: jax.Array,
+                        valid: Valid | None = None) -> jax.Array:
     """Average param count over a run from the running average density of masked params."""
-    masked_size = num_masked(masks)
-    total = sum(p.size for p in jax.tree.leaves(params))
-    return avg_density * masked_size + float(total - masked_size)
+    masked = 0 if masks is None else num_masked(masks, valid)
+    return avg_density * masked + float(_unmasked_real_size(params, masks, valid))
 
 
 # Embedding lookups cost no matmul FLOPs.

@@ -50,12 +50,17 @@ def _ungrouped(g: jax.Array, shape: tuple[int, ...], axis: int) -> jax.Array:
 
 def nm_mask(w: jax.Array, n: int, m: int, axis: int = -2) -> jax.Array:
     """Keeps the ``n`` largest-magnitude entries of every group of ``m`` (exactly n; ties by index)."""
+    return nm_topk(jnp.abs(w), n, m, axis)
+
+
+def nm_topk(scores: jax.Array, n: int, m: int, axis: int = -2) -> jax.Array:
+    """Keeps the ``n`` highest-scoring entries of every group of ``m`` (exactly n; ties by index)."""
     check_nm(n, m)
-    check_groupable(w.shape, m, axis, "w")
-    g = _grouped(jnp.abs(w).astype(jnp.float32), m, axis)
+    check_groupable(scores.shape, m, axis, "scores")
+    g = _grouped(scores.astype(jnp.float32), m, axis)
     order = jnp.argsort(-g, axis=-1, stable=True)
     ranks = jnp.argsort(order, axis=-1)
-    return _ungrouped(ranks < n, w.shape, axis)
+    return _ungrouped(ranks < n, scores.shape, axis)
 
 
 def nm_group_counts(mask: jax.Array, m: int, axis: int = -2) -> jax.Array:

@@ -18,10 +18,11 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from sparsejax.config import check_step_spec, run_step
 from sparsejax.sparsity import masks as masks_lib
 from sparsejax.sparsity import nm as nm_lib
 from sparsejax.sparsity import paths as paths_lib
-from sparsejax.sparsity.method import SparsityMethod, new_stats_state, track_density
+from sparsejax.sparsity.method import METHODS, SparsityMethod, new_stats_state, track_density
 
 PyTree = Any
 LOGITS_KEY = "nm_mask_logits"
@@ -36,9 +37,12 @@ def _nm_prunable(params: PyTree, n: int, m: int, axis: int, include, exclude) ->
     return prunable
 
 
-def _nm_masks(params: PyTree, masks: PyTree, n: int, m: int, axis: int) -> PyTree:
-    return masks_lib.map_on_masks(lambda w, _: nm_lib.nm_mask(jax.lax.stop_gradient(w), n, m, axis),
-                                masks, params)
+def _nm_masks(params: PyTree, masks: PyTree, n: int, m: int, axis: int, valid=None) -> PyTree:
+    """Magnitude N:M masks of the masked params (padded entries never kept)."""
+    out = masks_lib.map_on_masks(lambda w, _: nm_lib.nm_mask(jax.lax.stop_gradient(w), n, m, axis),
+                                 masks, params)
+    v = masks_lib.valid_tree(masks, valid)
+    return out if v is None else jax.tree.map(lambda a, b: a & b, out, v)
 
 
 class _FlipRateMetrics(SparsityMethod):
@@ -51,6 +55,7 @@ class _FlipRateMetrics(SparsityMethod):
 
 
 @gin.configurable
+@METHODS.register("srste")
 class SRSTEMethod(_FlipRateMetrics):
     """SR-STE (Zhou et al. 2021): N:M by magnitude, recomputed every step, dense weights."""
 
@@ -64,47 +69,56 @@ class SRSTEMethod(_FlipRateMetrics):
 
     def init(self, params, rng):
         prunable = _nm_prunable(params, self.n, self.m, self.axis, self.include, self.exclude)
-        masks = _nm_masks(params, masks_lib.ones_masks(params, prunable), self.n, self.m, self.axis)
-        return params, new_stats_state(masks, flip_rate=jnp.zeros((), jnp.float32))
+        self.require_bound()
+        masks = _nm_masks(params, masks_lib.ones_masks(params, prunable, self.valid), self.n,
+                          self.m, self.axis, self.valid)
+        return params, new_stats_state(masks, self.valid, flip_rate=jnp.zeros((), jnp.float32))
 
     def forward_params(self, params, sparsity, *, step=0, rng=None):
-        masks = _nm_masks(params, sparsity["masks"], self.n, self.m, self.axis)
+        masks = _nm_masks(params, sparsity["masks"], self.n, self.m, self.axis, self.valid)
         return masks_lib.ste_masks(params, masks)
 
     def on_grads(self, params, sparsity, grads, *, step=0):
-        masks = _nm_masks(params, sparsity["masks"], self.n, self.m, self.axis)
+        masks = _nm_masks(params, sparsity["masks"], self.n, self.m, self.axis, self.valid)
         grads = masks_lib.map_masked(lambda g, mk, w: nm_lib.srste_refine(g, w, mk, self.lam),
                                      masks, grads, params)
-        flip = masks_lib.mask_churn(sparsity["masks"], masks)
-        return grads, track_density({**sparsity, "masks": masks, "flip_rate": flip})
+        flip = masks_lib.mask_churn(sparsity["masks"], masks, self.valid)
+        return grads, track_density({**sparsity, "masks": masks, "flip_rate": flip}, valid=self.valid)
 
     def finalize(self, params, sparsity):
-        return masks_lib.apply_masks(params, _nm_masks(params, sparsity["masks"], self.n, self.m, self.axis))
+        return masks_lib.apply_masks(params, _nm_masks(params, sparsity["masks"], self.n, self.m,
+                                                       self.axis, self.valid))
 
 
 @gin.configurable
+@METHODS.register("learned_nm")
 class LearnedNMMethod(_FlipRateMetrics):
     """Learnable N:M masks: Gumbel-softmax over the C(M, N) patterns of each group.
 
     Temperature anneals linearly ``tau[0] -> tau[1]`` and the logit scale
-    ``kappa[0] -> kappa[1]`` over ``anneal_steps``; ``finalize`` extracts the hard
-    (argmax) mask. ``rng=None`` in ``forward_params`` uses the hard mask (eval).
+    ``kappa[0] -> kappa[1]`` over ``anneal_steps`` (an int, or a float fraction of the run;
+    default the whole run); ``finalize`` extracts the hard (argmax) mask. ``rng=None`` in
+    ``forward_params`` uses the hard mask (eval).
     """
 
     def __init__(self, n: int = 2, m: int = 4, axis: int = -2, tau: tuple[float, float] = (4.0, 0.05),
-                 kappa: tuple[float, float] = (1.0, 5.0), anneal_steps: int = 1000,
+                 kappa: tuple[float, float] = (1.0, 5.0), anneal_steps: int | float = 1.0,
                  prior_strength: float = 3.0, train_weights: bool = True,
                  include: Sequence[str] = (), exclude: Sequence[str] = ()):
         nm_lib.check_nm(n, m)
         if min(tau) <= 0 or min(kappa) <= 0:
             raise ValueError(f"tau {tau!r} and kappa {kappa!r} must be > 0")
-        if anneal_steps < 1:
-            raise ValueError(f"anneal_steps: {anneal_steps!r} must be >= 1")
+        self._anneal = check_step_spec(anneal_steps, "LearnedNMMethod.anneal_steps", 1)
         self.n, self.m, self.axis = n, m, axis
         self.tau, self.kappa = tuple(map(float, tau)), tuple(map(float, kappa))
-        self.anneal_steps, self.prior_strength = int(anneal_steps), float(prior_strength)
+        self.anneal_steps, self.prior_strength = None, float(prior_strength)
         self.train_weights = bool(train_weights)
         self.include, self.exclude = tuple(include), tuple(exclude)
+
+    def bind(self, run):
+        super().bind(run)
+        self.anneal_steps = run_step(self._anneal, run.num_steps, "LearnedNMMethod.anneal_steps", 1)
+        return self
 
     def temperature_and_scale(self, step) -> tuple[jax.Array, jax.Array]:
         p = jnp.clip(jnp.asarray(step, jnp.float32) / self.anneal_steps, 0.0, 1.0)
@@ -115,16 +129,21 @@ class LearnedNMMethod(_FlipRateMetrics):
             raise ValueError(f"params: learned N:M needs a dict of params, got {type(params).__name__}")
         if LOGITS_KEY in params:
             raise ValueError(f"params: key {LOGITS_KEY!r} already present")
+        self.require_bound()
         prunable = _nm_prunable(params, self.n, self.m, self.axis, self.include, self.exclude)
-        masks = masks_lib.ones_masks(params, prunable)
+        masks = masks_lib.ones_masks(params, prunable, self.valid)
         logits = masks_lib.map_on_masks(
             lambda w, _: nm_lib.init_logits(w, self.n, self.m, self.axis, self.prior_strength), masks, params)
         hard = self._hard(logits, params, masks)
-        return {**params, LOGITS_KEY: logits}, new_stats_state(hard, flip_rate=jnp.zeros((), jnp.float32))
+        return {**params, LOGITS_KEY: logits}, new_stats_state(hard, self.valid,
+                                                               flip_rate=jnp.zeros((), jnp.float32))
 
     def _hard(self, logits, model_params, masks):
-        return masks_lib.map_on_masks(lambda w, _, lg: nm_lib.hard_mask(lg, w.shape, self.n, self.m, self.axis),
-                                    masks, model_params, logits)
+        hard = masks_lib.map_on_masks(
+            lambda w, _, lg: nm_lib.hard_mask(lg, w.shape, self.n, self.m, self.axis),
+            masks, model_params, logits)
+        v = masks_lib.valid_tree(masks, self.valid)
+        return hard if v is None else jax.tree.map(lambda a, b: a & b, hard, v)
 
     def finalize_structure(self, params):
         return {k: v for k, v in params.items() if k != LOGITS_KEY}
@@ -146,8 +165,8 @@ class LearnedNMMethod(_FlipRateMetrics):
 
     def on_grads(self, params, sparsity, grads, *, step=0):
         hard = self._hard(params[LOGITS_KEY], self.finalize_structure(params), sparsity["masks"])
-        flip = masks_lib.mask_churn(sparsity["masks"], hard)
-        return grads, track_density({**sparsity, "masks": hard, "flip_rate": flip})
+        flip = masks_lib.mask_churn(sparsity["masks"], hard, self.valid)
+        return grads, track_density({**sparsity, "masks": hard, "flip_rate": flip}, valid=self.valid)
 
     def finalize(self, params, sparsity):
         model = self.finalize_structure(params)

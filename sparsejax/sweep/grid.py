@@ -15,6 +15,9 @@ Grid file format (one statement per line; `#` starts a comment; blank lines are 
     sweep: MaskedPruningMethod.distribution = ['uniform', 'erk']
     TrainConfig.num_steps = 100                # any other `A.b = value` is a fixed override
 
+`sweep: gin_file = ['sparsity/rigl.gin', 'sparsity/set.gin']` sweeps over gin files (each
+trial stacks its value after the fixed gin files): the way to compare preset methods.
+
 Values are gin literals (numbers, 'strings', True/False/None, @references, lists in
 brackets); a sweep list is split at its top-level commas, so `[[1, 2], [3, 4]]` sweeps two
 list values. `seeds` may also be an explicit list, `seeds = [0, 7]`.
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 SEED_BINDING = "TrainConfig.seed"
+GIN_FILE = "gin_file"  # a sweep over gin files rather than over a binding
 _BINDING_RE = re.compile(r"^[A-Za-z_][\w.]*(/[A-Za-z_][\w.]*)*$")
 
 
@@ -49,7 +53,12 @@ class Trial:
 
     def bindings(self) -> list[str]:
         """The trial's own gin bindings (`A.b=V`), seed last."""
-        return [f"{b}={v}" for b, v in self.point] + [f"{SEED_BINDING}={self.seed}"]
+        return [f"{b}={v}" for b, v in self.point if b != GIN_FILE] + [
+            f"{SEED_BINDING}={self.seed}"]
+
+    def gin_files(self) -> list[str]:
+        """The gin files the trial stacks after the sweep's own (from `sweep: gin_file`)."""
+        return [v.strip("'\"") for b, v in self.point if b == GIN_FILE]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +78,7 @@ class SweepSpec:
             raise ValueError("sweeps: give at least one --sweep='Binding.name=[v1, v2]'")
         seen = set()
         for binding, values in self.sweeps:
-            if not _BINDING_RE.match(binding):
+            if binding != GIN_FILE and not _BINDING_RE.match(binding):
                 raise ValueError(f"sweep binding {binding!r} is not of the form "
                                  "Configurable.parameter (optionally scope/Configurable.param)")
             if binding in seen:
@@ -118,7 +127,7 @@ class SweepSpec:
 
 def short_key(binding: str) -> str:
     """'scope/ModelConfig.num_layers' -> 'num_layers' (the column/name a reader wants)."""
-    return binding.rsplit(".", 1)[-1]
+    return "config" if binding == GIN_FILE else binding.rsplit(".", 1)[-1]
 
 
 def _safe(text: str) -> str:
@@ -131,7 +140,13 @@ def point_name(point: Sequence[tuple[str, str]]) -> str:
     keys = [short_key(b) for b, _ in point]
     if len(set(keys)) != len(keys):  # two sweeps share a parameter name: use the full binding
         keys = [_safe(b) for b, _ in point]
-    return ",".join(f"{k}={_safe(v)}" for k, (_, v) in zip(keys, point))
+    return ",".join(f"{k}={_safe(gin_file_label(v) if b == GIN_FILE else v)}"
+                    for k, (b, v) in zip(keys, point))
+
+
+def gin_file_label(value: str) -> str:
+    """'sparsity/rigl.gin' -> 'rigl': how a swept gin file is named in trials and tables."""
+    return Path(value.strip("'\"")).stem
 
 
 def split_list(text: str, what: str) -> tuple[str, ...]:

@@ -46,10 +46,13 @@ def trial_command(spec: SweepSpec, trial: Trial, workdir: str,
                   python: Sequence[str] = ("python",)) -> list[str]:
     """The `sparsejax.cli train` command line of one trial."""
     return [*python, "-m", "sparsejax.cli", "train",
-            *(f"--gin_file={f}" for f in spec.gin_files),
+            *(f"--gin_file={f}" for f in (*spec.gin_files, *trial.gin_files())),
             *(f"--gin.{b}" for b in spec.overrides),
             *(f"--gin.{b}" for b in trial.bindings()),
-            f"--workdir={workdir}", "--quiet"]
+            f"--workdir={workdir}", "--quiet",
+            # a binding shared by the grid may concern some trials only (validate_spec checks
+            # that each one takes effect in at least one grid point)
+            "--allow_unused_bindings"]
 
 
 def dry_run_lines(spec: SweepSpec, out: str) -> list[str]:
@@ -58,16 +61,26 @@ def dry_run_lines(spec: SweepSpec, out: str) -> list[str]:
 
 
 def validate_spec(spec: SweepSpec) -> None:
-    """Parses the gin files with every grid point's bindings (as each trial will), so an
-    unknown configurable/parameter or a bad value fails before anything is launched."""
+    """Parses the gin files with every grid point's bindings and builds each point's run (as
+    each trial will, without compiling), so an unknown configurable/parameter, a bad value,
+    or a binding that takes effect in no grid point fails before anything is launched."""
     import gin
 
     from sparsejax.config import parse_gin
+    from sparsejax.train.trainer import unused_bindings_of_config
+    unused_everywhere = None
     try:
         for trial in spec.trials()[::len(spec.seeds)]:  # one per grid point
-            parse_gin(spec.gin_files, list(spec.overrides) + trial.bindings())
+            parse_gin([*spec.gin_files, *trial.gin_files()],
+                      list(spec.overrides) + trial.bindings())
+            unused = unused_bindings_of_config()
+            unused_everywhere = (unused if unused_everywhere is None else
+                                 {k: v for k, v in unused_everywhere.items() if k in unused})
     finally:
         gin.clear_config()
+    if unused_everywhere:
+        raise ValueError(f"these bindings take effect in no grid point of the sweep: "
+                         f"{sorted(unused_everywhere)}; remove them or fix their names")
 
 
 def prepare_out_dir(spec: SweepSpec, out: str) -> None:

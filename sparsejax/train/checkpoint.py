@@ -73,11 +73,11 @@ class Checkpointer:
                 f"a different model shape ({'; '.join(problems[:3])}); use a new --workdir or "
                 f"the config that wrote it")
 
-    def restore_latest(self, abstract_state: Any, data_args_fn) -> tuple[int, Any] | None:
+    def restore_latest(self, abstract_state: Any, data_args_fn) -> tuple[int, Any, dict] | None:
         """Restores the newest readable checkpoint into `abstract_state` (ShapeDtypeStructs with
         shardings). `data_args_fn()` gives the data-iterator restore args (or None).
-        Returns (step, state) or None if there is no checkpoint (the data iterator given by
-        `data_args_fn` is moved to the saved position in place)."""
+        Returns (step, state, config item) or None if there is no checkpoint (the data
+        iterator given by `data_args_fn` is moved to the saved position in place)."""
         for step in sorted(self.manager.all_steps(), reverse=True):
             items = {"state": ocp.args.StandardRestore(abstract_state),
                      "config": ocp.args.JsonRestore()}
@@ -87,7 +87,7 @@ class Checkpointer:
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
                 _check_shapes(restored["state"], abstract_state)
-                return step, restored["state"]
+                return step, restored["state"], restored["config"]
             except Exception as e:  # corrupt or half-written: move aside, try the previous one
                 log.warning("checkpoint at step %d in %s is unreadable (%s: %s); moving it aside "
                             "and trying the previous one", step, self.directory, type(e).__name__,

@@ -33,30 +33,50 @@ def add_parsers(sub) -> None:
         s = sub.add_parser(name, help=help_)
         add_run_flags(s)
         s.set_defaults(handler=fn)
+        if name == "train":
+            s.add_argument("--allow_config_change", action="store_true",
+                           help="resume even though bindings differ from the checkpoint's "
+                                "(logged, and recorded in metrics.jsonl)")
+            s.add_argument("--allow_unused_bindings", action="store_true",
+                           help="run even if some given bindings have no effect (sweeps "
+                                "whose shared bindings concern some trials only)")
 
 
 def start_run(args: argparse.Namespace, bindings: Sequence[str]) -> str:
-    """Logging, jax.distributed and gin for a run command; returns the parsed config text."""
+    """Logging, jax.distributed and gin for a run command; returns the parsed config text.
+
+    A workdir that holds a run (a checkpoint and its config.gin) is configured by its
+    config.gin first, then by the given gin files and bindings; a fresh workdir by the gin
+    files alone (base.gin when none is given)."""
     from sparsejax import cli
     from sparsejax.config import parse_gin
     from sparsejax.parallel import distributed
+    from sparsejax.train import workdir
     cli.quiet_logging()
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
                            timeout_s=args.distributed_timeout_s,
                            heartbeat_timeout_s=args.heartbeat_timeout_s)
-    return parse_gin(args.gin_file or ["base.gin"], bindings, imports=args.imports)
+    saved = workdir.saved_config(args.workdir)
+    files = args.gin_file or ([] if saved else ["base.gin"])
+    return parse_gin(files, bindings, imports=args.imports, workdir_config=saved)
+
+
+def error_text(e: BaseException) -> str:
+    """The exception's message without the "In call to configurable ..." lines gin adds."""
+    return "\n".join(line for line in str(e).splitlines()
+                     if not line.strip().startswith("In call to configurable"))
 
 
 def guarded(fn):
-    """Runs fn(); a ValueError (bad input) exits 2 and a RuntimeError exits 1, each with one
-    line on stderr; otherwise prints the result as JSON and exits 0."""
+    """Runs fn(); a ValueError (bad input) exits 2 and a RuntimeError exits 1, each with its
+    message on stderr; otherwise prints the result as JSON and exits 0."""
     try:
         result = fn()
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_text(e)}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_text(e)}", file=sys.stderr)
         return 1
     print(json.dumps(result), flush=True)
     return 0
@@ -68,7 +88,8 @@ def run_train(args: argparse.Namespace, bindings: Sequence[str]) -> int:
         from sparsejax.train import trainer
         if not args.quiet:
             print("# gin config\n" + config_str, flush=True)
-        return trainer.train(args.workdir, config_str=config_str)
+        return trainer.train(args.workdir, allow_config_change=args.allow_config_change,
+                             allow_unused_bindings=args.allow_unused_bindings)
     return guarded(go)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Any
@@ -49,16 +50,6 @@ class MetricsWriter:
                         self._tb.add_scalar(f"{k}/{i}", x, step)
         return record
 
-    def truncate_after(self, step: int) -> None:
-        """Drops records past `step`: after resuming from a checkpoint, the steps logged after
-        it are recomputed and logged again."""
-        if not self.enabled or not os.path.exists(self.path):
-            return
-        keep = [line for line in open(self.path) if line.strip() and
-                json.loads(line).get("step", 0) <= step]
-        with open(self.path, "w") as f:
-            f.writelines(keep)
-
     def close(self):
         if self._tb is not None:
             self._tb.close()
@@ -75,3 +66,30 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return out
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Drops records past `step` from a metrics.jsonl: after resuming from a checkpoint, the
+    steps logged after it are recomputed and logged again. Lines that do not parse (a last
+    line cut off by a crash) are dropped with a warning naming the file."""
+    if not os.path.exists(path):
+        return
+    keep, bad = [], 0
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if record.get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    if bad:
+        logging.getLogger(__name__).warning("%s: dropped %d line(s) that do not parse (cut off "
+                                            "by a crash?)", path, bad)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)

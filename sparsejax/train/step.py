@@ -1,5 +1,6 @@
-"""Pure train and eval steps: (state, batch) -> (state, metrics). Jitted by the trainer with
-explicit shardings; nothing here does I/O."""
+"""Pure train, eval and mask-update steps: (state, batch) -> (state, metrics). Jitted by the
+trainer with explicit shardings; nothing here does I/O. Every step drives the run's sparsity
+method (`DenseMethod` for dense training), so none of them has a dense special case."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sparsejax.sparsity.method import SparsityMethod
 from sparsejax.train.state import TrainState
 
 MUTABLE = ["aux_loss", "metrics", "moe_state"]
@@ -39,17 +41,14 @@ def model_variables(params, moe_state):
     return variables
 
 
-def make_loss_fn(model: nn.Module, sparsity_method: Any = None) -> Callable:
+def make_loss_fn(model: nn.Module, method: SparsityMethod) -> Callable:
     """loss_fn(params, state, batch, rng) -> (loss + aux losses, (loss, aux, mutated)).
 
-    With a sparsity method, the model sees `forward_params` (masked, straight-through), so the
-    gradient w.r.t. `params` is the dense gradient that RigL/SNIP use at update steps."""
+    The model sees the method's `forward_params`, so the gradient w.r.t. `params` is the dense
+    gradient that RigL/SNIP use at update steps."""
 
     def loss_fn(params, state: TrainState, batch, rng):
-        fwd_params = params
-        if sparsity_method is not None:
-            fwd_params = sparsity_method.forward_params(params, state.sparsity, step=state.step,
-                                                        rng=rng)
+        fwd_params = method.forward_params(params, state.sparsity, step=state.step, rng=rng)
         logits, mutated = model.apply(
             model_variables(fwd_params, state.moe_state), batch["inputs"], batch["positions"],
             batch["segment_ids"], deterministic=False, rngs={"router": rng, "dropout": rng}, mutable=MUTABLE)
@@ -57,8 +56,7 @@ def make_loss_fn(model: nn.Module, sparsity_method: Any = None) -> Callable:
         loss = loss_sum / jnp.maximum(count, 1.0)
         aux = sum((jnp.sum(jnp.asarray(v, jnp.float32)) for v in
                    jax.tree.leaves(mutated.get("aux_loss", {}))), jnp.float32(0))
-        if sparsity_method is not None:
-            aux = aux + sparsity_method.regularizer(params, state.sparsity, step=state.step)
+        aux = aux + method.regularizer(params, state.sparsity, step=state.step)
         return loss + aux, (loss, aux, mutated)
 
     return loss_fn
@@ -68,24 +66,22 @@ def step_rng(state: TrainState) -> jax.Array:
     return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    lr_schedule: Callable[[Any], Any] | None = None,
-                    sparsity_method: Any = None) -> Callable:
-    """Builds train_step(state, batch) -> (state, metrics).
+def make_train_step(model: nn.Module, tx: optax.GradientTransformationExtraArgs,
+                    method: SparsityMethod, lr_schedule: Callable[[Any], Any] | None = None
+                    ) -> Callable:
+    """Builds train_step(state, batch) -> (state, metrics). `tx` is the method's wrapped
+    optimizer (`method.wrap_optimizer`), which reads the masks from `sparsity=`.
 
     A step whose loss or gradient is not finite leaves params, optimizer, sparsity and MoE state
     unchanged (the step counter still advances past the bad batch) and reports `nonfinite=1`.
     """
-    loss_fn = make_loss_fn(model, sparsity_method)
+    loss_fn = make_loss_fn(model, method)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, (loss, aux, mutated)), grads = grad_fn(state.params, state, batch, step_rng(state))
-        sparsity = state.sparsity
-        if sparsity_method is not None:
-            grads, sparsity = sparsity_method.on_grads(state.params, sparsity, grads,
-                                                       step=state.step)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        grads, sparsity = method.on_grads(state.params, state.sparsity, grads, step=state.step)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, sparsity=sparsity)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(aux)
@@ -107,17 +103,32 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     return train_step
 
 
-def make_eval_step(model: nn.Module, sparsity_method: Any = None) -> Callable:
+def make_eval_step(model: nn.Module, method: SparsityMethod) -> Callable:
     """eval_step(state, batch) -> {'loss_sum', 'count'} summed over the global batch."""
 
     def eval_step(state: TrainState, batch):
-        params = state.params
-        if sparsity_method is not None:
-            params = sparsity_method.forward_params(params, state.sparsity, step=state.step,
-                                                    rng=None)
+        params = method.forward_params(state.params, state.sparsity, step=state.step, rng=None)
         logits = model.apply(model_variables(params, state.moe_state), batch["inputs"],
                              batch["positions"], batch["segment_ids"], deterministic=True)
         loss_sum, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
         return {"loss_sum": loss_sum, "count": count}
 
     return eval_step
+
+
+def make_sparsity_update(model: nn.Module, method: SparsityMethod) -> Callable:
+    """update(state, batch) -> (state, metrics): new masks (and pruned/grown params, reset
+    optimizer slots) for the method's schedule at `state.step`. Jitted on its own and run only
+    at the method's update steps, so RigL's dense gradient costs nothing on ordinary steps."""
+    loss_fn = make_loss_fn(model, method)
+
+    def update(state: TrainState, batch):
+        rng = jax.random.fold_in(step_rng(state), 1)
+        grads = None
+        if method.needs_dense_grads:
+            grads, _ = jax.grad(loss_fn, has_aux=True)(state.params, state, batch, rng)
+        params, opt_state, sparsity, metrics = method.update(
+            state.params, state.opt_state, state.sparsity, step=state.step, rng=rng, grads=grads)
+        return state.replace(params=params, opt_state=opt_state, sparsity=sparsity), metrics
+
+    return update

@@ -17,13 +17,16 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from sparsejax import config as config_lib
+from sparsejax.config import check_field_types
 from sparsejax.data import pipeline
 from sparsejax.data.sharded import (ShardedIteratorRestore, ShardedIteratorSave,
                                     ShardedTrainIterator)
 from sparsejax.parallel.rules import LOGICAL_RULES, batch_sharding, replicated
-from sparsejax.train import run_setup
+from sparsejax.train import workdir as workdir_lib
+from sparsejax.train.build import build_run
 from sparsejax.train.checkpoint import Checkpointer
-from sparsejax.train.metrics import MetricsWriter
+from sparsejax.train.metrics import MetricsWriter, truncate_metrics
 from sparsejax.train.step import make_eval_step, make_train_step
 from sparsejax.train.warm_start import warm_start
 
@@ -51,11 +54,13 @@ class TrainConfig:
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
     nan_policy: str = "skip"  # "skip": drop the update; "stop": save the last good state and stop
+    max_skipped_steps: int = 20  # nan_policy='skip': this many bad steps in a row stop the run
     progress_bar: bool = True
 
     def __post_init__(self):
+        check_field_types(self)
         for name in ("num_steps", "global_batch_size", "seq_len", "log_every", "eval_every",
-                     "checkpoint_every", "keep_checkpoints"):
+                     "checkpoint_every", "keep_checkpoints", "max_skipped_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
         if self.eval_batches < 0:
@@ -65,7 +70,8 @@ class TrainConfig:
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised under nan_policy='stop' after the last good state has been saved."""
+    """Raised after the last good state has been saved, under nan_policy='stop' at the first
+    non-finite step, under 'skip' after `max_skipped_steps` of them in a row."""
 
 
 class _Preemption:
@@ -125,18 +131,40 @@ def evaluate(eval_fn, state, cfg: TrainConfig, sharding, max_batches: int | None
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
 
 
-@gin.configurable(denylist=["workdir", "config_str"])
-def train(workdir: str, config: TrainConfig | None = None, config_str: str = "") -> dict[str, Any]:
+def check_resume_config(saved: dict | None, step: int, allow_change: bool) -> list[str]:
+    """Compares the bindings a checkpoint was trained with to this run's; refuses a change
+    (with the diff) unless `allow_change`. Returns the changed lines."""
+    if not saved or "bindings" not in saved:
+        return []
+    changes = config_lib.config_changes(saved["bindings"], config_lib.operative_bindings())
+    if changes and not allow_change:
+        raise ValueError(
+            f"the workdir's checkpoint (step {step}) was trained with another config; changed "
+            f"bindings: {'; '.join(changes)}. Use a new --workdir, rerun with the same config "
+            f"(or with no --gin_file: the workdir's config.gin is used), or pass "
+            f"--allow_config_change to continue with the new values")
+    for line in changes:
+        log.warning("config changed on resume at step %d: %s", step, line)
+    return changes
+
+
+@gin.configurable(denylist=["workdir", "config_str", "allow_config_change",
+                            "allow_unused_bindings"])
+def train(workdir: str, config: TrainConfig | None = None, config_str: str = "",
+          allow_config_change: bool = False, allow_unused_bindings: bool = False
+          ) -> dict[str, Any]:
     """Trains (or resumes) the run in `workdir`. Returns the last logged metrics plus
-    `status` ('done', 'preempted')."""
+    `status` ('done', 'preempted').
+
+    Before the first step it checks that every given binding took effect (unless
+    `allow_unused_bindings`), that a resumed run has the config its checkpoint was trained
+    with (unless `allow_config_change`), and writes the operative config to config.gin."""
+    del config_str  # the operative config is written instead (kept for API compatibility)
     cfg = config or TrainConfig()
-    run = run_setup.setup(cfg, workdir)  # validates everything before compiling
+    workdir_lib.prepare(workdir)
+    run = build_run(cfg)  # validates everything before compiling
     mesh, model, tx, method = run.mesh, run.model, run.tx, run.sparsity_method
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    if is_main and config_str:
-        with open(os.path.join(workdir, "config.gin"), "w") as f:
-            f.write(config_str)
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
                         async_save=cfg.async_checkpoints)
@@ -144,20 +172,31 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "")
     data_it = ShardedTrainIterator(global_batch_size=cfg.global_batch_size, seq_len=cfg.seq_len,
                                    seed=cfg.seed, dataset=cfg.dataset, data_dir=cfg.data_dir,
                                    num_shards=cfg.data_shards)
-    writer = MetricsWriter(workdir, enabled=is_main)
     bsharding = batch_sharding(mesh)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         restored = ckpt.restore_latest(run.abstract_state,
                                        lambda: ShardedIteratorRestore(data_it))
         if restored is None:
-            state = warm_start(run.init_state(), run.state_shardings.params)
-            start = 0
+            state = warm_start(run.init_state(), run.state_shardings.params, resumed=False)
+            start, changes = 0, []
         else:
-            start, state = restored
+            start, state, saved = restored
+            state = warm_start(state, run.state_shardings.params, resumed=True)
+            changes = check_resume_config(saved, start, allow_config_change)
             log.info("resumed from step %d", start)
-            writer.truncate_after(start)
-        step_fn = jax.jit(make_train_step(model, tx, run.lr_schedule, method),
+        config_lib.check_unused_bindings(allow=allow_unused_bindings)
+        bindings = config_lib.operative_bindings()
+        if is_main:
+            if restored is None:
+                workdir_lib.move_aside_previous_run(workdir)
+            else:
+                truncate_metrics(os.path.join(workdir, workdir_lib.METRICS_FILE), start)
+            workdir_lib.write_config(workdir, config_lib.operative_config_text())
+        writer = MetricsWriter(workdir, enabled=is_main)
+        if changes:
+            writer.write(start, {"config_changes": changes})
+        step_fn = jax.jit(make_train_step(model, tx, method, run.lr_schedule),
                           in_shardings=(run.state_shardings, bsharding),
                           out_shardings=(run.state_shardings, replicated(mesh)),
                           donate_argnums=(0,))
@@ -166,40 +205,47 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "")
         update_fn = run.sparsity_update_fn()
         # One compiled program (not a stream of eager ops) so every process runs the same
         # collectives in the same order.
-        sparsity_metrics_fn = None if method is None else jax.jit(
+        sparsity_metrics_fn = jax.jit(
             lambda s: method.metrics(s.params, s.sparsity),
             in_shardings=(run.state_shardings,), out_shardings=replicated(mesh))
 
         def save(step, force=False):
             ckpt.save(step, state, ShardedIteratorSave(data_it),
-                      {"step": step, "gin": config_str}, force=force)
+                      {"step": step, "bindings": bindings}, force=force)
+
+        def stop_nonfinite(step, done, reason):
+            save(done, force=True)  # the guard kept the last good state
+            ckpt.close()
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {step} ({reason}); the last good state is "
+                f"saved in {workdir}. Lower learning_rate_schedule.peak_lr or check the data")
 
         status, last = "done", {}
         tokens_per_step = cfg.global_batch_size * cfg.seq_len
         bar = tqdm(total=cfg.num_steps, initial=start, disable=not (is_main and cfg.progress_bar),
                    dynamic_ncols=True, desc="train")
-        t0, steps_since = time.perf_counter(), 0
+        t0, steps_since, skipped = time.perf_counter(), 0, 0
         with _Preemption() as preempt:
             for step in range(start, cfg.num_steps):
                 batch = global_batch(next(data_it), bsharding)
-                if update_fn is not None and method.is_update_step(step):
+                if method.is_update_step(step):
                     state, mask_metrics = update_fn(state, batch)
                     writer.write(step, mask_metrics)
                 state, metrics = step_fn(state, batch)
                 steps_since += 1
                 done = step + 1
-                if cfg.nan_policy == "stop" and int(metrics["nonfinite"]):
-                    save(done, force=True)  # the guard kept the last good state
-                    ckpt.close()
-                    raise NonFiniteLossError(
-                        f"non-finite loss or gradient at step {step}; the last good state is "
-                        f"saved in {workdir} (nan_policy='stop')")
+                skipped = skipped + 1 if int(metrics["nonfinite"]) else 0
+                if skipped and cfg.nan_policy == "stop":
+                    stop_nonfinite(step, done, "nan_policy='stop'")
+                if skipped >= cfg.max_skipped_steps:
+                    stop_nonfinite(step, done, f"{skipped} steps in a row skipped, "
+                                               f"TrainConfig.max_skipped_steps="
+                                               f"{cfg.max_skipped_steps}")
                 if done % cfg.log_every == 0 or done == cfg.num_steps:
                     metrics = jax.device_get(metrics)
                     elapsed = time.perf_counter() - t0
                     metrics["tokens_per_s"] = tokens_per_step * steps_since / max(elapsed, 1e-9)
-                    if sparsity_metrics_fn is not None:
-                        metrics.update(jax.device_get(sparsity_metrics_fn(state)))
+                    metrics.update(jax.device_get(sparsity_metrics_fn(state)))
                     last = writer.write(done, metrics)
                     bar.set_postfix(loss=f"{last['loss']:.3f}",
                                     tok_s=f"{metrics['tokens_per_s']:.0f}")
@@ -221,14 +267,28 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "")
         ckpt.close()
         writer.close()
     if is_main and status == "done":
-        run_setup.write_plots(workdir)
+        from sparsejax.analysis.plots import write_run_plots
+        write_run_plots(workdir)
     last["status"] = status
     return last
 
 
+def unused_bindings_of_config() -> dict[str, str]:
+    """Builds what `train` builds before its first step from the parsed gin config (no
+    restore, no compile) and returns {binding: source} of the given bindings that take no
+    effect. For sweeps, whose shared bindings may concern only some trials."""
+    cfg = TrainConfig()
+    build_run(cfg)
+    ShardedTrainIterator(global_batch_size=cfg.global_batch_size, seq_len=cfg.seq_len,
+                         seed=cfg.seed, dataset=cfg.dataset, data_dir=cfg.data_dir,
+                         num_shards=cfg.data_shards)
+    warm_start(None, None, resumed=True)
+    return config_lib.unused_bindings()
+
+
 def load_state_for_eval(workdir: str, cfg: TrainConfig):
     """Restores the latest checkpoint of `workdir` (for `sparsejax eval`)."""
-    run = run_setup.setup(cfg, workdir)
+    run = build_run(cfg)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     ckpt.check_compatible(run.abstract_state)
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
@@ -236,7 +296,8 @@ def load_state_for_eval(workdir: str, cfg: TrainConfig):
     ckpt.close()
     if restored is None:
         raise ValueError(f"workdir={workdir!r} holds no checkpoint to evaluate")
-    return (run, *restored)
+    step, state, _ = restored
+    return run, step, state
 
 
 @gin.configurable(denylist=["workdir"])
@@ -245,6 +306,7 @@ def evaluate_checkpoint(workdir: str, config: TrainConfig | None = None,
     """Loss and perplexity of the latest checkpoint on the validation split."""
     cfg = config or TrainConfig()
     run, step, state = load_state_for_eval(workdir, cfg)
+    config_lib.check_unused_bindings()
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
         eval_fn = jax.jit(make_eval_step(run.model, run.sparsity_method),
                           in_shardings=(run.state_shardings, batch_sharding(run.mesh)))

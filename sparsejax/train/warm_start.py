@@ -22,15 +22,18 @@ def restore_params(workdir: str) -> tuple[int, Any]:
     return step, state["params"]
 
 
-@gin.configurable
+@gin.configurable(denylist=["resumed"])
 def warm_start(state: TrainState, param_shardings: Any, from_workdir: str | None = None,
-               mode: str = "upcycle") -> TrainState:
+               mode: str = "upcycle", *, resumed: bool = False) -> TrainState:
     """Replaces the freshly initialized params of `state` with ones built from the latest
-    checkpoint of `from_workdir` (no-op when it is None). Optimizer state stays fresh."""
-    if from_workdir is None:
-        return state
+    checkpoint of `from_workdir` (no-op when it is None). Optimizer state stays fresh.
+
+    Called on every start; a resumed run (`resumed`) keeps its restored state, since it
+    started from `from_workdir` already."""
     if mode not in MODES:
         raise ValueError(f"warm_start.mode={mode!r} is unknown; valid: {MODES}")
+    if from_workdir is None or resumed:
+        return state
     _, source = restore_params(from_workdir)
     template = jax.device_get(state.params)
     if mode == "upcycle":

@@ -1,62 +1,65 @@
-"""Every example config under configs/sparsity and configs/moe trains through `sparsejax train`
-(on top of configs/tiny.gin, a few steps) and shows the behaviour it asks for: the density the
-method should have at each logged step, mask churn at drop/grow updates, pruned weights exactly
-zero in the checkpoint, expert loads summing to one, the aux-loss-free bias being updated."""
+"""Every shipped config under configs/sparsity, configs/moe and configs/attention does what
+its comment says, stacked the way the README shows.
+
+* At the shipped lengths of tiny (60 steps), small (300) and base (200), each sparsity
+  preset's schedule fires inside the run and reaches its target over the real model's shapes
+  (the schedule, bound to the run as the trainer binds it, is simulated on the host: cheap).
+* Trained through `sparsejax train` on tiny (shortened to 20 steps; the presets' steps are
+  fractions, so they scale with it), the logged metrics and the final checkpoint show the
+  intended state: final density at the target within 1%, drop/grow updates with nonzero
+  churn, SPDF dense at the end, one-shot pruning at its step, the target average density,
+  exact N:M groups, pruned and padded weights exactly zero.
+"""
 from __future__ import annotations
 
 import math
-import pathlib
 
+import flax.linen as nn
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from sparsejax import cli
+from sparsejax import cli, config
+from sparsejax.models.transformer import ModelConfig, Transformer, padded_params
+from sparsejax.sparsity import RunInfo, make_method, masks as masks_lib, paths as paths_lib
+from sparsejax.sparsity import schedules as S
 from sparsejax.train.metrics import read_metrics
+from sparsejax.train.trainer import TrainConfig
 
-
-
-CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
-NUM_STEPS = 6
-# Train steps 0..5, log after steps 2, 4, 6; mask updates run before the train step of their step.
-COMMON = [f"--gin.TrainConfig.num_steps={NUM_STEPS}", "--gin.TrainConfig.log_every=2",
-          "--gin.TrainConfig.eval_every=6", "--gin.TrainConfig.eval_batches=1",
-          "--gin.TrainConfig.checkpoint_every=6", "--gin.TrainConfig.progress_bar=False",
+MODELS = {"tiny.gin": 60, "experiments/small.gin": 300, "base.gin": 200}
+NUM_STEPS = 20  # the trained runs on tiny
+COMMON = [f"--gin.TrainConfig.num_steps={NUM_STEPS}", "--gin.TrainConfig.log_every=5",
+          f"--gin.TrainConfig.eval_every={NUM_STEPS}", "--gin.TrainConfig.eval_batches=1",
+          f"--gin.TrainConfig.checkpoint_every={NUM_STEPS}", "--gin.TrainConfig.progress_bar=False",
           "--gin.TrainConfig.async_checkpoints=False",
           # a 1-device mesh: compiling for the 8 simulated test devices costs 1.5-4x more here
-          "--gin.make_mesh.num_devices=1"]
-ERK_TOL = 0.005  # overall density of per-layer rounded ERK / uniform counts
-SKIP = {"upcycle.gin"}  # needs a dense run's checkpoint to start from
+          "--gin.make_mesh.num_devices=1", "--gin.ModelConfig.num_layers=1"]
+REL_TOL = 0.01  # final density within 1% of the target
+SKIP = {"upcycle.gin"}  # needs a dense run's checkpoint to start from (tests/train/test_warm_start.py)
 
-# Per sparsity config: schedule bindings that put mask updates inside the 6 steps, the density
-# logged after steps 2/4/6, the mask-update records {step: (density, churn > 0)}, and what the
-# checkpoint must show ("zeros": pruned params are exactly 0; "nm": 2 of every 4 along the
-# input dim; "frozen_base": untrainable entries equal the stored base).
+# What each preset promises, in fractions of the run: the final kept fraction of the prunable
+# params, when its mask updates run, and what the checkpoint must show.
+#   updates: "none" | "drop_grow" (>= 3, with churn) | "gradual" (>= 3, monotone) |
+#            ("at", fraction) (exactly one update there)
 SPARSITY = {
-    "dense.gin": dict(bind=[], logged=None, updates={}),
-    "static_random.gin": dict(bind=[], logged={2: 0.1, 4: 0.1, 6: 0.1}, updates={}, ckpt="zeros"),
-    "gmp.gin": dict(  # cubic: density 1 - (1 - (1 - p)^3) * 0.9 at p = 0, 1/2, 1
-        bind=["PolynomialSchedule.start=1", "PolynomialSchedule.end=5",
-              "PolynomialSchedule.frequency=2"],
-        logged={2: 1.0, 4: 1 - 0.875 * 0.9, 6: 0.1},
-        updates={1: (1.0, False), 3: (1 - 0.875 * 0.9, True), 5: (0.1, True)}, ckpt="zeros"),
-    "magnitude_oneshot.gin": dict(bind=["OneShotSchedule.step=3"], logged={2: 1.0, 4: 0.2, 6: 0.2},
-                                  updates={3: (0.2, True)}, ckpt="zeros"),
-    "nm_2of4.gin": dict(bind=["OneShotSchedule.step=3"], logged={2: 1.0, 4: 0.5, 6: 0.5},
-                        updates={3: (0.5, True)}, ckpt="nm"),
-    "snip.gin": dict(bind=[], logged={2: 0.1, 4: 0.1, 6: 0.1}, updates={0: (0.1, True)},
-                     ckpt="zeros"),
-    "rigl.gin": dict(bind=["DropGrowSchedule.frequency=2"], logged={2: 0.1, 4: 0.1, 6: 0.1},
-                     updates={2: (0.1, True), 4: (0.1, True)}, ckpt="zeros"),
-    "set.gin": dict(bind=["DropGrowSchedule.frequency=2"], logged={2: 0.1, 4: 0.1, 6: 0.1},
-                    updates={2: (0.1, True), 4: (0.1, True)}, ckpt="zeros"),
-    "spdf.gin": dict(bind=["SparseThenDenseSchedule.dense_step=3"],
-                     logged={2: 0.25, 4: 1.0, 6: 1.0}, updates={3: (1.0, True)}, ckpt="zeros"),
-    "sparse_finetune.gin": dict(bind=["SparseFinetuneMethod.select_step=3"],
-                                logged={2: 1.0, 4: 0.01, 6: 0.01}, updates={3: (0.01, True)},
-                                ckpt="frozen_base"),
-    "srste_2of4.gin": dict(bind=[], logged={2: 0.5, 4: 0.5, 6: 0.5}, updates={}, ckpt="nm"),
-    "learned_2of4.gin": dict(bind=[], logged={2: 0.5, 4: 0.5, 6: 0.5}, updates={}, ckpt="nm"),
+    "dense.gin": dict(density=1.0, updates="none"),
+    "static_random.gin": dict(density=0.1, updates="none", ckpt="zeros"),
+    "static_magnitude.gin": dict(density=0.1, updates="none", ckpt="zeros"),
+    "magnitude_oneshot.gin": dict(density=0.2, updates=("at", 0.5), ckpt="zeros"),
+    "gmp.gin": dict(density=0.1, updates="gradual", ckpt="zeros"),
+    "global_gmp.gin": dict(density=0.1, updates="gradual", ckpt="zeros"),
+    "movement.gin": dict(density=0.1, updates="gradual", ckpt="zeros"),
+    "average_density.gin": dict(density=None, avg_density=0.5, updates="gradual", ckpt="zeros"),
+    "snip.gin": dict(density=0.1, updates=("at", 0.0), ckpt="zeros"),
+    "set.gin": dict(density=0.1, updates="drop_grow", ckpt="zeros"),
+    "rigl.gin": dict(density=0.1, updates="drop_grow", ckpt="zeros"),
+    "spdf.gin": dict(density=1.0, sparse_density=0.25, updates=("at", 0.5)),
+    "nm_2of4.gin": dict(density=0.5, updates=("at", 0.5), ckpt="nm"),
+    "srste_2of4.gin": dict(density=0.5, updates="none", ckpt="nm"),
+    "learned_2of4.gin": dict(density=0.5, updates="none", ckpt="nm"),
+    "sparse_finetune.gin": dict(density=0.01, updates=("at", 0.2), ckpt="frozen_base"),
+    "spiel.gin": dict(density=0.01, updates="drop_grow", ckpt="frozen_base"),
 }
 MOE = {  # num_experts, and whether routing is dropless (dropped_fraction must be 0)
     "expert_choice.gin": dict(experts=8, dropless=True, uniform=True),
@@ -68,22 +71,99 @@ MOE = {  # num_experts, and whether routing is dropless (dropped_fraction must b
 
 
 def config_names(kind: str) -> list[str]:
-    return sorted(p.name for p in (CONFIGS / kind).glob("*.gin") if p.name not in SKIP)
+    return sorted(c[len(kind) + 1:] for c in config.shipped_configs()
+                  if c.startswith(kind + "/") and c[len(kind) + 1:] not in SKIP)
 
 
-def train(tmp_path, config: str, bindings: list[str]) -> list[dict]:
-    rc = cli.main(["train", "--gin_file=tiny.gin", f"--gin_file={config}",
+def test_every_shipped_config_has_expectations():
+    assert config_names("sparsity") == sorted(SPARSITY)
+    assert config_names("moe") == sorted(MOE)
+
+
+# --- the schedules at every model's own length -----------------------------------------------
+
+
+def abstract_params(model_config: ModelConfig):
+    model = Transformer(model_config)
+    tokens = jax.ShapeDtypeStruct((1, 8), np.int32)
+    variables = jax.eval_shape(lambda t: model.init({"params": jax.random.key(0), "router":
+                                                     jax.random.key(0)}, t), tokens)
+    return nn.meta.unbox(variables["params"])
+
+
+def check_update_steps(kind, steps: list[int], n: int, name: str) -> None:
+    if kind == "none":
+        assert steps == [], (name, steps)
+    elif kind in ("drop_grow", "gradual"):
+        assert len(steps) >= 3 and all(0 <= t < n for t in steps), (name, n, steps)
+    else:
+        assert steps == [round(kind[1] * n)], (name, n, steps)
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_every_sparsity_preset_fires_within_the_model_run(model):
+    n = MODELS[model]
+    config.parse_gin([model], [])
+    assert TrainConfig().num_steps == n, "MODELS lists the shipped length"
+    model_config = ModelConfig()
+    params = abstract_params(model_config)
+    for name, exp in SPARSITY.items():
+        config.parse_gin([model, f"sparsity/{name}"], [])
+        method = make_method().bind(RunInfo(num_steps=n, valid=padded_params(model_config)))
+        steps = [t for t in range(n) if method.is_update_step(t)]
+        check_update_steps(exp["updates"], steps, n, name)
+        schedule = getattr(method, "schedule", None)
+        if exp["updates"] == "gradual":  # the last update reaches the final density
+            assert float(schedule.scale(steps[-1])) == pytest.approx(1.0), (name, steps[-1])
+        if not hasattr(method, "layer_targets"):
+            continue
+        prunable = paths_lib.prunable_tree(params, method.include, method.exclude)
+        masks = jax.tree.map(lambda p, ok: p if ok else None, params, prunable)
+        targets = method.layer_targets(masks)
+        sizes = masks_lib.real_sizes(masks, method.valid)
+        mean = sum(targets[p] * sizes[p] for p in targets) / sum(sizes.values())
+        if exp.get("avg_density") is not None:
+            avg = S.realized_average_density(schedule, method.density, n)
+            assert avg == pytest.approx(exp["avg_density"], rel=0.02), (model, name)
+        else:
+            target = exp.get("sparse_density", exp["density"])
+            assert mean == pytest.approx(target, rel=REL_TOL), (model, name, mean)
+        for path, m in paths_lib.named_leaves(masks):
+            method.structure.check(path, m.shape)  # N:M groups fit every prunable kernel
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("kind", ["moe", "attention"])
+def test_moe_and_attention_configs_build_on_every_model(model, kind):
+    for name in config_names(kind):
+        config.parse_gin([model, f"{kind}/{name}"], [])
+        cfg = ModelConfig()
+        params = abstract_params(cfg)
+        if kind == "moe":
+            assert any("moe" in p for p, _ in paths_lib.named_leaves(params)), (model, name)
+        else:
+            assert "block_sparse" in cfg.attention_kinds, (model, name)
+
+
+# --- trained on tiny -------------------------------------------------------------------------
+
+
+def train(tmp_path, config_file: str, bindings: list[str] = ()) -> list[dict]:
+    rc = cli.main(["train", "--gin_file=tiny.gin", f"--gin_file={config_file}",
                    f"--workdir={tmp_path}", "--quiet", *COMMON, *[f"--gin.{b}" for b in bindings]])
-    assert rc == 0, f"{config} failed to train (exit code {rc})"
+    assert rc == 0, f"{config_file} failed to train (exit code {rc})"
     records = read_metrics(str(tmp_path / "metrics.jsonl"))
     logged = [r for r in records if "loss" in r]
-    assert [r["step"] for r in logged] == [2, 4, 6]
+    assert [r["step"] for r in logged] == list(range(5, NUM_STEPS + 1, 5))
     for r in logged:
         for key in ("loss", "aux_loss", "grad_norm"):
-            assert r[key] is not None and math.isfinite(r[key]), (config, r["step"], key, r[key])
+            assert r[key] is not None and math.isfinite(r[key]), (config_file, r["step"], key)
         assert r["nonfinite"] == 0
-    # No blow-up (a one-shot prune may raise the loss for a step or two, so not "decreases").
-    assert logged[-1]["loss"] < 1.05 * logged[0]["loss"], (config, [r["loss"] for r in logged])
+    # No blow-up: no worse than at the first log or than predicting every byte uniformly
+    # (pruning to 10% inside 20 steps may raise the loss for a while, and a 10% static or 1%
+    # trainable model from scratch barely learns in 20 steps, so not "decreases").
+    bound = max(1.05 * logged[0]["loss"], math.log(259))
+    assert logged[-1]["loss"] < bound, (config_file, [r["loss"] for r in logged])
     evals = [r for r in records if "eval_loss" in r]
     assert len(evals) == 1 and math.isfinite(evals[0]["eval_loss"])
     return records
@@ -110,13 +190,18 @@ def masked_leaves(masks, *trees):
     return out
 
 
-def check_checkpoint(tmp_path, kind: str, expected_density: float):
+def check_checkpoint(tmp_path, kind: str, density: float):
     state = restore_state(tmp_path)
     sparsity, params = state["sparsity"], state["params"]
     leaves = masked_leaves(sparsity["masks"], params)
     assert leaves, "no masked params in the checkpoint"
-    kept = sum(int(m.sum()) for _, m, _ in leaves) / sum(m.size for _, m, _ in leaves)
-    assert kept == pytest.approx(expected_density, abs=ERK_TOL)
+    vocab = ModelConfig().vocab_size
+    real = sum(m[:, :vocab].size if p == "lm_head/kernel" else m.size for p, m, _ in leaves)
+    kept = sum(int(m.sum()) for _, m, _ in leaves) / real
+    assert kept == pytest.approx(density, rel=REL_TOL)
+    head = dict((p, m) for p, m, _ in leaves).get("lm_head/kernel")
+    if head is not None:  # the vocab padding is never kept
+        assert not head[:, vocab:].any(), "padded LM-head columns are kept"
     if kind == "zeros":
         for path, m, p in leaves:
             assert m.dtype == bool and m.shape == p.shape, path
@@ -125,52 +210,67 @@ def check_checkpoint(tmp_path, kind: str, expected_density: float):
             assert np.count_nonzero(p[m]) > 0.5 * m.sum(), f"{path}: kept weights are zero"
     elif kind == "nm":  # 2 of every 4 consecutive entries along the input (second-last) dim
         for path, m, _ in leaves:
+            if path == "lm_head/kernel":
+                m = m[:, :vocab]
             g = np.moveaxis(m, -2, -1)
             g = g.reshape(*g.shape[:-1], g.shape[-1] // 4, 4)
             assert np.all(g.sum(-1) == 2), f"{path}: mask is not 2:4"
-    elif kind == "frozen_base":  # LT-SFT: only the selected entries moved from the base
+    elif kind == "frozen_base":  # sparse fine-tuning: only the selected entries moved
         for path, m, p, b in masked_leaves(sparsity["masks"], params, sparsity["base"]):
             assert np.array_equal(p[~m], b[~m]), f"{path}: frozen entries moved"
-            assert np.any(p[m] != b[m]), f"{path}: trainable entries never moved"
+    return state
 
 
-@pytest.mark.parametrize("name", config_names("sparsity"))
+@pytest.mark.parametrize("name", sorted(SPARSITY))
 def test_sparsity_config_trains(name, tmp_path):
-    exp = SPARSITY.get(name, dict(bind=[], logged=None, updates=None))
-    # One layer: the configs' behaviour does not depend on depth, compile time does.
-    records = train(tmp_path, f"sparsity/{name}", ["ModelConfig.num_layers=1", *exp["bind"]])
-    logged = {r["step"]: r for r in records if "loss" in r}
-    update_recs = {r["step"]: r for r in records if "sparsity/churn" in r}
-    if exp["logged"] is None:  # dense: the trainer runs without a sparsity method
-        assert all(not k.startswith("sparsity/") for r in records for k in r), name
-        return
-    for step, want in exp["logged"].items():
-        assert logged[step]["sparsity/density"] == pytest.approx(want, abs=ERK_TOL), (name, step)
-        assert 0.0 < logged[step]["sparsity/avg_density"] <= 1.0
-    if exp["updates"] is None:
-        return
-    assert sorted(update_recs) == sorted(exp["updates"]), (name, sorted(update_recs))
-    for step, (density, churns) in exp["updates"].items():
-        r = update_recs[step]
-        assert r["sparsity/density"] == pytest.approx(density, abs=ERK_TOL), (name, step)
-        assert (r["sparsity/churn"] > 0) == churns, (name, step, r["sparsity/churn"])
-        layer = [v for k, v in r.items() if k.startswith("sparsity/density/")]
-        assert layer and all(0.0 <= v <= 1.0 for v in layer)
-    if "ckpt" in exp:
-        check_checkpoint(tmp_path, exp["ckpt"], exp["logged"][NUM_STEPS])
+    exp = SPARSITY[name]
+    records = train(tmp_path, f"sparsity/{name}")
+    logged = [r for r in records if "loss" in r]
+    updates = {r["step"]: r for r in records if "sparsity/churn" in r}
+    check_update_steps(exp["updates"], sorted(updates), NUM_STEPS, name)
+    final = logged[-1]
+    if exp.get("avg_density") is not None:  # the running average over the whole run
+        assert final["sparsity/avg_density"] == pytest.approx(exp["avg_density"], rel=0.02)
+    else:
+        assert final["sparsity/density"] == pytest.approx(exp["density"], rel=REL_TOL), name
+    if exp["updates"] == "drop_grow":
+        assert all(r["sparsity/churn"] > 0 for r in updates.values()), name
+        assert len({round(r["sparsity/density"], 6) for r in updates.values()}) == 1
+    if exp["updates"] == "gradual":
+        densities = [updates[t]["sparsity/density"] for t in sorted(updates)]
+        assert all(b <= a + 1e-9 for a, b in zip(densities, densities[1:])), densities
+        assert densities[0] > densities[-1]
+    if name == "spdf.gin":  # sparse before the dense step, dense after
+        first = logged[0]
+        assert first["sparsity/density"] == pytest.approx(exp["sparse_density"], rel=REL_TOL)
+    if name == "dense.gin":  # the dense method counts real parameters only (no vocab padding)
+        params = restore_state(tmp_path)["params"]
+        total = sum(np.asarray(x).size for x in jax.tree.leaves(params))
+        cfg = ModelConfig(num_layers=1, vocab_size=259)
+        padding = 2 * (cfg.padded_vocab_size - cfg.vocab_size) * 64  # embedding rows, head columns
+        assert final["sparsity/param_count"] == total - padding
+        assert not np.asarray(params["lm_head"]["kernel"])[:, 259:].any()
+        assert not np.asarray(params["embed"]["embedding"])[259:].any()
+    if "ckpt" in exp:  # (average_density: the final density its schedule solved for)
+        check_checkpoint(tmp_path, exp["ckpt"], exp["density"] or final["sparsity/density"])
+
+
+@pytest.mark.parametrize("name", config_names("attention"))
+def test_attention_config_trains(name, tmp_path):
+    train(tmp_path, f"attention/{name}")
 
 
 @pytest.mark.parametrize("name", config_names("moe"))
 def test_moe_config_trains(name, tmp_path):
-    exp = MOE.get(name, {})
-    records = train(tmp_path, f"moe/{name}", [])
+    exp = MOE[name]
+    records = train(tmp_path, f"moe/{name}", ["ModelConfig.num_layers=2"])
     logged = [r for r in records if "loss" in r]
     for r in logged:
         loads = {k: v for k, v in r.items() if k.endswith("expert_load")}
         assert loads, f"{name}: no expert load logged"
         for key, load in loads.items():
             load = np.asarray(load)
-            assert load.shape == (exp.get("experts", load.size),), key
+            assert load.shape == (exp["experts"],), key
             assert np.all(load >= 0) and load.sum() == pytest.approx(1.0, abs=1e-4), (key, load)
             if exp.get("uniform"):  # expert choice: every expert takes the same number of tokens
                 np.testing.assert_allclose(load, 1.0 / load.size, atol=1e-6)

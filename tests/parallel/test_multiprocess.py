@@ -104,7 +104,8 @@ def test_restore_on_other_mesh_and_process_count(two_process_run, tmp_path):
     import shutil
     shutil.copytree(two_process_run, dense)
     p = launch(dense, 4, "--gin.make_mesh.data=2", "--gin.make_mesh.fsdp=2",
-               "--gin.make_mesh.expert=1", "--gin.TrainConfig.num_steps=25")
+               "--gin.make_mesh.expert=1", "--gin.TrainConfig.num_steps=25",
+               "--allow_config_change")
     out = finish([p])[0]
     assert "resumed from step 20" in out
     for a, b in zip(params_at(two_process_run, 20), params_at(dense, 20)):

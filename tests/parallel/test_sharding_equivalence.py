@@ -7,7 +7,7 @@ import pytest
 from sparsejax.models.transformer import ModelConfig
 from sparsejax.parallel.mesh import make_mesh
 from sparsejax.parallel.rules import LOGICAL_RULES, batch_sharding, replicated
-from sparsejax.train.run_setup import setup
+from sparsejax.train.build import build_run
 from sparsejax.train.step import make_train_step
 from sparsejax.train.trainer import TrainConfig, global_batch
 
@@ -33,10 +33,10 @@ def synthetic_batches(n):
 
 
 def run_losses(mesh):
-    run = setup(CFG, model_config=MODEL, mesh=mesh)
+    run = build_run(CFG, model_config=MODEL, mesh=mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         state = run.init_state()
-        step = jax.jit(make_train_step(run.model, run.tx),
+        step = jax.jit(make_train_step(run.model, run.tx, run.sparsity_method),
                        in_shardings=(run.state_shardings, batch_sharding(mesh)),
                        out_shardings=(run.state_shardings, replicated(mesh)))
         losses = []

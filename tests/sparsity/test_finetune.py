@@ -5,6 +5,7 @@ import numpy as np
 import optax
 import pytest
 
+from sparsejax.sparsity import RunInfo
 from sparsejax.sparsity import finetune as F
 
 
@@ -52,8 +53,9 @@ def test_apply_diffs_bad_input_raises():
 def test_lt_sft_update_rewinds_and_keeps_budget():
     base = {"d": {"kernel": jnp.ones((4, 5)), "bias": jnp.zeros(5)}}
     method = F.SparseFinetuneMethod(mode="lt_sft", density=0.25, select_step=3)
+    method.bind(RunInfo(num_steps=10))
     params, state = method.init(base, jax.random.PRNGKey(0))
-    tx = method.wrap_optimizer(optax.adam(0.1), state)
+    tx = method.wrap_optimizer(optax.adam(0.1))
     opt = tx.init(params)
     tuned = {"d": {"kernel": base["d"]["kernel"] + jnp.arange(20.0).reshape(4, 5) / 10, "bias": jnp.zeros(5)}}
     new_p, new_opt, new_state, _ = method.update(tuned, opt, state, step=3)
@@ -62,6 +64,6 @@ def test_lt_sft_update_rewinds_and_keeps_budget():
     np.testing.assert_array_equal(new_p["d"]["kernel"], base["d"]["kernel"])  # rewound
     # Frozen entries and frozen (non-candidate) params do not move under the optimizer.
     g = jax.tree.map(jnp.ones_like, new_p)
-    u, _ = tx.update(g, new_opt, new_p)
+    u, _ = tx.update(g, new_opt, new_p, sparsity=new_state)
     assert np.all(np.asarray(u["d"]["kernel"])[~m] == 0) and np.all(np.asarray(u["d"]["kernel"])[m] != 0)
     assert np.all(np.asarray(u["d"]["bias"]) == 0)

@@ -28,12 +28,35 @@ def _data():
     return x, y
 
 
+MP = sp.MaskedPruningMethod
+PRESETS = {  # the presets of configs/sparsity/, as Python (their gin files are tested elsewhere)
+    "static_random": lambda **kw: MP(init_criterion="random", **kw),
+    "set": lambda **kw: MP(init_criterion="random", grow="random", **kw),
+    "rigl": lambda **kw: MP(init_criterion="random", grow="gradient", **kw),
+    "gmp": lambda **kw: MP(criterion="magnitude", **kw),
+    "movement": lambda **kw: MP(criterion="movement", **kw),
+    "global_gmp": lambda **kw: MP(structure="global", **kw),
+    "snip": lambda **kw: MP(criterion="snip", schedule=S.OneShotSchedule(0), **kw),
+    "spdf": lambda **kw: MP(init_criterion="random", **kw),
+    "average_density": lambda **kw: MP(**kw),
+    "nm": lambda **kw: MP(structure=sp.NMStructure(2, 4), **kw),
+    "srste": lambda **kw: sp.SRSTEMethod(**kw),
+    "learned_nm": lambda **kw: sp.LearnedNMMethod(**kw),
+    "lt_sft": lambda **kw: sp.SparseFinetuneMethod(mode="lt_sft", **kw),
+    "spiel": lambda **kw: sp.SparseFinetuneMethod(mode="spiel", **kw),
+}
+
+
+def make(name, **kwargs):
+    return PRESETS[name](**kwargs).bind(sp.RunInfo(num_steps=STEPS))
+
+
 def train(method, steps=STEPS, lr=1e-2):
     """The exact call sequence the trainer uses; returns a history for checks."""
     model, (x, y) = MLP(), _data()
     params = model.init(jax.random.PRNGKey(0), x)["params"]
     params, sparsity = method.init(params, jax.random.PRNGKey(1))
-    tx = method.wrap_optimizer(optax.adam(lr), sparsity)
+    tx = method.wrap_optimizer(optax.adam(lr))
     opt_state = tx.init(params)
 
     def loss_fn(params, sparsity, step, rng):
@@ -45,7 +68,7 @@ def train(method, steps=STEPS, lr=1e-2):
     def train_step(params, opt_state, sparsity, step, rng):
         loss, grads = jax.value_and_grad(loss_fn)(params, sparsity, step, rng)
         grads, sparsity = method.on_grads(params, sparsity, grads, step=step)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        updates, opt_state = tx.update(grads, opt_state, params, sparsity=sparsity)
         return optax.apply_updates(params, updates), opt_state, sparsity, loss
 
     update = jax.jit(method.update)
@@ -73,18 +96,18 @@ def _loss_decreases(hist):
 
 
 def test_dense_baseline():
-    _, sparsity, hist, *_ = train(sp.make_method("dense"))
+    _, sparsity, hist, *_ = train(sp.DenseMethod().bind(sp.RunInfo(STEPS)))
     _loss_decreases(hist)
     assert float(sparsity["avg_density"]) == 1.0
 
 
 @pytest.mark.parametrize("name,kwargs", [
-    ("static_random", dict(density=0.3)),
+    ("static_random", dict(density=0.3, schedule="constant")),
     ("set", dict(density=0.3, schedule=S.DropGrowSchedule(frequency=10, end=50))),
     ("rigl", dict(density=0.3, schedule=S.DropGrowSchedule(frequency=10, end=50))),
 ])
 def test_fixed_density_methods(name, kwargs):
-    method = sp.make_method(name, **kwargs)
+    method = make(name, **kwargs)
     params, sparsity, hist, *_ = train(method)
     _loss_decreases(hist)
     assert hist["zeros_ok"]
@@ -99,7 +122,7 @@ def test_fixed_density_methods(name, kwargs):
 @pytest.mark.parametrize("name", ["gmp", "movement", "global_gmp"])
 def test_gradual_pruning_follows_schedule(name):
     sched = S.PolynomialSchedule(start=10, end=40, frequency=10)
-    method = sp.make_method(name, density=0.2, distribution="uniform", schedule=sched)
+    method = make(name, density=0.2, distribution="uniform", schedule=sched)
     params, sparsity, hist, *_ = train(method)
     _loss_decreases(hist)
     assert hist["zeros_ok"]
@@ -111,14 +134,14 @@ def test_gradual_pruning_follows_schedule(name):
 
 
 def test_snip_prunes_at_step_zero():
-    params, sparsity, hist, *_ = train(sp.make_method("snip", density=0.25, distribution="uniform"))
+    params, sparsity, hist, *_ = train(make("snip", density=0.25, distribution="uniform"))
     assert list(hist["update_metrics"]) == [0]
     assert hist["zeros_ok"] and all(abs(d - 0.25) < 0.01 for d in hist["density"])
     _loss_decreases(hist)
 
 
 def test_spdf_becomes_dense_and_trains_revived_weights():
-    method = sp.make_method("spdf", density=0.25, distribution="uniform", schedule=S.SparseThenDenseSchedule(30))
+    method = make("spdf", density=0.25, distribution="uniform", schedule=S.SparseThenDenseSchedule(30))
     params, sparsity, hist, *_ = train(method)
     assert all(abs(d - 0.25) < 0.01 for d in hist["density"][:30]) and hist["density"][-1] == 1.0
     assert np.count_nonzero(np.asarray(params["Dense_0"]["kernel"])) > 0.9 * 16 * 32
@@ -128,7 +151,7 @@ def test_spdf_becomes_dense_and_trains_revived_weights():
 
 def test_average_density_schedule_realized():
     sched = S.AverageDensitySchedule(avg_density=0.6, total_steps=STEPS, start=5, end=45, frequency=5)
-    method = sp.make_method("average_density", distribution="uniform", schedule=sched)
+    method = make("average_density", distribution="uniform", schedule=sched)
     assert method.density == pytest.approx(sched.final_density)
     params, sparsity, hist, *_ = train(method)
     assert float(sparsity["avg_density"]) == pytest.approx(0.6, abs=0.01)
@@ -142,7 +165,7 @@ def test_average_density_schedule_realized():
 @pytest.mark.parametrize("name", ["nm", "srste", "learned_nm"])
 def test_nm_methods_end_with_exact_2of4(name):
     kwargs = {"nm": dict(schedule=S.OneShotSchedule(step=20)), "srste": {}, "learned_nm": dict(anneal_steps=STEPS)}[name]
-    method = sp.make_method(name, **kwargs)
+    method = make(name, **kwargs)
     params, sparsity, hist, model, (x, y) = train(method)
     _loss_decreases(hist)
     final = method.finalize(params, sparsity)
@@ -156,7 +179,7 @@ def test_nm_methods_end_with_exact_2of4(name):
 @pytest.mark.parametrize("mode", ["lt_sft", "spiel"])
 def test_sparse_finetune_and_export_diff(mode):
     kwargs = dict(select_step=20) if mode == "lt_sft" else dict(frequency=10, end=50)
-    method = sp.make_method(mode, density=0.2, **kwargs)
+    method = make(mode, density=0.2, **kwargs)
     model, (x, _) = MLP(), _data()
     base = model.init(jax.random.PRNGKey(0), x)["params"]
     params, sparsity, hist, *_ = train(method)

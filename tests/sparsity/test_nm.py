@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from sparsejax.sparsity import nm as N
 from sparsejax.sparsity.nm_methods import LOGITS_KEY, LearnedNMMethod, SRSTEMethod
+from sparsejax.sparsity import NMStructure, RunInfo
 from sparsejax.sparsity.pruning import MaskedPruningMethod
 
 _nm_mask = jax.jit(N.nm_mask, static_argnums=(1, 2, 3))
@@ -40,7 +41,8 @@ def test_nm_bad_inputs_raise():
     with pytest.raises(ValueError, match="n: 5"):
         N.nm_mask(jnp.ones((8, 4)), 5, 4)
     with pytest.raises(ValueError, match=r"params\['a/kernel'\].*divisible"):
-        MaskedPruningMethod(nm=(2, 4), distribution="uniform").init({"a": {"kernel": jnp.ones((6, 4))}}, None)
+        MaskedPruningMethod(structure=NMStructure(2, 4), schedule="one_shot").bind(
+            RunInfo(num_steps=10)).init({"a": {"kernel": jnp.ones((6, 4))}}, None)
     with pytest.raises(ValueError, match="n: 3"):
         SRSTEMethod(n=3, m=2)
 
@@ -48,7 +50,7 @@ def test_nm_bad_inputs_raise():
 def test_srste_gradient_is_ste_plus_refinement():
     w = jnp.array([[1.0], [-3.0], [2.0], [0.5]])
     params = {"d": {"kernel": w}}
-    method = SRSTEMethod(n=2, m=4, lam=0.1)
+    method = SRSTEMethod(n=2, m=4, lam=0.1).bind(RunInfo(num_steps=10))
     _, state = method.init(params, None)
 
     def loss(p):
@@ -72,7 +74,7 @@ def test_patterns_are_all_combinations():
 
 def test_learned_nm_soft_mask_gradients_and_hard_mask():
     params = {"d": {"kernel": jax.random.normal(jax.random.PRNGKey(0), (8, 3)), "bias": jnp.zeros(3)}}
-    method = LearnedNMMethod(n=2, m=4, anneal_steps=10, prior_strength=2.0)
+    method = LearnedNMMethod(n=2, m=4, anneal_steps=10, prior_strength=2.0).bind(RunInfo(num_steps=10))
     p, state = method.init(params, None)
     logits = p[LOGITS_KEY]["d"]["kernel"]
     assert logits.shape == N.logits_shape((8, 3), 2, 4) == (3, 2, 6)

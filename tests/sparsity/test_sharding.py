@@ -6,6 +6,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sparsejax.sparsity import schedules as S
+from sparsejax.sparsity import NMStructure, RunInfo
 from sparsejax.sparsity.pruning import MaskedPruningMethod
 
 
@@ -24,7 +25,7 @@ def _run(method, params, grads, shard):
         params = jax.device_put(params, shardings)
         grads = jax.device_put(grads, shardings)
     params, state = jax.jit(method.init)(params, rng)
-    tx = method.wrap_optimizer(optax.adam(1e-3), state)
+    tx = method.wrap_optimizer(optax.adam(1e-3))
     opt = tx.init(params)
     p2, _, state2, _ = jax.jit(method.update)(params, opt, state, step=10, rng=rng, grads=grads)
     if shard:
@@ -38,11 +39,12 @@ def test_sharded_masks_equal_single_device():
     methods = [
         MaskedPruningMethod(density=0.3, distribution="erk",
                             schedule=S.DropGrowSchedule(frequency=10, end=100), grow="gradient"),
-        MaskedPruningMethod(density=0.2, distribution="uniform", criterion="global_magnitude",
+        MaskedPruningMethod(density=0.2, distribution="uniform", structure="global",
                             schedule=S.OneShotSchedule(step=10)),
-        MaskedPruningMethod(nm=(2, 4), schedule=S.OneShotSchedule(step=10)),
+        MaskedPruningMethod(structure=NMStructure(2, 4), schedule=S.OneShotSchedule(step=10)),
     ]
     for method in methods:
+        method.bind(RunInfo(num_steps=100))
         single = _run(method, params, grads, shard=False)
         sharded = _run(method, params, grads, shard=True)
         jax.tree.map(np.testing.assert_array_equal, single, sharded)

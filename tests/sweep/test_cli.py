@@ -21,9 +21,18 @@ def run_cli(capsys, *args):
     return rc, out, err
 
 
+def test_a_swept_binding_that_takes_effect_nowhere_is_refused(tmp_path, capsys):
+    # Dense training has no distribution: the two "variants" would be the same run.
+    rc, _, err = run_cli(capsys, "--sweep=MaskedPruningMethod.distribution=['uniform', 'erk']",
+                         f"--out={tmp_path / 's'}", "--dry_run")
+    assert rc == 2 and "take effect in no grid point" in err
+    assert "MaskedPruningMethod.distribution" in err
+
+
 def test_dry_run_prints_one_quoted_command_per_trial(tmp_path, capsys):
     out_dir = tmp_path / "s"
-    rc, out, _ = run_cli(capsys, "--sweep=ModelConfig.num_layers=[1, 2]",
+    rc, out, _ = run_cli(capsys, "--gin_file=sparsity/static_random.gin",
+                         "--sweep=ModelConfig.num_layers=[1, 2]",
                          "--sweep=MaskedPruningMethod.distribution=['uniform', 'erk']",
                          "--seeds=3", f"--out={out_dir}", "--dry_run")
     assert rc == 0

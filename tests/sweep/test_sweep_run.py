@@ -107,13 +107,14 @@ def test_table_matches_trial_metrics(sweep):
                                    rtol=1e-6)
         np.testing.assert_allclose(float(row["best_eval_loss_mean"]), np.mean(bests), rtol=1e-9)
         np.testing.assert_allclose(float(row["tokens_per_s"]), np.mean(tps), rtol=1e-9)
-        # Hand count for tiny.gin (embed 64, mlp 128, 4 heads x 16, 2 kv heads, vocab 384):
-        # per layer q 64*64 + k,v 2*64*32 + out 64*64 + mlp 3*64*128 = 36864 kernel entries
-        # + 2 norms; embedding 384*64; lm_head 64*384; final norm 64.
+        # Hand count for tiny.gin (embed 64, mlp 128, 4 heads x 16, 2 kv heads, vocab 259
+        # padded to 384 for sharding; the padding is not counted): per layer q 64*64 + k,v
+        # 2*64*32 + out 64*64 + mlp 3*64*128 = 36864 kernel entries + 2 norms; embedding
+        # 259*64; lm_head 64*259; final norm 64.
         n = int(layers)
-        params = 384 * 64 + 64 + n * (36864 + 2 * 64) + 64 * 384
+        params = 259 * 64 + 64 + n * (36864 + 2 * 64) + 64 * 259
         assert float(row["params"]) == params == float(row["avg_params"])
-        assert float(row["flops_per_token"]) == 2 * (n * 36864 + 64 * 384)  # no embed FLOPs
+        assert float(row["flops_per_token"]) == 2 * (n * 36864 + 64 * 259)  # no embed FLOPs
     md = open(os.path.join(out, "results.md")).read()
     m, s = np.mean(finals), np.std(finals, ddof=1)  # the num_layers=2 row
     assert f"| 2 | 2/2 | {m:.4f} ± {s:.4f} |" in md

@@ -39,10 +39,15 @@ def test_train_writes_outputs_then_resumes(run_cli, tmp_path):
     assert os.path.exists(os.path.join(w, "config.gin"))
     assert "TrainConfig.num_steps = 20" in open(os.path.join(w, "config.gin")).read()
     assert _checkpoints(w) == [10, 20]
-    # Rerunning the same command with more steps resumes from step 20 instead of restarting.
-    assert run_cli(w, "--gin.TrainConfig.num_steps=30") == 0
+    # More steps on resume re-stretch the LR and sparsity schedules: refused without the flag,
+    # logged with it; the run then continues from step 20 instead of restarting.
+    assert run_cli(w, "--gin.TrainConfig.num_steps=30") == 2
+    assert _steps(w) == [5, 10, 15, 20]
+    assert run_cli(w, "--gin.TrainConfig.num_steps=30", "--allow_config_change") == 0
     assert _steps(w) == [5, 10, 15, 20, 25, 30]
     assert _checkpoints(w)[-1] == 30
+    change = [r for r in read_metrics(os.path.join(w, "metrics.jsonl")) if "config_changes" in r]
+    assert change == [{"step": 20, "config_changes": ["TrainConfig.num_steps: 20 -> 30"]}]
 
 
 def test_corrupt_latest_checkpoint_falls_back(run_cli, tmp_path, caplog):

@@ -21,7 +21,7 @@ from sparsejax.models.moe.dispatch import DISPATCHES, get_dispatch, pallas_gmm
 from sparsejax.models.moe.expert_parallel import (EXCHANGES, EXPERT_AXIS, buffer_capacity,
                                                   expert_axis_size, expert_parallel_ffn)
 from sparsejax.models.moe.experts import Experts, SharedExperts, cast, ragged_dot
-from sparsejax.models.moe.router import ROUTERS, TOKEN_CHOICE_ROUTERS, route
+from sparsejax.models.moe.router import ROUTERS
 
 Dtype = Any
 
@@ -30,8 +30,10 @@ Dtype = Any
 class MoeMlp(nn.Module):
     """Mixture-of-Experts gated MLP. x: [batch, seq, embed] -> [batch, seq, embed].
 
-    router: one of ROUTERS; top_k: experts per token (expert choice: average experts per
-    token, i.e. capacity = capacity_factor * top_k * tokens / experts; ReLU: the maximum).
+    router: a registered router (`ROUTERS`; its own settings are bindings of its class, e.g.
+    `SoftmaxTopKRouter.renormalize`); top_k: experts per token (expert choice: average
+    experts per token, i.e. capacity = capacity_factor * top_k * tokens / experts; ReLU: the
+    maximum).
     dispatch: one of DISPATCHES. expert_parallel: exchange mode used when the current mesh has
     an 'expert' axis of size > 1 ("all_to_all" with capacity, or dropless "ragged").
     bias_update_rate > 0 turns on auxiliary-loss-free balancing for token-choice routers.
@@ -43,8 +45,6 @@ class MoeMlp(nn.Module):
     num_experts: int = 8
     top_k: int = 2
     router: str = "softmax_topk"
-    renormalize: bool = True
-    routed_scaling: float = 1.0
     dispatch: str = "pallas_gmm"  # on CPU the op falls back to jax.lax.ragged_dot
     capacity_factor: float = 1.25
     num_shared_experts: int = 0
@@ -52,7 +52,6 @@ class MoeMlp(nn.Module):
     seq_load_balance_weight: float = 0.0
     z_loss_weight: float = 0.001
     concentration_weight: float = 0.0
-    relu_l1_weight: float = 0.0
     router_jitter: float = 0.0
     jitter_rng: str = "dropout"
     bias_update_rate: float = 0.0
@@ -69,8 +68,7 @@ class MoeMlp(nn.Module):
                              f"{self.num_experts}")
         if not self.capacity_factor > 0:
             raise ValueError(f"MoeMlp.capacity_factor={self.capacity_factor} must be > 0")
-        if self.router not in ROUTERS:
-            raise ValueError(f"MoeMlp.router={self.router!r} is unknown; valid: {ROUTERS}")
+        ROUTERS.get(self.router, "MoeMlp.router")
         if self.dispatch not in DISPATCHES:
             raise ValueError(f"MoeMlp.dispatch={self.dispatch!r} is unknown; valid: "
                              f"{DISPATCHES}")
@@ -108,31 +106,20 @@ class MoeMlp(nn.Module):
                                        1.0 - self.router_jitter, 1.0 + self.router_jitter)
             xr = xr * noise
         logits = xr @ kernel.astype(jnp.float32)  # [T, E]
-        token_choice = self.router in TOKEN_CHOICE_ROUTERS
+        router = ROUTERS.get(self.router, "MoeMlp.router")()
+        token_choice = router.token_choice
         bias = None
-        if token_choice and self.bias_update_rate > 0:
+        if self.bias_update_rate > 0:
+            if not token_choice:
+                raise ValueError(f"MoeMlp.bias_update_rate={self.bias_update_rate} needs a "
+                                 f"token-choice router; MoeMlp.router={self.router!r} is not one")
             bias_var = self.variable("moe_state", "bias", jnp.zeros, (e,), jnp.float32)
             bias = bias_var.value
         capacity = min(t, buffer_capacity(t, k, e, self.capacity_factor))
-        routing = route(self.router, logits, top_k=k, capacity=capacity,
-                        renormalize=self.renormalize, bias=bias,
-                        routed_scaling=self.routed_scaling)
+        routing = router.route(logits, top_k=k, capacity=capacity, bias=bias)
 
         # --- losses and metrics (global, float32) ---
-        aux = {"router_z_loss": (self.z_loss_weight, lambda: losses.router_z_loss(logits)),
-               "concentration_loss": (self.concentration_weight,
-                                      lambda: losses.concentration_loss(routing.probs))}
-        if token_choice:
-            idx2, m2 = routing.expert_index.reshape(t, k), routing.mask.reshape(t, k)
-            aux["load_balance_loss"] = (self.load_balance_weight, lambda: losses.
-                                        load_balance_loss(routing.probs, idx2, m2))
-            aux["seq_load_balance_loss"] = (self.seq_load_balance_weight, lambda: losses.
-                                            sequence_load_balance_loss(routing.probs, idx2,
-                                                                       m2, b))
-        if self.router == "relu":
-            aux["relu_l1_loss"] = (self.relu_l1_weight,
-                                   lambda: losses.relu_sparsity_loss(jax.nn.relu(logits)))
-        for name, (weight, fn) in aux.items():
+        for name, (weight, fn) in router.aux_losses(self, logits, routing, b).items():
             if weight > 0:
                 value = fn()
                 self._sow("aux_loss", name, weight * value)
@@ -140,9 +127,8 @@ class MoeMlp(nn.Module):
         load = routing.expert_load()
         self._sow("metrics", "expert_load", load)
         self._sow("metrics", "router_entropy", losses.router_entropy(routing.probs))
-        if self.router == "relu":
-            self._sow("metrics", "active_experts_per_token",
-                      jnp.sum(routing.mask).astype(jnp.float32) / t)
+        for name, value in router.metrics(logits, routing).items():
+            self._sow("metrics", name, value)
 
         # --- dispatch + experts ---
         w = cast(Experts(e, d, self.mlp_dim, self.param_dtype, name="experts")(), self.dtype)

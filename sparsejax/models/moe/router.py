@@ -7,15 +7,24 @@ every dispatch strategy consumes:
   token-major order (`A = tokens * k`, `k = Routing.k > 0`);
 * expert choice gives `capacity` assignments per expert in expert-major order
   (`A = experts * capacity`, `Routing.k == 0`).
+
+Routers are classes registered by name in `ROUTERS` (`MoeMlp.router = 'softmax_topk'`).
+Each owns its scores and selection (`route`), the auxiliary losses it adds (`aux_losses`)
+and its own metrics; its settings are gin bindings of its class
+(`SoftmaxTopKRouter.renormalize = False`), so a setting another router would ignore cannot
+be given by mistake. A new router is one file: subclass `Router`, register it.
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
+import gin
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-ROUTERS = ("softmax_topk", "sigmoid_topk", "expert_choice", "relu")
-TOKEN_CHOICE_ROUTERS = ("softmax_topk", "sigmoid_topk", "relu")
+from sparsejax.models.moe import losses
+from sparsejax.registry import Registry
 
 
 class Routing(struct.PyTreeNode):
@@ -111,16 +120,103 @@ def expert_choice(logits: jax.Array, capacity: int) -> Routing:
         probs=probs, num_tokens=t, num_experts=e, k=0)
 
 
-def route(name: str, logits: jax.Array, *, top_k: int, capacity: int, renormalize: bool = True,
-          bias: jax.Array | None = None, routed_scaling: float = 1.0) -> Routing:
-    """Runs the router called `name` (one of ROUTERS) on logits [T, E]."""
-    if name == "softmax_topk":
-        return softmax_topk(logits, top_k, renormalize=renormalize, bias=bias)
-    if name == "sigmoid_topk":
-        return sigmoid_topk(logits, top_k, renormalize=renormalize, bias=bias,
-                            routed_scaling=routed_scaling)
-    if name == "relu":
+AuxLosses = dict[str, tuple[float, Callable[[], jax.Array]]]  # name -> (weight, loss thunk)
+
+
+class Router:
+    """Base: router logits [T, E] -> `Routing`, plus the aux losses and metrics it owns.
+
+    `layer` in `aux_losses` / `metrics` is the calling `MoeMlp`, for the loss weights shared
+    by every router (`z_loss_weight`, `concentration_weight`, `load_balance_weight`, ...)."""
+
+    token_choice: bool = True  # k assignments per token (balancing bias and losses apply)
+
+    def route(self, logits: jax.Array, *, top_k: int, capacity: int,
+              bias: jax.Array | None = None) -> Routing:
+        raise NotImplementedError
+
+    def aux_losses(self, layer: Any, logits: jax.Array, routing: Routing, batch: int) -> AuxLosses:
+        out = {"router_z_loss": (layer.z_loss_weight, lambda: losses.router_z_loss(logits)),
+               "concentration_loss": (layer.concentration_weight,
+                                      lambda: losses.concentration_loss(routing.probs))}
+        if self.token_choice:
+            t, k = routing.num_tokens, routing.k
+            idx, m = routing.expert_index.reshape(t, k), routing.mask.reshape(t, k)
+            out["load_balance_loss"] = (layer.load_balance_weight,
+                                        lambda: losses.load_balance_loss(routing.probs, idx, m))
+            out["seq_load_balance_loss"] = (
+                layer.seq_load_balance_weight,
+                lambda: losses.sequence_load_balance_loss(routing.probs, idx, m, batch))
+        return out
+
+    def metrics(self, logits: jax.Array, routing: Routing) -> dict[str, jax.Array]:
+        return {}
+
+
+ROUTERS: Registry[type[Router]] = Registry("router")
+
+
+@gin.configurable
+@ROUTERS.register("softmax_topk")
+class SoftmaxTopKRouter(Router):
+    """Softmax over experts, top-k (k=1: Switch; k=2 renormalized: Mixtral)."""
+
+    def __init__(self, renormalize: bool = True):
+        self.renormalize = bool(renormalize)
+
+    def route(self, logits, *, top_k, capacity, bias=None):
+        return softmax_topk(logits, top_k, renormalize=self.renormalize, bias=bias)
+
+
+@gin.configurable
+@ROUTERS.register("sigmoid_topk")
+class SigmoidTopKRouter(Router):
+    """Sigmoid affinities, top-k, weights normalized over the chosen experts (DeepSeek-V3)."""
+
+    def __init__(self, renormalize: bool = True, routed_scaling: float = 1.0):
+        self.renormalize, self.routed_scaling = bool(renormalize), float(routed_scaling)
+
+    def route(self, logits, *, top_k, capacity, bias=None):
+        return sigmoid_topk(logits, top_k, renormalize=self.renormalize, bias=bias,
+                            routed_scaling=self.routed_scaling)
+
+
+@gin.configurable
+@ROUTERS.register("relu")
+class ReluRouter(Router):
+    """ReLU gates: every expert with a positive gate, at most top_k (ReMoE / BlockFFN)."""
+
+    def __init__(self, l1_weight: float = 0.0):
+        if l1_weight < 0:
+            raise ValueError(f"ReluRouter.l1_weight={l1_weight!r} must be >= 0")
+        self.l1_weight = float(l1_weight)
+
+    def route(self, logits, *, top_k, capacity, bias=None):
         return relu_topk(logits, top_k, bias=bias)
-    if name == "expert_choice":
+
+    def aux_losses(self, layer, logits, routing, batch):
+        out = super().aux_losses(layer, logits, routing, batch)
+        out["relu_l1_loss"] = (self.l1_weight,
+                               lambda: losses.relu_sparsity_loss(jax.nn.relu(logits)))
+        return out
+
+    def metrics(self, logits, routing):
+        return {"active_experts_per_token":
+                jnp.sum(routing.mask).astype(jnp.float32) / routing.num_tokens}
+
+
+@gin.configurable
+@ROUTERS.register("expert_choice")
+class ExpertChoiceRouter(Router):
+    """Each expert takes its `capacity` tokens of highest softmax probability (Zhou et al.)."""
+
+    token_choice = False
+
+    def route(self, logits, *, top_k, capacity, bias=None):
         return expert_choice(logits, capacity)
-    raise ValueError(f"router={name!r} is unknown; valid: {ROUTERS}")
+
+
+def route(name: str, logits: jax.Array, *, top_k: int, capacity: int,
+          bias: jax.Array | None = None) -> Routing:
+    """Runs the registered router `name` (with its gin settings) on logits [T, E]."""
+    return ROUTERS.get(name, "router")().route(logits, top_k=top_k, capacity=capacity, bias=bias)

@@ -19,7 +19,7 @@ class Tiny(nn.Module):
         x = nn.Dense(16, name="proj")(x)
         if self.moe:
             h = MoeMlp(embed_dim=16, mlp_dim=self.mlp_dim, num_experts=4, top_k=2,
-                       renormalize=True, name="moe")(x)
+                       name="moe")(x)
         else:
             h = GatedMlp(16, self.mlp_dim, name="mlp")(x)
         return x + h

@@ -1,9 +1,9 @@
-"""Everything a run needs before its first step: mesh, model, optimizer, sparsity method, the
-abstract TrainState and its shardings. All validation happens here, before anything compiles."""
+"""Builds everything a run needs before its first step: mesh, model, optimizer, sparsity
+method, the abstract TrainState and its shardings (`build_run`). All validation happens here,
+before anything compiles."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -13,20 +13,13 @@ import optax
 
 from sparsejax.data.sources import check_dataset
 from sparsejax.data.tokenizer import ByteTokenizer
-from sparsejax.models.transformer import ModelConfig, Transformer
+from sparsejax.models.transformer import ModelConfig, Transformer, padded_params
 from sparsejax.parallel import mesh as mesh_lib
 from sparsejax.parallel.rules import (LOGICAL_RULES, batch_sharding, logical_shardings,
                                       replicated, shardings_like)
+from sparsejax.sparsity.method import RunInfo, SparsityMethod, make_method
 from sparsejax.train import optim
 from sparsejax.train.state import TrainState
-
-
-def make_sparsity_method() -> Any:
-    """The run's sparse-training method from gin (`make_method.name = 'rigl'`), or None for
-    plain dense training (the default)."""
-    from sparsejax.sparsity import DenseMethod, make_method
-    method = make_method()
-    return None if type(method) is DenseMethod else method
 
 
 @dataclasses.dataclass
@@ -35,9 +28,9 @@ class Run:
     model_config: ModelConfig
     mesh: jax.sharding.Mesh
     model: Transformer
-    tx: optax.GradientTransformation
+    tx: optax.GradientTransformationExtraArgs  # the method's wrapped optimizer
     lr_schedule: Callable
-    sparsity_method: Any
+    sparsity_method: SparsityMethod
     abstract_state: Any  # TrainState of ShapeDtypeStructs with shardings
     state_shardings: Any
     _init: Callable
@@ -46,12 +39,9 @@ class Run:
         return self._init()
 
     def sparsity_update_fn(self):
-        """Jitted (state, batch) -> (state, metrics) for mask updates, or None."""
-        method = self.sparsity_method
-        if method is None:
-            return None
-        from sparsejax.train.sparsity_step import make_sparsity_update
-        return jax.jit(make_sparsity_update(self.model, method),
+        """Jitted (state, batch) -> (state, metrics) for mask updates."""
+        from sparsejax.train.step import make_sparsity_update
+        return jax.jit(make_sparsity_update(self.model, self.sparsity_method),
                        in_shardings=(self.state_shardings, batch_sharding(self.mesh)),
                        out_shardings=(self.state_shardings, replicated(self.mesh)),
                        donate_argnums=(0,))
@@ -84,17 +74,17 @@ def validate(cfg, model_config: ModelConfig, mesh) -> None:
     check_dataset(cfg.dataset, cfg.data_dir)
 
 
-def setup(cfg, workdir: str | None = None, model_config: ModelConfig | None = None,
-          mesh: jax.sharding.Mesh | None = None) -> Run:
+def build_run(cfg, model_config: ModelConfig | None = None,
+              mesh: jax.sharding.Mesh | None = None) -> Run:
     """Builds the run; `model_config` and `mesh` default to their gin-configured values."""
-    del workdir
     model_config = model_config or ModelConfig()
     mesh = mesh or mesh_lib.make_mesh()
     validate(cfg, model_config, mesh)
     model = Transformer(model_config)
     base_tx = optim.make_optimizer(total_steps=cfg.num_steps)
     lr_schedule = optim.learning_rate_schedule(total_steps=cfg.num_steps)
-    method = make_sparsity_method()
+    method = make_method().bind(RunInfo(num_steps=cfg.num_steps,
+                                        valid=padded_params(model_config)))
     dummy = jnp.zeros((1, min(cfg.seq_len, model_config.max_seq_len)), jnp.int32)
 
     def init_variables(key):
@@ -103,11 +93,8 @@ def setup(cfg, workdir: str | None = None, model_config: ModelConfig | None = No
     def make_state(seed_key):
         params_key, rng_key, mask_key = jax.random.split(seed_key, 3)
         variables = nn.meta.unbox(init_variables(params_key))
-        params = variables["params"]
-        sparsity, tx = None, base_tx
-        if method is not None:
-            params, sparsity = method.init(params, mask_key)
-            tx = method.wrap_optimizer(base_tx, sparsity)
+        params, sparsity = method.init(variables["params"], mask_key)
+        tx = method.wrap_optimizer(base_tx)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           rng=jax.random.key_data(rng_key), sparsity=sparsity,
                           moe_state=variables.get("moe_state") or None)
@@ -122,20 +109,6 @@ def setup(cfg, workdir: str | None = None, model_config: ModelConfig | None = No
         abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         init = jax.jit(make_state, out_shardings=shardings)
-    tx = base_tx if method is None else method.wrap_optimizer(base_tx, abstract.sparsity)
+    tx = method.wrap_optimizer(base_tx)
     return Run(cfg, model_config, mesh, model, tx, lr_schedule, method, abstract_state,
                shardings, lambda: init(seed_key))
-
-
-def write_plots(workdir: str) -> None:
-    """Loss curve, plus expert-load and density plots when those metrics were logged."""
-    from sparsejax.analysis import plots
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return
-    plots.plot_loss_curve(path, os.path.join(workdir, "loss.png"))
-    plots.plot_vector_metric(path, "model/", os.path.join(workdir, "expert_load.png"),
-                             "fraction of tokens", "expert load over training",
-                             contains="expert_load")
-    plots.plot_vector_metric(path, "sparsity/density/", os.path.join(workdir, "density.png"),
-                             "density", "per-layer density over training")
