@@ -36,6 +36,12 @@ class MoeMlp(nn.Module):
     an 'expert' axis of size > 1 ("all_to_all" with capacity, or dropless "ragged").
     bias_update_rate > 0 turns on auxiliary-loss-free balancing for token-choice routers.
     The router param is named `router_kernel` (sparsity code must never prune it).
+
+    Options of released checkpoints: `shared_expert_gate` multiplies the shared experts'
+    output by sigmoid(x @ router_shared_gate) (Qwen2-MoE; named
+    like the router so sparsity never prunes it); `correction_bias` keeps a selection bias
+    in 'moe_state' even without updates (DeepSeek-V3's e_score_correction_bias);
+    `num_groups` / `top_groups` restrict top-k to the best expert groups (DeepSeek-V3).
     """
 
     embed_dim: int
@@ -57,6 +63,10 @@ class MoeMlp(nn.Module):
     jitter_rng: str = "dropout"
     bias_update_rate: float = 0.0
     expert_parallel: str = "all_to_all"
+    shared_expert_gate: bool = False
+    correction_bias: bool = False
+    num_groups: int = 1
+    top_groups: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -79,6 +89,19 @@ class MoeMlp(nn.Module):
                              f"valid: {EXCHANGES}")
         if self.num_shared_experts < 0:
             raise ValueError(f"MoeMlp.num_shared_experts={self.num_shared_experts} must be >= 0")
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise ValueError("MoeMlp.shared_expert_gate=True needs num_shared_experts >= 1")
+        if self.correction_bias and self.router not in TOKEN_CHOICE_ROUTERS:
+            raise ValueError(f"MoeMlp.correction_bias=True needs a token-choice router "
+                             f"{TOKEN_CHOICE_ROUTERS}, not {self.router!r}")
+        g = int(self.num_groups)
+        if g < 1 or self.num_experts % g or not 1 <= self.top_groups <= g:
+            raise ValueError(f"MoeMlp.num_groups={self.num_groups} must divide num_experts="
+                             f"{self.num_experts} and MoeMlp.top_groups={self.top_groups} be in "
+                             f"[1, num_groups]")
+        if g > 1 and self.top_k > self.top_groups * (self.num_experts // g):
+            raise ValueError(f"MoeMlp.top_k={self.top_k} exceeds the experts of top_groups="
+                             f"{self.top_groups} groups ({self.num_experts // g} each)")
 
     def _sow(self, collection: str, name: str, value: jax.Array):
         if not self.is_initializing():  # keep `init` output free of losses and metrics
@@ -110,13 +133,14 @@ class MoeMlp(nn.Module):
         logits = xr @ kernel.astype(jnp.float32)  # [T, E]
         token_choice = self.router in TOKEN_CHOICE_ROUTERS
         bias = None
-        if token_choice and self.bias_update_rate > 0:
+        if token_choice and (self.bias_update_rate > 0 or self.correction_bias):
             bias_var = self.variable("moe_state", "bias", jnp.zeros, (e,), jnp.float32)
             bias = bias_var.value
         capacity = min(t, buffer_capacity(t, k, e, self.capacity_factor))
         routing = route(self.router, logits, top_k=k, capacity=capacity,
                         renormalize=self.renormalize, bias=bias,
-                        routed_scaling=self.routed_scaling)
+                        routed_scaling=self.routed_scaling, num_groups=int(self.num_groups),
+                        top_groups=int(self.top_groups))
 
         # --- losses and metrics (global, float32) ---
         aux = {"router_z_loss": (self.z_loss_weight, lambda: losses.router_z_loss(logits)),
@@ -159,12 +183,18 @@ class MoeMlp(nn.Module):
         self._sow("metrics", "dropped_fraction", dropped / active)
         y = y.reshape(b, s, d).astype(self.dtype)
         if self.num_shared_experts:
-            y = y + SharedExperts(d, self.mlp_dim, self.num_shared_experts, self.dtype,
-                                  self.param_dtype, name="shared_experts")(x)
+            shared = SharedExperts(d, self.mlp_dim, self.num_shared_experts, self.dtype,
+                                   self.param_dtype, name="shared_experts")(x)
+            if self.shared_expert_gate:
+                gate = self.param("router_shared_gate", nn.with_logical_partitioning(
+                    nn.initializers.zeros, ("embed", None)), (d, 1), self.param_dtype)
+                shared = shared * jax.nn.sigmoid(x.astype(jnp.float32) @ gate.astype(
+                    jnp.float32)).astype(shared.dtype)
+            y = y + shared
 
         # --- auxiliary-loss-free bias update (outside the gradient) ---
-        if bias is not None and not deterministic and self.is_mutable_collection("moe_state") \
-                and not self.is_initializing():
+        if bias is not None and self.bias_update_rate > 0 and not deterministic \
+                and self.is_mutable_collection("moe_state") and not self.is_initializing():
             bias_var.value = losses.aux_free_bias_update(bias, load, self.bias_update_rate)
         return y
 

@@ -51,21 +51,42 @@ def _token_major(idx: jax.Array, weight: jax.Array, mask: jax.Array, probs: jax.
         probs=probs, num_tokens=t, num_experts=probs.shape[-1], k=k)
 
 
-def _select(scores: jax.Array, k: int, bias: jax.Array | None) -> jax.Array:
-    """Top-k expert indices by `scores + bias`; the bias steers selection only."""
+def group_limited(sel: jax.Array, num_groups: int, top_groups: int) -> jax.Array:
+    """DeepSeek-V3 group-limited (node-limited) routing: experts form `num_groups` equal
+    groups; a group's score is the sum of its two best selection scores (one if groups have a
+    single expert); only the `top_groups` best groups stay selectable, the others are set to
+    -inf. sel: [T, E] -> [T, E]."""
+    t, e = sel.shape
+    if num_groups <= 1:
+        return sel
+    if e % num_groups or not 1 <= top_groups <= num_groups:
+        raise ValueError(f"MoeMlp.num_groups={num_groups} must divide num_experts={e} and "
+                         f"MoeMlp.top_groups={top_groups} be in [1, {num_groups}]")
+    grouped = sel.reshape(t, num_groups, e // num_groups)
+    group_score = jnp.sum(jax.lax.top_k(grouped, min(2, e // num_groups))[0], axis=-1)  # [T, G]
+    keep_groups = jax.lax.top_k(group_score, top_groups)[1]  # [T, top_groups]
+    keep = jnp.any(keep_groups[:, :, None] == jnp.arange(num_groups)[None, None], axis=1)
+    return jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(t, e)
+
+
+def _select(scores: jax.Array, k: int, bias: jax.Array | None, num_groups: int = 1,
+            top_groups: int = 1) -> jax.Array:
+    """Top-k expert indices by `scores + bias` (within the best groups when num_groups > 1);
+    the bias steers selection only."""
     sel = scores if bias is None else scores + jax.lax.stop_gradient(bias).astype(jnp.float32)
-    return jax.lax.top_k(sel, k)[1]
+    return jax.lax.top_k(group_limited(sel, num_groups, top_groups), k)[1]
 
 
 def softmax_topk(logits: jax.Array, k: int, *, renormalize: bool = True,
-                 bias: jax.Array | None = None) -> Routing:
+                 bias: jax.Array | None = None, num_groups: int = 1,
+                 top_groups: int = 1) -> Routing:
     """Softmax over experts, keep the top k (k=1: Switch; k=2 renormalized: Mixtral).
 
     logits: [T, E]. Weights are the softmax probs of the chosen experts, renormalized to sum
     to 1 per token when `renormalize`.
     """
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    idx = _select(probs, k, bias)
+    idx = _select(probs, k, bias, num_groups, top_groups)
     w = jnp.take_along_axis(probs, idx, axis=-1)
     if renormalize:
         w = w / jnp.sum(w, axis=-1, keepdims=True)
@@ -73,11 +94,14 @@ def softmax_topk(logits: jax.Array, k: int, *, renormalize: bool = True,
 
 
 def sigmoid_topk(logits: jax.Array, k: int, *, renormalize: bool = True,
-                 bias: jax.Array | None = None, routed_scaling: float = 1.0) -> Routing:
-    """DeepSeek-V3 routing: sigmoid affinities, top-k (optionally bias-steered), weights
-    normalized over the chosen experts and scaled by `routed_scaling`. logits: [T, E]."""
+                 bias: jax.Array | None = None, routed_scaling: float = 1.0,
+                 num_groups: int = 1, top_groups: int = 1) -> Routing:
+    """DeepSeek-V3 routing: sigmoid affinities, top-k by affinity + correction bias (within
+    the `top_groups` best of `num_groups` expert groups), weights = the chosen affinities
+    (without the bias), normalized over the chosen experts when `renormalize`, times
+    `routed_scaling`. logits: [T, E]."""
     scores = jax.nn.sigmoid(logits.astype(jnp.float32))
-    idx = _select(scores, k, bias)
+    idx = _select(scores, k, bias, num_groups, top_groups)
     w = jnp.take_along_axis(scores, idx, axis=-1)
     if renormalize:
         w = w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-20)
@@ -112,13 +136,19 @@ def expert_choice(logits: jax.Array, capacity: int) -> Routing:
 
 
 def route(name: str, logits: jax.Array, *, top_k: int, capacity: int, renormalize: bool = True,
-          bias: jax.Array | None = None, routed_scaling: float = 1.0) -> Routing:
+          bias: jax.Array | None = None, routed_scaling: float = 1.0, num_groups: int = 1,
+          top_groups: int = 1) -> Routing:
     """Runs the router called `name` (one of ROUTERS) on logits [T, E]."""
+    if num_groups > 1 and name not in ("softmax_topk", "sigmoid_topk"):
+        raise ValueError(f"MoeMlp.num_groups={num_groups} (group-limited routing) needs router "
+                         f"'softmax_topk' or 'sigmoid_topk', not {name!r}")
     if name == "softmax_topk":
-        return softmax_topk(logits, top_k, renormalize=renormalize, bias=bias)
+        return softmax_topk(logits, top_k, renormalize=renormalize, bias=bias,
+                            num_groups=num_groups, top_groups=top_groups)
     if name == "sigmoid_topk":
         return sigmoid_topk(logits, top_k, renormalize=renormalize, bias=bias,
-                            routed_scaling=routed_scaling)
+                            routed_scaling=routed_scaling, num_groups=num_groups,
+                            top_groups=top_groups)
     if name == "relu":
         return relu_topk(logits, top_k, bias=bias)
     if name == "expert_choice":
