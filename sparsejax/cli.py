@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "sparsejax.train.commands",   # train, eval
     "sparsejax.sweep.cli",        # sweep, report
     "sparsejax.listing",          # list
+    "sparsejax.interop.commands",  # import-hf, export-hf
 )
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -44,7 +45,12 @@ def start_run(args: argparse.Namespace, bindings: Sequence[str]) -> str:
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
                            timeout_s=args.distributed_timeout_s,
                            heartbeat_timeout_s=args.heartbeat_timeout_s)
-    return parse_gin(args.gin_file or ["base.gin"], bindings, imports=args.imports)
+    files = list(args.gin_file) or ["base.gin"]
+    workdir_gin = os.path.join(args.workdir, "config.gin")
+    if os.path.isdir(os.path.join(args.workdir, "pretrained")) and os.path.isfile(workdir_gin):
+        # an import-hf workdir: its config.gin rebuilds the imported architecture
+        files = [workdir_gin] + list(args.gin_file)
+    return parse_gin(files, bindings, imports=args.imports)
 
 
 def guarded(fn):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from sparsejax.data.sources import check_dataset
-from sparsejax.data.tokenizer import ByteTokenizer
+from sparsejax.data.tokenizer import make_tokenizer
 from sparsejax.models.transformer import ModelConfig, Transformer
 from sparsejax.parallel import mesh as mesh_lib
 from sparsejax.parallel.rules import (LOGICAL_RULES, batch_sharding, logical_shardings,
@@ -77,10 +77,10 @@ def validate(cfg, model_config: ModelConfig, mesh) -> None:
     if cfg.seq_len > model_config.max_seq_len:
         raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} exceeds ModelConfig.max_seq_len="
                          f"{model_config.max_seq_len}; use seq_len <= {model_config.max_seq_len}")
-    vocab = ByteTokenizer.vocab_size
+    vocab = make_tokenizer().vocab_size
     if model_config.vocab_size < vocab:
         raise ValueError(f"ModelConfig.vocab_size={model_config.vocab_size} is smaller than the "
-                         f"tokenizer's vocabulary ({vocab})")
+                         f"tokenizer's vocabulary ({vocab}; make_tokenizer)")
     check_dataset(cfg.dataset, cfg.data_dir)
 
 

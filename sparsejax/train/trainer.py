@@ -25,7 +25,7 @@ from sparsejax.train import run_setup
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.metrics import MetricsWriter
 from sparsejax.train.step import make_eval_step, make_train_step
-from sparsejax.train.warm_start import warm_start
+from sparsejax.train.warm_start import has_pretrained, init_from_pretrained, warm_start
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "")
         restored = ckpt.restore_latest(run.abstract_state,
                                        lambda: ShardedIteratorRestore(data_it))
         if restored is None:
-            state = warm_start(run.init_state(), run.state_shardings.params)
+            state = warm_start(init_from_pretrained(run, workdir), run.state_shardings.params)
             start = 0
         else:
             start, state = restored
@@ -233,6 +233,8 @@ def load_state_for_eval(workdir: str, cfg: TrainConfig):
     ckpt.check_compatible(run.abstract_state)
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
         restored = ckpt.restore_latest(run.abstract_state, lambda: None)
+        if restored is None and has_pretrained(workdir):  # an import-hf workdir, not trained
+            restored = (0, init_from_pretrained(run, workdir))
     ckpt.close()
     if restored is None:
         raise ValueError(f"workdir={workdir!r} holds no checkpoint to evaluate")

@@ -1,6 +1,9 @@
-"""Start a new run from another run's parameters: sparse upcycling (dense MLP -> MoE experts)
-or a plain parameter copy (e.g. dense fine-tuning of a sparse pre-trained model)."""
+"""Start a new run from another run's parameters: sparse upcycling (dense MLP -> MoE experts),
+a plain parameter copy (e.g. dense fine-tuning of a sparse pre-trained model), or the params
+that `sparsejax import-hf` put in the workdir (`init_from_pretrained`)."""
 from __future__ import annotations
+
+import os
 
 from typing import Any
 
@@ -51,3 +54,54 @@ def warm_start(state: TrainState, param_shardings: Any, from_workdir: str | None
 def _flat(tree):
     from flax import traverse_util
     return traverse_util.flatten_dict(tree).items()
+
+
+PRETRAINED_DIR = "pretrained"  # written by `sparsejax import-hf`
+
+
+def has_pretrained(workdir: str) -> bool:
+    return os.path.isdir(os.path.join(workdir, PRETRAINED_DIR))
+
+
+def restore_pretrained(workdir: str, abstract_params: Any) -> Any:
+    """The imported params of `workdir`, restored straight into their shardings (each process
+    reads its own slices). Shape mismatches with the configured model name the param."""
+    import orbax.checkpoint as ocp
+    from sparsejax.parallel.rules import path_str
+    path = os.path.join(os.path.abspath(workdir), PRETRAINED_DIR)
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(path)
+        meta = getattr(meta, "item_metadata", meta)
+        have = {path_str(p): tuple(x.shape) for p, x in
+                jax.tree_util.tree_leaves_with_path(meta["params"])}
+        want = {path_str(p): tuple(x.shape) for p, x in
+                jax.tree_util.tree_leaves_with_path(abstract_params)}
+        bad = [f"{k}: imported {have.get(k, 'missing')} vs model {v}" for k, v in want.items()
+               if have.get(k) != v] + [f"{k}: imported, not in the model" for k in have
+                                       if k not in want]
+        if bad:
+            raise ValueError(f"workdir {workdir!r} holds imported params of another model "
+                             f"({'; '.join(bad[:3])}); keep the bindings of its config.gin")
+        return ckptr.restore(path, {"params": abstract_params})["params"]
+
+
+def init_from_pretrained(run: Any, workdir: str) -> TrainState:
+    """A fresh TrainState (`run.init_state()`) whose params are the imported ones when
+    `workdir` holds them; the sparsity method's masks and the optimizer state are then built
+    from those params. Call under the run's mesh and logical-axis rules."""
+    state = run.init_state()
+    if not has_pretrained(workdir):
+        return state
+    params = restore_pretrained(workdir, run.abstract_state.params)
+    method, sh = run.sparsity_method, run.state_shardings
+    mask_key = jax.random.split(jax.random.key(run.cfg.seed), 3)[2]  # as run_setup.make_state
+
+    def rebuild(params):
+        sparsity = None
+        if method is not None:
+            params, sparsity = method.init(params, mask_key)
+        return params, sparsity, run.tx.init(params)
+
+    params, sparsity, opt_state = jax.jit(
+        rebuild, out_shardings=(sh.params, sh.sparsity, sh.opt_state))(params)
+    return state.replace(params=params, sparsity=sparsity, opt_state=opt_state)
