@@ -96,21 +96,25 @@ def check_checkpoint(ckpt: SafetensorsCheckpoint, sources: Mapping[str, mapping.
 
 def load_params(ckpt: SafetensorsCheckpoint, sources: Mapping[str, mapping.Source],
                 shapes: Mapping[str, Any], shardings: Mapping[str, Any]) -> dict[str, jax.Array]:
-    """{path: jax.Array} assembled slice by slice: each addressable device's callback reads
-    only its own slice (replicated slices are read once per param)."""
+    """{path: jax.Array} assembled slice by slice: for each addressable device, only its own
+    slice is read, moved to the device and dropped from host memory before the next one
+    (replicated slices are read once per param)."""
     out = {}
     for path, sds in shapes.items():
-        src, memo = sources[path], {}
-
-        def callback(index, src=src, sds=sds, memo=memo):
-            key = tuple(sl.indices(n) for sl, n in zip(index, sds.shape))
+        src, shape, sharding = sources[path], tuple(sds.shape), shardings[path]
+        dtype, memo, arrays = np.dtype(sds.dtype), {}, []
+        for device, index in sharding.addressable_devices_indices_map(shape).items():
+            key = tuple(sl.indices(n) for sl, n in zip(index, shape))
             if key not in memo:
                 memo.clear()
-                memo[key] = mapping.read_slice(ckpt.read, src, tuple(sds.shape), index,
-                                               np.dtype(sds.dtype))
-            return memo[key]
-
-        out[path] = jax.make_array_from_callback(tuple(sds.shape), shardings[path], callback)
+                host = mapping.read_slice(ckpt.read, src, shape, index, dtype)
+                memo[key] = jax.device_put(host, device)
+                del host
+                arrays.append(memo[key])
+            else:
+                arrays.append(jax.device_put(memo[key], device))
+            jax.block_until_ready(arrays[-1])
+        out[path] = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
     return out
 
 

@@ -120,7 +120,7 @@ def _read_one(read, name: str, src: Source, bounds: list[tuple[int, int]], dtype
         arr = read(name, hf_index[::-1]).T
     else:
         arr = read(name, hf_index)
-    arr = arr.astype(dtype)
+    arr = arr.astype(dtype, copy=False)
     if arr.shape != want:  # the vocab padding
         arr = np.pad(arr, [(0, w - s) for w, s in zip(want, arr.shape)])
     return arr
