@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "sparsejax.sweep.cli",        # sweep, report
     "sparsejax.listing",          # list
     "sparsejax.interop.commands",  # import-hf, export-hf
+    "sparsejax.infer.commands",    # sample
 )
 
 

@@ -64,6 +64,14 @@ def tokenizer_bindings(src: str, workdir: str, cfg: Mapping[str, Any]) -> dict[s
             "make_tokenizer.pad_id": ids["pad_token_id"]}
 
 
+def train_bindings(arch: Mapping[str, Any]) -> dict[str, Any]:
+    """TrainConfig.seq_len capped at the model's context when that is below the default."""
+    from sparsejax.train.trainer import TrainConfig
+    default = TrainConfig.__dataclass_fields__["seq_len"].default
+    limit = arch["ModelConfig.max_seq_len"]
+    return {"TrainConfig.seq_len": limit} if limit < default else {}
+
+
 def abstract_params(model_config, mesh) -> tuple[dict, dict]:
     """({path: ShapeDtypeStruct with sharding}, {path: sharding}) of the model's params."""
     from sparsejax.models.transformer import Transformer
@@ -139,7 +147,8 @@ def check_workdir(workdir: str, bindings: Mapping[str, Any]) -> None:
     if os.path.exists(record):
         with open(record) as f:
             old = json.load(f).get("bindings", {})
-        model_keys = {k for k in set(old) | set(bindings) if not k.startswith("make_tokenizer")}
+        model_keys = {k for k in set(old) | set(bindings) if k.startswith(("ModelConfig.",
+                                                                          "MoeMlp."))}
         diff = sorted(k for k in model_keys if old.get(k) != _jsonable(bindings.get(k)))
         if diff:
             raise ValueError(f"--workdir={workdir!r} already holds a different imported model "
@@ -162,7 +171,7 @@ def import_hf(src: str, workdir: str, bindings: Sequence[str] = (),
     cfg = read_config(src)
     arch = from_hf_config(cfg)  # unknown family / option -> ValueError, before any read
     ckpt = SafetensorsCheckpoint(src)
-    arch_and_tok = {**arch, **tokenizer_bindings(src, workdir, cfg)}
+    arch_and_tok = {**arch, **tokenizer_bindings(src, workdir, cfg), **train_bindings(arch)}
     check_workdir(workdir, arch_and_tok)
     os.makedirs(workdir, exist_ok=True)
     gin_path = os.path.join(workdir, "config.gin")
