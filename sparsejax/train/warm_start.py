@@ -97,10 +97,13 @@ def init_from_pretrained(run: Any, workdir: str) -> TrainState:
     mask_key = jax.random.split(jax.random.key(run.cfg.seed), 3)[2]  # as run_setup.make_state
 
     def rebuild(params):
-        sparsity = None
-        if method is not None:
+        sparsity, tx = None, run.tx
+        if method is not None:  # the masks of the imported params, and their optimizer
+            from sparsejax.train import optim
             params, sparsity = method.init(params, mask_key)
-        return params, sparsity, run.tx.init(params)
+            tx = method.wrap_optimizer(optim.make_optimizer(total_steps=run.cfg.num_steps),
+                                       sparsity)
+        return params, sparsity, tx.init(params)
 
     params, sparsity, opt_state = jax.jit(
         rebuild, out_shardings=(sh.params, sh.sparsity, sh.opt_state))(params)
