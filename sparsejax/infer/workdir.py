@@ -30,6 +30,7 @@ def sample_workdir(workdir: str, prompts: Sequence[str], *, max_new_tokens: int 
         out = generate(run.model, params, ids, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                        pad_id=tok.pad_id, eos_id=tok.eos_id, moe_state=state.moe_state)
-    out["texts"] = [tok.decode(row) for row in out["tokens"]]
+    # ids the model knows but the tokenizer does not (a padded vocab) have no text
+    out["texts"] = [tok.decode([i for i in row if i < tok.vocab_size]) for row in out["tokens"]]
     out["step"] = step
     return out
