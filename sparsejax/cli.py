@@ -20,6 +20,8 @@ COMMAND_MODULES = (
     "sparsejax.train.commands",   # train, eval
     "sparsejax.sweep.cli",        # sweep, report
     "sparsejax.listing",          # list
+    "sparsejax.interop.commands",  # import-hf, export-hf
+    "sparsejax.infer.commands",    # sample
 )
 
 

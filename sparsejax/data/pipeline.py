@@ -24,23 +24,23 @@ import numpy as np
 
 from sparsejax.data import sources
 from sparsejax.data.checkpoint import iterator_restore_args, iterator_save_args  # noqa: F401 (re-exported)
-from sparsejax.data.tokenizer import ByteTokenizer
+from sparsejax.data.tokenizer import make_tokenizer
 
-_TOKENIZER = ByteTokenizer()
 _KEY = "tokens"
 
 
-def _tokenize(text: bytes) -> dict[str, np.ndarray]:
-    return {_KEY: _TOKENIZER.encode(text, add_bos=True, add_eos=True)}
+def _tokenize(text: bytes, tokenizer: Any) -> dict[str, np.ndarray]:
+    return {_KEY: tokenizer.encode(text, add_bos=True, add_eos=True)}
 
 
-def _to_training_batch(rows: dict[str, np.ndarray], row_slice: slice) -> dict[str, np.ndarray]:
+def _to_training_batch(rows: dict[str, np.ndarray], row_slice: slice,
+                       pad_id: int) -> dict[str, np.ndarray]:
     """Packed rows {tokens, segment ids, positions}: [batch, seq_len + 1] -> model batch [batch', seq_len]."""
     tokens = rows[_KEY][row_slice]
     segs = rows[f"{_KEY}_segment_ids"][row_slice].astype(np.int32)
     pos = rows[f"{_KEY}_positions"][row_slice].astype(np.int32)
     seg_in, seg_out = segs[:, :-1], segs[:, 1:]
-    tokens = np.where(segs == 0, _TOKENIZER.pad_id, tokens).astype(np.int32)
+    tokens = np.where(segs == 0, pad_id, tokens).astype(np.int32)
     # The eos -> next document's bos step crosses documents: nothing to learn there.
     loss_mask = (seg_out != 0) & (seg_out == seg_in)
     return {
@@ -129,12 +129,14 @@ def make_dataset(
         batch_fn = functools.partial(grain.experimental.batch_and_pad, batch_size=global_batch_size)
 
     read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
+    tokenizer = make_tokenizer()  # gin-configured: byte (default) or a tokenizer.json
     rows = grain.experimental.ConcatThenSplitIterDataset(
-        docs.map(_tokenize).to_iter_dataset(read_options),
+        docs.map(functools.partial(_tokenize, tokenizer=tokenizer)).to_iter_dataset(read_options),
         length_struct={_KEY: seq_len + 1},
     )
     batches = rows.batch(batch_rows, drop_remainder=split == "train", batch_fn=batch_fn)
-    return batches.map(functools.partial(_to_training_batch, row_slice=row_slice))
+    return batches.map(functools.partial(_to_training_batch, row_slice=row_slice,
+                                         pad_id=tokenizer.pad_id))
 
 
 def make_iterator(split: str, **kwargs: Any) -> grain.DatasetIterator:

@@ -1,8 +1,13 @@
-"""Byte-level tokenizer: every UTF-8 byte is a token, plus pad/bos/eos specials."""
+"""Tokenizers: byte-level (the default; every UTF-8 byte is a token, plus pad/bos/eos
+specials) and Hugging Face tokenizer.json files, chosen by the gin-configurable
+`make_tokenizer`, which the data pipeline, eval, validation and sampling call."""
 from __future__ import annotations
 
+import functools
+import os
 from typing import Sequence
 
+import gin
 import numpy as np
 
 
@@ -44,3 +49,72 @@ class ByteTokenizer:
         if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
             raise ValueError(f"ids must lie in [0, {self.vocab_size}), got range [{arr.min()}, {arr.max()}]")
         return arr[arr < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` through the `tokenizers` library (no transformers).
+
+    Special ids come from the checkpoint's config (None: not used); padding uses `pad_id`,
+    else `eos_id`, else 0 (padded positions are masked out of every loss).
+    """
+
+    def __init__(self, path: str, bos_id: int | None = None, eos_id: int | None = None,
+                 pad_id: int | None = None):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ValueError("make_tokenizer.kind='hf' needs the `tokenizers` package "
+                             "(pip install tokenizers)") from None
+        if not path or not os.path.isfile(path):
+            raise ValueError(f"make_tokenizer.path={path!r}: no tokenizer.json there")
+        self._tok = Tokenizer.from_file(path)
+        self.path = path
+        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+        for name, value in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
+            if value is not None and not 0 <= int(value) < self.vocab_size:
+                raise ValueError(f"make_tokenizer.{name}={value} is outside the tokenizer's "
+                                 f"vocabulary [0, {self.vocab_size})")
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+
+    def encode(self, text: str | bytes, *, add_bos: bool = False,
+               add_eos: bool = False) -> np.ndarray:
+        """int32 ids of `text` (no template specials; bos/eos only where asked and defined)."""
+        if isinstance(text, (bytes, bytearray, memoryview)):
+            text = bytes(text).decode("utf-8", errors="replace")
+        elif not isinstance(text, str):
+            raise ValueError(f"text must be str or bytes, got {type(text).__name__}")
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if add_bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        if add_eos and self.eos_id is not None:
+            ids = ids + [self.eos_id]
+        return np.asarray(ids, np.int32)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        arr = np.asarray(ids)
+        if arr.ndim != 1:
+            raise ValueError(f"ids must be 1-D, got shape {arr.shape}")
+        return self._tok.decode([int(i) for i in arr], skip_special_tokens=True)
+
+
+TOKENIZER_KINDS = ("byte", "hf")
+
+
+@gin.configurable
+def make_tokenizer(kind: str = "byte", path: str | None = None, bos_id: int | None = None,
+                   eos_id: int | None = None, pad_id: int | None = None):
+    """The run's tokenizer: 'byte' (default) or 'hf' (a tokenizer.json at `path`; `sparsejax
+    import-hf` writes these bindings into the workdir's config.gin)."""
+    if kind == "byte":
+        if path is not None:
+            raise ValueError("make_tokenizer.path is set but kind='byte'; set kind='hf'")
+        return ByteTokenizer()
+    if kind == "hf":
+        return _hf_tokenizer(path, bos_id, eos_id, pad_id)
+    raise ValueError(f"make_tokenizer.kind={kind!r} is unknown; valid: {TOKENIZER_KINDS}")
+
+
+@functools.lru_cache(maxsize=4)
+def _hf_tokenizer(path, bos_id, eos_id, pad_id) -> HFTokenizer:
+    return HFTokenizer(path, bos_id, eos_id, pad_id)

@@ -1,7 +1,14 @@
 """Multi-head self-attention with grouped-query heads, RoPE and packed-sequence masking.
 
-`kind="dense"` uses `jax.nn.dot_product_attention` (the best implementation on the device);
-`kind="block_sparse"` calls the Pallas block-sparse attention op with a gin-chosen mask.
+`kind="dense"` uses `jax.nn.dot_product_attention` (the best implementation on the device),
+optionally within a causal sliding window (`window` > 0: query i sees keys i - window < j <= i,
+Mistral's definition); `kind="block_sparse"` calls the Pallas block-sparse attention op with a
+gin-chosen mask.
+
+With `decode=True` the layer reads and appends to a KV cache in the 'cache' collection (made
+by `sparsejax.infer.cache.init_cache`): key/value [batch, cache_len, kv_heads, head_dim], the
+position of each slot (-1: empty or padding) and the next free slot. Queries attend to the
+filled slots whose position is not after theirs, so left-padded batched prompts work.
 """
 from __future__ import annotations
 
@@ -16,12 +23,32 @@ from sparsejax.models.layers import DEFAULT_KERNEL_INIT, Dtype, as_tokens, rotar
 ATTENTION_KINDS = ("dense", "block_sparse")
 
 
-def causal_segment_mask(segment_ids: jax.Array) -> jax.Array:
-    """[batch, seq] segment ids -> boolean [batch, 1, seq, seq]: causal and same segment."""
+def causal_segment_mask(segment_ids: jax.Array, window: int = 0) -> jax.Array:
+    """[batch, seq] segment ids -> boolean [batch, 1, seq, seq]: causal, same segment and, if
+    `window` > 0, at most `window - 1` tokens back."""
     seq = segment_ids.shape[-1]
-    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+    idx = jnp.arange(seq)
+    causal = idx[None, :] <= idx[:, None]
+    if window > 0:
+        causal = causal & (idx[:, None] - idx[None, :] < window)
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     return (causal[None] & same)[:, None]
+
+
+def cache_mask(q_slots: jax.Array, slot_pos: jax.Array, positions: jax.Array, window: int,
+               rule: Any = None) -> jax.Array:
+    """Visibility [batch, 1, seq, cache_len] of cache slots for the queries at `positions`
+    [batch, seq] (stored in slots `q_slots` [seq]); slot_pos [batch, cache_len] is -1 where
+    empty. `rule`: a block-sparse token rule applied to slot indices (as the kernel does)."""
+    kpos = slot_pos[:, None, :]  # [b, 1, L]
+    qpos = positions[:, :, None]  # [b, s, 1]
+    vis = (kpos >= 0) & (kpos <= qpos)
+    if window > 0:
+        vis = vis & (qpos - kpos < window)
+    if rule is not None:
+        k_slots = jnp.arange(slot_pos.shape[-1])
+        vis = vis & rule.token_mask(q_slots[:, None], k_slots[None, :])[None]
+    return vis[:, None]
 
 
 class Attention(nn.Module):
@@ -33,6 +60,9 @@ class Attention(nn.Module):
     rope_theta: float = 10000.0
     kind: str = "dense"
     sparse_mask: Any = None  # a block-sparse mask spec (dict of kwargs) when kind == "block_sparse"
+    qkv_bias: bool = False
+    window: int = 0  # dense sliding window (0: full causal)
+    rope_scaling: Any = None  # a ModelConfig.rope_scaling dict
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -43,18 +73,26 @@ class Attention(nn.Module):
             name, nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("embed", "heads")),
             (x.shape[-1], heads * self.head_dim), self.param_dtype)
         y = as_tokens(x) @ kernel.astype(self.dtype)  # [tokens, heads * head_dim]
+        if self.qkv_bias:
+            bias = self.param(f"{name}_bias", nn.with_logical_partitioning(
+                nn.initializers.zeros, ("heads",)), (heads * self.head_dim,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
         return y.reshape(*x.shape[:-1], heads, self.head_dim)
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 decode: bool = False) -> jax.Array:
         q = self._proj(x, self.num_heads, "query")  # [b, s, h, d]
         k = self._proj(x, self.num_kv_heads, "key")  # [b, s, kv_h, d]
         v = self._proj(x, self.num_kv_heads, "value")
-        q = rotary_embedding(q, positions, self.rope_theta)
-        k = rotary_embedding(k, positions, self.rope_theta)
+        q = rotary_embedding(q, positions, self.rope_theta, self.rope_scaling)
+        k = rotary_embedding(k, positions, self.rope_theta, self.rope_scaling)
         q = nn.with_logical_constraint(q, ("batch", "seq", "heads", "kv"))
-        if self.kind == "dense":
-            out = jax.nn.dot_product_attention(q, k, v, mask=causal_segment_mask(segment_ids))
+        if decode:
+            out = self._cached_attention(q, k, v, positions, segment_ids)
+        elif self.kind == "dense":
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=causal_segment_mask(segment_ids, self.window))
         elif self.kind == "block_sparse":
             from sparsejax.models.sparse_attention import BlockSparseSelfAttention
             out = BlockSparseSelfAttention(self.sparse_mask, name="block_sparse")(
@@ -67,3 +105,25 @@ class Attention(nn.Module):
             (self.num_heads * self.head_dim, x.shape[-1]), self.param_dtype)
         y = out.reshape(-1, out_kernel.shape[0]).astype(self.dtype) @ out_kernel.astype(self.dtype)
         return y.reshape(x.shape)
+
+    def _cached_attention(self, q, k, v, positions, segment_ids):
+        """Appends k/v at the cache's next free slot and attends over the whole cache."""
+        if not self.has_variable("cache", "key"):
+            raise ValueError("decode=True needs a KV cache in the 'cache' collection; build it "
+                             "with sparsejax.infer.cache.init_cache")
+        ck, cv = self.variable("cache", "key", None), self.variable("cache", "value", None)
+        cpos, cidx = self.variable("cache", "pos", None), self.variable("cache", "index", None)
+        rule = None
+        if self.kind == "block_sparse":
+            from sparsejax.models.sparse_attention import decode_rule
+            rule = decode_rule(self.sparse_mask)
+        idx = cidx.value
+        s = q.shape[1]
+        slot_pos = jnp.where(segment_ids != 0, positions, -1).astype(jnp.int32)
+        ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, idx, 0, 0))
+        cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, idx, 0, 0))
+        cpos.value = jax.lax.dynamic_update_slice(cpos.value, slot_pos, (0, idx))
+        cidx.value = idx + s
+        mask = cache_mask(idx + jnp.arange(s), cpos.value, positions, self.window, rule)
+        return jax.nn.dot_product_attention(q, ck.value.astype(q.dtype),
+                                            cv.value.astype(q.dtype), mask=mask)

@@ -43,14 +43,19 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
-    """Applies RoPE. x: [batch, seq, heads, head_dim]; positions: [batch, seq]."""
+def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float = 10000.0,
+                     scaling: Any = None) -> jax.Array:
+    """Applies RoPE in the half-split layout (HF's `rotate_half`). x: [batch, seq, heads,
+    head_dim]; positions: [batch, seq]; `scaling`: a `ModelConfig.rope_scaling` dict or None."""
+    from sparsejax.models.rope import rope_frequencies
     head_dim = x.shape[-1]
     if head_dim % 2:
         raise ValueError(f"head_dim={head_dim} must be even for rotary embeddings")
-    freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [d/2]
-    angles = positions[..., None].astype(jnp.float32) * freq  # [b, s, d/2]
+    inv_freq, mult = rope_frequencies(head_dim, theta, scaling)  # [d/2]
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [b, s, d/2]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    if mult != 1.0:
+        sin, cos = sin * mult, cos * mult
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)

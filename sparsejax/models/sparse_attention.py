@@ -82,3 +82,15 @@ class BlockSparseSelfAttention(nn.Module):
                 self.sow("metrics", "gate_distill_loss", loss)
         return block_sparse_attention(q, k, v, mask, segment_ids=segment_ids, block_q=block,
                                       block_k=block, **attention_kernel())
+
+
+def decode_rule(spec: Any) -> BlockMask:
+    """The token rule a KV-cache decode applies for a block-sparse layer (the kernel's rule on
+    token indices). Data-dependent and block-granular layouts have no token rule."""
+    mask, _ = build_mask(spec)
+    from pallas_kernels.block_sparse_attention import BlockLayoutMask
+    if isinstance(mask, (TopKBlockMask, BlockLayoutMask)):
+        raise ValueError(f"ModelConfig.sparse_attention_mask={spec!r}: decoding with a KV cache "
+                         f"supports token-rule masks (causal, sliding_window, global_local, "
+                         f"strided, chunked), not {type(mask).__name__}")
+    return mask

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from sparsejax.config import check_field_types
 from sparsejax.models.attention import ATTENTION_KINDS, Attention
 from sparsejax.models.layers import Embed, GatedMlp, RMSNorm, as_tokens, dense, dtype_from_name
+from sparsejax.models.rope import check_rope_scaling
 
 MLP_KINDS = ("dense", "moe")
 
@@ -24,6 +25,12 @@ class ModelConfig:
 
     `mlp_kinds` / `attention_kinds` are cycled over the layers: ("dense", "moe") makes every
     other layer an MoE layer, starting with a dense one.
+
+    Options of released checkpoints (defaults keep this repo's own models): `norm_epsilon`
+    (RMSNorm), `scale_embeddings` (multiply embeddings by sqrt(embed_dim) and divide tied
+    logits by it; Llama-family models do neither), `qkv_bias` (Qwen2), `rope_scaling` (None or
+    a dict, see models/rope.py), `sliding_window` (> 0: dense attention sees that many tokens,
+    itself included; Mistral).
     """
 
     vocab_size: int = 259
@@ -42,6 +49,11 @@ class ModelConfig:
     attention_kinds: tuple = ("dense",)
     sparse_attention_mask: Any = None
     remat: bool = False
+    norm_epsilon: float = 1e-6
+    scale_embeddings: bool = True
+    qkv_bias: bool = False
+    rope_scaling: Any = None
+    sliding_window: int = 0
 
     def __post_init__(self):
         check_field_types(self)
@@ -55,6 +67,18 @@ class ModelConfig:
         dtype_from_name(self.dtype), dtype_from_name(self.param_dtype)
         _check_kinds("mlp_kinds", self.mlp_kinds, MLP_KINDS)
         _check_kinds("attention_kinds", self.attention_kinds, ATTENTION_KINDS)
+        if not 0 < float(self.norm_epsilon) < 1:
+            raise ValueError(f"ModelConfig.norm_epsilon={self.norm_epsilon} must be in (0, 1)")
+        if not float(self.rope_theta) > 1:
+            raise ValueError(f"ModelConfig.rope_theta={self.rope_theta} must be > 1")
+        if int(self.sliding_window) < 0:
+            raise ValueError(f"ModelConfig.sliding_window={self.sliding_window} must be >= 0 "
+                             f"(0: full causal attention)")
+        for name in ("scale_embeddings", "qkv_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} must be True or "
+                                 f"False")
+        check_rope_scaling(self.rope_scaling)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -92,15 +116,18 @@ class Block(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, deterministic: bool):
+    def __call__(self, x, positions, segment_ids, deterministic: bool, decode: bool = False):
         cfg = self.config
         dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
-        h = RMSNorm(dtype=dtype, param_dtype=pdtype, name="attn_norm")(x)
+        eps = float(cfg.norm_epsilon)
+        h = RMSNorm(eps, dtype=dtype, param_dtype=pdtype, name="attn_norm")(x)
         h = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
                       kind=cfg.attention_kind(self.layer), sparse_mask=cfg.sparse_attention_mask,
-                      dtype=dtype, param_dtype=pdtype, name="attn")(h, positions, segment_ids)
+                      qkv_bias=cfg.qkv_bias, window=int(cfg.sliding_window),
+                      rope_scaling=cfg.rope_scaling, dtype=dtype, param_dtype=pdtype,
+                      name="attn")(h, positions, segment_ids, decode)
         x = x + h
-        h = RMSNorm(dtype=dtype, param_dtype=pdtype, name="mlp_norm")(x)
+        h = RMSNorm(eps, dtype=dtype, param_dtype=pdtype, name="mlp_norm")(x)
         if cfg.mlp_kind(self.layer) == "moe":
             from sparsejax.models.moe.layer import MoeMlp
             mlp = MoeMlp(embed_dim=cfg.embed_dim, dtype=dtype, param_dtype=pdtype, name="moe")
@@ -117,9 +144,14 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, *, deterministic: bool = True) -> jax.Array:
+                 segment_ids: jax.Array | None = None, *, deterministic: bool = True,
+                 decode: bool = False) -> jax.Array:
+        """`decode=True` reads and extends the KV cache in the 'cache' collection
+        (sparsejax.infer); positions are then required."""
         cfg = self.config
         dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+        if decode and positions is None:
+            raise ValueError("decode=True needs the tokens' positions")
         if tokens.shape[-1] > cfg.max_seq_len:
             raise ValueError(f"sequence length {tokens.shape[-1]} exceeds "
                              f"ModelConfig.max_seq_len={cfg.max_seq_len}")
@@ -129,14 +161,19 @@ class Transformer(nn.Module):
             segment_ids = jnp.ones_like(tokens)
         embed = Embed(cfg.padded_vocab_size, cfg.embed_dim, dtype=dtype, param_dtype=pdtype,
                       real_vocab_size=cfg.vocab_size, name="embed")
-        x = embed(tokens) * jnp.sqrt(cfg.embed_dim).astype(dtype)
+        x = embed(tokens)
+        if cfg.scale_embeddings:
+            x = x * jnp.sqrt(cfg.embed_dim).astype(dtype)
         x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
-        block_cls = nn.remat(Block, static_argnums=(4,)) if cfg.remat else Block
+        block_cls = nn.remat(Block, static_argnums=(4, 5)) if cfg.remat else Block
         for i in range(cfg.num_layers):
-            x = block_cls(cfg, i, name=f"layer_{i}")(x, positions, segment_ids, deterministic)
-        x = RMSNorm(dtype=dtype, param_dtype=pdtype, name="final_norm")(x)
+            x = block_cls(cfg, i, name=f"layer_{i}")(x, positions, segment_ids, deterministic,
+                                                     decode)
+        x = RMSNorm(float(cfg.norm_epsilon), dtype=dtype, param_dtype=pdtype, name="final_norm")(x)
         if cfg.tie_embeddings:
-            logits = embed.attend(x) / jnp.sqrt(cfg.embed_dim).astype(dtype)
+            logits = embed.attend(x)
+            if cfg.scale_embeddings:
+                logits = logits / jnp.sqrt(cfg.embed_dim).astype(dtype)
         else:
             logits = dense(cfg.padded_vocab_size, ("embed", "vocab"), "lm_head", dtype,
                            pdtype, real_features=cfg.vocab_size)(as_tokens(x)).reshape(x.shape[:-1] + (-1,))

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from sparsejax.data.sources import check_dataset
-from sparsejax.data.tokenizer import ByteTokenizer
+from sparsejax.data.tokenizer import make_tokenizer
 from sparsejax.models.transformer import ModelConfig, Transformer, padded_params
 from sparsejax.parallel import mesh as mesh_lib
 from sparsejax.parallel.rules import (LOGICAL_RULES, batch_sharding, logical_shardings,
@@ -33,10 +33,13 @@ class Run:
     sparsity_method: SparsityMethod
     abstract_state: Any  # TrainState of ShapeDtypeStructs with shardings
     state_shardings: Any
+    abstract_model_params: Any  # the model's params (before the sparsity method), with shardings
     _init: Callable
 
-    def init_state(self) -> TrainState:
-        return self._init()
+    def init_state(self, model_params: Any = None) -> TrainState:
+        """A fresh TrainState; with `model_params` (sharded like `abstract_model_params`)
+        those replace the random init, and the method's masks are chosen from them."""
+        return self._init(model_params)
 
     def sparsity_update_fn(self):
         """Jitted (state, batch) -> (state, metrics) for mask updates."""
@@ -67,10 +70,10 @@ def validate(cfg, model_config: ModelConfig, mesh) -> None:
     if cfg.seq_len > model_config.max_seq_len:
         raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} exceeds ModelConfig.max_seq_len="
                          f"{model_config.max_seq_len}; use seq_len <= {model_config.max_seq_len}")
-    vocab = ByteTokenizer.vocab_size
+    vocab = make_tokenizer().vocab_size
     if model_config.vocab_size < vocab:
         raise ValueError(f"ModelConfig.vocab_size={model_config.vocab_size} is smaller than the "
-                         f"tokenizer's vocabulary ({vocab})")
+                         f"tokenizer's vocabulary ({vocab}; make_tokenizer)")
     check_dataset(cfg.dataset, cfg.data_dir)
 
 
@@ -90,9 +93,11 @@ def build_run(cfg, model_config: ModelConfig | None = None,
     def init_variables(key):
         return model.init({"params": key, "router": key, "dropout": key}, dummy)
 
-    def make_state(seed_key):
+    def make_state(seed_key, model_params=None):
         params_key, rng_key, mask_key = jax.random.split(seed_key, 3)
         variables = nn.meta.unbox(init_variables(params_key))
+        if model_params is not None:  # e.g. an imported checkpoint's params
+            variables = {**variables, "params": model_params}
         params, sparsity = method.init(variables["params"], mask_key)
         tx = method.wrap_optimizer(base_tx)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
@@ -108,7 +113,14 @@ def build_run(cfg, model_config: ModelConfig | None = None,
                                    mesh)
         abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        abstract_model_params = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            strip_boxes(boxed_vars["params"]), param_shardings)
         init = jax.jit(make_state, out_shardings=shardings)
+
+    def init_state(model_params=None):
+        return init(seed_key) if model_params is None else init(seed_key, model_params)
+
     tx = method.wrap_optimizer(base_tx)
     return Run(cfg, model_config, mesh, model, tx, lr_schedule, method, abstract_state,
-               shardings, lambda: init(seed_key))
+               shardings, abstract_model_params, init_state)

@@ -45,20 +45,34 @@ def add_parsers(sub) -> None:
 def start_run(args: argparse.Namespace, bindings: Sequence[str]) -> str:
     """Logging, jax.distributed and gin for a run command; returns the parsed config text.
 
-    A workdir that holds a run (a checkpoint and its config.gin) is configured by its
-    config.gin first, then by the given gin files and bindings; a fresh workdir by the gin
-    files alone (base.gin when none is given)."""
+    A workdir that holds a run (a checkpoint and its config.gin) or an imported model is
+    configured by its own config first, then by the given gin files and bindings; a fresh
+    workdir by the gin files alone (base.gin when none is given)."""
     from sparsejax import cli
-    from sparsejax.config import parse_gin
     from sparsejax.parallel import distributed
-    from sparsejax.train import workdir
     cli.quiet_logging()
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
                            timeout_s=args.distributed_timeout_s,
                            heartbeat_timeout_s=args.heartbeat_timeout_s)
-    saved = workdir.saved_config(args.workdir)
-    files = args.gin_file or ([] if saved else ["base.gin"])
-    return parse_gin(files, bindings, imports=args.imports, workdir_config=saved)
+    return parse_workdir_config(args.workdir, args.gin_file, bindings, args.imports,
+                                default=("base.gin",))
+
+
+def parse_workdir_config(workdir: str, gin_files: Sequence[str], bindings: Sequence[str],
+                         imports: Sequence[str] = (), default: Sequence[str] | None = None) -> str:
+    """Parses the workdir's own config (see `workdir.saved_config`), then `gin_files` and
+    `bindings` on top; a workdir without one uses `gin_files` or else `default` (None: the
+    command needs a configured workdir, so it is an error)."""
+    from sparsejax.config import parse_gin
+    from sparsejax.train import workdir as workdir_lib
+    saved = workdir_lib.saved_config(workdir)
+    files = list(gin_files)
+    if saved is None and not files:
+        if default is None:
+            raise ValueError(f"--workdir={workdir!r} holds no run or imported model to take "
+                             f"the config from; pass the run's --gin_file")
+        files = list(default)
+    return parse_gin(files, bindings, imports=imports, workdir_config=saved)
 
 
 def error_text(e: BaseException) -> str:

@@ -28,7 +28,8 @@ from sparsejax.train.build import build_run
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.metrics import MetricsWriter, truncate_metrics
 from sparsejax.train.step import make_eval_step, make_train_step
-from sparsejax.train.warm_start import warm_start
+from sparsejax.train.warm_start import init_from_pretrained, warm_start
+from sparsejax.train.workdir import has_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,8 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "",
         restored = ckpt.restore_latest(run.abstract_state,
                                        lambda: ShardedIteratorRestore(data_it))
         if restored is None:
-            state = warm_start(run.init_state(), run.state_shardings.params, resumed=False)
+            state = warm_start(init_from_pretrained(run, workdir), run.state_shardings.params,
+                               resumed=False)
             start, changes = 0, []
         else:
             start, state, saved = restored
@@ -293,6 +295,8 @@ def load_state_for_eval(workdir: str, cfg: TrainConfig):
     ckpt.check_compatible(run.abstract_state)
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
         restored = ckpt.restore_latest(run.abstract_state, lambda: None)
+        if restored is None and has_pretrained(workdir):  # an import-hf workdir, not trained
+            restored = (0, init_from_pretrained(run, workdir), None)
     ckpt.close()
     if restored is None:
         raise ValueError(f"workdir={workdir!r} holds no checkpoint to evaluate")

@@ -1,13 +1,16 @@
-"""Start a new run from another run's parameters: sparse upcycling (dense MLP -> MoE experts)
-or a plain parameter copy (e.g. dense fine-tuning of a sparse pre-trained model)."""
+"""Start a new run from another run's parameters: sparse upcycling (dense MLP -> MoE experts),
+a plain parameter copy (e.g. dense fine-tuning of a sparse pre-trained model), or the params
+that `sparsejax import-hf` put in the workdir (`init_from_pretrained`)."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import gin
 import jax
 
 from sparsejax.train.checkpoint import restore_state_numpy
+from sparsejax.train.workdir import PRETRAINED_CONFIG, PRETRAINED_DIR, has_pretrained
 from sparsejax.train.state import TrainState
 
 MODES = ("upcycle", "params")
@@ -54,3 +57,35 @@ def warm_start(state: TrainState, param_shardings: Any, from_workdir: str | None
 def _flat(tree):
     from flax import traverse_util
     return traverse_util.flatten_dict(tree).items()
+
+
+def restore_pretrained(workdir: str, abstract_params: Any) -> Any:
+    """The imported params of `workdir`, restored straight into their shardings (each process
+    reads its own slices). Shape mismatches with the configured model name the param."""
+    import orbax.checkpoint as ocp
+    from sparsejax.parallel.rules import path_str
+    path = os.path.join(os.path.abspath(workdir), PRETRAINED_DIR)
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(path)
+        meta = getattr(meta, "item_metadata", meta)
+        have = {path_str(p): tuple(x.shape) for p, x in
+                jax.tree_util.tree_leaves_with_path(meta["params"])}
+        want = {path_str(p): tuple(x.shape) for p, x in
+                jax.tree_util.tree_leaves_with_path(abstract_params)}
+        bad = [f"{k}: imported {have.get(k, 'missing')} vs model {v}" for k, v in want.items()
+               if have.get(k) != v] + [f"{k}: imported, not in the model" for k in have
+                                       if k not in want]
+        if bad:
+            raise ValueError(f"workdir {workdir!r} holds imported params of another model "
+                             f"({'; '.join(bad[:3])}); keep the bindings of its "
+                             f"{PRETRAINED_CONFIG}")
+        return ckptr.restore(path, {"params": abstract_params})["params"]
+
+
+def init_from_pretrained(run: Any, workdir: str) -> TrainState:
+    """A fresh TrainState whose params are the imported ones when `workdir` holds them (the
+    sparsity method's masks and the optimizer state are built from those params), else the
+    random init. Call under the run's mesh and logical-axis rules."""
+    if not has_pretrained(workdir):
+        return run.init_state()
+    return run.init_state(restore_pretrained(workdir, run.abstract_model_params))

@@ -2,6 +2,8 @@
 outputs of an earlier run that a fresh start moves aside.
 
     WORKDIR/config.gin      the operative config (every value the run used), written at start
+    WORKDIR/pretrained/     params of an imported model (`sparsejax import-hf`)
+    WORKDIR/pretrained.gin  the bindings that rebuild the imported architecture and tokenizer
     WORKDIR/metrics.jsonl   one JSON object per logged step
     WORKDIR/checkpoints/    orbax checkpoints (TrainState, data position, config bindings)
     WORKDIR/previous.N/     metrics and TensorBoard logs of an earlier run that restarted
@@ -17,6 +19,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.gin"
 METRICS_FILE = "metrics.jsonl"
+PRETRAINED_DIR = "pretrained"
+PRETRAINED_CONFIG = "pretrained.gin"
 _ASIDE = (METRICS_FILE, "tensorboard", "loss.png", "density.png", "expert_load.png")
 
 
@@ -39,11 +43,20 @@ def has_checkpoint(workdir: str) -> bool:
     return os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))
 
 
+def has_pretrained(workdir: str) -> bool:
+    return os.path.isdir(os.path.join(workdir, PRETRAINED_DIR))
+
+
 def saved_config(workdir: str) -> str | None:
-    """The path of the workdir's config.gin when the workdir holds a run to continue (a
-    checkpoint) or evaluate; None for a fresh workdir."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    return path if os.path.isfile(path) and has_checkpoint(workdir) else None
+    """The config a command on `workdir` starts from: config.gin when the workdir holds a run
+    (a checkpoint), else pretrained.gin when it holds an imported model, else None. (The
+    config.gin of a run that died before its first checkpoint is not used: that run is
+    restarted from scratch with the config given now.)"""
+    for path, present in ((os.path.join(workdir, CONFIG_FILE), has_checkpoint(workdir)),
+                          (os.path.join(workdir, PRETRAINED_CONFIG), has_pretrained(workdir))):
+        if present and os.path.isfile(path):
+            return path
+    return None
 
 
 def write_config(workdir: str, text: str) -> None:

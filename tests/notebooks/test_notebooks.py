@@ -18,7 +18,7 @@ from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
-NOTEBOOKS = ("quickstart", "sparse_training", "moe_routing", "kernels")
+NOTEBOOKS = ("quickstart", "sparse_training", "moe_routing", "kernels", "pretrained")
 KERNEL_NAME = "sparsejax-notebook-test"
 CELL_TIMEOUT_S = 300
 COLAB_URL = "https://colab.research.google.com/github/sparsejax/sparsejax/blob/main/notebooks/"
@@ -146,3 +146,15 @@ def test_kernels(run_notebook):
                re.findall(r"gmm (\S+(?: grad)?)\s+max abs error = ([\d.e+-]+)", out))
     assert set(gmm) == {"xla", "gpu", "tpu", "gpu grad"}, out
     assert max(gmm.values()) < 1e-3  # outputs are O(10); float32 accumulation
+
+
+def test_pretrained(run_notebook):
+    nb = run_notebook("pretrained")
+    _check_common(nb)
+    out = _stdout(nb)
+    assert "ModelConfig.scale_embeddings = False" in out
+    first, last = map(float, re.search(r"fine-tune loss ([\d.]+) -> ([\d.]+)", out).groups())
+    assert last < first
+    assert "2:4 groups with >= 2 zeros: 1.0" in out
+    diff = re.search(r"max \|logit diff\| vs sparsejax: ([\d.e+-]+)", out)
+    assert diff is None or float(diff.group(1)) < 1e-4, out

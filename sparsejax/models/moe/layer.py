@@ -38,6 +38,13 @@ class MoeMlp(nn.Module):
     an 'expert' axis of size > 1 ("all_to_all" with capacity, or dropless "ragged").
     bias_update_rate > 0 turns on auxiliary-loss-free balancing for token-choice routers.
     The router param is named `router_kernel` (sparsity code must never prune it).
+
+    Options of released checkpoints: `shared_expert_gate` multiplies the shared experts'
+    output by sigmoid(x @ router_shared_gate) (Qwen2-MoE; named
+    like the router so sparsity never prunes it); `correction_bias` keeps a selection bias
+    in 'moe_state' even without updates (DeepSeek-V3's e_score_correction_bias);
+    group-limited top-k (DeepSeek-V3) is a setting of the top-k routers
+    (`SigmoidTopKRouter.num_groups` / `top_groups`).
     """
 
     embed_dim: int
@@ -56,6 +63,8 @@ class MoeMlp(nn.Module):
     jitter_rng: str = "dropout"
     bias_update_rate: float = 0.0
     expert_parallel: str = "all_to_all"
+    shared_expert_gate: bool = False
+    correction_bias: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -77,6 +86,8 @@ class MoeMlp(nn.Module):
                              f"valid: {EXCHANGES}")
         if self.num_shared_experts < 0:
             raise ValueError(f"MoeMlp.num_shared_experts={self.num_shared_experts} must be >= 0")
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise ValueError("MoeMlp.shared_expert_gate=True needs num_shared_experts >= 1")
 
     def _sow(self, collection: str, name: str, value: jax.Array):
         if not self.is_initializing():  # keep `init` output free of losses and metrics
@@ -109,10 +120,11 @@ class MoeMlp(nn.Module):
         router = ROUTERS.get(self.router, "MoeMlp.router")()
         token_choice = router.token_choice
         bias = None
-        if self.bias_update_rate > 0:
+        if self.bias_update_rate > 0 or self.correction_bias:
             if not token_choice:
-                raise ValueError(f"MoeMlp.bias_update_rate={self.bias_update_rate} needs a "
-                                 f"token-choice router; MoeMlp.router={self.router!r} is not one")
+                raise ValueError(f"MoeMlp.bias_update_rate={self.bias_update_rate} / "
+                                 f"correction_bias={self.correction_bias} need a token-choice "
+                                 f"router; MoeMlp.router={self.router!r} is not one")
             bias_var = self.variable("moe_state", "bias", jnp.zeros, (e,), jnp.float32)
             bias = bias_var.value
         capacity = min(t, buffer_capacity(t, k, e, self.capacity_factor))
@@ -145,12 +157,18 @@ class MoeMlp(nn.Module):
         self._sow("metrics", "dropped_fraction", dropped / active)
         y = y.reshape(b, s, d).astype(self.dtype)
         if self.num_shared_experts:
-            y = y + SharedExperts(d, self.mlp_dim, self.num_shared_experts, self.dtype,
-                                  self.param_dtype, name="shared_experts")(x)
+            shared = SharedExperts(d, self.mlp_dim, self.num_shared_experts, self.dtype,
+                                   self.param_dtype, name="shared_experts")(x)
+            if self.shared_expert_gate:
+                gate = self.param("router_shared_gate", nn.with_logical_partitioning(
+                    nn.initializers.zeros, ("embed", None)), (d, 1), self.param_dtype)
+                shared = shared * jax.nn.sigmoid(x.astype(jnp.float32) @ gate.astype(
+                    jnp.float32)).astype(shared.dtype)
+            y = y + shared
 
         # --- auxiliary-loss-free bias update (outside the gradient) ---
-        if bias is not None and not deterministic and self.is_mutable_collection("moe_state") \
-                and not self.is_initializing():
+        if bias is not None and self.bias_update_rate > 0 and not deterministic \
+                and self.is_mutable_collection("moe_state") and not self.is_initializing():
             bias_var.value = losses.aux_free_bias_update(bias, load, self.bias_update_rate)
         return y
 

@@ -60,21 +60,42 @@ def _token_major(idx: jax.Array, weight: jax.Array, mask: jax.Array, probs: jax.
         probs=probs, num_tokens=t, num_experts=probs.shape[-1], k=k)
 
 
-def _select(scores: jax.Array, k: int, bias: jax.Array | None) -> jax.Array:
-    """Top-k expert indices by `scores + bias`; the bias steers selection only."""
+def group_limited(sel: jax.Array, num_groups: int, top_groups: int) -> jax.Array:
+    """DeepSeek-V3 group-limited (node-limited) routing: experts form `num_groups` equal
+    groups; a group's score is the sum of its two best selection scores (one if groups have a
+    single expert); only the `top_groups` best groups stay selectable, the others are set to
+    -inf. sel: [T, E] -> [T, E]."""
+    t, e = sel.shape
+    if num_groups <= 1:
+        return sel
+    if e % num_groups or not 1 <= top_groups <= num_groups:
+        raise ValueError(f"MoeMlp.num_groups={num_groups} must divide num_experts={e} and "
+                         f"MoeMlp.top_groups={top_groups} be in [1, {num_groups}]")
+    grouped = sel.reshape(t, num_groups, e // num_groups)
+    group_score = jnp.sum(jax.lax.top_k(grouped, min(2, e // num_groups))[0], axis=-1)  # [T, G]
+    keep_groups = jax.lax.top_k(group_score, top_groups)[1]  # [T, top_groups]
+    keep = jnp.any(keep_groups[:, :, None] == jnp.arange(num_groups)[None, None], axis=1)
+    return jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(t, e)
+
+
+def _select(scores: jax.Array, k: int, bias: jax.Array | None, num_groups: int = 1,
+            top_groups: int = 1) -> jax.Array:
+    """Top-k expert indices by `scores + bias` (within the best groups when num_groups > 1);
+    the bias steers selection only."""
     sel = scores if bias is None else scores + jax.lax.stop_gradient(bias).astype(jnp.float32)
-    return jax.lax.top_k(sel, k)[1]
+    return jax.lax.top_k(group_limited(sel, num_groups, top_groups), k)[1]
 
 
 def softmax_topk(logits: jax.Array, k: int, *, renormalize: bool = True,
-                 bias: jax.Array | None = None) -> Routing:
+                 bias: jax.Array | None = None, num_groups: int = 1,
+                 top_groups: int = 1) -> Routing:
     """Softmax over experts, keep the top k (k=1: Switch; k=2 renormalized: Mixtral).
 
     logits: [T, E]. Weights are the softmax probs of the chosen experts, renormalized to sum
     to 1 per token when `renormalize`.
     """
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    idx = _select(probs, k, bias)
+    idx = _select(probs, k, bias, num_groups, top_groups)
     w = jnp.take_along_axis(probs, idx, axis=-1)
     if renormalize:
         w = w / jnp.sum(w, axis=-1, keepdims=True)
@@ -82,11 +103,14 @@ def softmax_topk(logits: jax.Array, k: int, *, renormalize: bool = True,
 
 
 def sigmoid_topk(logits: jax.Array, k: int, *, renormalize: bool = True,
-                 bias: jax.Array | None = None, routed_scaling: float = 1.0) -> Routing:
-    """DeepSeek-V3 routing: sigmoid affinities, top-k (optionally bias-steered), weights
-    normalized over the chosen experts and scaled by `routed_scaling`. logits: [T, E]."""
+                 bias: jax.Array | None = None, routed_scaling: float = 1.0,
+                 num_groups: int = 1, top_groups: int = 1) -> Routing:
+    """DeepSeek-V3 routing: sigmoid affinities, top-k by affinity + correction bias (within
+    the `top_groups` best of `num_groups` expert groups), weights = the chosen affinities
+    (without the bias), normalized over the chosen experts when `renormalize`, times
+    `routed_scaling`. logits: [T, E]."""
     scores = jax.nn.sigmoid(logits.astype(jnp.float32))
-    idx = _select(scores, k, bias)
+    idx = _select(scores, k, bias, num_groups, top_groups)
     w = jnp.take_along_axis(scores, idx, axis=-1)
     if renormalize:
         w = w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-20)
@@ -156,29 +180,56 @@ class Router:
 ROUTERS: Registry[type[Router]] = Registry("router")
 
 
+class _TopKRouter(Router):
+    """Shared settings of the top-k routers: weight renormalization over the chosen experts
+    and DeepSeek-V3's group-limited selection (`num_groups` equal expert groups, top-k only
+    within the `top_groups` best)."""
+
+    def __init__(self, renormalize: bool = True, num_groups: int = 1, top_groups: int = 1):
+        name = type(self).__name__
+        if int(num_groups) != num_groups or num_groups < 1 or \
+                not 1 <= top_groups <= num_groups:
+            raise ValueError(f"{name}.num_groups={num_groups!r} must be an int >= 1 and "
+                             f"{name}.top_groups={top_groups!r} in [1, num_groups]")
+        self.renormalize = bool(renormalize)
+        self.num_groups, self.top_groups = int(num_groups), int(top_groups)
+
+    def check(self, num_experts: int, top_k: int) -> None:
+        name, g = type(self).__name__, self.num_groups
+        if num_experts % g:
+            raise ValueError(f"{name}.num_groups={g} must divide MoeMlp.num_experts="
+                             f"{num_experts}")
+        if g > 1 and top_k > self.top_groups * (num_experts // g):
+            raise ValueError(f"MoeMlp.top_k={top_k} exceeds the experts of {name}.top_groups="
+                             f"{self.top_groups} groups ({num_experts // g} each)")
+
+
 @gin.configurable
 @ROUTERS.register("softmax_topk")
-class SoftmaxTopKRouter(Router):
+class SoftmaxTopKRouter(_TopKRouter):
     """Softmax over experts, top-k (k=1: Switch; k=2 renormalized: Mixtral)."""
 
-    def __init__(self, renormalize: bool = True):
-        self.renormalize = bool(renormalize)
-
     def route(self, logits, *, top_k, capacity, bias=None):
-        return softmax_topk(logits, top_k, renormalize=self.renormalize, bias=bias)
+        self.check(logits.shape[-1], top_k)
+        return softmax_topk(logits, top_k, renormalize=self.renormalize, bias=bias,
+                            num_groups=self.num_groups, top_groups=self.top_groups)
 
 
 @gin.configurable
 @ROUTERS.register("sigmoid_topk")
-class SigmoidTopKRouter(Router):
+class SigmoidTopKRouter(_TopKRouter):
     """Sigmoid affinities, top-k, weights normalized over the chosen experts (DeepSeek-V3)."""
 
-    def __init__(self, renormalize: bool = True, routed_scaling: float = 1.0):
-        self.renormalize, self.routed_scaling = bool(renormalize), float(routed_scaling)
+    def __init__(self, renormalize: bool = True, routed_scaling: float = 1.0,
+                 num_groups: int = 1, top_groups: int = 1):
+        super().__init__(renormalize, num_groups, top_groups)
+        self.routed_scaling = float(routed_scaling)
 
     def route(self, logits, *, top_k, capacity, bias=None):
+        self.check(logits.shape[-1], top_k)
         return sigmoid_topk(logits, top_k, renormalize=self.renormalize, bias=bias,
-                            routed_scaling=self.routed_scaling)
+                            routed_scaling=self.routed_scaling, num_groups=self.num_groups,
+                            top_groups=self.top_groups)
 
 
 @gin.configurable

@@ -1,0 +1,24 @@
+"""The KV cache: one {key, value, pos, index} entry per attention layer, in the 'cache'
+collection that `Attention(decode=True)` reads and extends."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from sparsejax.models.layers import dtype_from_name
+
+
+def init_cache(model_config: Any, batch: int, length: int, dtype: Any = None) -> dict:
+    """An empty cache for `batch` rows of up to `length` tokens: key/value
+    [batch, length, kv_heads, head_dim] (the compute dtype), slot positions [batch, length]
+    (-1: empty) and the next free slot."""
+    if not 1 <= length <= model_config.max_seq_len:
+        raise ValueError(f"cache length {length} (prompt + new tokens) must be in "
+                         f"[1, ModelConfig.max_seq_len={model_config.max_seq_len}]")
+    dtype = dtype_from_name(dtype or model_config.dtype)
+    shape = (batch, length, model_config.num_kv_heads, model_config.head_dim)
+    layer = lambda: {"attn": {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype),
+                              "pos": jnp.full((batch, length), -1, jnp.int32),
+                              "index": jnp.zeros((), jnp.int32)}}
+    return {f"layer_{i}": layer() for i in range(model_config.num_layers)}

@@ -1,0 +1,47 @@
+"""`sparsejax sample` (wired into sparsejax/cli.py)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("sample", help="generate text from a workdir's model (KV cache)")
+    s.add_argument("--workdir", required=True)
+    s.add_argument("--prompt", action="append", default=[], help="repeatable: a batch")
+    s.add_argument("--prompt_file", help="one prompt per line")
+    s.add_argument("--max_new_tokens", type=int, default=32)
+    s.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    s.add_argument("--top_k", type=int, default=0)
+    s.add_argument("--top_p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--gin_file", action="append", default=[],
+                   help="gin files of the run (an import-hf or trained workdir needs none)")
+    s.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
+    s.set_defaults(handler=run_sample)
+
+
+def run_sample(args: argparse.Namespace, bindings: Sequence[str]) -> int:
+    from sparsejax import cli
+    from sparsejax.train.commands import guarded, parse_workdir_config
+
+    def go():
+        cli.quiet_logging()
+        prompts = list(args.prompt)
+        if args.prompt_file:
+            try:
+                with open(args.prompt_file) as f:
+                    prompts += [line.rstrip("\n") for line in f if line.strip()]
+            except OSError as e:
+                raise ValueError(f"--prompt_file={args.prompt_file!r}: {e.strerror}") from None
+        parse_workdir_config(args.workdir, args.gin_file, bindings, args.imports)
+        from sparsejax.infer.workdir import sample_workdir
+        out = sample_workdir(args.workdir, prompts, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             seed=args.seed)
+        for prompt, text in zip(prompts, out["texts"]):
+            print(f"{prompt}{text}", flush=True)
+        return {"texts": out["texts"], "tokens": out["tokens"],
+                "tokens_per_s": round(out["tokens_per_s"], 1), "step": out["step"]}
+    return guarded(go)

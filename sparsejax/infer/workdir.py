@@ -1,0 +1,36 @@
+"""Sampling from a workdir: its latest checkpoint (or imported params), tokenizer and model."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+
+
+def sample_workdir(workdir: str, prompts: Sequence[str], *, max_new_tokens: int = 32,
+                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                   seed: int = 0) -> dict[str, Any]:
+    """Generates continuations of text `prompts` with the workdir's model (gin must already
+    be parsed). Returns {'texts', 'tokens', 'tokens_per_s', 'step'}."""
+    from sparsejax.data.tokenizer import make_tokenizer
+    from sparsejax.infer.generate import generate
+    from sparsejax.parallel.rules import LOGICAL_RULES
+    from sparsejax.train import trainer
+    if not prompts:
+        raise ValueError("give at least one --prompt or a --prompt_file")
+    tok = make_tokenizer()
+    ids = [list(tok.encode(p, add_bos=True)) for p in prompts]
+    run, step, state = trainer.load_state_for_eval(workdir, trainer.TrainConfig())
+    params = state.params
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        if run.sparsity_method is not None:
+            method = run.sparsity_method
+            params = jax.jit(lambda s: method.forward_params(s.params, s.sparsity, step=s.step,
+                                                             rng=None))(state)
+        out = generate(run.model, params, ids, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                       pad_id=tok.pad_id, eos_id=tok.eos_id, moe_state=state.moe_state)
+    # ids the model knows but the tokenizer does not (a padded vocab) have no text
+    out["texts"] = [tok.decode([i for i in row if i < tok.vocab_size]) for row in out["tokens"]]
+    out["step"] = step
+    return out

@@ -1,0 +1,3 @@
+"""Hugging Face interop: import (`sparsejax import-hf`) and export (`sparsejax export-hf`) of
+Llama / Mistral / Qwen2 / Mixtral / Qwen2-MoE checkpoints (config.json + safetensors), with
+no torch in the path."""

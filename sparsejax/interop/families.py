@@ -1,0 +1,232 @@
+"""config.json of the supported Hugging Face families <-> sparsejax gin bindings.
+
+`from_hf_config` turns a config.json dict into the bindings that rebuild the architecture
+(`ModelConfig.*`, `MoeMlp.*`, `SoftmaxTopKRouter.*`); `to_hf_config` does the reverse and refuses, naming it, any
+option that no supported HF architecture expresses.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+FAMILIES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
+                 "qwen2_moe": "Qwen2MoeForCausalLM"}
+_WHY_NOT = {"deepseek_v2": "multi-head latent attention (MLA)",
+            "deepseek_v3": "multi-head latent attention (MLA)"}
+
+
+def _need(cfg: Mapping[str, Any], key: str) -> Any:
+    if cfg.get(key) is None:
+        raise ValueError(f"config.json (model_type {cfg.get('model_type')!r}) lacks {key!r}")
+    return cfg[key]
+
+
+def _rope(cfg: Mapping[str, Any]) -> tuple[float, dict | None]:
+    """(rope_theta, our rope_scaling) from `rope_parameters` (transformers 5) or
+    `rope_theta` + `rope_scaling` (transformers 4)."""
+    params = dict(cfg.get("rope_parameters") or {})
+    if not params:
+        params = dict(cfg.get("rope_scaling") or {})
+        params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+    kind = params.pop("rope_type", params.pop("type", "default"))
+    if float(params.pop("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("config.json partial_rotary_factor != 1 is not supported")
+    if kind == "default":
+        return theta, None
+    if kind not in ("linear", "llama3", "yarn"):
+        raise ValueError(f"config.json rope type {kind!r} is not supported; supported: "
+                         f"default, linear, llama3, yarn")
+    if kind == "yarn" and params.get("factor") is None:
+        params["factor"] = (float(_need(cfg, "max_position_embeddings"))
+                            / float(params["original_max_position_embeddings"]))
+    params = {k: v for k, v in params.items() if v is not None}
+    return theta, {"type": kind, **params}
+
+
+def _sliding(cfg: Mapping[str, Any], family: str, num_layers: int) -> int:
+    if family in ("mistral", "mixtral"):
+        return int(cfg.get("sliding_window") or 0)
+    if family in ("qwen2", "qwen2_moe"):
+        types = cfg.get("layer_types")
+        if not cfg.get("use_sliding_window"):
+            return 0
+        if types is None:
+            window_from = int(cfg.get("max_window_layers", num_layers))
+            types = ["sliding_attention" if i >= window_from else "full_attention"
+                     for i in range(num_layers)]
+        if all(t == "sliding_attention" for t in types):
+            return int(_need(cfg, "sliding_window"))
+        if any(t == "sliding_attention" for t in types):
+            raise ValueError(f"config.json layer_types={types}: sliding-window attention on "
+                             f"only some layers is not supported")
+    return 0
+
+
+def from_hf_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The gin bindings ({'ModelConfig.vocab_size': 32000, 'MoeMlp.top_k': 2, ...}) that
+    rebuild the architecture described by config.json `cfg`."""
+    family = cfg.get("model_type")
+    if family not in FAMILIES:
+        why = f" (it uses {_WHY_NOT[family]}, which sparsejax does not implement)" \
+            if family in _WHY_NOT else ""
+        raise ValueError(f"config.json model_type={family!r} is not supported{why}; "
+                         f"supported: {', '.join(FAMILIES)}")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json hidden_act={cfg['hidden_act']!r}: only 'silu' is supported")
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            raise ValueError(f"config.json {key}=true is not supported (no output/MLP biases)")
+    hidden, heads = int(_need(cfg, "hidden_size")), int(_need(cfg, "num_attention_heads"))
+    layers = int(_need(cfg, "num_hidden_layers"))
+    theta, scaling = _rope(cfg)
+    b: dict[str, Any] = {
+        "ModelConfig.vocab_size": int(_need(cfg, "vocab_size")),
+        "ModelConfig.num_layers": layers,
+        "ModelConfig.embed_dim": hidden,
+        "ModelConfig.num_heads": heads,
+        "ModelConfig.num_kv_heads": int(cfg.get("num_key_value_heads") or heads),
+        "ModelConfig.head_dim": int(cfg.get("head_dim") or hidden // heads),
+        "ModelConfig.mlp_dim": int(_need(cfg, "intermediate_size")),
+        "ModelConfig.max_seq_len": int(cfg.get("max_position_embeddings") or 2048),
+        "ModelConfig.tie_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+        "ModelConfig.rope_theta": theta,
+        "ModelConfig.rope_scaling": scaling,
+        "ModelConfig.norm_epsilon": float(cfg.get("rms_norm_eps", 1e-6)),
+        "ModelConfig.scale_embeddings": False,
+        "ModelConfig.qkv_bias": family == "qwen2" or (family == "qwen2_moe"
+                                                      and bool(cfg.get("qkv_bias", True))),
+        "ModelConfig.sliding_window": _sliding(cfg, family, layers),
+        "ModelConfig.mlp_kinds": ("dense",),
+    }
+    if family in MOE_FAMILIES:
+        b.update(_moe_bindings(cfg, family, layers))
+    return b
+
+
+def _moe_bindings(cfg: Mapping[str, Any], family: str, layers: int) -> dict[str, Any]:
+    b: dict[str, Any] = {"MoeMlp.router": "softmax_topk", "MoeMlp.router_jitter": 0.0,
+                         "MoeMlp.top_k": int(_need(cfg, "num_experts_per_tok")),
+                         "MoeMlp.load_balance_weight": float(cfg.get("router_aux_loss_coef",
+                                                                     0.01)),
+                         "MoeMlp.z_loss_weight": 0.0, "MoeMlp.capacity_factor": 1.25}
+    if family == "mixtral":
+        b.update({"MoeMlp.num_experts": int(_need(cfg, "num_local_experts")),
+                  "MoeMlp.mlp_dim": int(_need(cfg, "intermediate_size")),
+                  "SoftmaxTopKRouter.renormalize": True, "MoeMlp.num_shared_experts": 0,
+                  "MoeMlp.shared_expert_gate": False, "ModelConfig.mlp_kinds": ("moe",)})
+        return b
+    experts, f = int(_need(cfg, "num_experts")), int(_need(cfg, "moe_intermediate_size"))
+    shared = int(cfg.get("shared_expert_intermediate_size") or 0)
+    if shared % f:
+        raise ValueError(f"config.json shared_expert_intermediate_size={shared} must be a "
+                         f"multiple of moe_intermediate_size={f}")
+    step, only = int(cfg.get("decoder_sparse_step", 1)), set(cfg.get("mlp_only_layers") or ())
+    kinds = tuple("moe" if i not in only and experts > 0 and (i + 1) % step == 0 else "dense"
+                  for i in range(layers))
+    b.update({"MoeMlp.num_experts": experts, "MoeMlp.mlp_dim": f,
+              "SoftmaxTopKRouter.renormalize": bool(cfg.get("norm_topk_prob", False)),
+              "MoeMlp.num_shared_experts": shared // f, "MoeMlp.shared_expert_gate": shared > 0,
+              "ModelConfig.mlp_kinds": kinds if len(set(kinds)) > 1 else (kinds[0],)})
+    return b
+
+
+def _refuse(setting: str, value: Any, why: str) -> ValueError:
+    return ValueError(f"{setting}={value!r} has no Hugging Face equivalent ({why}); export "
+                      f"supports {', '.join(FAMILIES)}")
+
+
+def to_hf_config(model: Any, moe: Any | None, prefer: str | None = None,
+                 base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """config.json for ModelConfig `model` (and the MoeMlp `moe` of its MoE layers). `prefer`:
+    the family to keep when it fits (the imported one); `base`: an imported config.json whose
+    other fields (token ids, ...) are carried over."""
+    kinds = [model.mlp_kind(i) for i in range(model.num_layers)]
+    if model.scale_embeddings:
+        raise _refuse("ModelConfig.scale_embeddings", True, "HF models do not scale embeddings")
+    if any(model.attention_kind(i) != "dense" for i in range(model.num_layers)):
+        raise _refuse("ModelConfig.attention_kinds", model.attention_kinds,
+                      "block-sparse attention")
+    has_moe = "moe" in kinds
+    if has_moe:
+        family = _moe_family(model, moe, kinds)
+    elif model.qkv_bias:
+        family = "qwen2"
+    elif model.sliding_window:
+        family = "mistral"
+    else:
+        family = prefer if prefer in ("llama", "mistral") else "llama"
+    cfg = {k: v for k, v in (base or {}).items() if k in ("bos_token_id", "eos_token_id",
+                                                         "pad_token_id")}
+    cfg.update({
+        "architectures": [ARCHITECTURES[family]], "model_type": family,
+        "vocab_size": model.vocab_size, "hidden_size": model.embed_dim,
+        "intermediate_size": model.mlp_dim, "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_heads, "num_key_value_heads": model.num_kv_heads,
+        "head_dim": model.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": model.max_seq_len, "rms_norm_eps": model.norm_epsilon,
+        "tie_word_embeddings": model.tie_embeddings, "rope_theta": model.rope_theta,
+        "rope_parameters": _rope_out(model), "attention_dropout": 0.0, "dtype": "float32",
+        "use_cache": True,
+    })
+    if family in ("llama", "mistral"):
+        cfg.update(attention_bias=False, mlp_bias=False)
+    if family in ("mistral", "mixtral"):
+        cfg["sliding_window"] = model.sliding_window or None
+    if family in ("qwen2", "qwen2_moe"):
+        w = model.sliding_window
+        cfg.update(use_sliding_window=bool(w), sliding_window=w or None, max_window_layers=0,
+                   layer_types=[("sliding_attention" if w else "full_attention")] *
+                   model.num_layers)
+    if family == "mixtral":
+        cfg.update(num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
+                   intermediate_size=moe.mlp_dim, router_jitter_noise=0.0,
+                   router_aux_loss_coef=moe.load_balance_weight, output_router_logits=False)
+    if family == "qwen2_moe":
+        cfg.update(num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
+                   moe_intermediate_size=moe.mlp_dim, norm_topk_prob=_router(moe).renormalize,
+                   shared_expert_intermediate_size=moe.mlp_dim * moe.num_shared_experts,
+                   decoder_sparse_step=1, qkv_bias=model.qkv_bias,
+                   mlp_only_layers=[i for i, k in enumerate(kinds) if k == "dense"],
+                   router_aux_loss_coef=moe.load_balance_weight, output_router_logits=False)
+    return cfg
+
+
+def _router(moe: Any) -> Any:
+    """The router of the MoE layers, with its gin settings."""
+    from sparsejax.models.moe.router import ROUTERS
+    return ROUTERS.get(moe.router, "MoeMlp.router")()
+
+
+def _moe_family(model: Any, moe: Any, kinds: list[str]) -> str:
+    if moe.router != "softmax_topk":
+        raise _refuse("MoeMlp.router", moe.router, "HF MoE families route by softmax top-k")
+    if moe.correction_bias:
+        raise _refuse("MoeMlp.correction_bias", True, "DeepSeek-style routing")
+    if _router(moe).num_groups != 1:
+        raise _refuse("SoftmaxTopKRouter.num_groups", _router(moe).num_groups,
+                      "DeepSeek-style routing")
+    if moe.bias_update_rate > 0:
+        raise _refuse("MoeMlp.bias_update_rate", moe.bias_update_rate, "a selection bias")
+    if moe.num_shared_experts:
+        if not moe.shared_expert_gate:
+            raise _refuse("MoeMlp.shared_expert_gate", False,
+                          "Qwen2-MoE's shared expert is always sigmoid-gated")
+        return "qwen2_moe"
+    if "dense" in kinds:
+        raise _refuse("ModelConfig.mlp_kinds", model.mlp_kinds,
+                      "dense layers between MoE layers need Qwen2-MoE, which has shared experts")
+    if not _router(moe).renormalize:
+        raise _refuse("SoftmaxTopKRouter.renormalize", False,
+                      "Mixtral renormalizes its top-k weights")
+    if model.qkv_bias:
+        raise _refuse("ModelConfig.qkv_bias", True, "Mixtral has no q/k/v bias")
+    return "mixtral"
+
+
+def _rope_out(model: Any) -> dict[str, Any]:
+    s = dict(model.rope_scaling or {})
+    kind = s.pop("type", "default")
+    return {"rope_theta": float(model.rope_theta), "rope_type": kind, **s}

@@ -1,0 +1,142 @@
+"""Which Hugging Face tensors make each sparsejax param, and how.
+
+HF `nn.Linear` weights are [out, in]; ours are [in, out] (attention kernels 2-D
+`[embed, heads * head_dim]`, whose head layout and half-split RoPE already match HF's
+`rotate_half` convention, so q/k need no permutation). Stacked expert weights [E, in, out]
+come from one HF tensor per expert. The vocab axis of the embedding and LM head is zero-padded
+to `ModelConfig.padded_vocab_size` rows on import and cut back on export.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Mapping
+
+import numpy as np
+
+# Checkpoint entries that carry no parameters (old RoPE caches): ignored on import.
+IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """How one of our params is made: `names` (one, or one per expert when `stacked`), each
+    transposed when `transpose`; `hf_shape` is the shape of each HF tensor."""
+
+    names: tuple[str, ...]
+    transpose: bool
+    stacked: bool
+    hf_shape: tuple[int, ...]
+
+
+_ATTN = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "out": "o_proj"}
+_MLP = {"wi_gate": "gate_proj", "wi_up": "up_proj", "wo": "down_proj"}
+_MIXTRAL_EXPERT = {"wi_gate": "w1", "wi_up": "w3", "wo": "w2"}
+
+
+def hf_names(path: str, family: str) -> tuple[tuple[str, ...] | str, bool]:
+    """(HF tensor name, or a per-expert format string with '{e}', and whether it is
+    transposed) for our param `path` ('layer_0/attn/query')."""
+    top = {"embed/embedding": ("model.embed_tokens.weight", False),
+           "final_norm/scale": ("model.norm.weight", False),
+           "lm_head/kernel": ("lm_head.weight", True)}
+    if path in top:
+        return top[path]
+    m = re.fullmatch(r"layer_(\d+)/(.+)", path)
+    if not m:
+        raise ValueError(f"param {path} has no Hugging Face counterpart")
+    p, rest = f"model.layers.{m.group(1)}.", m.group(2)
+    parts = rest.split("/")
+    if rest == "attn_norm/scale":
+        return p + "input_layernorm.weight", False
+    if rest == "mlp_norm/scale":
+        return p + "post_attention_layernorm.weight", False
+    if parts[0] == "attn" and len(parts) == 2:
+        name = parts[1]
+        if name.endswith("_bias") and name[:-5] in _ATTN:
+            return p + f"self_attn.{_ATTN[name[:-5]]}.bias", False
+        if name in _ATTN:
+            return p + f"self_attn.{_ATTN[name]}.weight", True
+    if parts[0] == "mlp" and len(parts) == 3 and parts[1] in _MLP:
+        return p + f"mlp.{_MLP[parts[1]]}.weight", True
+    if parts[0] == "moe":
+        moe = p + ("block_sparse_moe." if family == "mixtral" else "mlp.")
+        if rest == "moe/router_kernel":
+            return moe + "gate.weight", True
+        if rest == "moe/router_shared_gate":
+            return moe + "shared_expert_gate.weight", True
+        if len(parts) == 3 and parts[1] == "experts":
+            if family == "mixtral":
+                return moe + f"experts.{{e}}.{_MIXTRAL_EXPERT[parts[2]]}.weight", True
+            return moe + f"experts.{{e}}.{_MLP[parts[2]]}.weight", True
+        if len(parts) == 3 and parts[1] == "shared_experts":
+            return moe + f"shared_expert.{_MLP[parts[2]]}.weight", True
+    raise ValueError(f"param {path} has no Hugging Face counterpart in family {family!r}")
+
+
+def plan(shapes: Mapping[str, tuple[int, ...]], family: str, vocab_size: int
+         ) -> dict[str, Source]:
+    """Sources of every param (`shapes`: our param path -> shape)."""
+    out = {}
+    for path, shape in shapes.items():
+        name, transpose = hf_names(path, family)
+        stacked = "{e}" in name
+        per = tuple(shape[1:]) if stacked else tuple(shape)
+        hf_shape = per[::-1] if transpose else per
+        if path == "embed/embedding":
+            hf_shape = (vocab_size,) + hf_shape[1:]
+        if path == "lm_head/kernel":
+            hf_shape = (vocab_size,) + hf_shape[1:]
+        names = tuple(name.format(e=e) for e in range(shape[0])) if stacked else (name,)
+        out[path] = Source(names, transpose, stacked, tuple(hf_shape))
+    return out
+
+
+def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    return [sl.indices(n)[:2] for sl, n in zip(index, shape)]
+
+
+def read_slice(read, src: Source, shape: tuple[int, ...], index: tuple[slice, ...],
+               dtype) -> np.ndarray:
+    """Our param's slice `index` (shape `shape`), built from HF tensors by `read(name,
+    hf_index)`; rows past the HF vocab come out as zeros."""
+    bounds = _bounds(index, shape)
+    if src.stacked:
+        (e0, e1), inner = bounds[0], bounds[1:]
+        parts = [_read_one(read, src.names[e], src, inner, dtype) for e in range(e0, e1)]
+        return np.stack(parts) if parts else np.zeros(
+            (0,) + tuple(b - a for a, b in inner), dtype)
+    return _read_one(read, src.names[0], src, bounds, dtype)
+
+
+def _read_one(read, name: str, src: Source, bounds: list[tuple[int, int]], dtype) -> np.ndarray:
+    ours_hf_extent = src.hf_shape[::-1] if src.transpose else src.hf_shape
+    want = tuple(b - a for a, b in bounds)
+    clipped = [(a, min(b, n)) for (a, b), n in zip(bounds, ours_hf_extent)]
+    if any(b <= a for a, b in clipped):
+        return np.zeros(want, dtype)
+    hf_index = tuple(slice(a, b) for a, b in clipped)
+    if src.transpose:
+        arr = read(name, hf_index[::-1]).T
+    else:
+        arr = read(name, hf_index)
+    arr = arr.astype(dtype, copy=False)
+    if arr.shape != want:  # the vocab padding
+        arr = np.pad(arr, [(0, w - s) for w, s in zip(want, arr.shape)])
+    return arr
+
+
+def to_hf_tensors(params: Mapping[str, np.ndarray], family: str, vocab_size: int
+                  ) -> dict[str, np.ndarray]:
+    """HF tensors from our params (path -> full numpy array): transposed, experts unstacked,
+    the vocab padding cut."""
+    out = {}
+    for path, src in plan({k: v.shape for k, v in params.items()}, family, vocab_size).items():
+        value = np.asarray(params[path])
+        pieces = list(value) if src.stacked else [value]
+        for name, piece in zip(src.names, pieces):
+            t = piece.T if src.transpose else piece
+            if path in ("embed/embedding", "lm_head/kernel"):
+                t = t[:vocab_size]
+            out[name] = np.ascontiguousarray(t)
+    return out

@@ -1,0 +1,58 @@
+"""config.json <-> bindings: which family an architecture exports as, and the options that no
+HF architecture expresses (refused by name)."""
+import gin
+import pytest
+
+from sparsejax.interop.families import from_hf_config, to_hf_config
+from sparsejax.models.moe.layer import MoeMlp
+from sparsejax.models.transformer import ModelConfig
+
+HF = dict(scale_embeddings=False, vocab_size=300, num_layers=2, embed_dim=32, num_heads=4,
+          num_kv_heads=2, head_dim=8, mlp_dim=48)
+
+
+def moe(router_settings=None, **kw):
+    """An MoeMlp, with settings of its (softmax top-k) router bound by gin."""
+    for name, value in (router_settings or {}).items():
+        gin.bind_parameter(f"SoftmaxTopKRouter.{name}", value)
+    return MoeMlp(embed_dim=32, **{"mlp_dim": 16, "num_experts": 4, "top_k": 2, **kw})
+
+
+@pytest.mark.parametrize("model, layer, family", [
+    (dict(), None, "llama"),
+    (dict(sliding_window=8), None, "mistral"),
+    (dict(qkv_bias=True), None, "qwen2"),
+    (dict(mlp_kinds=("moe",)), moe(), "mixtral"),  # e.g. an upcycled dense model
+    (dict(mlp_kinds=("dense", "moe")), moe(num_shared_experts=2, shared_expert_gate=True),
+     "qwen2_moe"),
+])
+def test_family_of_an_architecture(model, layer, family):
+    cfg = to_hf_config(ModelConfig(**HF, **model), layer)
+    assert cfg["model_type"] == family
+    back = from_hf_config(cfg)  # and the bindings it reimports as are the same architecture
+    for key, value in {**HF, **model}.items():
+        if not (family == "mixtral" and key == "mlp_dim"):  # unused: every layer is MoE
+            assert back[f"ModelConfig.{key}"] == value, key
+    if layer is not None:
+        for key in ("num_experts", "top_k", "mlp_dim", "num_shared_experts"):
+            assert back[f"MoeMlp.{key}"] == getattr(layer, key), key
+        assert back["SoftmaxTopKRouter.renormalize"] is True
+
+
+@pytest.mark.parametrize("model, layer, needle", [
+    (dict(scale_embeddings=True), None, "ModelConfig.scale_embeddings=True"),
+    (dict(attention_kinds=("block_sparse",)), None, "ModelConfig.attention_kinds"),
+    (dict(mlp_kinds=("moe",)), dict(router="sigmoid_topk"), "MoeMlp.router='sigmoid_topk'"),
+    (dict(mlp_kinds=("moe",)), dict(router_settings={"num_groups": 2}), "SoftmaxTopKRouter.num_groups=2"),
+    (dict(mlp_kinds=("moe",)), dict(correction_bias=True), "MoeMlp.correction_bias=True"),
+    (dict(mlp_kinds=("moe",)), dict(num_shared_experts=1), "MoeMlp.shared_expert_gate=False"),
+    (dict(mlp_kinds=("dense", "moe")), dict(), "ModelConfig.mlp_kinds"),
+    (dict(mlp_kinds=("moe",)), dict(router_settings={"renormalize": False}),
+     "SoftmaxTopKRouter.renormalize=False"),
+])
+def test_options_without_hf_equivalent_are_refused(model, layer, needle):
+    layer = None if layer is None else moe(**layer)
+    hf = {k: v for k, v in HF.items() if k not in model}
+    with pytest.raises(ValueError, match="no Hugging Face equivalent") as e:
+        to_hf_config(ModelConfig(**hf, **model), layer)
+    assert needle in str(e.value)

@@ -1,0 +1,187 @@
+"""Architecture options of released checkpoints (norm epsilon, embedding scaling, q/k/v bias,
+RoPE scaling, sliding window), each checked against an independent numpy forward pass."""
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from sparsejax.models.rope import rope_frequencies
+from sparsejax.models.transformer import ModelConfig, Transformer
+
+BASE = dict(vocab_size=50, num_layers=2, embed_dim=16, num_heads=4, num_kv_heads=2, head_dim=4,
+            mlp_dim=24, max_seq_len=64)
+TOKENS = np.random.default_rng(0).integers(0, 50, (2, 12)).astype(np.int32)
+
+
+def random_params(cfg):
+    """Params with every entry random (biases and norm scales too), so each option shows."""
+    params = nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), TOKENS[:, :4])["params"])
+    rng = np.random.default_rng(1)
+    return jax.tree.map(lambda p: (rng.standard_normal(p.shape) * 0.3).astype(np.float32),
+                        params)
+
+
+# ---- an independent numpy forward pass ----
+
+def np_rms(x, w, eps):
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
+
+
+def np_rope(x, pos, inv_freq, mult):  # x [s, h, d]: pairs (i, i + d/2) rotate by pos * f_i
+    d = x.shape[-1]
+    out = np.empty_like(x)
+    for i in range(d // 2):
+        ang = pos[:, None] * inv_freq[i]
+        c, s = np.cos(ang) * mult, np.sin(ang) * mult
+        a, b = x[..., i], x[..., i + d // 2]
+        out[..., i], out[..., i + d // 2] = a * c - b * s, b * c + a * s
+    return out
+
+
+def np_attention(x, p, cfg, inv_freq, mult):
+    s = x.shape[0]
+    h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    proj = {n: x @ p[n] + (p[f"{n}_bias"] if cfg.qkv_bias else 0)
+            for n in ("query", "key", "value")}
+    q = proj["query"].reshape(s, h, d)
+    k = proj["key"].reshape(s, kvh, d)
+    v = proj["value"].reshape(s, kvh, d)
+    pos = np.arange(s, dtype=np.float64)
+    q, k = np_rope(q, pos, inv_freq, mult), np_rope(k, pos, inv_freq, mult)
+    out = np.zeros((s, h, d))
+    for head in range(h):
+        g = head // (h // kvh)
+        for i in range(s):
+            lo = 0 if not cfg.sliding_window else max(0, i - cfg.sliding_window + 1)
+            sc = np.array([q[i, head] @ k[j, g] / math.sqrt(d) for j in range(lo, i + 1)])
+            w = np.exp(sc - sc.max())
+            out[i, head] = (w / w.sum()) @ v[lo:i + 1, g]
+    return out.reshape(s, h * d) @ p["out"]
+
+
+def np_forward(params, cfg, tokens):
+    inv_freq, mult = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    eps = cfg.norm_epsilon
+    table = params["embed"]["embedding"]
+    out = []
+    for row in tokens:
+        x = table[row].astype(np.float64)
+        if cfg.scale_embeddings:
+            x = x * math.sqrt(cfg.embed_dim)
+        for i in range(cfg.num_layers):
+            lp = params[f"layer_{i}"]
+            x = x + np_attention(np_rms(x, lp["attn_norm"]["scale"], eps), lp["attn"], cfg,
+                                 inv_freq.astype(np.float64), mult)
+            hdn = np_rms(x, lp["mlp_norm"]["scale"], eps)
+            m = lp["mlp"]
+            g = hdn @ m["wi_gate"]["kernel"]
+            x = x + ((g / (1 + np.exp(-g))) * (hdn @ m["wi_up"]["kernel"])) @ m["wo"]["kernel"]
+        x = np_rms(x, params["final_norm"]["scale"], eps)
+        if cfg.tie_embeddings:
+            logits = x @ table.T / (math.sqrt(cfg.embed_dim) if cfg.scale_embeddings else 1)
+        else:
+            logits = x @ params["lm_head"]["kernel"]
+        out.append(logits[:, :cfg.vocab_size])
+    return np.stack(out)
+
+
+OPTIONS = {
+    "defaults": {},
+    "llama_like": dict(norm_epsilon=1e-5, scale_embeddings=False, rope_theta=500000.0),
+    "tied_unscaled": dict(tie_embeddings=True, scale_embeddings=False),
+    "tied_scaled": dict(tie_embeddings=True),
+    "qwen2_bias": dict(qkv_bias=True, norm_epsilon=1e-6, scale_embeddings=False),
+    "mistral_window": dict(sliding_window=3, scale_embeddings=False),
+    "rope_linear": dict(rope_scaling={"type": "linear", "factor": 4.0}),
+    "rope_llama3": dict(rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 8}),
+    "rope_yarn": dict(rope_scaling={"type": "yarn", "factor": 4.0,
+                                    "original_max_position_embeddings": 16}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_forward_matches_numpy(name):
+    cfg = ModelConfig(**BASE, **OPTIONS[name])
+    params = random_params(cfg)
+    got = np.asarray(Transformer(cfg).apply({"params": params}, TOKENS))
+    want = np_forward(jax.tree.map(np.asarray, params), cfg, TOKENS)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+def without_bias(params):
+    return {k: {**v, "attn": {n: w for n, w in v["attn"].items() if not n.endswith("_bias")}}
+            if k.startswith("layer_") else v for k, v in params.items()}
+
+
+def test_each_option_changes_the_output():
+    """No option is accepted without effect: each changes the logits vs the defaults."""
+    params = random_params(ModelConfig(**BASE, qkv_bias=True))
+    ref = Transformer(ModelConfig(**BASE)).apply({"params": without_bias(params)}, TOKENS)
+    for name in ("llama_like", "qwen2_bias", "mistral_window", "rope_linear", "rope_llama3",
+                 "rope_yarn"):
+        cfg = ModelConfig(**BASE, **OPTIONS[name])
+        p = params if cfg.qkv_bias else without_bias(params)
+        out = Transformer(cfg).apply({"params": p}, TOKENS)
+        assert not np.allclose(out, ref, atol=1e-4), name
+
+
+def test_rope_frequencies_by_hand():
+    base = 1.0 / 10000.0 ** (np.arange(0, 8, 2) / 8)
+    inv, m = rope_frequencies(8, 10000.0, {"type": "linear", "factor": 2.0})
+    np.testing.assert_allclose(inv, base / 2, rtol=1e-6) and m == 1.0
+    # llama3 with N=64, low=1, high=4: wavelengths > 64 divided by 8, < 16 kept, blend between.
+    inv, m = rope_frequencies(8, 10000.0, {"type": "llama3", "factor": 8.0,
+                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 64})
+    for f, got in zip(base, inv):
+        wl = 2 * math.pi / f
+        if wl < 16:
+            want = f
+        elif wl > 64:
+            want = f / 8
+        else:
+            s = (64 / wl - 1) / 3
+            want = (1 - s) * f / 8 + s * f
+        assert got == pytest.approx(want, rel=1e-5)
+    # yarn: attention factor 0.1 ln(4) + 1; low dims keep their frequency, high ones / factor.
+    inv, m = rope_frequencies(8, 10000.0, {"type": "yarn", "factor": 4.0,
+                                           "original_max_position_embeddings": 64})
+    assert m == pytest.approx(0.1 * math.log(4) + 1)
+    assert inv[0] == pytest.approx(base[0], rel=1e-6)
+    assert inv[-1] == pytest.approx(base[-1] / 4, rel=1e-6)
+
+
+def test_rope_frequencies_match_transformers():
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    for params in ({"rope_type": "linear", "factor": 3.0},
+                   {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                   {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                    "beta_fast": 16.0, "beta_slow": 2.0}):
+        cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=16,
+                                       max_position_embeddings=256,
+                                       rope_parameters={"rope_theta": 10000.0, **params})
+        inv_t, mult_t = ROPE_INIT_FUNCTIONS[params["rope_type"]](cfg)
+        ours = {k: v for k, v in params.items() if k != "rope_type"}
+        inv, mult = rope_frequencies(16, 10000.0, {"type": params["rope_type"], **ours})
+        np.testing.assert_allclose(inv, inv_t.numpy(), rtol=1e-6)
+        assert mult == pytest.approx(mult_t)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(norm_epsilon=0.0), "norm_epsilon"),
+    (dict(sliding_window=-1), "sliding_window"),
+    (dict(scale_embeddings=1), "scale_embeddings"),
+    (dict(rope_scaling={"type": "ntk"}), "rope_scaling"),
+    (dict(rope_scaling={"type": "linear"}), "rope_scaling"),
+    (dict(rope_scaling={"type": "linear", "factor": 2.0, "alpha": 1}), "rope_scaling"),
+    (dict(rope_scaling={"type": "linear", "factor": -1.0}), "rope_scaling"),
+])
+def test_bad_values_name_the_setting(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        ModelConfig(**BASE, **kwargs)
