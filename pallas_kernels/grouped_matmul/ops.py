@@ -4,8 +4,9 @@
 `lhs [m, k]` are sorted by group and row block `i` is multiplied by `rhs[i]`.
 `tgmm(lhs, grad, group_sizes)` is the transposed variant `lhs_iᵀ @ grad_i` that
 gives the weight gradient. Backends: "gpu" (Pallas Triton), "tpu" (Pallas
-Mosaic), "xla" (`jax.lax.ragged_dot[_general]`, used on CPU). Kernel backends
-carry a `custom_vjp` whose backward is also a kernel:
+Mosaic), "xla" (a padded-tile batched matmul in plain XLA, `xla.py`, used on CPU where
+`jax.lax.ragged_dot` is pathologically slow). Every backend carries a `custom_vjp` whose
+backward uses the same backend:
   d lhs = gmm(grad, rhsᵀ)   (same kernel, rhs read transposed)
   d rhs = tgmm(lhs, grad)
 
@@ -24,8 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.grouped_matmul import gpu as gpu_kernels
-from pallas_kernels.grouped_matmul import reference
 from pallas_kernels.grouped_matmul import tpu as tpu_kernels
+from pallas_kernels.grouped_matmul import xla as xla_kernels
 
 Backend = Literal["gpu", "tpu", "xla"]
 Tiling = tuple[int, int, int]
@@ -130,6 +131,12 @@ def _out_dtype(preferred_element_type, default) -> jnp.dtype:
 # ----------------------------------------------------------------------------- kernels
 
 
+def _xla_tile_rows(tiling: Optional[Tiling], m: int, g: int, k: int, n: int) -> int:
+    """The XLA formulation tiles rows only: tiling[0] if given, else a size-based default
+    (symmetric in k and n, so the forward and both backward ops share one layout)."""
+    return int(tiling[0]) if tiling else xla_kernels.default_tile_rows(m, g, k, n)
+
+
 def _gmm_kernel(lhs, rhs, group_sizes, out_dtype, tiling, backend, interpret, transpose_rhs):
     """Dispatches the forward gmm kernel; rhs is [g, k, n] or [g, n, k] if transposed."""
     m, k = lhs.shape
@@ -137,6 +144,11 @@ def _gmm_kernel(lhs, rhs, group_sizes, out_dtype, tiling, backend, interpret, tr
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     if min(m, k, n, g) == 0:
         return jnp.zeros((m, n), out_dtype)
+    if backend == "xla":
+        tm = _xla_tile_rows(tiling, m, g, k, n)
+        return xla_kernels.gmm_xla(
+            lhs, rhs, group_sizes, tm=tm, transpose_rhs=transpose_rhs, out_dtype=out_dtype
+        )
     tiles = _fit_tiling(tiling or gmm_default_tiling(backend, "gmm"), backend, (m, k, n))
     fn = gpu_kernels.gmm_gpu if backend == "gpu" else tpu_kernels.gmm_tpu
     kwargs = {"launch": gpu_kernels.gmm_gpu_compiler_params()} if backend == "gpu" else {}
@@ -158,6 +170,9 @@ def _tgmm_kernel(lhs, grad, group_sizes, out_dtype, tiling, backend, interpret):
     g = group_sizes.shape[0]
     if min(m, k, n, g) == 0:
         return jnp.zeros((g, k, n), out_dtype)
+    if backend == "xla":
+        tm = _xla_tile_rows(tiling, m, g, k, n)
+        return xla_kernels.tgmm_xla(lhs, grad, group_sizes, tm=tm, out_dtype=out_dtype)
     tiles = _fit_tiling(tiling or gmm_default_tiling(backend, "tgmm"), backend, (m, k, n))
     fn = gpu_kernels.tgmm_gpu if backend == "gpu" else tpu_kernels.tgmm_tpu
     kwargs = {"launch": gpu_kernels.gmm_gpu_compiler_params()} if backend == "gpu" else {}
@@ -225,18 +240,8 @@ def gmm(
     out_dtype = _out_dtype(preferred_element_type, lhs.dtype)
     backend_ = _resolve_backend(backend, interpret)
     _check_tiling(tiling, backend_)
-    if backend_ == "xla":
-        sizes = reference.effective_group_sizes(group_sizes, lhs.shape[0])
-        return jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=out_dtype)
     tiling_ = None if tiling is None else tuple(int(t) for t in tiling)
     return _gmm_vjp(lhs, rhs, group_sizes, out_dtype, tiling_, backend_, bool(interpret))
-
-
-_TGMM_DIMS = jax.lax.RaggedDotDimensionNumbers(
-    dot_dimension_numbers=(((0,), (0,)), ((), ())),
-    lhs_ragged_dimensions=[0],
-    rhs_group_dimensions=[],
-)
 
 
 def tgmm(
@@ -271,10 +276,5 @@ def tgmm(
     out_dtype = _out_dtype(preferred_element_type, lhs.dtype)
     backend_ = _resolve_backend(backend, interpret)
     _check_tiling(tiling, backend_)
-    if backend_ == "xla":
-        sizes = reference.effective_group_sizes(group_sizes, lhs.shape[0])
-        return jax.lax.ragged_dot_general(
-            lhs, grad, sizes, _TGMM_DIMS, preferred_element_type=out_dtype
-        )
     tiling_ = None if tiling is None else tuple(int(t) for t in tiling)
     return _tgmm_kernel(lhs, grad, group_sizes, out_dtype, tiling_, backend_, bool(interpret))
