@@ -76,8 +76,9 @@ def main():
         tokens, d, f_coarse, iters = 16384, 1024, 4096, 10
     dtype = jnp.bfloat16 if on_accel else jnp.float32
     strategies = ["onehot", "ragged_dot", "pallas_gmm"]
+    gmm_backend = dev.platform if on_accel else "xla"
     print(f"device: {dev.device_kind} ({dev.platform}), tokens={tokens}, embed={d}, "
-          f"dtype={jnp.dtype(dtype).name}")
+          f"dtype={jnp.dtype(dtype).name}, pallas_gmm runs gmm backend {gmm_backend!r}")
     keys = jax.random.split(jax.random.key(0), 8)
     x = jax.random.normal(keys[0], (tokens, d), dtype)
     rows, results = [], {}
@@ -109,10 +110,12 @@ def main():
         "device": dev.device_kind,
         "quick": args.quick,
         "best_dropless_strategy": best,
+        "gmm_backend": gmm_backend,
         "dropless_vs_onehot_e64": results[(64, False, "onehot")] / results[(64, False, best)],
         "dropless_vs_onehot_e64_zipf": results[(64, True, "onehot")] / results[(64, True, best)],
         "moe_vs_dense_active": results[(8, False, best)] / t_dense,
         "moe_vs_dense_active_e64": results[(64, False, best)] / t_dense,
+        "dropless_vs_ragged_dot_e64": results[(64, False, "ragged_dot")] / results[(64, False, best)],
         "ms": {f"E{e}_{'zipf' if s else 'uniform'}_{st}": round(v * 1e3, 3)
                for (e, s, st), v in results.items()} | {"dense": round(t_dense * 1e3, 3)},
     }

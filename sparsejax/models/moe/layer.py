@@ -45,7 +45,7 @@ class MoeMlp(nn.Module):
     router: str = "softmax_topk"
     renormalize: bool = True
     routed_scaling: float = 1.0
-    dispatch: str = "pallas_gmm"  # on CPU the op falls back to jax.lax.ragged_dot
+    dispatch: str = "pallas_gmm"  # on CPU the op runs its XLA formulation (backend 'xla')
     capacity_factor: float = 1.25
     num_shared_experts: int = 0
     load_balance_weight: float = 0.01
