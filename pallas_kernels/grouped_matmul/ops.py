@@ -134,7 +134,9 @@ def _out_dtype(preferred_element_type, default) -> jnp.dtype:
 def _xla_tile_rows(tiling: Optional[Tiling], m: int, g: int, k: int, n: int) -> int:
     """The XLA formulation tiles rows only: tiling[0] if given, else a size-based default
     (symmetric in k and n, so the forward and both backward ops share one layout)."""
-    return int(tiling[0]) if tiling else xla_kernels.default_tile_rows(m, g, k, n)
+    if tiling:
+        return min(int(tiling[0]), -(-m // 8) * 8)  # like _fit_tiling: no tile past m
+    return xla_kernels.default_tile_rows(m, g, k, n)
 
 
 def _gmm_kernel(lhs, rhs, group_sizes, out_dtype, tiling, backend, interpret, transpose_rhs):

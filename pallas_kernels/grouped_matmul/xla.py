@@ -1,21 +1,26 @@
 """XLA formulation of `gmm` / `tgmm` for CPU: work proportional to the routed rows.
 
-XLA:CPU lowers `jax.lax.ragged_dot` to work (and memory) that grows with the number of
-groups times all rows, which is what made dropless MoE 10-20x slower than one-hot dispatch on
-CPU. Here the rows are copied into a *padded layout* in which every group starts on a tile
+XLA:CPU runs `jax.lax.ragged_dot` with a `[g, m, n]` intermediate, i.e. work and memory of
+groups x rows: at 64 experts the dropless MoE layer was 20-30x slower than one-hot dispatch.
+Here the rows are copied into a *padded layout* in which every group starts on a tile
 boundary (MegaBlocks' padding): at most `ceil(m / tm) + min(g, m) - 1` tiles of `tm` rows,
 each owned by exactly one group, so the grouped matmul is one batched dense matmul
-`[tiles, tm, k] @ [tiles, k, n]` with each tile's group weights gathered. Padding rows are
-zeros, so no tile mixes groups and nothing needs masking.
+`[tiles, tm, k] @ [tiles, k, n]` with each tile's group weights gathered, and `tgmm` is a
+batched `[tiles, k, tm] @ [tiles, tm, n]` summed per group. Padding rows are zeros, so no
+tile mixes groups and nothing is masked: rows in no group are never read (inf/NaN there
+cannot leak).
 
-A visit list over unpadded row tiles (the Pallas kernels' `metadata.make_tile_schedule`,
+A visit list over unpadded row tiles (the Pallas kernels' `metadata.make_tile_schedule`:
 tiles straddling a boundary visited once per group, masked, then summed) does the same number
-of tile matmuls; on a 2-core CPU it measured 1.2-1.6x slower than this layout (the masking and
-the scatter-add over straddling tiles cost more than two row gathers).
+of tile matmuls; in the MoE layer's forward + backward on a 2-core CPU (benchmarks/
+moe_dispatch.py --quick shapes) it measured 1.0-1.2x this layout's time at 8 experts and
+1.15-1.4x at 64 (the masking and the scatter-add over straddling tiles cost more than the
+row gathers).
 
 Group sizes are clipped as in `reference.effective_group_sizes`: rows past the last group
 give zeros in `gmm` and are ignored by `tgmm`. Plain jax.numpy, so it runs under `jit` with
-traced sizes and is differentiable (ops.py wraps `gmm` in a custom VJP that reuses both).
+traced sizes; ops.py wraps `gmm` in a custom VJP (d lhs = gmm with rhs transposed,
+d rhs = tgmm), which measured faster than autodiff through the gathers.
 """
 
 from __future__ import annotations
