@@ -9,14 +9,16 @@ same active parameters, all measured in this run. Last line: a JSON summary.
 the Pallas kernel on GPU/TPU, on CPU its XLA padded-tile formulation (gmm backend 'xla').
 
 On this project's 2-core CPU (shared with other jobs), `--quick`, float32:
-                             ragged_dot (before)   pallas_gmm -> xla (now)
-  dropless_vs_onehot_e64     0.05-0.10             3.2-3.7     (E=64: 12-13 ms vs 38-43 ms)
-  moe_vs_dense_active        12-17                 1.7-1.8     (E=8: 7.4-8.2 ms vs 4.4-4.6 ms)
-  peak MB at E=64            347                   27
-These ran with the other cores busy (load 5-7). On an idle machine the dense baseline's
-matmuls use both cores (2.1 ms) while XLA:CPU runs the batched tile matmuls of the grouped
-path on one (about 100 GFLOP/s at these shapes, one core or two), so moe_vs_dense_active rises
-to about 2.5 there; single-threaded batched dots, not the work done, are then the limit.
+                            ragged_dot (before)  pallas_gmm -> xla (now)
+                                                 busy (load 5-7)   quieter (load ~1.5)
+  dropless_vs_onehot_e64    0.045-0.10           3.2-3.7           1.5-2.7
+  moe_vs_dense_active       12-17                1.7-1.8           2.3-2.7 (one run 4.2)
+  E=64 peak MB              347                  27
+On a quieter machine the dense baseline's (and one-hot's) 2-D matmuls use both cores (dense
+2.2 ms at best, 4.3-4.6 ms busy), while XLA:CPU runs the batched tile matmuls of the grouped
+path on one (about 100 GFLOP/s at these shapes, on one core or two): there single-threaded
+batched dots, not the work done, limit moe_vs_dense_active, and the 2.5 target is not met
+reliably. Timings on this shared machine vary by up to 2x between runs.
 """
 from __future__ import annotations
 
