@@ -12,7 +12,7 @@ as the last line a JSON object:
 (geometric means over shapes) plus `device` and `backend`.
 
 Usage: python benchmarks/grouped_matmul.py            # accelerator, full shapes
-       python benchmarks/grouped_matmul.py --quick    # CPU smoke run: XLA fallback
+       python benchmarks/grouped_matmul.py --quick    # CPU smoke run: the "xla" backend
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def _geomean(xs):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small shapes, XLA fallback (CPU smoke run)")
+    p.add_argument("--quick", action="store_true", help="small shapes, the xla backend (CPU smoke run)")
     p.add_argument("--iters", type=int, default=None, help="timed runs per measurement (median)")
     p.add_argument("--backend", default=None, choices=["gpu", "tpu", "xla"], help="default: platform")
     p.add_argument("--tiling", default=None, help="tm,tk,tn for gmm (default: per backend)")
@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
     tiling = tuple(int(t) for t in args.tiling.split(",")) if args.tiling else None
     iters = args.iters or (3 if args.quick else 10)
     device = jax.devices()[0].device_kind
-    label = "fallback" if resolved == "xla" else resolved
+    label = resolved
     print(f"device: {device}  backend: {label}  dtype: bfloat16  iters: {iters} (median)")
 
     rows = [bench_shape(*s, backend=backend, tiling=tiling, iters=iters, dtype=jnp.bfloat16) for s in shapes]

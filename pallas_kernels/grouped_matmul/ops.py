@@ -4,8 +4,9 @@
 `lhs [m, k]` are sorted by group and row block `i` is multiplied by `rhs[i]`.
 `tgmm(lhs, grad, group_sizes)` is the transposed variant `lhs_iᵀ @ grad_i` that
 gives the weight gradient. Backends: "gpu" (Pallas Triton), "tpu" (Pallas
-Mosaic), "xla" (`jax.lax.ragged_dot[_general]`, used on CPU). Kernel backends
-carry a `custom_vjp` whose backward is also a kernel:
+Mosaic), "xla" (a padded-tile batched matmul in plain XLA, `xla.py`, used on CPU where
+`jax.lax.ragged_dot` is pathologically slow). Every backend carries a `custom_vjp` whose
+backward uses the same backend:
   d lhs = gmm(grad, rhsᵀ)   (same kernel, rhs read transposed)
   d rhs = tgmm(lhs, grad)
 
@@ -24,8 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.grouped_matmul import gpu as gpu_kernels
-from pallas_kernels.grouped_matmul import reference
 from pallas_kernels.grouped_matmul import tpu as tpu_kernels
+from pallas_kernels.grouped_matmul import xla as xla_kernels
 
 Backend = Literal["gpu", "tpu", "xla"]
 Tiling = tuple[int, int, int]
@@ -130,6 +131,14 @@ def _out_dtype(preferred_element_type, default) -> jnp.dtype:
 # ----------------------------------------------------------------------------- kernels
 
 
+def _xla_tile_rows(tiling: Optional[Tiling], m: int, g: int, k: int, n: int) -> int:
+    """The XLA formulation tiles rows only: tiling[0] if given, else a size-based default
+    (symmetric in k and n, so the forward and both backward ops share one layout)."""
+    if tiling:
+        return min(int(tiling[0]), -(-m // 8) * 8)  # like _fit_tiling: no tile past m
+    return xla_kernels.default_tile_rows(m, g, k, n)
+
+
 def _gmm_kernel(lhs, rhs, group_sizes, out_dtype, tiling, backend, interpret, transpose_rhs):
     """Dispatches the forward gmm kernel; rhs is [g, k, n] or [g, n, k] if transposed."""
     m, k = lhs.shape
@@ -137,6 +146,11 @@ def _gmm_kernel(lhs, rhs, group_sizes, out_dtype, tiling, backend, interpret, tr
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     if min(m, k, n, g) == 0:
         return jnp.zeros((m, n), out_dtype)
+    if backend == "xla":
+        tm = _xla_tile_rows(tiling, m, g, k, n)
+        return xla_kernels.gmm_xla(
+            lhs, rhs, group_sizes, tm=tm, transpose_rhs=transpose_rhs, out_dtype=out_dtype
+        )
     tiles = _fit_tiling(tiling or gmm_default_tiling(backend, "gmm"), backend, (m, k, n))
     fn = gpu_kernels.gmm_gpu if backend == "gpu" else tpu_kernels.gmm_tpu
     kwargs = {"launch": gpu_kernels.gmm_gpu_compiler_params()} if backend == "gpu" else {}
@@ -158,6 +172,9 @@ def _tgmm_kernel(lhs, grad, group_sizes, out_dtype, tiling, backend, interpret):
     g = group_sizes.shape[0]
     if min(m, k, n, g) == 0:
         return jnp.zeros((g, k, n), out_dtype)
+    if backend == "xla":
+        tm = _xla_tile_rows(tiling, m, g, k, n)
+        return xla_kernels.tgmm_xla(lhs, grad, group_sizes, tm=tm, out_dtype=out_dtype)
     tiles = _fit_tiling(tiling or gmm_default_tiling(backend, "tgmm"), backend, (m, k, n))
     fn = gpu_kernels.tgmm_gpu if backend == "gpu" else tpu_kernels.tgmm_tpu
     kwargs = {"launch": gpu_kernels.gmm_gpu_compiler_params()} if backend == "gpu" else {}
@@ -203,9 +220,11 @@ def gmm(
     lhs: [m, k] rows sorted by group; rhs: [g, k, n]; group_sizes: [g] int32.
     Returns [m, n] in `preferred_element_type` (default lhs.dtype), accumulated
     in float32. Negative sizes count as 0 and the running sum of sizes is
-    clamped to m; rows past it are zero. Differentiable in lhs and rhs.
+    clamped to m; rows past it are zero. Differentiable in lhs and rhs (reverse
+    mode: a custom VJP on every backend, so no `jax.jvp`).
     backend: None picks the platform's kernel ("gpu"/"tpu") or "xla" on CPU.
-    tiling: (tm, tk, tn) tile sizes, default per backend (`gmm_default_tiling`).
+    tiling: (tm, tk, tn) tile sizes, default per backend (`gmm_default_tiling`);
+      "xla" uses only tm (rows per tile, default `xla.default_tile_rows`).
     interpret: run a kernel backend in Pallas interpret mode (tests on CPU).
     """
     if lhs.ndim != 2:
@@ -225,18 +244,8 @@ def gmm(
     out_dtype = _out_dtype(preferred_element_type, lhs.dtype)
     backend_ = _resolve_backend(backend, interpret)
     _check_tiling(tiling, backend_)
-    if backend_ == "xla":
-        sizes = reference.effective_group_sizes(group_sizes, lhs.shape[0])
-        return jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=out_dtype)
     tiling_ = None if tiling is None else tuple(int(t) for t in tiling)
     return _gmm_vjp(lhs, rhs, group_sizes, out_dtype, tiling_, backend_, bool(interpret))
-
-
-_TGMM_DIMS = jax.lax.RaggedDotDimensionNumbers(
-    dot_dimension_numbers=(((0,), (0,)), ((), ())),
-    lhs_ragged_dimensions=[0],
-    rhs_group_dimensions=[],
-)
 
 
 def tgmm(
@@ -253,7 +262,7 @@ def tgmm(
 
     lhs: [m, k]; grad: [m, n]; group_sizes: [g] int32 -> [g, k, n], zeros for
     empty groups. Same group-size clipping and arguments as `gmm`. Not
-    differentiable through the kernel backends.
+    differentiable through the kernel backends ("xla" is plain jax.numpy).
     """
     if lhs.ndim != 2:
         raise ValueError(f"lhs must be 2-D [m, k], got shape {lhs.shape}.")
@@ -271,10 +280,5 @@ def tgmm(
     out_dtype = _out_dtype(preferred_element_type, lhs.dtype)
     backend_ = _resolve_backend(backend, interpret)
     _check_tiling(tiling, backend_)
-    if backend_ == "xla":
-        sizes = reference.effective_group_sizes(group_sizes, lhs.shape[0])
-        return jax.lax.ragged_dot_general(
-            lhs, grad, sizes, _TGMM_DIMS, preferred_element_type=out_dtype
-        )
     tiling_ = None if tiling is None else tuple(int(t) for t in tiling)
     return _tgmm_kernel(lhs, grad, group_sizes, out_dtype, tiling_, backend_, bool(interpret))

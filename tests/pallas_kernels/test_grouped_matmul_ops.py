@@ -1,4 +1,5 @@
-"""Public gmm/tgmm: each kernel backend in interpret mode vs the reference and ragged_dot."""
+"""Public gmm/tgmm: each kernel backend in interpret mode, and the XLA backend, vs the
+reference and ragged_dot."""
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +49,7 @@ def _sizes(draw_kind: str, m: int, g: int, rng: np.random.Generator) -> np.ndarr
     dtype=st.sampled_from(["float32", "bfloat16"]),
     seed=st.integers(0, 2**16),
 )
-@pytest.mark.parametrize("backend", KERNELS, ids=_id)
+@pytest.mark.parametrize("backend", KERNELS + ["xla"], ids=_id)
 def test_kernel_forward_and_grads_match_reference(backend, m, k, n, g, tiles, kind, dtype, seed):
     rng = np.random.default_rng(seed)
     gs = jnp.asarray(_sizes(kind, m, g, rng))
@@ -115,11 +116,12 @@ def test_tgmm_matches_reference_with_empty_groups_and_trailing_rows(backend):
     np.testing.assert_array_equal(out[2], 0.0)
 
 
-def test_cpu_default_is_ragged_dot_fallback_and_differentiable():
+def test_cpu_default_is_the_xla_backend_and_differentiable():
     rng = np.random.default_rng(2)
     lhs = jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)
     rhs = jnp.asarray(rng.standard_normal((3, 8, 4)), jnp.float32)
     gs = jnp.array([4, 4, 6], jnp.int32)
+    assert ops._resolve_backend(None, False) == "xla"
     out = ops.gmm(lhs, rhs, gs)
     np.testing.assert_allclose(out, jax.lax.ragged_dot(lhs, rhs, gs), rtol=1e-6)
     g_ops = jax.grad(lambda r: jnp.sum(ops.gmm(lhs, r, gs) ** 2))(rhs)

@@ -52,7 +52,7 @@ class MoeMlp(nn.Module):
     num_experts: int = 8
     top_k: int = 2
     router: str = "softmax_topk"
-    dispatch: str = "pallas_gmm"  # on CPU the op falls back to jax.lax.ragged_dot
+    dispatch: str = "pallas_gmm"  # on CPU the op runs its XLA formulation (backend 'xla')
     capacity_factor: float = 1.25
     num_shared_experts: int = 0
     load_balance_weight: float = 0.01
