@@ -20,7 +20,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 NUM_STEPS = 6
 # Train steps 0..5, log after steps 2, 4, 6; mask updates run before the train step of their step.
 COMMON = [f"--gin.TrainConfig.num_steps={NUM_STEPS}", "--gin.TrainConfig.log_every=2",
-          "--gin.TrainConfig.eval_every=6", "--gin.TrainConfig.eval_batches=1",
+          "--gin.TrainConfig.eval_every=6", "--gin.TrainConfig.eval_tokens=512",
           "--gin.TrainConfig.checkpoint_every=6", "--gin.TrainConfig.progress_bar=False",
           "--gin.TrainConfig.async_checkpoints=False",
           # a 1-device mesh: compiling for the 8 simulated test devices costs 1.5-4x more here

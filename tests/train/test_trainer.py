@@ -88,14 +88,26 @@ def test_nan_guard_stop_saves_last_good_state(run_cli, tmp_path):
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_restore_params(w, steps[0])))
 
 
-def test_eval_command(run_cli, tmp_path, capsys):
+def test_eval_command_uses_the_training_eval_sample(run_cli, tmp_path, capsys, caplog):
     w = str(tmp_path / "run")
     assert run_cli(w) == 0
+    final = [r for r in read_metrics(os.path.join(w, "metrics.jsonl")) if "eval_loss" in r][-1]
     capsys.readouterr()
-    assert cli.main(["eval", "--gin_file=tiny.gin", f"--workdir={w}",
-                     "--gin.evaluate_checkpoint.num_batches=2"]) == 0
+    with caplog.at_level(logging.INFO):
+        assert cli.main(["eval", "--gin_file=tiny.gin", f"--workdir={w}"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["step"] == 20 and np.isclose(out["eval_perplexity"], np.exp(out["eval_loss"]))
+    # The same rows as the run's own eval at step 20 (tiny.gin: 32768 tokens = 512 rows of 64).
+    assert out["eval_rows"] == final["eval_rows"] == 512
+    assert out["eval_tokens"] == final["eval_tokens"]
+    assert out["eval_loss"] == pytest.approx(final["eval_loss"], rel=1e-6)
+    assert out["eval_loss_stderr"] == pytest.approx(final["eval_loss_stderr"], rel=1e-5)
+    assert any("512 validation rows x 64 tokens" in r.message and "±" in r.message
+               for r in caplog.records)
+    capsys.readouterr()
+    assert cli.main(["eval", "--gin_file=tiny.gin", f"--workdir={w}",
+                     "--gin.evaluate_checkpoint.eval_tokens=640"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval_rows"] == 10
 
 
 @pytest.mark.parametrize("binding,match", [
