@@ -101,3 +101,17 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return out
+
+
+FINGERPRINT = "corpus_fingerprint"
+
+
+def recorded_fingerprints(records: list[dict[str, Any]]) -> list[str]:
+    """The distinct corpus fingerprints recorded in a run's metrics, in order of appearance
+    (more than one: the run was resumed on a changed corpus)."""
+    out: list[str] = []
+    for r in records:
+        fp = r.get(FINGERPRINT)
+        if fp is not None and fp not in out:
+            out.append(fp)
+    return out

@@ -8,20 +8,9 @@ import os
 from typing import Any
 
 from sparsejax.data.sources import corpus_summary
-from sparsejax.train.metrics import read_metrics
+from sparsejax.train.metrics import FINGERPRINT, read_metrics, recorded_fingerprints
 
 log = logging.getLogger(__name__)
-FINGERPRINT = "corpus_fingerprint"
-
-
-def recorded_fingerprints(records: list[dict[str, Any]]) -> list[str]:
-    """The distinct corpus fingerprints recorded in a run's metrics, in order of appearance."""
-    out: list[str] = []
-    for r in records:
-        fp = r.get(FINGERPRINT)
-        if fp is not None and fp not in out:
-            out.append(fp)
-    return out
 
 
 def start_record(cfg: Any, data_it: Any, eval_set: Any) -> dict[str, Any]:

@@ -141,8 +141,5 @@ def write_plots(workdir: str) -> None:
     if not os.path.exists(path):
         return
     plots.plot_loss_curve(path, os.path.join(workdir, "loss.png"))
-    plots.plot_vector_metric(path, "model/", os.path.join(workdir, "expert_load.png"),
-                             "fraction of tokens", "expert load over training",
-                             contains="expert_load")
-    plots.plot_vector_metric(path, "sparsity/density/", os.path.join(workdir, "density.png"),
-                             "density", "per-layer density over training")
+    plots.plot_expert_load(path, os.path.join(workdir, "expert_load.png"))
+    plots.plot_density(path, os.path.join(workdir, "density.png"))
