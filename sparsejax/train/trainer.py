@@ -193,7 +193,9 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "")
                                     tok_s=f"{metrics['tokens_per_s']:.0f}")
                     t0, steps_since = time.perf_counter(), 0
                 if eval_set and (done % cfg.eval_every == 0 or done == cfg.num_steps):
+                    t_eval = time.perf_counter()
                     ev = evaluation.evaluate(eval_fn, state, eval_set, bsharding)
+                    ev["eval_seconds"] = time.perf_counter() - t_eval
                     last.update(writer.write(done, ev))
                     t0, steps_since = time.perf_counter(), 0
                 if done % cfg.checkpoint_every == 0 or done == cfg.num_steps:
