@@ -122,16 +122,24 @@ class RowReader:
         at = 0
         sl = ix.segments(int(row))
         for s, (d, start, length) in enumerate(zip(ix.doc[sl], ix.start[sl], ix.length[sl]), 1):
-            ids = _TOKENIZER.encode(self.docs[int(d)], add_bos=True, add_eos=True)
-            piece = ids[start:start + length]
-            if piece.size != length:
-                raise ValueError(f"document {int(d)} has {ids.size} tokens, fewer than the index "
-                                 f"needs ({start + length}); the source changed since the index was built")
-            tokens[at:at + length] = piece
+            tokens[at:at + length] = self._piece(int(d), int(start), int(length))
             segs[at:at + length] = s
             pos[at:at + length] = np.arange(length, dtype=np.int32)
             at += length
         return {KEY: tokens, f"{KEY}_segment_ids": segs, f"{KEY}_positions": pos}
+
+    def _piece(self, doc: int, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) of `[bos, bytes..., eos]`, without tokenizing the whole
+        document (token t is byte t - 1)."""
+        data = self.docs[doc]
+        n = len(data)
+        end = start + length
+        if end > n + 2:
+            raise ValueError(f"document {doc} has {n + 2} tokens, fewer than the index needs ({end}); "
+                             "the source changed since the index was built")
+        body = np.frombuffer(data, np.uint8)[max(start - 1, 0):min(end - 1, n)]
+        parts = [[_TOKENIZER.bos_id]] * (start == 0) + [body] + [[_TOKENIZER.eos_id]] * (end == n + 2)
+        return np.concatenate(parts).astype(np.int32)
 
     def __repr__(self) -> str:
         return f"RowReader({len(self)} rows of {self.index.row_len} tokens)"

@@ -70,3 +70,21 @@ def test_bad_index_arguments(kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         build_row_index(**args)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.binary(min_size=0, max_size=30), min_size=1, max_size=12), st.integers(2, 9), st.integers(0, 99))
+def test_reader_rows_are_slices_of_the_tokenized_documents(docs, row_len, seed):
+    from sparsejax.data.tokenizer import ByteTokenizer
+    tok = ByteTokenizer()
+    ix = build_row_index(np.arange(len(docs)), token_lengths([len(d) for d in docs]), row_len,
+                         np.random.default_rng(seed))
+    reader = RowReader(ix, docs)
+    for r in range(len(reader)):
+        row = reader[r]
+        sl = ix.segments(r)
+        want = np.concatenate([tok.encode(docs[d], add_bos=True, add_eos=True)[a:a + n]
+                               for d, a, n in zip(ix.doc[sl], ix.start[sl], ix.length[sl])])
+        real = row["tokens_segment_ids"] > 0
+        np.testing.assert_array_equal(row["tokens"][real], want)
+        assert real.sum() == want.size and np.all(row["tokens"][~real] == 0)
