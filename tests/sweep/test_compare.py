@@ -111,6 +111,22 @@ def test_sweeps_on_different_corpora_are_refused_unless_allowed(sweeps, tmp_path
         del rep.REPRODUCTIONS["mixed"]
 
 
+def test_sweep_report_refuses_mixed_corpora_unless_allowed(tmp_path):
+    from sparsejax.sweep import report
+    out = fake_sweep(str(tmp_path / "s"), ("make_method.name", ("'dense'",)), [0, 1], [[2.0, 2.1]])
+    res = os.path.join(runner.trial_dir(out, grid.SweepSpec(
+        gin_files=("tiny.gin",), sweeps=(("make_method.name", ("'dense'",)),), seeds=(0, 1)).trials()[1]),
+        RESULT_FILE)
+    r = json.load(open(res))
+    json.dump({**r, "corpus_fingerprint": "0123456789abcdef"}, open(res, "w"))
+    with pytest.raises(ValueError, match="different corpora"):
+        report.write_report(out)
+    got = report.write_report(out, allow_mixed_corpora=True)
+    assert got["corpus_fingerprints"] == ["0123456789abcdef", "f0621468f8aeceba"]
+    md = open(got["markdown"]).read()
+    assert "eval stderr" in md and "0.0150" in md  # mean of 0.01 and 0.02
+
+
 def test_bad_baseline_names_the_valid_ones(sweeps):
     with pytest.raises(ValueError, match="baseline='nope' is not a variant; valid:.*dense"):
         compare.compare_rows(compare.collect(list(sweeps)), baseline="nope")

@@ -48,7 +48,8 @@ def test_train_writes_outputs_then_resumes(run_cli, tmp_path):
     assert _checkpoints(w)[-1] == 30
 
 
-def test_logged_loss_is_the_interval_mean_and_the_run_starts_with_its_corpus(run_cli, tmp_path):
+def test_logged_loss_is_the_interval_mean_and_the_run_starts_with_its_corpus(run_cli, tmp_path,
+                                                                             caplog):
     """log_every=5 logs the mean of the 5 per-step losses a log_every=1 run logs (same seed, same
     batches), the last one as loss_last; eval_tokens=0 turns eval off; step 0 records the
     corpus fingerprint and the batches' document diversity."""
@@ -56,8 +57,9 @@ def test_logged_loss_is_the_interval_mean_and_the_run_starts_with_its_corpus(run
     runs = {}
     for every in (1, 5):
         w = str(tmp_path / f"every{every}")
-        assert run_cli(w, "--gin.TrainConfig.num_steps=10", f"--gin.TrainConfig.log_every={every}",
-                       "--gin.TrainConfig.eval_tokens=0") == 0
+        with caplog.at_level(logging.INFO):
+            assert run_cli(w, "--gin.TrainConfig.num_steps=10", f"--gin.TrainConfig.log_every={every}",
+                           "--gin.TrainConfig.eval_tokens=0") == 0
         runs[every] = read_metrics(os.path.join(w, "metrics.jsonl"))
     per_step = {r["step"]: r["loss"] for r in runs[1] if "loss" in r}
     assert sorted(per_step) == list(range(1, 11))
@@ -74,6 +76,8 @@ def test_logged_loss_is_the_interval_mean_and_the_run_starts_with_its_corpus(run
     assert start["step"] == 0
     assert start["corpus_fingerprint"] == corpus_summary("stdlib")["corpus_fingerprint"]
     assert start["data_rows_per_batch"] == 8 and start["data_distinct_docs_per_batch"] >= 0.9 * 8
+    logged = [r.message for r in caplog.records if "distinct documents per batch" in r.message]
+    assert logged and f"{start['data_distinct_docs_per_batch']:.2f} distinct documents" in logged[-1]
 
 
 def test_corrupt_latest_checkpoint_falls_back(run_cli, tmp_path, caplog):
