@@ -59,7 +59,7 @@ def test_logged_loss_is_the_interval_mean_and_the_run_starts_with_its_corpus(run
         w = str(tmp_path / f"every{every}")
         with caplog.at_level(logging.INFO):
             assert run_cli(w, "--gin.TrainConfig.num_steps=10", f"--gin.TrainConfig.log_every={every}",
-                           "--gin.TrainConfig.eval_tokens=0") == 0
+                           "--gin.TrainConfig.eval_tokens=0", "--gin.make_mesh.num_devices=1") == 0
         runs[every] = read_metrics(os.path.join(w, "metrics.jsonl"))
     per_step = {r["step"]: r["loss"] for r in runs[1] if "loss" in r}
     assert sorted(per_step) == list(range(1, 11))
