@@ -69,11 +69,13 @@ def command(name: str) -> str:
     return f"python experiments/reproduce.py {name}"
 
 
-def write_results(name: str, out: str, results_dir: str = RESULTS) -> dict:
+def write_results(name: str, out: str, results_dir: str = RESULTS,
+                  allow_mixed_corpora: bool = False) -> dict:
     """Writes results_dir/<name>.md (table between the markers) and <name>.png."""
     from sparsejax.sweep import compare
     rep = REPRODUCTIONS[name]
-    variants = compare.collect([os.path.join(out, g) for g in rep.grids])
+    variants = compare.collect([os.path.join(out, g) for g in rep.grids], allow_mixed_corpora)
+    corpora = compare.corpus_fingerprints(variants)
     rows = compare.compare_rows(variants, baseline=rep.baseline)
     os.makedirs(results_dir, exist_ok=True)
     png = compare.plot_comparison(variants, os.path.join(results_dir, f"{name}.png"),
@@ -83,7 +85,9 @@ def write_results(name: str, out: str, results_dir: str = RESULTS) -> dict:
         f"Command: `{command(name)}` (grids: "
         + ", ".join(f"[{g}](../grids/{g}.grid)" for g in rep.grids) + "). "
         f"Loss in nats/token, mean ± sample std over seeds; Δ is the difference to "
-        f"`{rep.baseline}` run with the same seed (same data order); params: weights that "
+        f"`{rep.baseline}` run with the same seed (same data order); eval stderr: the "
+        "standard error of one trial's final eval loss over its fixed eval sample's rows (mean "
+        f"over seeds; corpus fingerprint {', '.join(corpora) or 'n/a'}); params: weights that "
         "can be nonzero at the end (embeddings included), avg params: their mean over "
         "training; tokens/s as measured while `--parallel` trials shared the machine.",
         "",
@@ -116,6 +120,8 @@ def main(argv=None) -> int:
     p.add_argument("--parallel", type=int, default=2, help="trials run at once")
     p.add_argument("--report_only", action="store_true",
                    help="only rewrite the tables and plots from finished trials")
+    p.add_argument("--allow_mixed_corpora", action="store_true",
+                   help="compare trials trained on different corpora instead of refusing")
     p.add_argument("--results_dir", default=RESULTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     names = list(REPRODUCTIONS) if args.names == ["all"] else args.names
@@ -130,7 +136,8 @@ def main(argv=None) -> int:
             if not args.report_only:
                 for g in REPRODUCTIONS[name].grids:
                     failed += run_grid(g, args.out, args.parallel)
-            print(json.dumps(write_results(name, args.out, args.results_dir)), flush=True)
+            print(json.dumps(write_results(name, args.out, args.results_dir,
+                                           args.allow_mixed_corpora)), flush=True)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

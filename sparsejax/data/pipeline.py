@@ -1,36 +1,39 @@
-"""The grain input pipeline: documents -> shuffled, tokenized, packed, batched, process-sharded rows.
+"""The grain input pipeline: documents -> row index -> globally shuffled rows -> batches.
 
 Every batch is a dict of numpy arrays, each [local_batch, seq_len]:
   inputs      int32    token ids
   targets     int32    the next token of each input (inputs shifted left by one)
   loss_mask   float32  1 where the target is a real token of the input's document, else 0
-  segment_ids int32    1-based document id within the row; 0 on padding
+  segment_ids int32    1-based document piece within the row; 0 on padding
   positions   int32    position within the document's piece in this row (restarts at 0 per row)
 
-Documents are tokenized as [bos, bytes..., eos] and packed with grain's
-concat-then-split into rows of `seq_len + 1` tokens, so a row's inputs and
-targets are its first and last `seq_len` tokens. Padding only appears at the
-end of a finite pass.
+Documents are tokenized as [bos, tokens..., eos] (the gin-configured
+`make_tokenizer`: bytes by default, or a tokenizer.json) and cut into rows of
+`seq_len + 1` tokens by a row index (`pieces.py`: full pieces of one
+document, and rows packing the short pieces concat-then-split), so a row's
+inputs and targets are its first and last `seq_len` tokens. Training rows
+are read in an order shuffled over the whole index (grain random access,
+a new permutation every epoch), so consecutive rows, and the rows of one
+batch, are near-independent draws from the corpus. Padding appears only in
+the last packed row and in the padded last batch of a validation pass.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import gin
 import grain
 import jax
 import numpy as np
 
-from sparsejax.data import sources
+from sparsejax.data import pieces, sources
 from sparsejax.data.checkpoint import iterator_restore_args, iterator_save_args  # noqa: F401 (re-exported)
 from sparsejax.data.tokenizer import make_tokenizer
 
-_KEY = "tokens"
-
-
-def _tokenize(text: bytes, tokenizer: Any) -> dict[str, np.ndarray]:
-    return {_KEY: tokenizer.encode(text, add_bos=True, add_eos=True)}
+_KEY = pieces.KEY
+_SPLIT_CODE = {"train": 0, "validation": 1}
 
 
 def _to_training_batch(rows: dict[str, np.ndarray], row_slice: slice,
@@ -68,6 +71,65 @@ def _resolve_processes(global_batch_size: int, process_index: int | None, proces
     return process_index, process_count
 
 
+def _seed(seed: int, split: str, shard: int, purpose: int) -> int:
+    """A 32-bit seed for one use (0: row order, 1: packing) of one shard of one split."""
+    return int(np.random.SeedSequence([seed, _SPLIT_CODE[split], shard, purpose]).generate_state(1)[0])
+
+
+@dataclasses.dataclass
+class RowPlan:
+    """Which rows a split (or one document shard of it) reads, and in which order.
+
+    `order[i]` is the row index of the i-th row read; `reader[r]` reads row r.
+    """
+
+    index: pieces.RowIndex
+    reader: pieces.RowReader
+    order: grain.MapDataset
+    num_documents: int
+
+    def distinct_docs(self, batch_rows: int, num_batches: int) -> np.ndarray:
+        """Distinct source documents in each of the first `num_batches` batches of `batch_rows` rows."""
+        n = min(num_batches, len(self.order) // batch_rows)
+        return np.array([self.index.docs_of_rows([self.order[b * batch_rows + i] for i in range(batch_rows)]).size
+                         for b in range(n)], np.int64)
+
+
+def row_plan(split: str, *, seq_len: int, seed: int = 0, dataset: str = "stdlib", data_dir: str | None = None,
+             shard_index: int = 0, num_shards: int = 1, num_epochs: int | None = None) -> RowPlan:
+    """The row index of documents `docs[shard_index::num_shards]` of `split` and its shuffled read order.
+
+    The order is a seeded permutation of all rows, a new one in each of
+    `num_epochs` epochs (None: forever). Seeds are derived from (`seed`, split,
+    shard), so shards and splits never share a permutation.
+    """
+    docs = sources.text_source(dataset, split, data_dir)
+    doc_ids = np.arange(shard_index, len(docs), num_shards, dtype=np.int64)
+    if doc_ids.size == 0:
+        raise ValueError(f"dataset {dataset!r} split {split!r} has {len(docs)} documents, fewer than "
+                         f"the {num_shards} document shards")
+    tokenizer = make_tokenizer()
+    lengths = pieces.token_lengths(docs, doc_ids, tokenizer)
+    rng = np.random.default_rng(_seed(seed, split, shard_index, 1))
+    index = pieces.build_row_index(doc_ids, lengths, seq_len + 1, rng)
+    order = grain.MapDataset.range(len(index)).shuffle(seed=_seed(seed, split, shard_index, 0))
+    return RowPlan(index, pieces.RowReader(index, docs, tokenizer), order.repeat(num_epochs),
+                   len(doc_ids))
+
+
+def _check_args(split: str, seq_len: int, global_batch_size: int, seed: int, num_epochs: int | None) -> None:
+    if split not in sources.SPLITS:
+        raise ValueError(f"split must be one of {sources.SPLITS}, got {split!r}")
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
+    if not isinstance(global_batch_size, int) or global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be an int >= 1, got {global_batch_size!r}")
+    if not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs < 1):
+        raise ValueError(f"num_epochs must be None (forever) or an int >= 1, got {num_epochs!r}")
+
+
 @gin.configurable(denylist=["split", "global_batch_size", "seq_len", "process_index", "process_count"])
 def make_dataset(
     split: str,
@@ -80,65 +142,63 @@ def make_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     num_epochs: int | None = None,
+    num_rows: int | None = None,
     num_threads: int = 2,
     prefetch_buffer_size: int = 64,
 ) -> grain.IterDataset:
     """Returns this process's batches of `split` of `dataset` (see module docstring for the format).
 
     train: documents are sharded by process (`docs[process_index::process_count]`,
-    so each process reads only its own), shuffled with `seed` differently in
-    each epoch, repeated `num_epochs` times (None: forever), packed, and
+    so each process reads only its own); their rows are read in a seeded random
+    order, a new permutation in each of `num_epochs` epochs (None: forever), and
     batched to `global_batch_size // process_count` rows; incomplete last
     batches are dropped.
 
-    validation: one unshuffled pass (or `num_epochs` passes). Every process
-    packs the whole split into global batches, padding the last one, and keeps
-    its rows `[process_index * local, (process_index + 1) * local)`; so all
-    processes yield the same number of batches (no collective hangs in eval).
+    validation: every process reads the whole split's rows in one seeded random
+    order (`num_epochs` passes, default 1), keeps the first `num_rows` (None:
+    all; a uniform sample of the split's rows), packs them into global batches,
+    padding the last one, and keeps its rows `[process_index * local,
+    (process_index + 1) * local)`; so all processes yield the same number of
+    batches (no collective hangs in eval).
 
     `process_index`/`process_count` default to JAX's. `num_threads` and
     `prefetch_buffer_size` set grain's reader threads and read-ahead.
     """
-    if split not in sources.SPLITS:
-        raise ValueError(f"split must be one of {sources.SPLITS}, got {split!r}")
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
-    if not isinstance(global_batch_size, int) or global_batch_size < 1:
-        raise ValueError(f"global_batch_size must be an int >= 1, got {global_batch_size!r}")
-    if not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
-    if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs < 1):
-        raise ValueError(f"num_epochs must be None (forever) or an int >= 1, got {num_epochs!r}")
+    _check_args(split, seq_len, global_batch_size, seed, num_epochs)
+    if num_rows is not None and (split != "validation" or not isinstance(num_rows, int) or num_rows < 1):
+        raise ValueError(f"num_rows={num_rows!r}: only the validation split takes num_rows, an int >= 1")
     process_index, process_count = _resolve_processes(global_batch_size, process_index, process_count)
     local_batch = global_batch_size // process_count
-
-    docs = grain.MapDataset.source(sources.text_source(dataset, split, data_dir))
     if split == "train":
-        docs = docs[process_index::process_count]
-        if len(docs) == 0:
-            raise ValueError(
-                f"dataset {dataset!r} split 'train' has fewer documents than process_count={process_count}"
-            )
-        docs = docs.shuffle(seed=seed).repeat(num_epochs)
-        batch_rows, row_slice = local_batch, slice(None)
-        batch_fn = None
+        plan = row_plan(split, seq_len=seq_len, seed=seed, dataset=dataset, data_dir=data_dir,
+                        shard_index=process_index, num_shards=process_count, num_epochs=num_epochs)
+        rows = plan.order.map(plan.reader.__getitem__)
+        batches = rows.batch(local_batch, drop_remainder=True)
+        row_slice = slice(None)
     else:
-        docs = docs.repeat(num_epochs or 1)
-        batch_rows = global_batch_size
+        plan = row_plan(split, seq_len=seq_len, seed=seed, dataset=dataset, data_dir=data_dir,
+                        num_epochs=num_epochs or 1)
+        order = plan.order if num_rows is None else plan.order[:num_rows]
+        batches = order.map(plan.reader.__getitem__).batch(
+            global_batch_size, batch_fn=functools.partial(grain.experimental.batch_and_pad,
+                                                          batch_size=global_batch_size))
         row_slice = slice(process_index * local_batch, (process_index + 1) * local_batch)
-        batch_fn = functools.partial(grain.experimental.batch_and_pad, batch_size=global_batch_size)
-
+    batches = batches.map(functools.partial(_to_training_batch, row_slice=row_slice,
+                                            pad_id=plan.reader.tokenizer.pad_id))
     read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
-    tokenizer = make_tokenizer()  # gin-configured: byte (default) or a tokenizer.json
-    rows = grain.experimental.ConcatThenSplitIterDataset(
-        docs.map(functools.partial(_tokenize, tokenizer=tokenizer)).to_iter_dataset(read_options),
-        length_struct={_KEY: seq_len + 1},
-    )
-    batches = rows.batch(batch_rows, drop_remainder=split == "train", batch_fn=batch_fn)
-    return batches.map(functools.partial(_to_training_batch, row_slice=row_slice,
-                                         pad_id=tokenizer.pad_id))
+    return batches.to_iter_dataset(read_options)
 
 
 def make_iterator(split: str, **kwargs: Any) -> grain.DatasetIterator:
     """`iter(make_dataset(split, **kwargs))`: an iterator whose `get_state()`/`set_state()` checkpoint its position."""
     return iter(make_dataset(split, **kwargs))
+
+
+def mean_distinct_docs(plans: Sequence[RowPlan], rows_per_plan: int, num_batches: int = 100) -> float:
+    """Mean number of distinct documents per batch made of `rows_per_plan` rows of each plan.
+
+    Plans are disjoint document shards, so their counts add up.
+    """
+    counts = [p.distinct_docs(rows_per_plan, num_batches) for p in plans]
+    n = min(c.size for c in counts)
+    return float(np.mean(np.sum([c[:n] for c in counts], axis=0))) if n else float("nan")

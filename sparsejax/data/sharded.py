@@ -4,7 +4,8 @@
 Shard s owns documents `docs[s::num_shards]` and fills rows `[s * B/S, (s+1) * B/S)` of every
 global batch of B rows. Process p of P reads only its shards `[p * S/P, (p+1) * S/P)`. A run on
 one process with `num_shards=2` sees exactly the batches of a 2-process run, and a checkpoint
-saved by 2 processes restores on 1 (or 4) processes at the same data position.
+saved by 2 processes restores on 1 (or 4) processes at the same data position. Within a shard,
+rows are drawn in a seeded random order over the shard's whole row index (`pipeline.py`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from sparsejax.data.pipeline import make_iterator
+from sparsejax.data.pipeline import make_iterator, mean_distinct_docs, row_plan
 
 
 class ShardedTrainIterator:
@@ -39,6 +40,9 @@ class ShardedTrainIterator:
         self.num_shards = shards
         per_process = shards // pc
         self.shard_ids = list(range(pi * per_process, (pi + 1) * per_process))
+        self._plan_args = dict(seq_len=seq_len, seed=seed, dataset=dataset, data_dir=data_dir,
+                               num_shards=shards)
+        self.rows_per_shard = global_batch_size // shards
         self._its = {s: make_iterator("train", global_batch_size=global_batch_size,
                                       seq_len=seq_len, seed=seed, dataset=dataset,
                                       data_dir=data_dir, process_index=s, process_count=shards)
@@ -50,6 +54,12 @@ class ShardedTrainIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         parts = [next(self._its[s]) for s in self.shard_ids]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def distinct_docs_per_batch(self, num_batches: int = 100) -> float:
+        """Mean distinct source documents in this process's rows of the first `num_batches` batches
+        (computed from the row index and read order, without reading any text)."""
+        plans = [row_plan("train", shard_index=s, **self._plan_args) for s in self.shard_ids]
+        return mean_distinct_docs(plans, self.rows_per_shard, num_batches)
 
     def get_state(self) -> dict[str, Any]:
         return {str(s): it.get_state() for s, it in self._its.items()}

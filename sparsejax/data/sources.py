@@ -6,15 +6,20 @@
 - ``"files:GLOB"``: local text files, one document per file, split into
   train/validation by a stable hash of each path relative to the glob's root.
 
-Each split is a sequence of documents as `bytes`, which grain reads by index.
+Each split is a sequence of documents as `bytes`, which grain reads by index;
+`byte_lengths(docs)` gives their sizes (all the row index needs) and
+`corpus_summary` a fingerprint of a dataset, which runs record so that tables
+never mix runs trained on different corpora without saying so.
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import gin
+import numpy as np
 import tensorflow_datasets as tfds
 
 from sparsejax.data import stdlib_corpus
@@ -41,6 +46,10 @@ class _TextRecords(Sequence[bytes]):
         text = self._records[index][self._key]
         return text.encode("utf-8") if isinstance(text, str) else bytes(text)
 
+    def byte_lengths(self) -> np.ndarray:
+        """Bytes per document (reads every record once)."""
+        return np.fromiter((len(self[i]) for i in range(len(self))), np.int64, len(self))
+
     def __repr__(self) -> str:
         return f"_TextRecords({self._records!r}, key={self._key!r})"
 
@@ -57,6 +66,10 @@ class TextFiles(Sequence[bytes]):
     def __getitem__(self, index: int) -> bytes:
         with open(self.paths[index], "rb") as f:
             return f.read()
+
+    def byte_lengths(self) -> np.ndarray:
+        """Bytes per document, from the file sizes (nothing is read)."""
+        return np.fromiter((os.path.getsize(p) for p in self.paths), np.int64, len(self.paths))
 
     def __repr__(self) -> str:
         return f"TextFiles({len(self.paths)} files)"
@@ -158,7 +171,8 @@ def stdlib_source(split: str, data_dir: str | None = None) -> _TextRecords:
         records = builder.as_data_source(split=split)
     if len(records) == 0:
         raise ValueError(
-            f"split {split!r} of dataset 'stdlib' in {builder.data_dir} is empty; raise stdlib_builder.max_bytes"
+            f"split {split!r} of dataset 'stdlib' in {builder.data_dir} is empty; raise "
+            "stdlib_builder.max_bytes (None: the whole library)"
         )
     return _TextRecords(records, "text")
 
@@ -183,6 +197,45 @@ def text_source(dataset: str, split: str, data_dir: str | None = None) -> Sequen
     raise ValueError(
         f"dataset must be 'stdlib', 'tfds:NAME[/CONFIG][:VERSION]' or 'files:GLOB', got {dataset!r}"
     )
+
+
+def byte_lengths(docs: Sequence[bytes]) -> np.ndarray:
+    """Bytes per document of a source: its own `byte_lengths()` if it has one, else len() of each."""
+    if hasattr(docs, "byte_lengths"):
+        return np.asarray(docs.byte_lengths(), np.int64)
+    return np.fromiter((len(docs[i]) for i in range(len(docs))), np.int64, len(docs))
+
+
+def corpus_summary(dataset: str, data_dir: str | None = None) -> dict[str, Any]:
+    """`{'corpus_fingerprint': 16 hex digits, 'corpus_documents': {split: n}}` of `dataset`.
+
+    stdlib: the fingerprint stored with the corpus (split, path and content of
+    every file), plus its token count; files: SHA-256 of every file's split,
+    path relative to the glob root and size; tfds: of the dataset's full name
+    and each split's example count and size.
+    """
+    docs = {split: text_source(dataset, split, data_dir) for split in SPLITS}
+    out: dict[str, Any] = {"corpus_documents": {s: len(d) for s, d in docs.items()}}
+    if dataset == "stdlib":
+        info = stdlib_corpus.corpus_info(stdlib_corpus.stdlib_builder(data_dir))
+        out["corpus_fingerprint"] = info["fingerprint"]
+        out["corpus_tokens"] = info["tokens"]
+        return out
+    h = hashlib.sha256(dataset.partition(":")[0].encode())
+    if dataset.startswith("files:"):
+        root = _glob_root(os.path.expanduser(dataset.partition(":")[2]))
+        for split, d in docs.items():
+            for path, size in zip(d.paths, d.byte_lengths()):
+                h.update(f"{split}\0{os.path.relpath(path, root)}\0{size}\n".encode())
+    else:
+        name = dataset.partition(":")[2]
+        with stdlib_corpus.quiet_tfds():
+            info = tfds.builder(name, data_dir=data_dir).info
+        h.update(info.full_name.encode())
+        for split, s in sorted(info.splits.items()):
+            h.update(f"\0{split}\0{s.num_examples}\0{s.num_bytes}".encode())
+    out["corpus_fingerprint"] = h.hexdigest()[:16]
+    return out
 
 
 def check_dataset(dataset: str, data_dir: str | None = None) -> dict[str, int]:

@@ -32,6 +32,10 @@ def add_parsers(sub) -> None:
                    help="print one launch command per trial and run nothing")
     r = sub.add_parser("report", help="regenerate a sweep's table and plots")
     r.add_argument("--out", required=True, help="sweep dir written by `sparsejax sweep`")
+    for p in (s, r):
+        p.add_argument("--allow_mixed_corpora", action="store_true",
+                       help="put trials trained on different corpora (corpus fingerprints) in "
+                            "one table instead of refusing")
     s.set_defaults(handler=run)
     r.set_defaults(handler=run)
 
@@ -44,7 +48,7 @@ def run(args: argparse.Namespace, bindings: Sequence[str]) -> int:
         if args.command == "report":
             if bindings:
                 raise ValueError(f"report takes no --gin.* flags (got {list(bindings)})")
-            print(json.dumps(report.write_report(args.out)), flush=True)
+            print(json.dumps(report.write_report(args.out, args.allow_mixed_corpora)), flush=True)
             return 0
         spec = grid.build_spec(args.gin_file, args.sweep, args.seeds, bindings, args.grid)
         runner.validate_spec(spec)
@@ -54,7 +58,7 @@ def run(args: argparse.Namespace, bindings: Sequence[str]) -> int:
             return 0
         sweep = runner.run_sweep(spec, args.out, parallel=args.parallel,
                                  cpu_devices=args.cpu_devices or None)
-        print(json.dumps(report.write_report(args.out)), flush=True)
+        print(json.dumps(report.write_report(args.out, args.allow_mixed_corpora)), flush=True)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

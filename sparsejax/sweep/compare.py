@@ -1,6 +1,7 @@
 """Side-by-side comparison of several sweeps, e.g. a method sweep and its dense baseline:
 one row per grid point of each sweep (a *variant*), eval-loss curves averaged over seeds,
-and, where present, density schedules and MoE expert-load skew.
+and, where present, density schedules and MoE expert-load skew. Sweeps whose trials were
+trained on different corpora (corpus fingerprints) are refused unless `allow_mixed_corpora`.
 
 Used by the reproductions in experiments/ (experiments/reproduce.py)::
 
@@ -19,8 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from sparsejax.sweep.grid import point_name
-from sparsejax.sweep.report import (MEAN_KEYS, STAT_KEYS, _fmt, fmt_mean_std, load_results,
-                                    mean_std)
+from sparsejax.sweep.report import (MEAN_KEYS, STAT_KEYS, _fmt, check_one_corpus, fmt_mean_std,
+                                    load_results, mean_std)
 from sparsejax.sweep.runner import load_spec, trial_dir
 from sparsejax.train.metrics import read_metrics
 
@@ -44,8 +45,10 @@ class Variant:
                                           "metrics.jsonl")) for r in self.results]
 
 
-def collect(sweep_dirs: Sequence[str]) -> list[Variant]:
-    """Variants of every sweep dir, in order; labelled `<dir name>: <grid point>`."""
+def collect(sweep_dirs: Sequence[str], allow_mixed_corpora: bool = False) -> list[Variant]:
+    """Variants of every sweep dir, in order; labelled `<dir name>: <grid point>`. Raises a
+    ValueError if the finished trials were trained on different corpora, unless
+    `allow_mixed_corpora`."""
     variants = []
     for d in sweep_dirs:
         spec = load_spec(d)
@@ -54,7 +57,13 @@ def collect(sweep_dirs: Sequence[str]) -> list[Variant]:
         for point in spec.points():
             rs = [r for r in results if r["_trial"].point == point]
             variants.append(Variant(f"{stem}: {point_name(point)}", d, point, rs))
+    check_one_corpus([r for v in variants for r in v.results], allow_mixed_corpora)
     return variants
+
+
+def corpus_fingerprints(variants: Sequence[Variant]) -> list[str]:
+    """The distinct corpus fingerprints of the variants' finished trials."""
+    return check_one_corpus([r for v in variants for r in v.results], allow_mixed=True)
 
 
 def expert_load_skew(record: dict[str, Any]) -> float | None:
@@ -129,7 +138,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The comparison table; density / expert-load columns only when some variant has them."""
     has_density = any(r["density"] is not None for r in rows)
     has_skew = any(r["expert_load_skew"] is not None for r in rows)
-    cols = ["variant", "seeds", "final eval loss", "per seed", "Δ vs baseline (same seed)",
+    cols = ["variant", "seeds", "final eval loss", "eval stderr", "per seed",
+            "Δ vs baseline (same seed)",
             "best eval loss", "params", "avg params", "FLOPs/token", "tokens/s"]
     cols += ["final density"] * has_density + ["expert load max/mean"] * has_skew
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -137,7 +147,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         dm = r["delta_vs_baseline_mean"]
         sign = "+" if dm is not None and dm >= 0 else ""
         cells = [r["variant"], str(r["n_seeds"]), fmt_mean_std(r, "final_eval_loss"),
-                 ", ".join(_fmt(x) for x in r["final_eval_losses"] if x is not None),
+                 _fmt(r["final_eval_loss_stderr"]), ", ".join(_fmt(x) for x in r["final_eval_losses"] if x is not None),
                  sign + fmt_mean_std(r, "delta_vs_baseline"),
                  fmt_mean_std(r, "best_eval_loss"),
                  _count(r["params"]), _count(r["avg_params"]),
@@ -219,5 +229,5 @@ def plot_comparison(variants: Sequence[Variant], path: str, title: str = "") -> 
     return path
 
 
-__all__ = ["Variant", "collect", "compare_rows", "density_curve", "eval_curve",
+__all__ = ["Variant", "collect", "compare_rows", "corpus_fingerprints", "density_curve", "eval_curve",
            "expert_load_skew", "markdown_table", "plot_comparison", "skew_curve"]

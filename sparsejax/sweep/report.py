@@ -1,8 +1,13 @@
 """Sweep results table (CSV + Markdown) and plots, from the finished trials of a sweep dir.
 
 Per grid point: final and best eval loss as mean ± std over the finished seeds (sample std,
-ddof=1; blank with one seed), params (final nonzero; the mask-aware logged count for sparsity
-runs), average params over the run, forward FLOPs per token and tokens/s (means over seeds).
+ddof=1; blank with one seed), the eval's own standard error over its sample rows (mean over
+seeds; how far one run's eval loss is from its value on the whole split), params (final
+nonzero; the mask-aware logged count for sparsity runs), average params over the run, forward
+FLOPs per token and tokens/s (means over seeds).
+
+Trials trained on different corpora (different `corpus_fingerprint`s: another Python's
+standard library, edited files) are refused in one table unless `allow_mixed_corpora`.
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ from sparsejax.train.metrics import read_metrics
 CSV_FILE, MD_FILE = "results.csv", "results.md"
 LOSS_CURVES_PNG = "loss_curves.png"
 STAT_KEYS = ("final_eval_loss", "best_eval_loss")
-MEAN_KEYS = ("params", "avg_params", "flops_per_token", "tokens_per_s")
+MEAN_KEYS = ("final_eval_loss_stderr", "params", "avg_params", "flops_per_token", "tokens_per_s")
+NOT_RECORDED = "not recorded"
 
 
 def column_keys(spec: SweepSpec) -> list[str]:
@@ -41,6 +47,22 @@ def load_results(out: str, spec: SweepSpec | None = None) -> list[dict[str, Any]
             with open(path) as f:
                 results.append({**json.load(f), "_trial": t})
     return results
+
+
+def check_one_corpus(results: list[dict[str, Any]], allow_mixed: bool = False) -> list[str]:
+    """The corpus fingerprints of `results` (finished trials); a ValueError naming each
+    fingerprint and its trials if there is more than one, unless `allow_mixed`."""
+    groups: dict[str, list[str]] = {}
+    for r in results:
+        name = r.get("trial") or (r["_trial"].name if "_trial" in r else "?")
+        groups.setdefault(r.get("corpus_fingerprint") or NOT_RECORDED, []).append(name)
+    if len(groups) > 1 and not allow_mixed:
+        listed = "; ".join(f"{fp}: {len(ts)} trials ({', '.join(ts[:3])}{', ...' if len(ts) > 3 else ''})"
+                           for fp, ts in sorted(groups.items()))
+        raise ValueError(f"these trials were trained on different corpora (corpus_fingerprint {listed}); "
+                         "rerun them on one Python / dataset, or pass --allow_mixed_corpora to put them "
+                         "in one table anyway")
+    return sorted(groups)
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -81,7 +103,8 @@ def fmt_mean_std(row: dict[str, Any], key: str) -> str:
     return "" if m is None else _fmt(m) + ("" if s is None else f" ± {_fmt(s)}")
 
 
-def write_table(out: str, spec: SweepSpec, rows: list[dict[str, Any]]) -> tuple[str, str]:
+def write_table(out: str, spec: SweepSpec, rows: list[dict[str, Any]],
+                corpora: list[str] | None = None) -> tuple[str, str]:
     keys = column_keys(spec)
     cols = keys + ["n_seeds"] + [f"{k}_{s}" for k in STAT_KEYS for s in ("mean", "std")] + list(
         MEAN_KEYS)
@@ -91,20 +114,24 @@ def write_table(out: str, spec: SweepSpec, rows: list[dict[str, Any]]) -> tuple[
         w.writerow(cols)
         for row in rows:
             w.writerow(["" if row[c] is None else row[c] for c in cols])
-    md_cols = keys + ["seeds", "final eval loss", "best eval loss", "params", "avg params",
-                      "FLOPs/token", "tokens/s"]
+    md_cols = keys + ["seeds", "final eval loss", "eval stderr", "best eval loss", "params",
+                      "avg params", "FLOPs/token", "tokens/s"]
     lines = ["| " + " | ".join(md_cols) + " |", "|" + "---|" * len(md_cols)]
     n_seeds = len(spec.seeds)
     for row in rows:
         cells = [str(row[k]) for k in keys] + [f"{row['n_seeds']}/{n_seeds}"]
-        cells += [fmt_mean_std(row, k) for k in STAT_KEYS]
+        cells += [fmt_mean_std(row, "final_eval_loss"), _fmt(row["final_eval_loss_stderr"]),
+                  fmt_mean_std(row, "best_eval_loss")]
         cells += [_fmt(row["params"], 0), _fmt(row["avg_params"], 0),
                   _fmt(row["flops_per_token"], 0), _fmt(row["tokens_per_s"], 0)]
         lines.append("| " + " | ".join(cells) + " |")
     md_path = os.path.join(out, MD_FILE)
     with open(md_path, "w") as f:
         f.write(f"# Sweep results\n\ngin files: {', '.join(spec.gin_files)}; seeds: "
-                f"{list(spec.seeds)}; loss columns: mean ± std over seeds (nats/token)\n\n")
+                f"{list(spec.seeds)}; loss columns: mean ± std over seeds (nats/token); eval "
+                f"stderr: standard error of one trial's final eval loss over its eval sample's "
+                f"rows (mean over seeds); corpus fingerprint: {', '.join(corpora or []) or 'n/a'}"
+                f"\n\n")
         f.write("\n".join(lines) + "\n")
     return csv_path, md_path
 
@@ -190,12 +217,14 @@ def plot_vs_swept(out: str, spec: SweepSpec, rows: list[dict[str, Any]]) -> list
     return paths
 
 
-def write_report(out: str) -> dict[str, Any]:
-    """Regenerates the table and plots of the sweep in `out` from its finished trials."""
+def write_report(out: str, allow_mixed_corpora: bool = False) -> dict[str, Any]:
+    """Regenerates the table and plots of the sweep in `out` from its finished trials (refused
+    if they were trained on different corpora, unless `allow_mixed_corpora`)."""
     spec = load_spec(out)
     results = load_results(out, spec)
+    corpora = check_one_corpus(results, allow_mixed_corpora)
     rows = aggregate(spec, results)
-    csv_path, md_path = write_table(out, spec, rows)
+    csv_path, md_path = write_table(out, spec, rows, corpora)
     plots = [p for p in [plot_loss_curves(out, results)] if p] + plot_vs_swept(out, spec, rows)
     return {"finished": len(results), "total": len(spec.trials()), "csv": csv_path,
-            "markdown": md_path, "plots": plots}
+            "markdown": md_path, "plots": plots, "corpus_fingerprints": corpora}

@@ -215,10 +215,10 @@ class SweepRunner:
             with open(tmp, "w") as f:
                 json.dump(result, f, indent=1)
             os.replace(tmp, os.path.join(wd, RESULT_FILE))
-            loss = result["final_eval_loss"]
+            loss, err = result["final_eval_loss"], result["final_eval_loss_stderr"]
+            shown = "n/a" if loss is None else f"{loss:.4f}" + ("" if err is None else f" ± {err:.4f}")
             self._print(f"[{self._done_count()}/{len(self.trials)}] done {r.trial.name} "
-                        f"({elapsed:.1f} s, final eval loss "
-                        f"{'n/a' if loss is None else f'{loss:.4f}'})")
+                        f"({elapsed:.1f} s, final eval loss {shown})")
         elif rc == 0 and status == "preempted":
             self._print(f"preempted {r.trial.name}; it resumes on the next run")
         else:

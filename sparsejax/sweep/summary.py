@@ -9,26 +9,31 @@ from typing import Any
 
 import numpy as np
 
-from sparsejax.train.metrics import read_metrics
+from sparsejax.train.metrics import read_metrics, recorded_fingerprints
 
 RESULT_FILE = "result.json"
 
 
 def metric_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Final/best eval loss, final train loss, throughput and logged param counts.
+    """Final/best eval loss, the final eval's standard error over its rows, final train loss
+    (the mean over the last logging interval), throughput, logged param counts and the corpus
+    fingerprint ('a+b' if the run was resumed on another corpus; None if not recorded).
 
     tokens_per_s is the mean over logged train records except the first (which includes
     compilation), or the first one when it is the only one."""
-    evals = [r["eval_loss"] for r in records if _finite(r.get("eval_loss"))]
+    eval_recs = [r for r in records if _finite(r.get("eval_loss"))]
+    evals = [r["eval_loss"] for r in eval_recs]
     train = [r for r in records if _finite(r.get("loss"))]
     tps = [r["tokens_per_s"] for r in train if _finite(r.get("tokens_per_s"))]
     tps = tps[1:] if len(tps) > 1 else tps
     out: dict[str, Any] = {
         "final_step": max((int(r["step"]) for r in records), default=0),
         "final_eval_loss": evals[-1] if evals else None,
+        "final_eval_loss_stderr": (eval_recs[-1].get("eval_loss_stderr") if eval_recs else None),
         "best_eval_loss": min(evals) if evals else None,
         "final_loss": train[-1]["loss"] if train else None,
         "tokens_per_s": float(np.mean(tps)) if tps else None,
+        "corpus_fingerprint": "+".join(recorded_fingerprints(records)) or None,
     }
     for key, name in (("sparsity/param_count", "logged_params"),
                       ("sparsity/avg_param_count", "logged_avg_params"),

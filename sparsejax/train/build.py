@@ -49,6 +49,13 @@ class Run:
                        out_shardings=(self.state_shardings, replicated(self.mesh)),
                        donate_argnums=(0,))
 
+    def layer_density_fn(self):
+        """Jitted state -> overall and per-layer mask densities ('sparsity/density/<path>'),
+        replicated; logged at step 0 so density plots start at the first step."""
+        from sparsejax.sparsity.method import density_metrics
+        return jax.jit(lambda s: density_metrics(s.sparsity.get("masks"), self.sparsity_method.valid),
+                       in_shardings=(self.state_shardings,), out_shardings=replicated(self.mesh))
+
 
 def strip_boxes(tree: Any) -> Any:
     """Removes logical-partitioning boxes without adding sharding constraints."""

@@ -1,4 +1,5 @@
-"""Metric sinks: WORKDIR/metrics.jsonl (one JSON object per logged step) and TensorBoard."""
+"""Metric sinks: WORKDIR/metrics.jsonl (one JSON object per logged step) and TensorBoard, and the
+per-step losses averaged over each logging interval."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,31 @@ def to_python(value: Any) -> Any:
         v = arr.item()
         return None if isinstance(v, float) and not math.isfinite(v) else v
     return [to_python(x) for x in arr]
+
+
+class IntervalLoss:
+    """Collects each step's `loss` and `nonfinite` flag (device arrays, fetched only at log time)
+    and reports the interval's mean loss over its finite steps (`loss`), the last step's loss
+    (`loss_last`), the number of steps averaged (`loss_steps`) and of non-finite steps
+    (`nonfinite`). After a resume the first interval holds only the steps since the resume."""
+
+    def __init__(self):
+        self._losses: list[Any] = []
+        self._flags: list[Any] = []
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        self._losses.append(metrics["loss"])
+        self._flags.append(metrics["nonfinite"])
+
+    def pop(self) -> dict[str, Any]:
+        import jax
+        losses = np.asarray(jax.device_get(self._losses), np.float64)
+        flags = np.asarray(jax.device_get(self._flags), np.int64)
+        self._losses, self._flags = [], []
+        good = losses[np.isfinite(losses) & (flags == 0)]
+        return {"loss": float(np.mean(good)) if good.size else None,
+                "loss_last": float(losses[-1]) if losses.size else None,
+                "loss_steps": int(good.size), "nonfinite": int(flags.sum())}
 
 
 class MetricsWriter:
@@ -93,3 +119,17 @@ def truncate_metrics(path: str, step: int) -> None:
     with open(tmp, "w") as f:
         f.writelines(keep)
     os.replace(tmp, path)
+
+
+FINGERPRINT = "corpus_fingerprint"
+
+
+def recorded_fingerprints(records: list[dict[str, Any]]) -> list[str]:
+    """The distinct corpus fingerprints recorded in a run's metrics, in order of appearance
+    (more than one: the run was resumed on a changed corpus)."""
+    out: list[str] = []
+    for r in records:
+        fp = r.get(FINGERPRINT)
+        if fp is not None and fp not in out:
+            out.append(fp)
+    return out

@@ -1,4 +1,4 @@
-"""Pure train, eval and mask-update steps: (state, batch) -> (state, metrics). Jitted by the
+"""Pure train and mask-update steps: (state, batch) -> (state, metrics). Jitted by the
 trainer with explicit shardings; nothing here does I/O. Every step drives the run's sparsity
 method (`DenseMethod` for dense training), so none of them has a dense special case."""
 from __future__ import annotations
@@ -101,19 +101,6 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformationExtraArgs,
         return new_state, metrics
 
     return train_step
-
-
-def make_eval_step(model: nn.Module, method: SparsityMethod) -> Callable:
-    """eval_step(state, batch) -> {'loss_sum', 'count'} summed over the global batch."""
-
-    def eval_step(state: TrainState, batch):
-        params = method.forward_params(state.params, state.sparsity, step=state.step, rng=None)
-        logits = model.apply(model_variables(params, state.moe_state), batch["inputs"],
-                             batch["positions"], batch["segment_ids"], deterministic=True)
-        loss_sum, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
-        return {"loss_sum": loss_sum, "count": count}
-
-    return eval_step
 
 
 def make_sparsity_update(model: nn.Module, method: SparsityMethod) -> Callable:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import signal
 import time
@@ -19,15 +18,15 @@ from tqdm import tqdm
 
 from sparsejax import config as config_lib
 from sparsejax.config import check_field_types
-from sparsejax.data import pipeline
 from sparsejax.data.sharded import (ShardedIteratorRestore, ShardedIteratorSave,
                                     ShardedTrainIterator)
 from sparsejax.parallel.rules import LOGICAL_RULES, batch_sharding, replicated
+from sparsejax.train import evaluation, run_info
 from sparsejax.train import workdir as workdir_lib
 from sparsejax.train.build import build_run
 from sparsejax.train.checkpoint import Checkpointer
-from sparsejax.train.metrics import MetricsWriter, truncate_metrics
-from sparsejax.train.step import make_eval_step, make_train_step
+from sparsejax.train.metrics import IntervalLoss, MetricsWriter, truncate_metrics
+from sparsejax.train.step import make_train_step
 from sparsejax.train.warm_start import init_from_pretrained, warm_start
 from sparsejax.train.workdir import has_pretrained
 
@@ -50,7 +49,7 @@ class TrainConfig:
     data_shards: int | None = None  # document shards (None: one per process); see data/sharded.py
     log_every: int = 10
     eval_every: int = 100
-    eval_batches: int = 4
+    eval_tokens: int = 131072  # size of the fixed validation sample (train/evaluation.py); 0: no eval
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
@@ -64,8 +63,9 @@ class TrainConfig:
                      "checkpoint_every", "keep_checkpoints", "max_skipped_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
-        if self.eval_batches < 0:
-            raise ValueError(f"TrainConfig.eval_batches={self.eval_batches} must be >= 0")
+        if self.eval_tokens < 0:
+            raise ValueError(f"TrainConfig.eval_tokens={self.eval_tokens!r} must be an int >= 0 "
+                             "(0 turns eval off)")
         if self.nan_policy not in NAN_POLICIES:
             raise ValueError(f"TrainConfig.nan_policy={self.nan_policy!r}; valid: {NAN_POLICIES}")
 
@@ -111,27 +111,6 @@ def global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
-def evaluate(eval_fn, state, cfg: TrainConfig, sharding, max_batches: int | None = None
-             ) -> dict[str, float]:
-    """Mean token loss and perplexity over the first `max_batches` validation batches."""
-    n = cfg.eval_batches if max_batches is None else max_batches
-    it = pipeline.make_iterator("validation", global_batch_size=cfg.global_batch_size,
-                                seq_len=cfg.seq_len, seed=cfg.seed, dataset=cfg.dataset,
-                                data_dir=cfg.data_dir, num_epochs=1)
-    loss_sum, count = 0.0, 0.0
-    for i, batch in enumerate(it):
-        if i >= n:
-            break
-        out = eval_fn(state, global_batch(batch, sharding))
-        loss_sum += float(out["loss_sum"])
-        count += float(out["count"])
-    if count == 0:
-        raise ValueError(f"validation split of dataset={cfg.dataset!r} gave no tokens for "
-                         f"global_batch_size={cfg.global_batch_size}, seq_len={cfg.seq_len}")
-    loss = loss_sum / count
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
-
-
 def check_resume_config(saved: dict | None, step: int, allow_change: bool) -> list[str]:
     """Compares the bindings a checkpoint was trained with to this run's; refuses a change
     (with the diff) unless `allow_change`. Returns the changed lines."""
@@ -173,6 +152,7 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "",
     data_it = ShardedTrainIterator(global_batch_size=cfg.global_batch_size, seq_len=cfg.seq_len,
                                    seed=cfg.seed, dataset=cfg.dataset, data_dir=cfg.data_dir,
                                    num_shards=cfg.data_shards)
+    eval_set = evaluation.eval_set_for(cfg)
     bsharding = batch_sharding(mesh)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
@@ -196,14 +176,21 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "",
                 truncate_metrics(os.path.join(workdir, workdir_lib.METRICS_FILE), start)
             workdir_lib.write_config(workdir, config_lib.operative_config_text())
         writer = MetricsWriter(workdir, enabled=is_main)
+        if restored is None:
+            if is_main:
+                writer.write(0, run_info.start_record(cfg, data_it, eval_set))
+            writer.write(0, jax.device_get(run.layer_density_fn()(state)))  # plots start at 0
+        else:
+            corpus = run_info.resume_record(cfg, workdir) if is_main else None
+            if corpus:
+                writer.write(start, corpus)
         if changes:
             writer.write(start, {"config_changes": changes})
         step_fn = jax.jit(make_train_step(model, tx, method, run.lr_schedule),
                           in_shardings=(run.state_shardings, bsharding),
                           out_shardings=(run.state_shardings, replicated(mesh)),
                           donate_argnums=(0,))
-        eval_fn = jax.jit(make_eval_step(model, method),
-                          in_shardings=(run.state_shardings, bsharding))
+        eval_fn = evaluation.make_eval_fn(model, method, run.state_shardings, mesh, bsharding)
         update_fn = run.sparsity_update_fn()
         # One compiled program (not a stream of eager ops) so every process runs the same
         # collectives in the same order.
@@ -227,6 +214,7 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "",
         bar = tqdm(total=cfg.num_steps, initial=start, disable=not (is_main and cfg.progress_bar),
                    dynamic_ncols=True, desc="train")
         t0, steps_since, skipped = time.perf_counter(), 0, 0
+        interval = IntervalLoss()
         with _Preemption() as preempt:
             for step in range(start, cfg.num_steps):
                 batch = global_batch(next(data_it), bsharding)
@@ -234,6 +222,7 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "",
                     state, mask_metrics = update_fn(state, batch)
                     writer.write(step, mask_metrics)
                 state, metrics = step_fn(state, batch)
+                interval.add(metrics)
                 steps_since += 1
                 done = step + 1
                 skipped = skipped + 1 if int(metrics["nonfinite"]) else 0
@@ -244,16 +233,18 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "",
                                                f"TrainConfig.max_skipped_steps="
                                                f"{cfg.max_skipped_steps}")
                 if done % cfg.log_every == 0 or done == cfg.num_steps:
-                    metrics = jax.device_get(metrics)
+                    metrics = {**jax.device_get(metrics), **interval.pop()}
                     elapsed = time.perf_counter() - t0
                     metrics["tokens_per_s"] = tokens_per_step * steps_since / max(elapsed, 1e-9)
                     metrics.update(jax.device_get(sparsity_metrics_fn(state)))
                     last = writer.write(done, metrics)
-                    bar.set_postfix(loss=f"{last['loss']:.3f}",
+                    bar.set_postfix(loss="n/a" if last["loss"] is None else f"{last['loss']:.3f}",
                                     tok_s=f"{metrics['tokens_per_s']:.0f}")
                     t0, steps_since = time.perf_counter(), 0
-                if cfg.eval_batches and (done % cfg.eval_every == 0 or done == cfg.num_steps):
-                    ev = evaluate(eval_fn, state, cfg, bsharding)
+                if eval_set and (done % cfg.eval_every == 0 or done == cfg.num_steps):
+                    t_eval = time.perf_counter()
+                    ev = evaluation.evaluate(eval_fn, state, eval_set, bsharding)
+                    ev["eval_seconds"] = time.perf_counter() - t_eval
                     last.update(writer.write(done, ev))
                     t0, steps_since = time.perf_counter(), 0
                 if done % cfg.checkpoint_every == 0 or done == cfg.num_steps:
@@ -306,14 +297,24 @@ def load_state_for_eval(workdir: str, cfg: TrainConfig):
 
 @gin.configurable(denylist=["workdir"])
 def evaluate_checkpoint(workdir: str, config: TrainConfig | None = None,
-                        num_batches: int = 16) -> dict[str, Any]:
-    """Loss and perplexity of the latest checkpoint on the validation split."""
+                        eval_tokens: int | None = None) -> dict[str, Any]:
+    """Loss (with its standard error) and perplexity of the latest checkpoint on the eval sample
+    that training uses (`eval_tokens=None`: TrainConfig.eval_tokens), or on one of
+    `eval_tokens` tokens; logs the sample's size."""
     cfg = config or TrainConfig()
+    n = cfg.eval_tokens if eval_tokens is None else eval_tokens
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"evaluate_checkpoint.eval_tokens={n!r} (or TrainConfig.eval_tokens) must "
+                         "be an int >= 1")
     run, step, state = load_state_for_eval(workdir, cfg)
+    eval_set = evaluation.eval_set_for(cfg, n)
     config_lib.check_unused_bindings()
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        eval_fn = jax.jit(make_eval_step(run.model, run.sparsity_method),
-                          in_shardings=(run.state_shardings, batch_sharding(run.mesh)))
-        out = evaluate(eval_fn, state, cfg, batch_sharding(run.mesh), max_batches=num_batches)
+        bsharding = batch_sharding(run.mesh)
+        eval_fn = evaluation.make_eval_fn(run.model, run.sparsity_method, run.state_shardings,
+                                          run.mesh, bsharding)
+        out = evaluation.evaluate(eval_fn, state, eval_set, bsharding)
+    log.info("eval of step %d: loss %.4f ± %.4f (standard error over rows) on %s", step,
+             out["eval_loss"], out["eval_loss_stderr"] or float("nan"), eval_set.describe())
     out["step"] = step
     return out

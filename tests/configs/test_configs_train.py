@@ -30,7 +30,7 @@ from sparsejax.train.trainer import TrainConfig
 MODELS = {"tiny.gin": 60, "experiments/small.gin": 300, "base.gin": 200}
 NUM_STEPS = 20  # the trained runs on tiny
 COMMON = [f"--gin.TrainConfig.num_steps={NUM_STEPS}", "--gin.TrainConfig.log_every=5",
-          f"--gin.TrainConfig.eval_every={NUM_STEPS}", "--gin.TrainConfig.eval_batches=1",
+          f"--gin.TrainConfig.eval_every={NUM_STEPS}", "--gin.TrainConfig.eval_tokens=512",
           f"--gin.TrainConfig.checkpoint_every={NUM_STEPS}", "--gin.TrainConfig.progress_bar=False",
           "--gin.TrainConfig.async_checkpoints=False",
           # a 1-device mesh: compiling for the 8 simulated test devices costs 1.5-4x more here

@@ -22,7 +22,7 @@ TEXT = ["def add(a, b):\n    return a + b\n", "class Point:\n    x: int = 0\n   
         "import os\nprint(os.getcwd())\n", "for i in range(10):\n    total += i * i\n"]
 FAST = ["--gin.TrainConfig.global_batch_size=8", "--gin.TrainConfig.seq_len=32",
         "--gin.TrainConfig.log_every=1", "--gin.TrainConfig.eval_every=2",
-        "--gin.TrainConfig.eval_batches=1", "--gin.TrainConfig.checkpoint_every=2",
+        "--gin.TrainConfig.eval_tokens=512", "--gin.TrainConfig.checkpoint_every=2",
         "--gin.TrainConfig.progress_bar=False", "--gin.TrainConfig.async_checkpoints=False"]
 
 
@@ -100,7 +100,7 @@ def train(workdir, data, *extra):
 def test_eval_train_sparse_finetune_export_sample(imported, capsys, tmp_path):
     w, data = imported["w"], imported["data"]
     loss_imported = eval_loss(capsys, f"--workdir={w}", data, *FAST,
-                              "--gin.evaluate_checkpoint.num_batches=1")
+                              "--gin.evaluate_checkpoint.eval_tokens=512")
     # train starts from the imported params: at a vanishing learning rate, same eval loss...
     dense = str(tmp_path / "dense")
     shutil.copytree(w, dense)

@@ -72,9 +72,9 @@ def finish(procs, timeout=400):
     return outs
 
 
-def losses(workdir):
+def losses(workdir, key="loss"):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+        return [r[key] for r in map(json.loads, f) if key in r]
 
 
 def params_at(workdir, step):
@@ -93,6 +93,10 @@ def test_two_processes_match_one_process(two_process_run, tmp_path):
     finish([launch(single, 8)])
     assert len(losses(single)) == 4
     np.testing.assert_allclose(losses(two_process_run), losses(single), rtol=RTOL)
+    # Both processes scored the whole eval sample: same rows, same loss and stderr.
+    assert losses(two_process_run, "eval_rows") == losses(single, "eval_rows") == [512]
+    for key in ("eval_loss", "eval_loss_stderr"):
+        np.testing.assert_allclose(losses(two_process_run, key), losses(single, key), rtol=1e-4)
     for a, b in zip(params_at(two_process_run, 20), params_at(single, 20)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 

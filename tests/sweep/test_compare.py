@@ -25,9 +25,10 @@ def load_reproduce():
     return sys.modules["reproduce"]
 
 
-def fake_sweep(out, sweep, seeds, finals, extra=None):
+def fake_sweep(out, sweep, seeds, finals, extra=None, corpus="f0621468f8aeceba"):
     """A sweep dir whose trials 'finished' with the given final eval losses
-    (finals[point_index][seed_index]); `extra(point_index, step)` adds metrics."""
+    (finals[point_index][seed_index]), eval stderr 0.01 * (seed + 1), trained on `corpus`;
+    `extra(point_index, step)` adds metrics."""
     spec = grid.SweepSpec(gin_files=("tiny.gin",), sweeps=(sweep,), seeds=tuple(seeds))
     runner.prepare_out_dir(spec, out)
     for t in spec.trials():
@@ -44,7 +45,8 @@ def fake_sweep(out, sweep, seeds, finals, extra=None):
                 f.write(json.dumps(rec) + "\n")
         with open(os.path.join(d, RESULT_FILE), "w") as f:
             json.dump({"trial": t.name, "seed": t.seed, "final_eval_loss": final,
-                       "best_eval_loss": final, "params": 1000.0 * (p + 1),
+                       "best_eval_loss": final, "final_eval_loss_stderr": 0.01 * (t.seed + 1),
+                       "corpus_fingerprint": corpus, "params": 1000.0 * (p + 1),
                        "avg_params": 900.0, "flops_per_token": 2000.0,
                        "tokens_per_s": 50.0}, f)
     return out
@@ -85,8 +87,44 @@ def test_rows_mean_std_delta_and_skew(sweeps):
     assert lb["density"] == pytest.approx(0.5)
     table = compare.markdown_table(rows)
     assert "expert load max/mean" in table and "final density" in table
-    assert ("| dense: name=dense | 3 | 2.1000 ± 0.1000 | 2.0000, 2.2000, 2.1000 "
+    assert dense["final_eval_loss_stderr"] == pytest.approx(0.02)  # mean of 0.01, 0.02, 0.03
+    assert ("| dense: name=dense | 3 | 2.1000 ± 0.1000 | 0.0200 | 2.0000, 2.2000, 2.1000 "
             "| +0.0000 ± 0.0000 |") in table
+
+
+def test_sweeps_on_different_corpora_are_refused_unless_allowed(sweeps, tmp_path, capsys):
+    other = fake_sweep(str(tmp_path / "py312"), ("make_method.name", ("'dense'",)), [0],
+                       [[2.5]], corpus="0123456789abcdef")
+    with pytest.raises(ValueError, match=r"different corpora.*0123456789abcdef: 1 trials.*"
+                                         r"f0621468f8aeceba: 3 trials.*--allow_mixed_corpora"):
+        compare.collect([sweeps[0], other])
+    variants = compare.collect([sweeps[0], other], allow_mixed_corpora=True)
+    assert compare.corpus_fingerprints(variants) == ["0123456789abcdef", "f0621468f8aeceba"]
+    rep = load_reproduce()
+    rep.REPRODUCTIONS["mixed"] = rep.Reproduction("Mixed", ("dense", "py312"), "dense: name=dense")
+    try:
+        args = ["mixed", "--report_only", f"--out={tmp_path}", f"--results_dir={tmp_path / 'res'}"]
+        assert rep.main(args) == 2 and "different corpora" in capsys.readouterr().err
+        assert rep.main(args + ["--allow_mixed_corpora"]) == 0
+        assert "0123456789abcdef, f0621468f8aeceba" in open(tmp_path / "res" / "mixed.md").read()
+    finally:
+        del rep.REPRODUCTIONS["mixed"]
+
+
+def test_sweep_report_refuses_mixed_corpora_unless_allowed(tmp_path):
+    from sparsejax.sweep import report
+    out = fake_sweep(str(tmp_path / "s"), ("make_method.name", ("'dense'",)), [0, 1], [[2.0, 2.1]])
+    res = os.path.join(runner.trial_dir(out, grid.SweepSpec(
+        gin_files=("tiny.gin",), sweeps=(("make_method.name", ("'dense'",)),), seeds=(0, 1)).trials()[1]),
+        RESULT_FILE)
+    r = json.load(open(res))
+    json.dump({**r, "corpus_fingerprint": "0123456789abcdef"}, open(res, "w"))
+    with pytest.raises(ValueError, match="different corpora"):
+        report.write_report(out)
+    got = report.write_report(out, allow_mixed_corpora=True)
+    assert got["corpus_fingerprints"] == ["0123456789abcdef", "f0621468f8aeceba"]
+    md = open(got["markdown"]).read()
+    assert "eval stderr" in md and "0.0150" in md  # mean of 0.01 and 0.02
 
 
 def test_bad_baseline_names_the_valid_ones(sweeps):

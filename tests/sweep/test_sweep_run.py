@@ -18,7 +18,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 ARGS = ["--gin_file=tiny.gin", "--sweep=ModelConfig.num_layers=[1, 2]", "--seeds=2",
         "--parallel=2", "--gin.TrainConfig.num_steps=4", "--gin.TrainConfig.eval_every=4",
-        "--gin.TrainConfig.eval_batches=1", "--gin.TrainConfig.checkpoint_every=2",
+        "--gin.TrainConfig.eval_tokens=512", "--gin.TrainConfig.checkpoint_every=2",
         "--gin.TrainConfig.log_every=2", "--gin.TrainConfig.progress_bar=False",
         "--gin.TrainConfig.async_checkpoints=False"]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -7,7 +7,7 @@ import numpy as np
 from sparsejax.train.metrics import read_metrics
 
 SHORT = ["--gin.TrainConfig.num_steps=2", "--gin.TrainConfig.log_every=1",
-         "--gin.TrainConfig.eval_every=2", "--gin.TrainConfig.eval_batches=1",
+         "--gin.TrainConfig.eval_every=2", "--gin.TrainConfig.eval_tokens=256",
          "--gin.TrainConfig.checkpoint_every=2", "--gin.ModelConfig.num_layers=2",
          "--gin.TrainConfig.seq_len=32", "--gin.make_mesh.num_devices=1"]
 

@@ -35,6 +35,9 @@ def test_train_writes_outputs_then_resumes(run_cli, tmp_path):
     assert [r["step"] for r in train] == [5, 10, 15, 20]
     assert train[-1]["loss"] < train[0]["loss"] - 0.3  # loss visibly falls
     assert [r["step"] for r in evals] == [10, 20]
+    # The same fixed sample at every eval: 32768 tokens of tiny.gin = 512 rows of 64 tokens.
+    assert [(r["eval_rows"], r["eval_tokens"]) for r in evals] == [(512, evals[0]["eval_tokens"])] * 2
+    assert all(0 < r["eval_loss_stderr"] < 0.05 for r in evals)
     assert os.path.getsize(os.path.join(w, "loss.png")) > 1000
     assert os.path.exists(os.path.join(w, "config.gin"))
     assert "TrainConfig.num_steps = 20" in open(os.path.join(w, "config.gin")).read()
@@ -48,6 +51,38 @@ def test_train_writes_outputs_then_resumes(run_cli, tmp_path):
     assert _checkpoints(w)[-1] == 30
     change = [r for r in read_metrics(os.path.join(w, "metrics.jsonl")) if "config_changes" in r]
     assert change == [{"step": 20, "config_changes": ["TrainConfig.num_steps: 20 -> 30"]}]
+
+
+def test_logged_loss_is_the_interval_mean_and_the_run_starts_with_its_corpus(run_cli, tmp_path,
+                                                                             caplog):
+    """log_every=5 logs the mean of the 5 per-step losses a log_every=1 run logs (same seed, same
+    batches), the last one as loss_last; eval_tokens=0 turns eval off; step 0 records the
+    corpus fingerprint and the batches' document diversity."""
+    from sparsejax.data.sources import corpus_summary
+    runs = {}
+    for every in (1, 5):
+        w = str(tmp_path / f"every{every}")
+        with caplog.at_level(logging.INFO):
+            assert run_cli(w, "--gin.TrainConfig.num_steps=10", f"--gin.TrainConfig.log_every={every}",
+                           "--gin.TrainConfig.eval_tokens=0", "--gin.make_mesh.num_devices=1") == 0
+        runs[every] = read_metrics(os.path.join(w, "metrics.jsonl"))
+    per_step = {r["step"]: r["loss"] for r in runs[1] if "loss" in r}
+    assert sorted(per_step) == list(range(1, 11))
+    interval = {r["step"]: r for r in runs[5] if "loss" in r}
+    assert sorted(interval) == [5, 10]
+    for end in (5, 10):
+        steps = range(end - 4, end + 1)
+        assert interval[end]["loss"] == pytest.approx(np.mean([per_step[s] for s in steps]), rel=1e-6)
+        assert interval[end]["loss_last"] == pytest.approx(per_step[end], rel=1e-6)
+        assert interval[end]["loss_steps"] == 5 and interval[end]["nonfinite"] == 0
+    assert interval[5]["loss"] != pytest.approx(interval[5]["loss_last"], rel=1e-4)
+    assert not any("eval_loss" in r for r in runs[5])
+    start = runs[5][0]
+    assert start["step"] == 0
+    assert start["corpus_fingerprint"] == corpus_summary("stdlib")["corpus_fingerprint"]
+    assert start["data_rows_per_batch"] == 8 and start["data_distinct_docs_per_batch"] >= 0.9 * 8
+    logged = [r.message for r in caplog.records if "distinct documents per batch" in r.message]
+    assert logged and f"{start['data_distinct_docs_per_batch']:.2f} distinct documents" in logged[-1]
 
 
 def test_corrupt_latest_checkpoint_falls_back(run_cli, tmp_path, caplog):
@@ -93,14 +128,26 @@ def test_nan_guard_stop_saves_last_good_state(run_cli, tmp_path):
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_restore_params(w, steps[0])))
 
 
-def test_eval_command(run_cli, tmp_path, capsys):
+def test_eval_command_uses_the_training_eval_sample(run_cli, tmp_path, capsys, caplog):
     w = str(tmp_path / "run")
     assert run_cli(w) == 0
+    final = [r for r in read_metrics(os.path.join(w, "metrics.jsonl")) if "eval_loss" in r][-1]
     capsys.readouterr()
-    assert cli.main(["eval", "--gin_file=tiny.gin", f"--workdir={w}",
-                     "--gin.evaluate_checkpoint.num_batches=2"]) == 0
+    with caplog.at_level(logging.INFO):
+        assert cli.main(["eval", "--gin_file=tiny.gin", f"--workdir={w}"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["step"] == 20 and np.isclose(out["eval_perplexity"], np.exp(out["eval_loss"]))
+    # The same rows as the run's own eval at step 20 (tiny.gin: 32768 tokens = 512 rows of 64).
+    assert out["eval_rows"] == final["eval_rows"] == 512
+    assert out["eval_tokens"] == final["eval_tokens"]
+    assert out["eval_loss"] == pytest.approx(final["eval_loss"], rel=1e-6)
+    assert out["eval_loss_stderr"] == pytest.approx(final["eval_loss_stderr"], rel=1e-5)
+    assert any("512 validation rows x 64 tokens" in r.message and "±" in r.message
+               for r in caplog.records)
+    capsys.readouterr()
+    assert cli.main(["eval", "--gin_file=tiny.gin", f"--workdir={w}",
+                     "--gin.evaluate_checkpoint.eval_tokens=640"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval_rows"] == 10
 
 
 @pytest.mark.parametrize("binding,match", [

@@ -5,7 +5,8 @@ Contract with the trainer:
 * metrics (expert load [E], dropped fraction, router entropy, unweighted aux losses) are sown
   into 'metrics';
 * the auxiliary-loss-free bias lives in collection 'moe_state' ('bias', [E]) and is updated
-  when that collection is mutable and `deterministic=False`.
+  when that collection is mutable and `deterministic=False`; its updated value is sown into
+  'metrics' as `aux_free_bias` ([E]) with `aux_free_bias_max_abs`.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ class MoeMlp(nn.Module):
     dispatch: one of DISPATCHES. expert_parallel: exchange mode used when the current mesh has
     an 'expert' axis of size > 1 ("all_to_all" with capacity, or dropless "ragged").
     bias_update_rate > 0 turns on auxiliary-loss-free balancing for token-choice routers.
+    load_balance_normalization: "assignments" (uniform routing gives a load-balance loss of 1)
+    or "tokens" (HF Mixtral's convention: top_k); see losses.load_balance_loss.
     The router param is named `router_kernel` (sparsity code must never prune it).
 
     Options of released checkpoints: `shared_expert_gate` multiplies the shared experts'
@@ -56,6 +59,7 @@ class MoeMlp(nn.Module):
     capacity_factor: float = 1.25
     num_shared_experts: int = 0
     load_balance_weight: float = 0.01
+    load_balance_normalization: str = "assignments"
     seq_load_balance_weight: float = 0.0
     z_loss_weight: float = 0.001
     concentration_weight: float = 0.0
@@ -84,6 +88,9 @@ class MoeMlp(nn.Module):
         if self.expert_parallel not in EXCHANGES:
             raise ValueError(f"MoeMlp.expert_parallel={self.expert_parallel!r} is unknown; "
                              f"valid: {EXCHANGES}")
+        if self.load_balance_normalization not in losses.LOAD_BALANCE_NORMALIZATIONS:
+            raise ValueError(f"MoeMlp.load_balance_normalization={self.load_balance_normalization!r}"
+                             f" is unknown; valid: {losses.LOAD_BALANCE_NORMALIZATIONS}")
         if self.num_shared_experts < 0:
             raise ValueError(f"MoeMlp.num_shared_experts={self.num_shared_experts} must be >= 0")
         if self.shared_expert_gate and not self.num_shared_experts:
@@ -169,7 +176,10 @@ class MoeMlp(nn.Module):
         # --- auxiliary-loss-free bias update (outside the gradient) ---
         if bias is not None and self.bias_update_rate > 0 and not deterministic \
                 and self.is_mutable_collection("moe_state") and not self.is_initializing():
-            bias_var.value = losses.aux_free_bias_update(bias, load, self.bias_update_rate)
+            counts = losses.expert_counts(routing.expert_index, routing.mask, e)
+            bias_var.value = losses.aux_free_bias_update(bias, counts, self.bias_update_rate)
+            self._sow("metrics", "aux_free_bias", bias_var.value)
+            self._sow("metrics", "aux_free_bias_max_abs", jnp.max(jnp.abs(bias_var.value)))
         return y
 
 

@@ -1,37 +1,61 @@
-"""Balancing losses and the auxiliary-loss-free bias update; all float32 over global arrays,
-so a loss is the same number whatever the mesh."""
+"""Balancing losses and the auxiliary-loss-free bias update; all float32 (counts int32) over
+global arrays, so a loss is the same number whatever the mesh."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
 
-def load_balance_loss(probs: jax.Array, expert_index: jax.Array, mask: jax.Array) -> jax.Array:
+LOAD_BALANCE_NORMALIZATIONS = ("assignments", "tokens")
+
+
+def _check_normalization(normalization: str) -> None:
+    if normalization not in LOAD_BALANCE_NORMALIZATIONS:
+        raise ValueError(f"MoeMlp.load_balance_normalization={normalization!r}; valid: "
+                         f"{LOAD_BALANCE_NORMALIZATIONS}")
+
+
+def expert_counts(expert_index: jax.Array, mask: jax.Array, num_experts: int) -> jax.Array:
+    """Exact int32 number of active assignments per expert: [E]. expert_index, mask: any shape."""
+    return jnp.zeros((num_experts,), jnp.int32).at[expert_index.reshape(-1)].add(
+        mask.reshape(-1).astype(jnp.int32))
+
+
+def load_balance_loss(probs: jax.Array, expert_index: jax.Array, mask: jax.Array,
+                      normalization: str = "assignments") -> jax.Array:
     """Switch load-balancing loss `E * sum_e f_e * P_e` over the whole batch.
 
     probs: [T, E] router distribution; expert_index, mask: [T, k] token-major assignments.
-    f_e = fraction of the T*k active assignments that go to e; P_e = mean prob of e.
-    Equals 1 for perfectly uniform routing.
+    P_e = mean over tokens of the probability of e. f_e depends on `normalization`:
+
+    * "assignments" (default): f_e = count_e / (number of active assignments), so f sums to 1
+      and perfectly uniform routing gives 1 for every top_k (Switch's k=1 value; DeepSeek-V3's
+      f_i = E / (k T) * count_i gives the same sum);
+    * "tokens": f_e = count_e / T, the fraction of tokens routed to e (HF Transformers'
+      Mixtral/Qwen-MoE `load_balancing_loss_func`), so f sums to top_k and uniform routing
+      gives top_k: a coefficient published for that code is top_k times ours.
     """
+    _check_normalization(normalization)
     e = probs.shape[-1]
-    counts = jnp.sum(jax.nn.one_hot(expert_index, e, dtype=jnp.float32)
-                     * mask[..., None].astype(jnp.float32), axis=(0, 1))
-    f = counts / jnp.maximum(jnp.sum(counts), 1.0)
+    counts = expert_counts(expert_index, mask, e).astype(jnp.float32)
+    total = jnp.sum(counts) if normalization == "assignments" else jnp.float32(expert_index.shape[0])
+    f = counts / jnp.maximum(total, 1.0)
     p = jnp.mean(probs.astype(jnp.float32), axis=0)
     return e * jnp.sum(f * p)
 
 
 def sequence_load_balance_loss(probs: jax.Array, expert_index: jax.Array, mask: jax.Array,
-                               batch: int) -> jax.Array:
+                               batch: int, normalization: str = "assignments") -> jax.Array:
     """The Switch loss computed per sequence and averaged (DeepSeek-V3 sequence-wise loss).
 
-    probs: [batch*seq, E]; expert_index, mask: [batch*seq, k].
+    probs: [batch*seq, E]; expert_index, mask: [batch*seq, k]; normalization as in
+    `load_balance_loss`.
     """
     e = probs.shape[-1]
     p = probs.reshape(batch, -1, e)
     idx = expert_index.reshape(batch, -1, expert_index.shape[-1])
     m = mask.reshape(idx.shape)
-    return jnp.mean(jax.vmap(load_balance_loss)(p, idx, m))
+    return jnp.mean(jax.vmap(lambda a, b, c: load_balance_loss(a, b, c, normalization))(p, idx, m))
 
 
 def router_z_loss(logits: jax.Array) -> jax.Array:
@@ -63,12 +87,22 @@ def relu_sparsity_loss(gates: jax.Array) -> jax.Array:
     return jnp.mean(jnp.sum(jnp.abs(gates.astype(jnp.float32)), axis=-1))
 
 
-def aux_free_bias_update(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
-    """Auxiliary-loss-free balancing (DeepSeek-V3): bias += rate * sign(mean_load - load).
+def aux_free_bias_update(bias: jax.Array, counts: jax.Array, rate: float) -> jax.Array:
+    """Auxiliary-loss-free balancing (DeepSeek-V3): bias += rate * sign(mean_count - count).
 
-    Under-loaded experts get a larger selection bias. Runs outside the gradient.
-    bias, load: [E].
+    Under-loaded experts get a larger selection bias, over-loaded ones a smaller one, and an
+    expert exactly at the mean load keeps its bias. The sign is taken from exact integer
+    counts, `sign(total - E * count)` (computed via `divmod(total, E)`, so int32 never
+    overflows), because float fractions compared with their float mean give ±rate at exactly
+    balanced loads. Runs outside the gradient.
+    bias: [E]; counts: [E] integer assignments per expert (`expert_counts`).
     """
-    load = jax.lax.stop_gradient(load.astype(jnp.float32))
-    new = bias.astype(jnp.float32) + rate * jnp.sign(jnp.mean(load) - load)
+    if not jnp.issubdtype(counts.dtype, jnp.integer):
+        raise ValueError(f"counts must be integer assignment counts per expert (expert_counts), "
+                         f"got dtype {counts.dtype}")
+    counts = jax.lax.stop_gradient(counts).astype(jnp.int32)
+    # mean = q + r / E with 0 <= r < E; comparing with q and r never forms E * count (int32).
+    q, r = jnp.divmod(jnp.sum(counts), counts.shape[-1])
+    direction = jnp.where(counts < q, 1.0, jnp.where(counts > q, -1.0, jnp.where(r == 0, 0.0, 1.0)))
+    new = bias.astype(jnp.float32) + rate * direction
     return jax.lax.stop_gradient(new).astype(bias.dtype)

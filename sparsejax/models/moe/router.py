@@ -166,11 +166,13 @@ class Router:
         if self.token_choice:
             t, k = routing.num_tokens, routing.k
             idx, m = routing.expert_index.reshape(t, k), routing.mask.reshape(t, k)
-            out["load_balance_loss"] = (layer.load_balance_weight,
-                                        lambda: losses.load_balance_loss(routing.probs, idx, m))
+            norm = layer.load_balance_normalization
+            out["load_balance_loss"] = (
+                layer.load_balance_weight,
+                lambda: losses.load_balance_loss(routing.probs, idx, m, norm))
             out["seq_load_balance_loss"] = (
                 layer.seq_load_balance_weight,
-                lambda: losses.sequence_load_balance_loss(routing.probs, idx, m, batch))
+                lambda: losses.sequence_load_balance_loss(routing.probs, idx, m, batch, norm))
         return out
 
     def metrics(self, logits: jax.Array, routing: Routing) -> dict[str, jax.Array]:

@@ -50,6 +50,7 @@ def test_gin_examples_build_and_apply(path):
     (dict(capacity_factor=0.0), "capacity_factor=0.0"),
     (dict(router="hash"), "router='hash'"),
     (dict(dispatch="magic"), "dispatch='magic'"),
+    (dict(load_balance_normalization="mixtral"), "load_balance_normalization='mixtral'.*tokens"),
 ])
 def test_bad_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -83,6 +84,15 @@ def test_layer_under_expert_mesh_matches_single_device():
     assert float(st["metrics"]["dropped_fraction"][0]) == 0
 
 
+def test_load_balance_normalization_tokens_is_top_k_times_assignments():
+    base = dict(embed_dim=16, mlp_dim=8, num_experts=4, top_k=2)
+    _, st_a, variables = _apply(MoeMlp(**base))
+    _, st_t, _ = _apply(MoeMlp(**base, load_balance_normalization="tokens"), variables=variables)
+    a, t = (float(s["metrics"]["load_balance_loss"][0]) for s in (st_a, st_t))
+    assert t == pytest.approx(2 * a, rel=1e-6)
+    assert float(st_t["aux_loss"]["load_balance_loss"][0]) == pytest.approx(0.01 * t, rel=1e-6)
+
+
 def test_dropped_fraction_metric():
     layer = MoeMlp(embed_dim=16, mlp_dim=8, num_experts=4, top_k=1, dispatch="onehot",
                    capacity_factor=0.25)
@@ -99,8 +109,11 @@ def test_bias_updates_only_when_mutable_and_training():
     np.testing.assert_array_equal(st["moe_state"]["bias"], 0)
     _, st, _ = _apply(layer, deterministic=False, variables=variables)
     load = st["metrics"]["expert_load"][0]
-    expected = 0.1 * np.sign(np.mean(load) - load)
+    counts = np.rint(np.asarray(load) * X.shape[0] * X.shape[1] * layer.top_k).astype(int)
+    expected = 0.1 * np.sign(counts.sum() - layer.num_experts * counts)
     np.testing.assert_allclose(st["moe_state"]["bias"], expected, rtol=1e-6)
+    np.testing.assert_array_equal(st["metrics"]["aux_free_bias"][0], st["moe_state"]["bias"])
+    assert float(st["metrics"]["aux_free_bias_max_abs"][0]) == pytest.approx(0.1)
     # no gradient flows into the bias through the layer output
     g = jax.grad(lambda b: jnp.sum(layer.apply(
         {**variables, "moe_state": {"bias": b}}, X, mutable=["aux_loss", "metrics"])[0]))(

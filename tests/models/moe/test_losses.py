@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from sparsejax.models.moe import losses, router
 
@@ -21,6 +22,26 @@ def test_load_balance_formula():
     u = jnp.full((6, 3), 1 / 3)
     np.testing.assert_allclose(losses.load_balance_loss(u, jnp.arange(6)[:, None] % 3,
                                                         jnp.ones((6, 1), bool)), 1.0, rtol=1e-6)
+
+
+def test_load_balance_normalizations_by_hand():
+    """4 tokens, top-2, 3 experts: counts [3, 3, 2] of 8 assignments; P = column means of PROBS.
+    'assignments': 3 * (3/8 P0 + 3/8 P1 + 2/8 P2); 'tokens' (HF Mixtral): 3 * (3/4 P0 + 3/4 P1 +
+    2/4 P2), exactly top_k = 2 times as large; uniform routing gives 1 and top_k."""
+    mask = jnp.ones(IDX.shape, bool)
+    p0, p1, p2 = (0.7 + 0.1 + 0.5 + 0.2) / 4, (0.2 + 0.6 + 0.25 + 0.2) / 4, (0.1 + 0.3 + 0.25 + 0.6) / 4
+    by_assignment = 3 * (3 / 8 * p0 + 3 / 8 * p1 + 2 / 8 * p2)
+    by_token = 3 * (3 / 4 * p0 + 3 / 4 * p1 + 2 / 4 * p2)
+    np.testing.assert_allclose(losses.load_balance_loss(PROBS, IDX, mask, "assignments"), by_assignment, rtol=1e-6)
+    np.testing.assert_allclose(losses.load_balance_loss(PROBS, IDX, mask, "tokens"), by_token, rtol=1e-6)
+    u, uniform_idx = jnp.full((6, 3), 1 / 3), jnp.stack([jnp.arange(6) % 3, (jnp.arange(6) + 1) % 3], 1)
+    for norm, want in (("assignments", 1.0), ("tokens", 2.0)):
+        np.testing.assert_allclose(losses.load_balance_loss(u, uniform_idx, jnp.ones((6, 2), bool), norm),
+                                   want, rtol=1e-6)
+    seq = losses.sequence_load_balance_loss(PROBS, IDX, mask, 2, "tokens")
+    np.testing.assert_allclose(seq, 2 * losses.sequence_load_balance_loss(PROBS, IDX, mask, 2), rtol=1e-6)
+    with pytest.raises(ValueError, match="load_balance_normalization='mixtral'.*assignments"):
+        losses.load_balance_loss(PROBS, IDX, mask, "mixtral")
 
 
 def test_sequence_load_balance_is_mean_of_per_sequence():
@@ -66,8 +87,44 @@ def test_aux_free_bias_moves_load_toward_uniform():
 
     start, _ = imbalance(bias)
     for _ in range(300):
-        load = router.softmax_topk(logits, k, bias=bias).expert_load()
-        bias = losses.aux_free_bias_update(bias, load, 0.002)
+        r = router.softmax_topk(logits, k, bias=bias)
+        bias = losses.aux_free_bias_update(bias, losses.expert_counts(r.expert_index, r.mask, e), 0.002)
     end, load = imbalance(bias)
     assert start > 3.0
     assert end < 1.3, (start, end, load)
+
+
+@pytest.mark.parametrize("counts, want", [
+    ([3, 3, 3, 3], [0, 0, 0, 0]),          # 12 tokens, top-1, E=4: exactly balanced, nothing moves
+    ([2, 3, 3, 4], [1, 0, 0, -1]),         # the mean (3) is hit exactly by two experts
+    ([5, 5, 5, 5, 5, 5, 5], [0] * 7),      # 35 assignments over 7 experts
+    ([4, 5, 6, 5, 5, 5, 5], [1, 0, -1, 0, 0, 0, 0]),
+    ([1, 2, 2, 2, 3], [1, 0, 0, 0, -1]),   # 10 over 5: mean 2
+    ([3, 3, 4], [1, 1, -1]),               # 10 over 3: mean 3.33, no expert at the mean
+    ([0, 0, 0, 7], [1, 1, 1, -1]),
+])
+def test_aux_free_bias_sign_from_exact_counts(counts, want):
+    """Under jit, as in training: the sign is exact at balanced loads and at token counts that
+    are not powers of two (float fractions gave -rate to every expert at [3, 3, 3, 3])."""
+    rate = 0.001
+    bias = jnp.full((len(counts),), 0.25, jnp.float32)
+    got = jax.jit(losses.aux_free_bias_update, static_argnums=2)(bias, jnp.asarray(counts, jnp.int32), rate)
+    np.testing.assert_array_equal(np.asarray(got), np.float32(0.25) + np.float32(rate) * np.asarray(want, np.float32))
+
+
+def test_aux_free_bias_from_routing_counts_under_jit():
+    """12 tokens routed top-1 over 4 experts with loads [2, 3, 3, 4] (the issue's example)."""
+    idx = jnp.asarray([0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3])[:, None]
+    mask = jnp.ones(idx.shape, bool)
+
+    @jax.jit
+    def step(bias):
+        return losses.aux_free_bias_update(bias, losses.expert_counts(idx, mask, 4), 0.01)
+
+    np.testing.assert_allclose(step(jnp.zeros(4)), [0.01, 0.0, 0.0, -0.01])
+    balanced = jnp.asarray([0, 1, 2, 3] * 3)[:, None]
+    np.testing.assert_array_equal(jax.jit(losses.expert_counts, static_argnums=2)(balanced, mask, 4), [3, 3, 3, 3])
+    masked = mask.at[0, 0].set(False)  # inactive assignments (ReLU routing) are not counted
+    np.testing.assert_array_equal(losses.expert_counts(idx, masked, 4), [1, 3, 3, 4])
+    with pytest.raises(ValueError, match="integer assignment counts"):
+        losses.aux_free_bias_update(jnp.zeros(4), jnp.full((4,), 0.25), 0.01)
