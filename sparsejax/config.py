@@ -165,6 +165,18 @@ def _record_sources(before: dict[str, str], source: str) -> None:
             _SOURCES[key] = source
 
 
+def given(key: str) -> bool:
+    """Whether the user's gin files or flags bind `key` ('MoeMlp.capacity_factor') in the
+    config parsed now (a workdir's saved config does not count: it lists every value)."""
+    return key in parsed_bindings() and _SOURCES.get(key, WORKDIR_SOURCE) != WORKDIR_SOURCE
+
+
+def refuse_given(key: str, why: str) -> None:
+    """A ValueError if the user gave `key` although it has no effect (`why` says why)."""
+    if given(key):
+        raise ValueError(f"{key} is given ({_SOURCES[key]}) but has no effect: {why}")
+
+
 def binding_sources() -> dict[str, str]:
     """{binding key: the file or flag that set it} of the last `parse_gin`."""
     return dict(_SOURCES)

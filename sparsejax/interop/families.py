@@ -111,7 +111,7 @@ def _moe_bindings(cfg: Mapping[str, Any], family: str, layers: int) -> dict[str,
                          "MoeMlp.top_k": int(_need(cfg, "num_experts_per_tok")),
                          "MoeMlp.load_balance_weight": float(cfg.get("router_aux_loss_coef",
                                                                      0.01)),
-                         "MoeMlp.z_loss_weight": 0.0, "MoeMlp.capacity_factor": 1.25}
+                         "MoeMlp.z_loss_weight": 0.0}
     if family == "mixtral":
         b.update({"MoeMlp.num_experts": int(_need(cfg, "num_local_experts")),
                   "MoeMlp.mlp_dim": int(_need(cfg, "intermediate_size")),

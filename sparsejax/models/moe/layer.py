@@ -96,6 +96,24 @@ class MoeMlp(nn.Module):
         if self.shared_expert_gate and not self.num_shared_experts:
             raise ValueError("MoeMlp.shared_expert_gate=True needs num_shared_experts >= 1")
 
+    def _refuse_ineffective(self, router, n_ep: int) -> None:
+        """Settings the user gave that this configuration never reads are refused by name."""
+        from sparsejax.config import refuse_given
+        dropless = self.dispatch != "onehot" and router.token_choice and n_ep == 1
+        if dropless:
+            refuse_given("MoeMlp.capacity_factor",
+                         f"dispatch {self.dispatch!r} is dropless (no capacity) without an "
+                         f"expert mesh axis")
+        if not router.token_choice:
+            for name in ("load_balance_weight", "seq_load_balance_weight",
+                         "load_balance_normalization"):
+                refuse_given(f"MoeMlp.{name}", f"router {self.router!r} balances by "
+                                               f"construction (no load-balance loss)")
+        if self.router_jitter <= 0:
+            refuse_given("MoeMlp.jitter_rng", "MoeMlp.router_jitter is 0")
+        if n_ep == 1:
+            refuse_given("MoeMlp.expert_parallel", "the mesh has no 'expert' axis > 1")
+
     def _sow(self, collection: str, name: str, value: jax.Array):
         if not self.is_initializing():  # keep `init` output free of losses and metrics
             self.sow(collection, name, value)
@@ -126,6 +144,7 @@ class MoeMlp(nn.Module):
         logits = xr @ kernel.astype(jnp.float32)  # [T, E]
         router = ROUTERS.get(self.router, "MoeMlp.router")()
         token_choice = router.token_choice
+        self._refuse_ineffective(router, n_ep)
         bias = None
         if self.bias_update_rate > 0 or self.correction_bias:
             if not token_choice:
