@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,9 +13,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_wheel_ships_configs_and_runs_from_another_directory(tmp_path):
-    wheels = tmp_path / "wheels"
+    wheels, src = tmp_path / "wheels", tmp_path / "src"
+    # build from a copy: setuptools writes build/ and *.egg-info next to the sources
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".ci-venv", ".ci-data", "runs", "build", "*.egg-info", "__pycache__",
+        ".hypothesis", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                    "-q", "-w", str(wheels), ROOT], check=True, capture_output=True)
+                    "-q", "-w", str(wheels), str(src)], check=True, capture_output=True)
     (wheel,) = glob.glob(str(wheels / "sparsejax-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = sorted(os.path.relpath(p, os.path.join(ROOT, "sparsejax", "configs"))

@@ -298,47 +298,6 @@ def compress_dynamic(layout: jax.Array, max_nnz: int) -> tuple[jax.Array, jax.Ar
     return idx.astype(jnp.int32), counts
 
 
-# --------------------------------------------------------------------------- factory
-
-_KINDS = {
-    "causal": CausalMask,
-    "sliding_window": SlidingWindowMask,
-    "global_local": GlobalLocalMask,
-    "strided": StridedMask,
-    "chunked": ChunkedMask,
-    "block_layout": BlockLayoutMask,
-}
-
-
-def register_kind(name: str, cls: type) -> None:
-    """Make ``cls`` constructible through :func:`make_mask` under ``name``."""
-    _KINDS[name] = cls
-
-
-@gin.configurable
-def make_mask(kind: str = "causal", seq_len: int | None = None, block_size: int | None = None,
-              **kwargs) -> BlockMask:
-    """Build a mask from keyword arguments (for gin bindings).
-
-    ``seq_len`` / ``block_size`` are accepted for convenience and checked
-    (``block_size`` must divide ``seq_len``); the op picks block sizes itself.
-    """
-    if "top_k" not in _KINDS:
-        from pallas_kernels.block_sparse_attention import topk  # noqa: F401  (registers itself)
-    if kind not in _KINDS:
-        raise ValueError(f"make_mask: kind={kind!r} is unknown; valid kinds: {sorted(_KINDS)}.")
-    if seq_len is not None and block_size is not None and (block_size <= 0 or seq_len % block_size):
-        raise ValueError(f"make_mask: block_size={block_size} must be positive and divide "
-                         f"seq_len={seq_len}.")
-    cls = _KINDS[kind]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(kwargs) - fields
-    if unknown:
-        raise ValueError(f"make_mask: unknown arguments {sorted(unknown)} for kind={kind!r}; "
-                         f"valid: {sorted(fields)}.")
-    return cls(**kwargs)
-
-
 def layout_for(mask: BlockMask, q: jax.Array, k: jax.Array, block_q: int, block_k: int):
     """Block layout of ``mask`` as 4-D ``[batch or 1, heads or 1, q_blocks, kv_blocks]``.
 
@@ -348,10 +307,3 @@ def layout_for(mask: BlockMask, q: jax.Array, k: jax.Array, block_q: int, block_
         return mask.block_layout_dynamic(q, k, block_q, block_k)
     return np.asarray(mask.block_layout(q.shape[1], k.shape[1], block_q, block_k))[None]
 
-
-def __getattr__(name: str):
-    # TopKBlockMask lives in topk.py (it needs the gate); expose it here too.
-    if name in ("TopKBlockMask", "topk_gate_distillation_loss", "init_gate_params"):
-        from pallas_kernels.block_sparse_attention import topk
-        return getattr(topk, name)
-    raise AttributeError(name)

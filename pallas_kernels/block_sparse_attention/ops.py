@@ -107,7 +107,7 @@ def _validate(q, k, v, mask, segment_ids, backend):
     if q.dtype not in _DTYPES:
         raise ValueError(f"q: dtype {q.dtype} unsupported; use float32, bfloat16 or float16.")
     if not isinstance(mask, masks_lib.BlockMask):
-        raise ValueError(f"mask: {mask!r} must be a BlockMask (see masks.make_mask).")
+        raise ValueError(f"mask: {mask!r} must be a BlockMask (see kinds.make_mask).")
     if backend not in _BACKENDS:
         raise ValueError(f"backend: {backend!r} must be None or one of {_BACKENDS}.")
     if segment_ids is not None:

@@ -147,6 +147,3 @@ def topk_gate_distillation_loss(q: jax.Array, k: jax.Array, mask: TopKBlockMask,
     log_gate = jax.nn.log_softmax(scores, axis=-1)
     kl = jnp.where(target > 0, target * (jnp.log(jnp.where(target > 0, target, 1.0)) - log_gate), 0.0)
     return jnp.mean(jnp.sum(kl, axis=-1))
-
-
-masks_lib.register_kind("top_k", TopKBlockMask)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels.block_sparse_attention import masks as masks_lib
-from pallas_kernels.block_sparse_attention import ops, reference, topk
+from pallas_kernels.block_sparse_attention import kinds, ops, reference, topk
 
 
 def _token_layout(mask, seq, bq, bk, reduce="any"):
@@ -27,7 +27,7 @@ def test_static_layouts_match_token_rule(kind, bq, bk, param):
               "global_local": {"window": param, "num_global": param % 5},
               "strided": {"stride": param % 7 + 1, "local_window": param},
               "chunked": {"chunk_size": param}}[kind]
-    mask = masks_lib.make_mask(kind, seq_len=64, block_size=8, **kwargs)
+    mask = kinds.make_mask(kind, seq_len=64, block_size=8, **kwargs)
     layout = mask.block_layout(64, 64, bq, bk)
     assert layout.shape == (1, 64 // bq, 64 // bk)
     np.testing.assert_array_equal(layout[0], _token_layout(mask, 64, bq, bk))
@@ -126,12 +126,12 @@ def test_bad_input_raises_value_error(kwargs, match):
 
 def test_make_mask_rejects_unknown():
     with pytest.raises(ValueError, match="kind"):
-        masks_lib.make_mask("nope")
+        kinds.make_mask("nope")
     with pytest.raises(ValueError, match="unknown arguments"):
-        masks_lib.make_mask("sliding_window", widow=3)
+        kinds.make_mask("sliding_window", widow=3)
     with pytest.raises(ValueError, match="window"):
-        masks_lib.make_mask("sliding_window", window=0)
-    assert isinstance(masks_lib.make_mask("top_k", top_k=2), topk.TopKBlockMask)
+        kinds.make_mask("sliding_window", window=0)
+    assert isinstance(kinds.make_mask("top_k", top_k=2), topk.TopKBlockMask)
 
 
 def test_topk_layout_keeps_k_plus_diagonal_within_causal():

@@ -27,8 +27,9 @@ import jax.numpy as jnp
 from sparsejax.models.moe.experts import (ExpertWeights, GroupedMatmul, batched_ffn, grouped_ffn,
                                           ragged_dot)
 from sparsejax.models.moe.router import Routing
+from sparsejax.registry import Registry
 
-DISPATCHES = ("onehot", "ragged_dot", "pallas_gmm")
+DISPATCHES: Registry[Callable] = Registry("MoE dispatch")
 
 
 def capacity_positions(expert_index: jax.Array, mask: jax.Array, num_experts: int) -> jax.Array:
@@ -67,6 +68,7 @@ def combine(y_flat: jax.Array, routing: Routing) -> jax.Array:
     return jax.ops.segment_sum(y_flat * w, routing.token_index, routing.num_tokens)
 
 
+@DISPATCHES.register("onehot")
 def onehot_dispatch(x: jax.Array, routing: Routing, w: ExpertWeights, capacity: int):
     """Reference strategy: one-hot einsums with a fixed capacity per expert."""
     t, e = routing.num_tokens, routing.num_experts
@@ -118,12 +120,18 @@ def pallas_gmm(backend: str | None = None, interpret: bool = False) -> GroupedMa
     return functools.partial(gmm, backend=backend, interpret=interpret)
 
 
+@DISPATCHES.register("ragged_dot")
+def ragged_dot_dispatch(x: jax.Array, routing: Routing, w: ExpertWeights, capacity: int):
+    """Dropless: sort by expert, `jax.lax.ragged_dot` per projection, unsort, combine."""
+    return grouped_dispatch(x, routing, w, ragged_dot)
+
+
+@DISPATCHES.register("pallas_gmm")
+def pallas_gmm_dispatch(x: jax.Array, routing: Routing, w: ExpertWeights, capacity: int):
+    """Dropless with the grouped-matmul op (Pallas kernel on GPU/TPU, XLA tiles on CPU)."""
+    return grouped_dispatch(x, routing, w, pallas_gmm())
+
+
 def get_dispatch(name: str) -> Callable:
-    """Returns fn(x, routing, w, capacity) -> (y, dropped) for a strategy name."""
-    if name == "onehot":
-        return onehot_dispatch
-    if name == "ragged_dot":
-        return lambda x, r, w, capacity: grouped_dispatch(x, r, w, ragged_dot)
-    if name == "pallas_gmm":
-        return lambda x, r, w, capacity: grouped_dispatch(x, r, w, pallas_gmm())
-    raise ValueError(f"dispatch={name!r} is unknown; valid: {DISPATCHES}")
+    """Returns fn(x, routing, w, capacity) -> (y, dropped) for a registered strategy name."""
+    return DISPATCHES.get(name, "dispatch")

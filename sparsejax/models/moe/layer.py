@@ -35,7 +35,7 @@ class MoeMlp(nn.Module):
     `SoftmaxTopKRouter.renormalize`); top_k: experts per token (expert choice: average
     experts per token, i.e. capacity = capacity_factor * top_k * tokens / experts; ReLU: the
     maximum).
-    dispatch: one of DISPATCHES. expert_parallel: exchange mode used when the current mesh has
+    dispatch: a registered strategy (`DISPATCHES`). expert_parallel: exchange mode used when the current mesh has
     an 'expert' axis of size > 1 ("all_to_all" with capacity, or dropless "ragged").
     bias_update_rate > 0 turns on auxiliary-loss-free balancing for token-choice routers.
     load_balance_normalization: "assignments" (uniform routing gives a load-balance loss of 1)
@@ -82,9 +82,7 @@ class MoeMlp(nn.Module):
         if not self.capacity_factor > 0:
             raise ValueError(f"MoeMlp.capacity_factor={self.capacity_factor} must be > 0")
         ROUTERS.get(self.router, "MoeMlp.router")
-        if self.dispatch not in DISPATCHES:
-            raise ValueError(f"MoeMlp.dispatch={self.dispatch!r} is unknown; valid: "
-                             f"{DISPATCHES}")
+        DISPATCHES.get(self.dispatch, "MoeMlp.dispatch")
         if self.expert_parallel not in EXCHANGES:
             raise ValueError(f"MoeMlp.expert_parallel={self.expert_parallel!r} is unknown; "
                              f"valid: {EXCHANGES}")
