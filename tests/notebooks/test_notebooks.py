@@ -21,7 +21,21 @@ NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 NOTEBOOKS = ("quickstart", "sparse_training", "moe_routing", "kernels", "pretrained")
 KERNEL_NAME = "sparsejax-notebook-test"
 CELL_TIMEOUT_S = 300
-COLAB_URL = "https://colab.research.google.com/github/sparsejax/sparsejax/blob/main/notebooks/"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def repository_url() -> str:
+    """The one place the repository's URL is written: [project.urls] in pyproject.toml."""
+    text = (ROOT / "pyproject.toml").read_text()
+    section = text.split("[project.urls]", 1)[1].split("\n[", 1)[0]
+    return re.search(r'^Repository\s*=\s*"([^"]+)"', section, re.MULTILINE).group(1)
+
+
+def colab_url(name: str) -> str:
+    repo = repository_url()
+    assert repo.startswith("https://github.com/"), repo
+    return (f"https://colab.research.google.com/github/{repo[len('https://github.com/'):]}"
+            f"/blob/main/notebooks/{name}.ipynb")
 
 
 def _load(name: str) -> nbformat.NotebookNode:
@@ -87,9 +101,16 @@ def test_notebook_is_colab_ready(name):
     nbformat.validate(nb)
     assert nb.nbformat == 4
     first = nb.cells[0]
-    assert first.cell_type == "markdown" and f"{COLAB_URL}{name}.ipynb" in first.source
+    assert first.cell_type == "markdown" and colab_url(name) in first.source
+    badges = re.findall(r"https://colab\.research\.google\.com/github/[^)\s]+", "".join(
+        c.source for c in nb.cells if c.cell_type == "markdown"))
+    assert badges == [colab_url(name)]
     install = next(c for c in nb.cells if c.cell_type == "code")
-    assert 'find_spec("sparsejax") is None' in install.source and "pip" in install.source
+    # a non-editable install of the package with its notebook extra, from the one URL
+    assert 'find_spec("sparsejax") is None' in install.source
+    assert f'REPOSITORY = "{repository_url()}"' in install.source
+    assert 'sparsejax[notebooks] @ git+{REPOSITORY}' in install.source
+    assert "-e" not in install.source.split() and "git clone" not in install.source
     assert any("plot" in c.metadata.get("tags", []) for c in nb.cells)
     for c in nb.cells:
         if c.cell_type == "code":
@@ -158,3 +179,11 @@ def test_pretrained(run_notebook):
     assert "2:4 groups with >= 2 zeros: 1.0" in out
     diff = re.search(r"max \|logit diff\| vs sparsejax: ([\d.e+-]+)", out)
     assert diff is None or float(diff.group(1)) < 1e-4, out
+
+
+def test_readme_badges_use_the_repository_url():
+    readme = (ROOT / "README.md").read_text()
+    badges = re.findall(r"https://colab\.research\.google\.com/github/[^)\s]+", readme)
+    assert sorted(badges) == sorted(colab_url(n) for n in NOTEBOOKS)
+    assert "github.com" not in readme.replace(repository_url(), "").replace(
+        "colab.research.google.com/github", "")
