@@ -102,9 +102,10 @@ class NMStructure(Structure):
 
     def select(self, scores, masks, counts, *, scale, alive_only, valid=None):
         dense = jnp.asarray(scale) <= 0
-        return jax.tree.map(
+        new = jax.tree.map(
             lambda s: jnp.where(dense, True, nm_lib.nm_topk(s, self.n, self.m, self.axis)),
             scores)
+        return new if valid is None else jax.tree.map(lambda a, v: a & v, new, valid)
 
 
 @gin.configurable

@@ -150,6 +150,13 @@ def test_valid_entries_are_never_kept_or_counted():
     assert not m[:, 5:].any() and m.sum() == 10
     assert float(state["density"]) == pytest.approx(0.5)
     assert float(method.metrics(params, {**state})["sparsity/param_count"]) == 10
+    # an N:M structure keeps no padding either (its scores there are zeros that tie)
+    nm = MaskedPruningMethod(structure=NMStructure(2, 4), schedule="one_shot")
+    nm.bind(RunInfo(num_steps=10, valid={"k": (1, 5)}))
+    params, state = nm.init({"k": jnp.ones((4, 8)).at[:, 5:].set(0.0)}, jax.random.PRNGKey(0))
+    _, _, state, _ = nm.update(params, None, state, step=0)
+    m = np.asarray(state["masks"]["k"])
+    assert not m[:, 5:].any() and m.sum() == 10 and float(state["density"]) == 0.5
 
 
 @pytest.mark.parametrize("kwargs, match", [

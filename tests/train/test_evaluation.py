@@ -10,7 +10,8 @@ import pytest
 from sparsejax import config
 from sparsejax.data import pipeline
 from sparsejax.parallel.rules import LOGICAL_RULES, batch_sharding
-from sparsejax.train import evaluation, run_setup
+from sparsejax.train import evaluation
+from sparsejax.train.build import build_run
 from sparsejax.train.trainer import TrainConfig
 
 
@@ -101,12 +102,12 @@ def test_evaluate_matches_per_row_numpy_losses(data_dir):
     from the model's logits: the token-weighted loss and the stderr over rows."""
     config.parse_gin(["tiny.gin"], ["make_mesh.num_devices=1", "ModelConfig.num_layers=1"])
     cfg = TrainConfig(global_batch_size=8, seq_len=32, eval_tokens=1024, data_dir=data_dir)
-    run = run_setup.setup(cfg)
+    run = build_run(cfg)
     es = evaluation.eval_set_for(cfg)
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
         state = run.init_state()
         bs = batch_sharding(run.mesh)
-        got = evaluation.evaluate(evaluation.make_eval_fn(run.model, None, run.state_shardings, run.mesh, bs),
+        got = evaluation.evaluate(evaluation.make_eval_fn(run.model, run.sparsity_method, run.state_shardings, run.mesh, bs),
                                   state, es, bs)
         sums, counts = [], []
         apply = jax.jit(run.model.apply)
