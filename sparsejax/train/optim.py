@@ -4,21 +4,26 @@ from __future__ import annotations
 import gin
 import optax
 
+from sparsejax.config import run_step
 
-@gin.configurable
-def learning_rate_schedule(peak_lr: float = 3e-3, warmup_steps: int = 100,
+
+@gin.configurable(denylist=["total_steps"])
+def learning_rate_schedule(peak_lr: float = 3e-3, warmup_steps: int | float = 100,
                            total_steps: int = 1000, end_lr_fraction: float = 0.1) -> optax.Schedule:
-    """Linear warmup to `peak_lr`, then cosine decay to `peak_lr * end_lr_fraction`."""
-    if peak_lr <= 0:
-        raise ValueError(f"peak_lr={peak_lr} must be > 0")
-    if warmup_steps < 0 or total_steps < 1:
-        raise ValueError(f"warmup_steps={warmup_steps} must be >= 0 and total_steps={total_steps} >= 1")
+    """Linear warmup to `peak_lr`, then cosine decay to `peak_lr * end_lr_fraction` at
+    `total_steps` (the run's length). `warmup_steps` is an int (steps) or a float in [0, 1]
+    (a fraction of the run)."""
+    if not peak_lr > 0:
+        raise ValueError(f"learning_rate_schedule.peak_lr={peak_lr} must be > 0")
+    if total_steps < 1:
+        raise ValueError(f"total_steps={total_steps} must be >= 1")
+    warmup_steps = run_step(warmup_steps, total_steps, "learning_rate_schedule.warmup_steps")
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=peak_lr, warmup_steps=min(warmup_steps, total_steps),
         decay_steps=max(total_steps, warmup_steps + 1), end_value=peak_lr * end_lr_fraction)
 
 
-@gin.configurable
+@gin.configurable(denylist=["total_steps"])
 def make_optimizer(total_steps: int, name: str = "adamw", weight_decay: float = 0.1,
                    b1: float = 0.9, b2: float = 0.95, grad_clip_norm: float | None = 1.0
                    ) -> optax.GradientTransformation:

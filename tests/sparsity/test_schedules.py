@@ -104,3 +104,13 @@ def test_fractions_resolve_against_the_run_length():
 def test_bad_steps_are_refused_with_the_setting_named(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_warmup_is_a_fraction_of_the_run_when_a_float():
+    from sparsejax.train.optim import learning_rate_schedule
+    lr = learning_rate_schedule(peak_lr=1.0, warmup_steps=0.25, total_steps=100)
+    assert float(lr(25)) == pytest.approx(1.0) and float(lr(12)) == pytest.approx(0.48)
+    same = learning_rate_schedule(peak_lr=1.0, warmup_steps=25, total_steps=100)
+    assert [float(lr(t)) for t in range(0, 100, 9)] == [float(same(t)) for t in range(0, 100, 9)]
+    with pytest.raises(ValueError, match="learning_rate_schedule.warmup_steps=1.5"):
+        learning_rate_schedule(warmup_steps=1.5, total_steps=100)
