@@ -47,6 +47,20 @@ REPRODUCTIONS = {
                                "model of the average size",
                                ("dense_small", "avg_params_gradual", "dense_mlp256"),
                                "dense_mlp256: mlp_dim=256"),
+    # Longer variants (configs/experiments/long.gin: 6 layers, 1200 steps) of the claims that
+    # 300 steps of the small model cannot resolve.
+    "dst_long": Reproduction("Dynamic sparse training, longer variant: RigL vs SET vs static "
+                             "random vs dense (ERK, 80% sparsity)", ("dense_long", "dst_long"),
+                             "dense_long: name=dense"),
+    "spdf_long": Reproduction("SPDF, longer variant: sparse pre-training then dense vs dense "
+                              "vs sparse throughout", ("dense_long", "spdf_long"),
+                              "dense_long: name=dense"),
+    "moe_long": Reproduction("MoE vs dense at equal active parameters, longer variant",
+                             ("dense_long", "moe_long"), "dense_long: name=dense"),
+    "avg_params_long": Reproduction("Equal average parameter count, longer variant: gradual "
+                                    "pruning vs a dense model of the average size",
+                                    ("dense_long", "avg_params_long_gradual",
+                                     "dense_mlp256_long"), "dense_mlp256_long: mlp_dim=256"),
 }
 
 

@@ -97,6 +97,23 @@ def _binding_error(binding: str, err: Exception) -> ValueError:
     return ValueError(f"gin binding {name}={value} is not valid: {msg}")
 
 
+def _guard_resource_reader() -> None:
+    """gin's package-resource reader raises a TypeError for an include whose first directory
+    is a namespace package of the working directory (`include 'experiments/small.gin'` run
+    from the repository root, where `experiments/` is one); such a path is simply not a
+    package resource, so its check answers False instead."""
+    readers = gin.config._FILE_READERS
+    for i, (reader, exists) in enumerate(readers):
+        if getattr(exists, "__module__", "") == "gin.resource_reader":
+            def safe(path, _exists=exists):
+                try:
+                    return _exists(path)
+                except TypeError:
+                    return False
+            safe.__module__ = __name__
+            readers[i] = (reader, safe)
+
+
 WORKDIR_SOURCE = "the workdir's config.gin"
 _SOURCES: dict[str, str] = {}  # binding key -> where the parse that last set it came from
 _IMPORTS: list[str] = []
@@ -110,6 +127,7 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
     config text."""
     register_configurables()
     import_plugins(imports)
+    _guard_resource_reader()
     gin.clear_config()
     _SOURCES.clear()
     _IMPORTS[:] = list(imports)
