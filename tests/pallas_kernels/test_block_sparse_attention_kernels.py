@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from pallas_kernels.block_sparse_attention import gpu_config as gcfg
 from pallas_kernels.block_sparse_attention import masks as masks_lib
-from pallas_kernels.block_sparse_attention import ops, reference
+from pallas_kernels.block_sparse_attention import ops, reference, topk
 
 F32_TOL = 2e-4
 BF16_OUT_TOL = 2e-2
@@ -51,7 +51,7 @@ def _mask(kind, seq, bq, bk, heads, seed):
         layout = np.zeros((1, qb, kb), bool)
         layout[0, qb - 1, 0] = True
         return masks_lib.BlockLayoutMask(layout)
-    return masks_lib.TopKBlockMask(top_k=int(rng.integers(1, 3)), causal=bool(rng.integers(2)))
+    return topk.TopKBlockMask(top_k=int(rng.integers(1, 3)), causal=bool(rng.integers(2)))
 
 
 def _check(backend, seed, batch, seq, bq, bk, head_dim, kv_heads, group, dtype, kind, use_seg,
@@ -332,7 +332,7 @@ def test_dense_equivalent_only_for_plain_dense_or_causal():
     assert not eq(masks_lib.ChunkedMask(chunk_size=64, causal=True))
     random = np.random.default_rng(0).random((1, 4, 4)) < 0.5
     assert not eq(masks_lib.BlockLayoutMask(random))
-    top_k = masks_lib.TopKBlockMask(top_k=2, causal=True)
+    top_k = topk.TopKBlockMask(top_k=2, causal=True)
     assert not ops.dense_equivalent(top_k, jnp.ones((1, 4, 4), bool), seq, seq, blk, blk)
     assert not ops.dense_equivalent(masks_lib.CausalMask(), tril[None], seq, 2 * seq, blk, blk)
 
