@@ -19,6 +19,7 @@ from sparsejax.parallel.rules import (LOGICAL_RULES, batch_sharding, logical_sha
                                       replicated, shardings_like)
 from sparsejax.sparsity.method import RunInfo, SparsityMethod, make_method
 from sparsejax.train import optim
+from sparsejax.train.accumulate import check_microbatches
 from sparsejax.train.state import TrainState
 
 
@@ -44,7 +45,8 @@ class Run:
     def sparsity_update_fn(self):
         """Jitted (state, batch) -> (state, metrics) for mask updates."""
         from sparsejax.train.step import make_sparsity_update
-        return jax.jit(make_sparsity_update(self.model, self.sparsity_method),
+        return jax.jit(make_sparsity_update(self.model, self.sparsity_method,
+                                            self.cfg.microbatches),
                        in_shardings=(self.state_shardings, batch_sharding(self.mesh)),
                        out_shardings=(self.state_shardings, replicated(self.mesh)),
                        donate_argnums=(0,))
@@ -74,6 +76,7 @@ def validate(cfg, model_config: ModelConfig, mesh) -> None:
     if cfg.global_batch_size % jax.process_count():
         raise ValueError(f"TrainConfig.global_batch_size={cfg.global_batch_size} is not divisible "
                          f"by the process count {jax.process_count()}")
+    check_microbatches(cfg.microbatches, cfg.global_batch_size, dp)
     if cfg.seq_len > model_config.max_seq_len:
         raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} exceeds ModelConfig.max_seq_len="
                          f"{model_config.max_seq_len}; use seq_len <= {model_config.max_seq_len}")

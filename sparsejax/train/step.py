@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from sparsejax.sparsity.method import SparsityMethod
+from sparsejax.train.accumulate import make_grad_fn
 from sparsejax.train.state import TrainState
 
 MUTABLE = ["aux_loss", "metrics", "moe_state"]
@@ -67,19 +68,20 @@ def step_rng(state: TrainState) -> jax.Array:
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformationExtraArgs,
-                    method: SparsityMethod, lr_schedule: Callable[[Any], Any] | None = None
-                    ) -> Callable:
+                    method: SparsityMethod, lr_schedule: Callable[[Any], Any] | None = None,
+                    microbatches: int = 1) -> Callable:
     """Builds train_step(state, batch) -> (state, metrics). `tx` is the method's wrapped
     optimizer (`method.wrap_optimizer`), which reads the masks from `sparsity=`.
+    `microbatches` > 1 accumulates the gradient over that many micro-batches of the batch
+    (train/accumulate.py); the method, the guard below and the metrics see the whole step.
 
     A step whose loss or gradient is not finite leaves params, optimizer, sparsity and MoE state
     unchanged (the step counter still advances past the bad batch) and reports `nonfinite=1`.
     """
-    loss_fn = make_loss_fn(model, method)
+    grad_fn = make_grad_fn(model, method, microbatches)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, (loss, aux, mutated)), grads = grad_fn(state.params, state, batch, step_rng(state))
+        loss, aux, mutated, grads = grad_fn(state.params, state, batch, step_rng(state))
         grads, sparsity = method.on_grads(state.params, state.sparsity, grads, step=state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params, sparsity=sparsity)
         params = optax.apply_updates(state.params, updates)
@@ -103,17 +105,19 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformationExtraArgs,
     return train_step
 
 
-def make_sparsity_update(model: nn.Module, method: SparsityMethod) -> Callable:
+def make_sparsity_update(model: nn.Module, method: SparsityMethod,
+                         microbatches: int = 1) -> Callable:
     """update(state, batch) -> (state, metrics): new masks (and pruned/grown params, reset
     optimizer slots) for the method's schedule at `state.step`. Jitted on its own and run only
-    at the method's update steps, so RigL's dense gradient costs nothing on ordinary steps."""
-    loss_fn = make_loss_fn(model, method)
+    at the method's update steps, so RigL's dense gradient costs nothing on ordinary steps;
+    that gradient is accumulated over `microbatches` like the train step's."""
+    grad_fn = make_grad_fn(model, method, microbatches)
 
     def update(state: TrainState, batch):
         rng = jax.random.fold_in(step_rng(state), 1)
         grads = None
         if method.needs_dense_grads:
-            grads, _ = jax.grad(loss_fn, has_aux=True)(state.params, state, batch, rng)
+            grads = grad_fn(state.params, state, batch, rng)[3]
         params, opt_state, sparsity, metrics = method.update(
             state.params, state.opt_state, state.sparsity, step=state.step, rng=rng, grads=grads)
         return state.replace(params=params, opt_state=opt_state, sparsity=sparsity), metrics

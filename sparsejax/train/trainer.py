@@ -42,6 +42,7 @@ class TrainConfig:
 
     num_steps: int = 200
     global_batch_size: int = 16
+    microbatches: int = 1  # gradient accumulation: the global batch in this many micro-batches
     seq_len: int = 128
     seed: int = 0
     dataset: str = "stdlib"
@@ -186,7 +187,8 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "",
                 writer.write(start, corpus)
         if changes:
             writer.write(start, {"config_changes": changes})
-        step_fn = jax.jit(make_train_step(model, tx, method, run.lr_schedule),
+        step_fn = jax.jit(make_train_step(model, tx, method, run.lr_schedule,
+                                          microbatches=cfg.microbatches),
                           in_shardings=(run.state_shardings, bsharding),
                           out_shardings=(run.state_shardings, replicated(mesh)),
                           donate_argnums=(0,))
