@@ -18,6 +18,7 @@ from sparsejax.parallel import mesh as mesh_lib
 from sparsejax.parallel.rules import (LOGICAL_RULES, batch_sharding, logical_shardings,
                                       replicated, shardings_like)
 from sparsejax.sparsity.method import RunInfo, SparsityMethod, make_method
+from sparsejax.sparsity.stacked import for_layout
 from sparsejax.train import optim
 from sparsejax.train.accumulate import check_microbatches
 from sparsejax.train.state import TrainState
@@ -96,8 +97,9 @@ def build_run(cfg, model_config: ModelConfig | None = None,
     model = Transformer(model_config)
     base_tx = optim.make_optimizer(total_steps=cfg.num_steps)
     lr_schedule = optim.learning_rate_schedule(total_steps=cfg.num_steps)
-    method = make_method().bind(RunInfo(num_steps=cfg.num_steps,
-                                        valid=padded_params(model_config)))
+    method = for_layout(make_method().bind(RunInfo(num_steps=cfg.num_steps,
+                                                   valid=padded_params(model_config))),
+                        model_config)
     dummy = jnp.zeros((1, min(cfg.seq_len, model_config.max_seq_len)), jnp.int32)
 
     def init_variables(key):

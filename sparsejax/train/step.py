@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sparsejax.models.layer_stack import layer_period, unstack_layers
 from sparsejax.sparsity.method import SparsityMethod
 from sparsejax.train.accumulate import make_grad_fn
 from sparsejax.train.state import TrainState
@@ -26,6 +27,16 @@ def flatten_sown(tree: Any, prefix: str) -> dict[str, jax.Array]:
         vals = leaf if isinstance(leaf, tuple) else (leaf,)
         out[f"{prefix}/{name}"] = sum(jnp.asarray(v, jnp.float32) for v in vals) / len(vals)
     return out
+
+
+def sown_metrics(model: nn.Module, mutated: dict) -> dict[str, jax.Array]:
+    """The model's sown metrics as {'model/layer_0/moe/expert_load': v}, per layer also when
+    the layers are scanned (their metrics are stacked along the scanned axis)."""
+    tree = mutated.get("metrics", {})
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "scan_layers", False):
+        tree = unstack_layers(tree, layer_period(cfg))
+    return flatten_sown(tree, "model")
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array):
@@ -99,7 +110,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformationExtraArgs,
                    "nonfinite": (~finite).astype(jnp.int32)}
         if lr_schedule is not None:
             metrics["learning_rate"] = lr_schedule(state.step)
-        metrics.update(flatten_sown(mutated.get("metrics", {}), "model"))
+        metrics.update(sown_metrics(model, mutated))
         return new_state, metrics
 
     return train_step
