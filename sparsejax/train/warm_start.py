@@ -45,7 +45,9 @@ def warm_start(state: TrainState, param_shardings: Any, from_workdir: str | None
     source, template = unstack_layers(source), unstack_layers(stacked_template)
     if mode == "upcycle":
         from sparsejax.models.moe.upcycle import upcycle_params
-        params = upcycle_params(source, template, jax.random.key(0))
+        # routers (and Drop-Upcycling's re-drawn dimensions) depend on the run's seed
+        rng = jax.random.fold_in(jax.random.wrap_key_data(jax.device_get(state.rng)), 7)
+        params = upcycle_params(source, template, rng)
     else:
         src = {"/".join(map(str, k)): v.shape for k, v in _flat(source)}
         dst = {"/".join(map(str, k)): v.shape for k, v in _flat(template)}
