@@ -22,6 +22,7 @@ from sparsejax.models.moe.dispatch import DISPATCHES, get_dispatch, pallas_gmm
 from sparsejax.models.moe.expert_parallel import (EXCHANGES, EXPERT_AXIS, buffer_capacity,
                                                   expert_axis_size, expert_parallel_ffn)
 from sparsejax.models.moe.experts import Experts, SharedExperts, cast, ragged_dot
+from sparsejax.models.moe import forced_router  # noqa: F401  (registers 'forced_balance')
 from sparsejax.models.moe.router import ROUTERS
 
 Dtype = Any
@@ -149,7 +150,11 @@ class MoeMlp(nn.Module):
             bias_var = self.variable("moe_state", "bias", jnp.zeros, (e,), jnp.float32)
             bias = bias_var.value
         capacity = min(t, buffer_capacity(t, k, e, self.capacity_factor))
-        routing = router.route(logits, top_k=k, capacity=capacity, bias=bias)
+        if getattr(router, "needs_rng", False):  # e.g. forced random routing
+            rng = self.make_rng("router") if self.has_rng("router") else None
+            routing = router.route(logits, top_k=k, capacity=capacity, bias=bias, rng=rng)
+        else:
+            routing = router.route(logits, top_k=k, capacity=capacity, bias=bias)
         updates_bias = (bias is not None and self.bias_update_rate > 0 and not deterministic
                         and self.is_mutable_collection("moe_state")
                         and not self.is_initializing())

@@ -154,6 +154,7 @@ class Router:
     by every router (`z_loss_weight`, `concentration_weight`, `load_balance_weight`, ...)."""
 
     token_choice: bool = True  # k assignments per token (balancing bias and losses apply)
+    needs_rng: bool = False  # True: `route` also takes rng= (the 'router' stream, or None)
 
     def route(self, logits: jax.Array, *, top_k: int, capacity: int,
               bias: jax.Array | None = None) -> Routing:
