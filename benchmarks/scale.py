@@ -2,7 +2,8 @@
 
 1. compile time and program size of a train step of a 32-layer model, scanned
    (`ModelConfig.scan_layers`) vs unrolled: `scanned_vs_unrolled_compile` (target <= 0.2) and
-   the StableHLO / optimized-HLO size ratios;
+   the StableHLO / optimized-HLO size ratios, for an all-dense model and (suffix `_moe`) one
+   alternating dense and MoE layers (scan period 2);
 2. step time of each remat policy (`ModelConfig.remat_policy`) against no remat, with the
    compiled temp memory of each;
 3. compiled peak (temp) memory of the step with gradient accumulation over 1 / 2 / 4
@@ -71,22 +72,32 @@ def synthetic(batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
             "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1))}
 
 
-def step_time(model_config: ModelConfig, batch: int, seq: int, iters: int) -> float:
-    """Best-of-3 mean seconds per step over `iters` steps."""
-    run, fn, _ = step_fn(model_config, batch, seq)
-    bsh = batch_sharding(run.mesh)
-    with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        state = run.init_state()
-        b = global_batch(synthetic(batch, seq), bsh)
-        state, m = fn(state, b)
-        jax.block_until_ready(m)
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                state, m = fn(state, b)
+def step_times(configs: dict[str, ModelConfig], batch: int, seq: int, iters: int,
+               rounds: int = 3) -> dict[str, float]:
+    """Seconds per step of each config: compiled and warmed up first, then `rounds` rounds
+    that time `iters` steps of every config in turn (the best round counts), so that load
+    changes on a shared machine hit every config alike."""
+    runs = {}
+    for name, mc in configs.items():
+        run, fn, _ = step_fn(mc, batch, seq)
+        bsh = batch_sharding(run.mesh)
+        with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+            state = run.init_state()
+            b = global_batch(synthetic(batch, seq), bsh)
+            state, m = fn(state, b)
             jax.block_until_ready(m)
-            best = min(best, (time.perf_counter() - t0) / iters)
+        runs[name] = [run, fn, state, b]
+    best = {name: float("inf") for name in configs}
+    for _ in range(rounds):
+        for name, entry in runs.items():
+            run, fn, state, b = entry
+            with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    state, m = fn(state, b)
+                jax.block_until_ready(m)
+            best[name] = min(best[name], (time.perf_counter() - t0) / iters)
+            entry[2] = state
     return best
 
 
@@ -100,33 +111,38 @@ def main():
     print(f"device: {dev.platform}:{dev.device_kind} (one device)")
     out = {"device": f"{dev.platform}:{dev.device_kind}"}
 
-    # 1. compile time and program size, 32 layers (dense and MoE alternating)
+    # 1. compile time and program size, 32 layers: all dense, and dense / MoE alternating
     deep = dict(num_layers=32, embed_dim=64, num_heads=4, num_kv_heads=2, head_dim=16,
-                mlp_dim=128, max_seq_len=128, mlp_kinds=("dense", "moe"))
-    stats = {}
-    for scan in (False, True):
-        stats[scan] = compile_stats(ModelConfig(**deep, scan_layers=scan), 4, 64)
-        print(f"32 layers {'scanned ' if scan else 'unrolled'}: trace+lower "
-              f"{stats[scan]['trace_lower_s']:.2f}s, compile {stats[scan]['compile_s']:.2f}s, "
-              f"StableHLO {stats[scan]['stablehlo_chars'] / 1e6:.2f}M chars, optimized HLO "
-              f"{stats[scan]['hlo_chars'] / 1e6:.2f}M chars")
-    u, s = stats[False], stats[True]
-    out.update({
-        "unrolled_compile_s": round(u["compile_s"], 2), "scanned_compile_s": round(s["compile_s"], 2),
-        "scanned_vs_unrolled_compile": round(s["compile_s"] / u["compile_s"], 3),
-        "scanned_vs_unrolled_trace_lower": round(s["trace_lower_s"] / u["trace_lower_s"], 3),
-        "scanned_vs_unrolled_stablehlo": round(s["stablehlo_chars"] / u["stablehlo_chars"], 3),
-        "scanned_vs_unrolled_hlo": round(s["hlo_chars"] / u["hlo_chars"], 3)})
+                mlp_dim=128, max_seq_len=128)
+    for label, kinds in (("", ("dense",)), ("_moe", ("dense", "moe"))):
+        stats = {}
+        for scan in (False, True):
+            stats[scan] = compile_stats(ModelConfig(**deep, mlp_kinds=kinds, scan_layers=scan),
+                                        4, 64)
+            print(f"32 layers {kinds} {'scanned ' if scan else 'unrolled'}: trace+lower "
+                  f"{stats[scan]['trace_lower_s']:.2f}s, compile {stats[scan]['compile_s']:.2f}s, "
+                  f"StableHLO {stats[scan]['stablehlo_chars'] / 1e6:.2f}M chars, optimized HLO "
+                  f"{stats[scan]['hlo_chars'] / 1e6:.2f}M chars")
+        u, sc = stats[False], stats[True]
+        out.update({
+            f"unrolled_compile_s{label}": round(u["compile_s"], 2),
+            f"scanned_compile_s{label}": round(sc["compile_s"], 2),
+            f"scanned_vs_unrolled_compile{label}": round(sc["compile_s"] / u["compile_s"], 3),
+            f"scanned_vs_unrolled_trace_lower{label}": round(
+                sc["trace_lower_s"] / u["trace_lower_s"], 3),
+            f"scanned_vs_unrolled_stablehlo{label}": round(
+                sc["stablehlo_chars"] / u["stablehlo_chars"], 3),
+            f"scanned_vs_unrolled_hlo{label}": round(sc["hlo_chars"] / u["hlo_chars"], 3)})
 
     # 2. step time per remat policy (scanned, 4 layers, dense + MoE)
     mid = dict(num_layers=4, embed_dim=128, num_heads=4, num_kv_heads=2, head_dim=32,
                mlp_dim=512, max_seq_len=256, mlp_kinds=("dense", "moe"), scan_layers=True)
     batch, seq, iters = (8, 128, 3) if args.quick else (16, 256, 5)
-    times, temps = {}, {}
+    # (timed in interleaved rounds; on a shared CPU the figures still vary between runs)
+    configs = {name: ModelConfig(**mid, remat_policy=name) for name in REMAT_POLICIES}
+    times = step_times(configs, batch, seq, iters)
+    temps = {name: compile_stats(mc, batch, seq)["temp_mb"] for name, mc in configs.items()}
     for name in REMAT_POLICIES:
-        mc = ModelConfig(**mid, remat_policy=name)
-        times[name] = step_time(mc, batch, seq, iters)
-        temps[name] = compile_stats(mc, batch, seq)["temp_mb"]
         print(f"remat {name:38s} step {times[name] * 1e3:8.1f} ms "
               f"({times[name] / times['none']:.2f}x none), temp {temps[name]:7.1f} MB "
               f"({temps[name] / temps['none']:.2f}x none)")

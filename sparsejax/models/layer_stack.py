@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax.models.remat import remat_module
+
 GROUP = "layers"  # the scanned group's name, and the logical axis of its leading dim
 _LAYER = re.compile(r"layer_(\d+)$")
 _BLOCK = re.compile(r"block_(\d+)$")
@@ -156,30 +158,31 @@ def to_layout(tree: Any, cfg: Any) -> Any:
 
 
 class BlockGroup(nn.Module):
-    """One period of the layer pattern: blocks 0..period-1 (a scan step)."""
+    """One period of the layer pattern: blocks 0..period-1 (a scan step); `block` is the
+    transformer's block class, called as block(config, layer)(x, positions, segment_ids,
+    deterministic, decode)."""
 
     config: Any
+    block: Any
     deterministic: bool
     decode: bool
 
     @nn.compact
     def __call__(self, x, positions, segment_ids):
-        from sparsejax.models.transformer import Block  # noqa: PLC0415 (circular)
         for j in range(layer_period(self.config)):
-            x = Block(self.config, j, name=f"block_{j}")(x, positions, segment_ids,
-                                                         self.deterministic, self.decode)
+            x = self.block(self.config, j, name=f"block_{j}")(x, positions, segment_ids,
+                                                              self.deterministic, self.decode)
         return x, None
 
 
-def scanned_blocks(cfg: Any, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                   deterministic: bool, decode: bool) -> jax.Array:
-    """Runs the layers as `num_layers / period` scan steps over a (rematerialized) group.
-    Call inside a compact Transformer (creates the submodule `layers`)."""
-    from sparsejax.models.remat import remat_module  # noqa: PLC0415
+def scanned_blocks(cfg: Any, block: Any, x: jax.Array, positions: jax.Array,
+                   segment_ids: jax.Array, deterministic: bool, decode: bool) -> jax.Array:
+    """Runs the layers as `num_layers / period` scan steps over a (rematerialized) group of
+    `block`s. Call inside a compact Transformer (creates the submodule `layers`)."""
     group = remat_module(BlockGroup, cfg.remat_policy, prevent_cse=False)
     scan = nn.scan(group, variable_axes={c: 0 for c in SCAN_COLLECTIONS},
                    split_rngs={"params": True, "router": True, "dropout": True},
                    in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers // layer_period(cfg),
                    metadata_params={nn.PARTITION_NAME: GROUP})
-    x, _ = scan(cfg, deterministic, decode, name=GROUP)(x, positions, segment_ids)
+    x, _ = scan(cfg, block, deterministic, decode, name=GROUP)(x, positions, segment_ids)
     return x

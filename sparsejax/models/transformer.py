@@ -175,7 +175,7 @@ class Transformer(nn.Module):
             x = x * jnp.sqrt(cfg.embed_dim).astype(dtype)
         x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
         if cfg.scan_layers:
-            x = scanned_blocks(cfg, x, positions, segment_ids, deterministic, decode)
+            x = scanned_blocks(cfg, Block, x, positions, segment_ids, deterministic, decode)
         else:
             block_cls = remat_module(Block, cfg.remat_policy, static_argnums=(4, 5))
             for i in range(cfg.num_layers):

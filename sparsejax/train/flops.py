@@ -139,9 +139,10 @@ class FlopsMeter:
     """FLOPs per token of a run's model and its MFU at a given throughput."""
 
     def __init__(self, run: Any, seq_len: int, devices: list | None = None):
-        from sparsejax.interop.export_hf import moe_settings  # noqa: PLC0415
+        from sparsejax.models.moe.layer import MoeMlp  # noqa: PLC0415
         mc = run.model_config
-        moe = moe_settings(mc)
+        has_moe = "moe" in [mc.mlp_kind(i) for i in range(mc.num_layers)]
+        moe = MoeMlp(embed_dim=mc.embed_dim) if has_moe else None  # its gin settings
         self.expert_fraction = experts_per_token(moe) / moe.num_experts if moe else 1.0
         self.valid = dict(run.sparsity_method.valid)
         self.attention = attention_flops_per_token(mc, seq_len)

@@ -15,7 +15,7 @@ from sparsejax.sparsity.method import SparsityMethod
 from sparsejax.train.accumulate import make_grad_fn
 from sparsejax.train.state import TrainState
 
-MUTABLE = ["aux_loss", "metrics", "moe_state"]
+MUTABLE = ["aux_loss", "metrics", "moe_state", "moe_counts"]
 
 
 def flatten_sown(tree: Any, prefix: str) -> dict[str, jax.Array]:
@@ -54,15 +54,18 @@ def model_variables(params, moe_state):
 
 
 def make_loss_fn(model: nn.Module, method: SparsityMethod) -> Callable:
-    """loss_fn(params, state, batch, rng) -> (loss + aux losses, (loss, aux, mutated)).
+    """loss_fn(params, state, batch, rng, extra_variables=None) -> (loss + aux losses,
+    (loss, aux, mutated)); `extra_variables`: more model collections (gradient accumulation
+    passes the global batch's expert counts, 'moe_counts').
 
     The model sees the method's `forward_params`, so the gradient w.r.t. `params` is the dense
     gradient that RigL/SNIP use at update steps."""
 
-    def loss_fn(params, state: TrainState, batch, rng):
+    def loss_fn(params, state: TrainState, batch, rng, extra_variables=None):
         fwd_params = method.forward_params(params, state.sparsity, step=state.step, rng=rng)
         logits, mutated = model.apply(
-            model_variables(fwd_params, state.moe_state), batch["inputs"], batch["positions"],
+            {**model_variables(fwd_params, state.moe_state), **(extra_variables or {})},
+            batch["inputs"], batch["positions"],
             batch["segment_ids"], deterministic=False, rngs={"router": rng, "dropout": rng}, mutable=MUTABLE)
         loss_sum, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
         loss = loss_sum / jnp.maximum(count, 1.0)
@@ -89,7 +92,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformationExtraArgs,
     A step whose loss or gradient is not finite leaves params, optimizer, sparsity and MoE state
     unchanged (the step counter still advances past the bad batch) and reports `nonfinite=1`.
     """
-    grad_fn = make_grad_fn(model, method, microbatches)
+    grad_fn = make_grad_fn(make_loss_fn(model, method), microbatches)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         loss, aux, mutated, grads = grad_fn(state.params, state, batch, step_rng(state))
@@ -122,7 +125,7 @@ def make_sparsity_update(model: nn.Module, method: SparsityMethod,
     optimizer slots) for the method's schedule at `state.step`. Jitted on its own and run only
     at the method's update steps, so RigL's dense gradient costs nothing on ordinary steps;
     that gradient is accumulated over `microbatches` like the train step's."""
-    grad_fn = make_grad_fn(model, method, microbatches)
+    grad_fn = make_grad_fn(make_loss_fn(model, method), microbatches)
 
     def update(state: TrainState, batch):
         rng = jax.random.fold_in(step_rng(state), 1)

@@ -210,20 +210,20 @@ class MoeMlp(nn.Module):
 
     def _global_counts(self, routing, needed: bool) -> tuple[jax.Array, jax.Array] | None:
         """Expert counts of the whole global batch for the global load-balance loss and the
-        bias update. Gradient accumulation (train/accumulate.py) runs a counting pass with
-        the 'moe_counts' collection mutable (this layer writes its batch's counts), sums them
-        over micro-batches and passes them back read-only; None: this batch is the whole
+        bias update. Gradient accumulation (train/accumulate.py) runs a counting pass in
+        which this layer writes its batch's counts into the mutable 'moe_counts' collection,
+        sums them over micro-batches and passes the sums in that collection to every
+        micro-batch's pass, which reads them; None: no counts given, this batch is the whole
         global batch (its own counts are the global ones)."""
         if not needed or self.is_initializing():
-            return None
-        if self.is_mutable_collection("moe_counts"):
-            counts = losses.expert_counts(routing.expert_index, routing.mask, routing.num_experts)
-            self.put_variable("moe_counts", "counts", counts)
-            self.put_variable("moe_counts", "tokens", jnp.int32(routing.num_tokens))
             return None
         if self.has_variable("moe_counts", "counts"):
             return (self.get_variable("moe_counts", "counts"),
                     self.get_variable("moe_counts", "tokens"))
+        if self.is_mutable_collection("moe_counts"):
+            counts = losses.expert_counts(routing.expert_index, routing.mask, routing.num_experts)
+            self.put_variable("moe_counts", "counts", counts)
+            self.put_variable("moe_counts", "tokens", jnp.int32(routing.num_tokens))
         return None
 
 
