@@ -119,15 +119,17 @@ def test_moe_microbatches_with_global_balancing_match_the_unsplit_step():
 
 
 def test_global_load_balance_on_an_expert_parallel_mesh():
-    """Data x expert parallel (routing on global arrays, experts in shard_map, dropless
-    exchange): with 2 micro-batches the first step's global load-balance loss and token loss
-    equal the un-split step's on one device."""
-    moe = {**GLOBAL_MOE, "expert_parallel": "ragged_emulated", "dispatch": "ragged_dot"}
-    one = run_steps(1, moe, steps=1)
-    got = run_steps(2, moe, make_mesh(data=2, expert=2, devices=jax.devices()[:4]), steps=1)
+    """Data x expert parallel (routing on global arrays, experts in shard_map): with 2
+    micro-batches the first step's global load-balance loss and aux-free bias equal the
+    un-split step's on one device (the capacity-limited exchange may drop tokens, which
+    changes the token loss but not the routing)."""
+    one = run_steps(1, GLOBAL_MOE, steps=1)
+    got = run_steps(2, GLOBAL_MOE, make_mesh(data=2, expert=2, devices=jax.devices()[:4]),
+                    steps=1)
     key = [k for k in one[0][0] if k.endswith("global_load_balance_loss")][0]
     np.testing.assert_allclose(got[0][0][key], one[0][0][key], rtol=1e-5)
-    np.testing.assert_allclose(got[0][0]["loss"], one[0][0]["loss"], rtol=1e-5)
+    np.testing.assert_array_equal(jax.tree.leaves(got[1].moe_state),
+                                  jax.tree.leaves(one[1].moe_state))
 
 
 def test_nan_in_one_microbatch_skips_the_whole_step():
