@@ -55,8 +55,11 @@ class Run:
     def layer_density_fn(self):
         """Jitted state -> overall and per-layer mask densities ('sparsity/density/<path>'),
         replicated; logged at step 0 so density plots start at the first step."""
+        from sparsejax.models.layer_stack import unstack_layers
         from sparsejax.sparsity.method import density_metrics
-        return jax.jit(lambda s: density_metrics(s.sparsity.get("masks"), self.sparsity_method.valid),
+        # per layer also when the layers are scanned (the names the mask updates log)
+        return jax.jit(lambda s: density_metrics(unstack_layers(s.sparsity.get("masks")),
+                                                 self.sparsity_method.valid),
                        in_shardings=(self.state_shardings,), out_shardings=replicated(self.mesh))
 
 

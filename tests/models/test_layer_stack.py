@@ -133,7 +133,8 @@ def test_scanned_training_with_gradual_pruning_matches_unscanned():
     for a, b in zip(jax.tree.leaves(su.params), jax.tree.leaves(ls.unstack_layers(ss.params))):
         np.testing.assert_allclose(b, a, atol=5e-6)
     # the per-layer density metrics keep their unscanned names
-    names = run.sparsity_method.update(ss.params, ss.opt_state, ss.sparsity, step=0)[3]
+    with jax.set_mesh(run.mesh):
+        names = run.layer_density_fn()(jax.device_put(ss, run.state_shardings))
     assert any(k.startswith("sparsity/density/layer_3/") for k in names), sorted(names)
 
 
