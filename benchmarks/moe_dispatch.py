@@ -1,8 +1,11 @@
 """Benchmark MoE dispatch strategies: forward+backward time and peak memory.
 
 Coarse experts (E=8, top-2) and fine-grained experts (E=64, top-8, experts 8x smaller), each
-with uniform and skewed (Zipf) routing, every strategy, against a dense gated MLP with the
-same active parameters, all measured in this run. Last line: a JSON summary.
+with learned routing (softmax top-k of random router weights: near-uniform, and skewed by a
+Zipf logit bias) and forced-balance routing (the 'forced_balance' router: round-robin, and
+uniformly random k distinct experts; exactly / statistically equal loads, no router noise),
+every strategy, against a dense gated MLP with the same active parameters, all measured in
+this run. Last line: a JSON summary.
     python benchmarks/moe_dispatch.py [--quick]
 
 'ragged_dot' is `jax.lax.ragged_dot`; 'pallas_gmm' is `pallas_kernels.grouped_matmul.ops.gmm`:
@@ -30,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.models.moe import router as R
+from sparsejax.models.moe.forced_router import forced_balance
 from sparsejax.models.moe.dispatch import get_dispatch
 from sparsejax.models.moe.expert_parallel import buffer_capacity
 from sparsejax.models.moe.experts import ExpertWeights
@@ -60,12 +64,19 @@ def _peak_mb(fn, *args) -> float:
         return float("nan")
 
 
-def moe_step(strategy: str, e: int, k: int, capacity_factor: float, skew: bool, dtype):
+ROUTINGS = ("uniform", "zipf", "forced_rr", "forced_random")  # learned x2, forced x2
+
+
+def moe_step(strategy: str, e: int, k: int, capacity_factor: float, routing: str, dtype):
     dispatch = get_dispatch(strategy)
 
     def loss(x, router_w, w):
-        logits = x.astype(jnp.float32) @ router_w + (_zipf_bias(e) if skew else 0.0)
-        r = R.softmax_topk(logits, k)
+        logits = x.astype(jnp.float32) @ router_w + (_zipf_bias(e) if routing == "zipf" else 0.0)
+        if routing.startswith("forced"):
+            r = forced_balance(logits, k, "round_robin" if routing == "forced_rr" else "random",
+                               jax.random.key(0))
+        else:
+            r = R.softmax_topk(logits, k)
         cap = min(x.shape[0], buffer_capacity(x.shape[0], k, e, capacity_factor))
         y, _ = dispatch(x, r, w, cap)
         return jnp.sum(y.astype(jnp.float32) ** 2)
@@ -102,37 +113,42 @@ def main():
         w = ExpertWeights(*(jax.random.normal(kk, s, dtype) * 0.02 for kk, s in zip(
             keys[1:4], [(e, d, f), (e, d, f), (e, f, d)])))
         router_w = jax.random.normal(keys[4], (d, e), jnp.float32) * 0.02
-        for skew in (False, True):
+        for routing in ROUTINGS:
             for strat in strategies:
                 # capacity 1.0 for the dropping reference (the usual setting)
-                fn = moe_step(strat, e, k, 1.0, skew, dtype)
+                fn = moe_step(strat, e, k, 1.0, routing, dtype)
                 t = _time(fn, x, router_w, w, iters=iters)
                 mem = _peak_mb(fn, x, router_w, w)
-                results[(e, skew, strat)] = t
-                rows.append((f"moe {name} E={e} k={k} f={f}", "zipf" if skew else "uniform",
-                             strat, t * 1e3, mem))
+                results[(e, routing, strat)] = t
+                rows.append((f"moe {name} E={e} k={k} f={f}", routing, strat, t * 1e3, mem))
     fd = f_coarse * 2  # dense with the active params of k experts of size f
     wd = [jax.random.normal(kk, s, dtype) * 0.02
           for kk, s in zip(keys[5:8], [(d, fd), (d, fd), (fd, d)])]
     dfn = dense_step()
     t_dense = _time(dfn, x, *wd, iters=iters)
     rows.append((f"dense mlp f={fd}", "-", "-", t_dense * 1e3, _peak_mb(dfn, x, *wd)))
-    print(f"{'layer':32s} {'routing':8s} {'dispatch':11s} {'fwd+bwd ms':>11s} {'peak MB':>9s}")
+    print(f"{'layer':32s} {'routing':13s} {'dispatch':11s} {'fwd+bwd ms':>11s} {'peak MB':>9s}")
     for r in rows:
-        print(f"{r[0]:32s} {r[1]:8s} {r[2]:11s} {r[3]:11.2f} {r[4]:9.1f}")
+        print(f"{r[0]:32s} {r[1]:13s} {r[2]:11s} {r[3]:11.2f} {r[4]:9.1f}")
     best = "pallas_gmm"  # the Pallas kernel on GPU/TPU, its XLA padded-tile formulation on CPU
     summary = {
         "device": dev.device_kind,
         "quick": args.quick,
         "best_dropless_strategy": best,
         "gmm_backend": gmm_backend,
-        "dropless_vs_onehot_e64": results[(64, False, "onehot")] / results[(64, False, best)],
-        "dropless_vs_onehot_e64_zipf": results[(64, True, "onehot")] / results[(64, True, best)],
-        "moe_vs_dense_active": results[(8, False, best)] / t_dense,
-        "moe_vs_dense_active_e64": results[(64, False, best)] / t_dense,
-        "dropless_vs_ragged_dot_e64": results[(64, False, "ragged_dot")] / results[(64, False, best)],
-        "ms": {f"E{e}_{'zipf' if s else 'uniform'}_{st}": round(v * 1e3, 3)
-               for (e, s, st), v in results.items()} | {"dense": round(t_dense * 1e3, 3)},
+        "dropless_vs_onehot_e64": results[(64, "uniform", "onehot")] / results[(64, "uniform", best)],
+        "dropless_vs_onehot_e64_zipf": results[(64, "zipf", "onehot")] / results[(64, "zipf", best)],
+        "dropless_vs_onehot_e64_forced": (results[(64, "forced_rr", "onehot")]
+                                          / results[(64, "forced_rr", best)]),
+        "moe_vs_dense_active": results[(8, "uniform", best)] / t_dense,
+        "moe_vs_dense_active_forced": results[(8, "forced_rr", best)] / t_dense,
+        "moe_vs_dense_active_e64": results[(64, "uniform", best)] / t_dense,
+        "moe_vs_dense_active_e64_forced": results[(64, "forced_rr", best)] / t_dense,
+        "learned_vs_forced_e64": results[(64, "uniform", best)] / results[(64, "forced_rr", best)],
+        "dropless_vs_ragged_dot_e64": (results[(64, "uniform", "ragged_dot")]
+                                       / results[(64, "uniform", best)]),
+        "ms": {f"E{e}_{routing}_{st}": round(v * 1e3, 3)
+               for (e, routing, st), v in results.items()} | {"dense": round(t_dense * 1e3, 3)},
     }
     print(json.dumps(summary))
 

@@ -21,4 +21,8 @@ def init_cache(model_config: Any, batch: int, length: int, dtype: Any = None) ->
     layer = lambda: {"attn": {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype),
                               "pos": jnp.full((batch, length), -1, jnp.int32),
                               "index": jnp.zeros((), jnp.int32)}}
-    return {f"layer_{i}": layer() for i in range(model_config.num_layers)}
+    cache = {f"layer_{i}": layer() for i in range(model_config.num_layers)}
+    if getattr(model_config, "scan_layers", False):  # stacked like the scanned layers' params
+        from sparsejax.models.layer_stack import layer_period, stack_layers
+        cache = stack_layers(cache, layer_period(model_config))
+    return cache

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from sparsejax.interop import mapping
+from sparsejax.models.layer_stack import unstack_layers
 from sparsejax.interop.families import to_hf_config
 from sparsejax.interop.import_hf import RECORD, TOKENIZER_FILES
 from sparsejax.train.workdir import PRETRAINED_DIR as PRETRAINED
@@ -62,8 +63,8 @@ def export_hf(workdir: str, out: str, *, dtype: str = "float32",
         if method is not None:  # what the model computes with: masked params
             params = jax.jit(lambda s: method.forward_params(s.params, s.sparsity, step=s.step,
                                                              rng=None))(state)
-    flat = {path_str(p): np.asarray(jax.device_get(x))
-            for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    params = unstack_layers(jax.device_get(params))  # HF tensors are per layer
+    flat = {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
     np_dtype = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16,
                 "float16": np.float16}[dtype]
     tensors = {k: v.astype(np_dtype) for k, v in

@@ -73,10 +73,12 @@ def train_bindings(arch: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def abstract_params(model_config, mesh) -> tuple[dict, dict]:
-    """({path: ShapeDtypeStruct with sharding}, {path: sharding}) of the model's params."""
+    """({path: ShapeDtypeStruct with sharding}, {path: sharding}) of the model's params, per
+    layer (an import is stored unscanned; a run with scanned layers stacks it on start)."""
+    import dataclasses
     from sparsejax.models.transformer import Transformer
     from sparsejax.train.build import strip_boxes
-    model = Transformer(model_config)
+    model = Transformer(dataclasses.replace(model_config, scan_layers=False))
     dummy = jnp.zeros((1, 8), jnp.int32)
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         boxed = jax.eval_shape(lambda k: model.init({"params": k, "router": k, "dropout": k},

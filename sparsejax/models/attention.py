@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.models.layers import DEFAULT_KERNEL_INIT, Dtype, as_tokens, rotary_embedding
+from sparsejax.models.remat import tag
 
 ATTENTION_KINDS = ("dense", "block_sparse")
 
@@ -85,8 +86,9 @@ class Attention(nn.Module):
         q = self._proj(x, self.num_heads, "query")  # [b, s, h, d]
         k = self._proj(x, self.num_kv_heads, "key")  # [b, s, kv_h, d]
         v = self._proj(x, self.num_kv_heads, "value")
-        q = rotary_embedding(q, positions, self.rope_theta, self.rope_scaling)
-        k = rotary_embedding(k, positions, self.rope_theta, self.rope_scaling)
+        q = tag(rotary_embedding(q, positions, self.rope_theta, self.rope_scaling), "query_proj")
+        k = tag(rotary_embedding(k, positions, self.rope_theta, self.rope_scaling), "key_proj")
+        v = tag(v, "value_proj")
         q = nn.with_logical_constraint(q, ("batch", "seq", "heads", "kv"))
         if decode:
             out = self._cached_attention(q, k, v, positions, segment_ids)
@@ -99,7 +101,7 @@ class Attention(nn.Module):
                 q, k, v, segment_ids)
         else:
             raise ValueError(f"attention kind={self.kind!r} is unknown; valid: {ATTENTION_KINDS}")
-        out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "kv"))
+        out = tag(nn.with_logical_constraint(out, ("batch", "seq", "heads", "kv")), "attention_out")
         out_kernel = self.param(
             "out", nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("heads", "embed")),
             (self.num_heads * self.head_dim, x.shape[-1]), self.param_dtype)

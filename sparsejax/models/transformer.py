@@ -12,7 +12,9 @@ import jax.numpy as jnp
 
 from sparsejax.config import check_field_types
 from sparsejax.models.attention import ATTENTION_KINDS, Attention
+from sparsejax.models.layer_stack import check_scan_layers, scanned_blocks
 from sparsejax.models.layers import Embed, GatedMlp, RMSNorm, as_tokens, dense, dtype_from_name
+from sparsejax.models.remat import check_remat_policy, remat_module
 from sparsejax.models.rope import check_rope_scaling
 
 MLP_KINDS = ("dense", "moe")
@@ -25,6 +27,10 @@ class ModelConfig:
 
     `mlp_kinds` / `attention_kinds` are cycled over the layers: ("dense", "moe") makes every
     other layer an MoE layer, starting with a dense one.
+
+    Scale: `scan_layers` runs the repeating group of layers with `nn.scan` (params stacked on
+    a `layers` axis; models/layer_stack.py), `remat_policy` names what a block keeps for the
+    backward pass (models/remat.py).
 
     Options of released checkpoints (defaults keep this repo's own models): `norm_epsilon`
     (RMSNorm), `scale_embeddings` (multiply embeddings by sqrt(embed_dim) and divide tied
@@ -48,7 +54,8 @@ class ModelConfig:
     mlp_kinds: tuple = ("dense",)
     attention_kinds: tuple = ("dense",)
     sparse_attention_mask: Any = None
-    remat: bool = False
+    remat_policy: str = "none"
+    scan_layers: bool = False
     norm_epsilon: float = 1e-6
     scale_embeddings: bool = True
     qkv_bias: bool = False
@@ -79,6 +86,8 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} must be True or "
                                  f"False")
         check_rope_scaling(self.rope_scaling)
+        check_remat_policy(self.remat_policy)
+        check_scan_layers(self)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -165,10 +174,13 @@ class Transformer(nn.Module):
         if cfg.scale_embeddings:
             x = x * jnp.sqrt(cfg.embed_dim).astype(dtype)
         x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
-        block_cls = nn.remat(Block, static_argnums=(4, 5)) if cfg.remat else Block
-        for i in range(cfg.num_layers):
-            x = block_cls(cfg, i, name=f"layer_{i}")(x, positions, segment_ids, deterministic,
-                                                     decode)
+        if cfg.scan_layers:
+            x = scanned_blocks(cfg, Block, x, positions, segment_ids, deterministic, decode)
+        else:
+            block_cls = remat_module(Block, cfg.remat_policy, static_argnums=(4, 5))
+            for i in range(cfg.num_layers):
+                x = block_cls(cfg, i, name=f"layer_{i}")(x, positions, segment_ids,
+                                                         deterministic, decode)
         x = RMSNorm(float(cfg.norm_epsilon), dtype=dtype, param_dtype=pdtype, name="final_norm")(x)
         if cfg.tie_embeddings:
             logits = embed.attend(x)

@@ -18,7 +18,9 @@ from sparsejax.parallel import mesh as mesh_lib
 from sparsejax.parallel.rules import (LOGICAL_RULES, batch_sharding, logical_shardings,
                                       replicated, shardings_like)
 from sparsejax.sparsity.method import RunInfo, SparsityMethod, make_method
+from sparsejax.sparsity.stacked import for_layout
 from sparsejax.train import optim
+from sparsejax.train.accumulate import check_microbatches
 from sparsejax.train.state import TrainState
 
 
@@ -44,7 +46,8 @@ class Run:
     def sparsity_update_fn(self):
         """Jitted (state, batch) -> (state, metrics) for mask updates."""
         from sparsejax.train.step import make_sparsity_update
-        return jax.jit(make_sparsity_update(self.model, self.sparsity_method),
+        return jax.jit(make_sparsity_update(self.model, self.sparsity_method,
+                                            self.cfg.microbatches),
                        in_shardings=(self.state_shardings, batch_sharding(self.mesh)),
                        out_shardings=(self.state_shardings, replicated(self.mesh)),
                        donate_argnums=(0,))
@@ -52,8 +55,11 @@ class Run:
     def layer_density_fn(self):
         """Jitted state -> overall and per-layer mask densities ('sparsity/density/<path>'),
         replicated; logged at step 0 so density plots start at the first step."""
+        from sparsejax.models.layer_stack import unstack_layers
         from sparsejax.sparsity.method import density_metrics
-        return jax.jit(lambda s: density_metrics(s.sparsity.get("masks"), self.sparsity_method.valid),
+        # per layer also when the layers are scanned (the names the mask updates log)
+        return jax.jit(lambda s: density_metrics(unstack_layers(s.sparsity.get("masks")),
+                                                 self.sparsity_method.valid),
                        in_shardings=(self.state_shardings,), out_shardings=replicated(self.mesh))
 
 
@@ -74,6 +80,7 @@ def validate(cfg, model_config: ModelConfig, mesh) -> None:
     if cfg.global_batch_size % jax.process_count():
         raise ValueError(f"TrainConfig.global_batch_size={cfg.global_batch_size} is not divisible "
                          f"by the process count {jax.process_count()}")
+    check_microbatches(cfg.microbatches, cfg.global_batch_size, dp)
     if cfg.seq_len > model_config.max_seq_len:
         raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} exceeds ModelConfig.max_seq_len="
                          f"{model_config.max_seq_len}; use seq_len <= {model_config.max_seq_len}")
@@ -93,8 +100,9 @@ def build_run(cfg, model_config: ModelConfig | None = None,
     model = Transformer(model_config)
     base_tx = optim.make_optimizer(total_steps=cfg.num_steps)
     lr_schedule = optim.learning_rate_schedule(total_steps=cfg.num_steps)
-    method = make_method().bind(RunInfo(num_steps=cfg.num_steps,
-                                        valid=padded_params(model_config)))
+    method = for_layout(make_method().bind(RunInfo(num_steps=cfg.num_steps,
+                                                   valid=padded_params(model_config))),
+                        model_config)
     dummy = jnp.zeros((1, min(cfg.seq_len, model_config.max_seq_len)), jnp.int32)
 
     def init_variables(key):

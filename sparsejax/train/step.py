@@ -10,10 +10,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sparsejax.models.layer_stack import layer_period, unstack_layers
 from sparsejax.sparsity.method import SparsityMethod
+from sparsejax.train.accumulate import make_grad_fn
 from sparsejax.train.state import TrainState
 
-MUTABLE = ["aux_loss", "metrics", "moe_state"]
+MUTABLE = ["aux_loss", "metrics", "moe_state", "moe_counts"]
 
 
 def flatten_sown(tree: Any, prefix: str) -> dict[str, jax.Array]:
@@ -25,6 +27,16 @@ def flatten_sown(tree: Any, prefix: str) -> dict[str, jax.Array]:
         vals = leaf if isinstance(leaf, tuple) else (leaf,)
         out[f"{prefix}/{name}"] = sum(jnp.asarray(v, jnp.float32) for v in vals) / len(vals)
     return out
+
+
+def sown_metrics(model: nn.Module, mutated: dict) -> dict[str, jax.Array]:
+    """The model's sown metrics as {'model/layer_0/moe/expert_load': v}, per layer also when
+    the layers are scanned (their metrics are stacked along the scanned axis)."""
+    tree = mutated.get("metrics", {})
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "scan_layers", False):
+        tree = unstack_layers(tree, layer_period(cfg))
+    return flatten_sown(tree, "model")
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array):
@@ -42,15 +54,18 @@ def model_variables(params, moe_state):
 
 
 def make_loss_fn(model: nn.Module, method: SparsityMethod) -> Callable:
-    """loss_fn(params, state, batch, rng) -> (loss + aux losses, (loss, aux, mutated)).
+    """loss_fn(params, state, batch, rng, extra_variables=None) -> (loss + aux losses,
+    (loss, aux, mutated)); `extra_variables`: more model collections (gradient accumulation
+    passes the global batch's expert counts, 'moe_counts').
 
     The model sees the method's `forward_params`, so the gradient w.r.t. `params` is the dense
     gradient that RigL/SNIP use at update steps."""
 
-    def loss_fn(params, state: TrainState, batch, rng):
+    def loss_fn(params, state: TrainState, batch, rng, extra_variables=None):
         fwd_params = method.forward_params(params, state.sparsity, step=state.step, rng=rng)
         logits, mutated = model.apply(
-            model_variables(fwd_params, state.moe_state), batch["inputs"], batch["positions"],
+            {**model_variables(fwd_params, state.moe_state), **(extra_variables or {})},
+            batch["inputs"], batch["positions"],
             batch["segment_ids"], deterministic=False, rngs={"router": rng, "dropout": rng}, mutable=MUTABLE)
         loss_sum, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
         loss = loss_sum / jnp.maximum(count, 1.0)
@@ -67,19 +82,20 @@ def step_rng(state: TrainState) -> jax.Array:
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformationExtraArgs,
-                    method: SparsityMethod, lr_schedule: Callable[[Any], Any] | None = None
-                    ) -> Callable:
+                    method: SparsityMethod, lr_schedule: Callable[[Any], Any] | None = None,
+                    microbatches: int = 1) -> Callable:
     """Builds train_step(state, batch) -> (state, metrics). `tx` is the method's wrapped
     optimizer (`method.wrap_optimizer`), which reads the masks from `sparsity=`.
+    `microbatches` > 1 accumulates the gradient over that many micro-batches of the batch
+    (train/accumulate.py); the method, the guard below and the metrics see the whole step.
 
     A step whose loss or gradient is not finite leaves params, optimizer, sparsity and MoE state
     unchanged (the step counter still advances past the bad batch) and reports `nonfinite=1`.
     """
-    loss_fn = make_loss_fn(model, method)
+    grad_fn = make_grad_fn(make_loss_fn(model, method), microbatches)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, (loss, aux, mutated)), grads = grad_fn(state.params, state, batch, step_rng(state))
+        loss, aux, mutated, grads = grad_fn(state.params, state, batch, step_rng(state))
         grads, sparsity = method.on_grads(state.params, state.sparsity, grads, step=state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params, sparsity=sparsity)
         params = optax.apply_updates(state.params, updates)
@@ -97,23 +113,25 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformationExtraArgs,
                    "nonfinite": (~finite).astype(jnp.int32)}
         if lr_schedule is not None:
             metrics["learning_rate"] = lr_schedule(state.step)
-        metrics.update(flatten_sown(mutated.get("metrics", {}), "model"))
+        metrics.update(sown_metrics(model, mutated))
         return new_state, metrics
 
     return train_step
 
 
-def make_sparsity_update(model: nn.Module, method: SparsityMethod) -> Callable:
+def make_sparsity_update(model: nn.Module, method: SparsityMethod,
+                         microbatches: int = 1) -> Callable:
     """update(state, batch) -> (state, metrics): new masks (and pruned/grown params, reset
     optimizer slots) for the method's schedule at `state.step`. Jitted on its own and run only
-    at the method's update steps, so RigL's dense gradient costs nothing on ordinary steps."""
-    loss_fn = make_loss_fn(model, method)
+    at the method's update steps, so RigL's dense gradient costs nothing on ordinary steps;
+    that gradient is accumulated over `microbatches` like the train step's."""
+    grad_fn = make_grad_fn(make_loss_fn(model, method), microbatches)
 
     def update(state: TrainState, batch):
         rng = jax.random.fold_in(step_rng(state), 1)
         grads = None
         if method.needs_dense_grads:
-            grads, _ = jax.grad(loss_fn, has_aux=True)(state.params, state, batch, rng)
+            grads = grad_fn(state.params, state, batch, rng)[3]
         params, opt_state, sparsity, metrics = method.update(
             state.params, state.opt_state, state.sparsity, step=state.step, rng=rng, grads=grads)
         return state.replace(params=params, opt_state=opt_state, sparsity=sparsity), metrics

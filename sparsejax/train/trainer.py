@@ -25,7 +25,9 @@ from sparsejax.train import evaluation, run_info
 from sparsejax.train import workdir as workdir_lib
 from sparsejax.train.build import build_run
 from sparsejax.train.checkpoint import Checkpointer
+from sparsejax.train.flops import FlopsMeter
 from sparsejax.train.metrics import IntervalLoss, MetricsWriter, truncate_metrics
+from sparsejax.train.profiling import StepProfiler, resolve_profile_steps
 from sparsejax.train.step import make_train_step
 from sparsejax.train.warm_start import init_from_pretrained, warm_start
 from sparsejax.train.workdir import has_pretrained
@@ -42,6 +44,7 @@ class TrainConfig:
 
     num_steps: int = 200
     global_batch_size: int = 16
+    microbatches: int = 1  # gradient accumulation: the global batch in this many micro-batches
     seq_len: int = 128
     seed: int = 0
     dataset: str = "stdlib"
@@ -56,6 +59,7 @@ class TrainConfig:
     nan_policy: str = "skip"  # "skip": drop the update; "stop": save the last good state and stop
     max_skipped_steps: int = 20  # nan_policy='skip': this many bad steps in a row stop the run
     progress_bar: bool = True
+    profile_steps: tuple | None = None  # (start, stop): a profiler trace of those steps (profiling.py)
 
     def __post_init__(self):
         check_field_types(self)
@@ -68,6 +72,7 @@ class TrainConfig:
                              "(0 turns eval off)")
         if self.nan_policy not in NAN_POLICIES:
             raise ValueError(f"TrainConfig.nan_policy={self.nan_policy!r}; valid: {NAN_POLICIES}")
+        resolve_profile_steps(self.profile_steps, self.num_steps)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -176,9 +181,12 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "",
                 truncate_metrics(os.path.join(workdir, workdir_lib.METRICS_FILE), start)
             workdir_lib.write_config(workdir, config_lib.operative_config_text())
         writer = MetricsWriter(workdir, enabled=is_main)
+        flops = FlopsMeter(run, cfg.seq_len)
+        profiler = StepProfiler(cfg.profile_steps, cfg.num_steps, workdir)
         if restored is None:
             if is_main:
-                writer.write(0, run_info.start_record(cfg, data_it, eval_set))
+                writer.write(0, {**run_info.start_record(cfg, data_it, eval_set),
+                                 **flops.start_record()})
             writer.write(0, jax.device_get(run.layer_density_fn()(state)))  # plots start at 0
         else:
             corpus = run_info.resume_record(cfg, workdir) if is_main else None
@@ -186,7 +194,8 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "",
                 writer.write(start, corpus)
         if changes:
             writer.write(start, {"config_changes": changes})
-        step_fn = jax.jit(make_train_step(model, tx, method, run.lr_schedule),
+        step_fn = jax.jit(make_train_step(model, tx, method, run.lr_schedule,
+                                          microbatches=cfg.microbatches),
                           in_shardings=(run.state_shardings, bsharding),
                           out_shardings=(run.state_shardings, replicated(mesh)),
                           donate_argnums=(0,))
@@ -203,6 +212,7 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "",
                       {"step": step, "bindings": bindings}, force=force)
 
         def stop_nonfinite(step, done, reason):
+            profiler.close()
             save(done, force=True)  # the guard kept the last good state
             ckpt.close()
             raise NonFiniteLossError(
@@ -221,7 +231,9 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "",
                 if method.is_update_step(step):
                     state, mask_metrics = update_fn(state, batch)
                     writer.write(step, mask_metrics)
-                state, metrics = step_fn(state, batch)
+                with profiler.step(step):
+                    state, metrics = step_fn(state, batch)
+                profiler.after(step, metrics)
                 interval.add(metrics)
                 steps_since += 1
                 done = step + 1
@@ -237,6 +249,7 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "",
                     elapsed = time.perf_counter() - t0
                     metrics["tokens_per_s"] = tokens_per_step * steps_since / max(elapsed, 1e-9)
                     metrics.update(jax.device_get(sparsity_metrics_fn(state)))
+                    metrics.update(flops.metrics(state, metrics["tokens_per_s"]))
                     last = writer.write(done, metrics)
                     bar.set_postfix(loss="n/a" if last["loss"] is None else f"{last['loss']:.3f}",
                                     tok_s=f"{metrics['tokens_per_s']:.0f}")
@@ -256,6 +269,7 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "",
                     status = "preempted"
                     log.warning("SIGTERM: saved a checkpoint at step %d; exiting", done)
                     break
+        profiler.close()
         bar.close()
         ckpt.close()
         writer.close()

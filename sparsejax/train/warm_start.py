@@ -9,6 +9,8 @@ from typing import Any
 import gin
 import jax
 
+from sparsejax.models.layer_stack import (layout_like, stacked_period, unstack_abstract,
+                                          unstack_layers)
 from sparsejax.train.checkpoint import restore_state_numpy
 from sparsejax.train.workdir import PRETRAINED_CONFIG, PRETRAINED_DIR, has_pretrained
 from sparsejax.train.state import TrainState
@@ -38,10 +40,14 @@ def warm_start(state: TrainState, param_shardings: Any, from_workdir: str | None
     if from_workdir is None or resumed:
         return state
     _, source = restore_params(from_workdir)
-    template = jax.device_get(state.params)
+    stacked_template = jax.device_get(state.params)
+    # Both runs' params in the per-layer layout, whether either scans its layers.
+    source, template = unstack_layers(source), unstack_layers(stacked_template)
     if mode == "upcycle":
         from sparsejax.models.moe.upcycle import upcycle_params
-        params = upcycle_params(source, template, jax.random.key(0))
+        # routers (and Drop-Upcycling's re-drawn dimensions) depend on the run's seed
+        rng = jax.random.fold_in(jax.random.wrap_key_data(jax.device_get(state.rng)), 7)
+        params = upcycle_params(source, template, rng)
     else:
         src = {"/".join(map(str, k)): v.shape for k, v in _flat(source)}
         dst = {"/".join(map(str, k)): v.shape for k, v in _flat(template)}
@@ -51,6 +57,7 @@ def warm_start(state: TrainState, param_shardings: Any, from_workdir: str | None
                              f"shape (e.g. {bad}); mode='params' needs the same model")
         params = source
     params = jax.tree.map(lambda p, t: p.astype(t.dtype), params, template)
+    params = layout_like(params, stacked_template)
     return state.replace(params=jax.device_put(params, param_shardings))
 
 
@@ -61,7 +68,13 @@ def _flat(tree):
 
 def restore_pretrained(workdir: str, abstract_params: Any) -> Any:
     """The imported params of `workdir`, restored straight into their shardings (each process
-    reads its own slices). Shape mismatches with the configured model name the param."""
+    reads its own slices). Shape mismatches with the configured model name the param.
+    Imports hold per-layer params; a model with scanned layers gets them stacked."""
+    if stacked_period(abstract_params) is not None:
+        per_layer = restore_pretrained(workdir, unstack_abstract(abstract_params))
+        shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
+        return jax.jit(lambda p: layout_like(p, abstract_params), out_shardings=shardings)(
+            per_layer)
     import orbax.checkpoint as ocp
     from sparsejax.parallel.rules import path_str
     path = os.path.join(os.path.abspath(workdir), PRETRAINED_DIR)

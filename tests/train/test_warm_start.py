@@ -1,5 +1,6 @@
 """Sparse upcycling through the CLI: an MoE run started from a dense checkpoint computes the
-dense model's function (renormalized top-k over identical experts)."""
+dense model's function (renormalized top-k over identical experts), also when the dense run
+scanned its layers and the MoE run does not (the checkpoint's stacked params convert)."""
 import os
 
 from sparsejax.train.metrics import read_metrics
@@ -12,7 +13,7 @@ def eval_losses(workdir):
 
 def test_upcycled_moe_matches_dense_then_trains(run_cli, tmp_path, capsys):
     dense = str(tmp_path / "dense")
-    assert run_cli(dense) == 0
+    assert run_cli(dense, "--gin.ModelConfig.scan_layers=True") == 0
     dense_eval = eval_losses(dense)[-1]
     up = str(tmp_path / "up")
     # One step with a vanishing learning rate: the eval loss is the upcycled model's at init.

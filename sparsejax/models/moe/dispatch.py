@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from sparsejax.models.moe.experts import (ExpertWeights, GroupedMatmul, batched_ffn, grouped_ffn,
                                           ragged_dot)
 from sparsejax.models.moe.router import Routing
+from sparsejax.models.remat import tag
 from sparsejax.registry import Registry
 
 DISPATCHES: Registry[Callable] = Registry("MoE dispatch")
@@ -94,8 +95,8 @@ def onehot_dispatch(x: jax.Array, routing: Routing, w: ExpertWeights, capacity: 
         gate = jnp.pad(routing.weight.reshape(e, c_r), ((0, 0), (0, capacity - c_r)))
         comb = dispatch * gate.astype(x.dtype)[None]
         dropped = jnp.zeros((), jnp.float32)
-    expert_in = jnp.einsum("tec,td->ecd", dispatch, x)
-    expert_out = batched_ffn(expert_in, w)
+    expert_in = tag(jnp.einsum("tec,td->ecd", dispatch, x), "moe_dispatch")
+    expert_out = tag(batched_ffn(expert_in, w), "moe_expert_out")
     return jnp.einsum("tec,ecd->td", comb, expert_out), dropped
 
 
@@ -103,8 +104,8 @@ def grouped_dispatch(x: jax.Array, routing: Routing, w: ExpertWeights,
                      gmm: GroupedMatmul = ragged_dot):
     """Dropless: sort by expert, grouped matmuls, unsort, combine."""
     order, sizes = sort_by_expert(routing.expert_index, routing.mask, routing.num_experts)
-    x_sorted = jnp.take(x, routing.token_index[order], axis=0)  # [A, embed]
-    y_sorted = grouped_ffn(x_sorted, sizes, w, gmm)
+    x_sorted = tag(jnp.take(x, routing.token_index[order], axis=0), "moe_dispatch")  # [A, embed]
+    y_sorted = tag(grouped_ffn(x_sorted, sizes, w, gmm), "moe_expert_out")
     y_flat = jnp.take(y_sorted, inverse_permutation(order), axis=0)
     return combine(y_flat, routing), jnp.zeros((), jnp.float32)
 

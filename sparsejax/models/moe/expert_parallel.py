@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from sparsejax.models.moe.dispatch import capacity_positions, inverse_permutation, sort_by_expert
+from sparsejax.models.remat import tag
 from sparsejax.models.moe.experts import (ExpertWeights, GroupedMatmul, batched_ffn, grouped_ffn,
                                           ragged_dot)
 
@@ -58,7 +59,8 @@ def _buffer_exchange(x, idx, weight, mask, w: ExpertWeights, *, num_experts: int
     recv = jax.lax.all_to_all(send.reshape(n, e_l * capacity, d), EXPERT_AXIS, 0, 0)
     # recv: [source, E_l * C, D] -> per local expert [E_l, source * C, D]
     buf = recv.reshape(n, e_l, capacity, d).transpose(1, 0, 2, 3).reshape(e_l, n * capacity, d)
-    out = batched_ffn(buf, w)
+    buf = tag(buf, "moe_dispatch")
+    out = tag(batched_ffn(buf, w), "moe_expert_out")
     out = out.reshape(e_l, n, capacity, d).transpose(1, 0, 2, 3).reshape(n, e_l * capacity, d)
     back = jax.lax.all_to_all(out, EXPERT_AXIS, 0, 0).reshape(num_experts * capacity, d)
     y = jnp.take(back, slot, axis=0, mode="fill", fill_value=0)  # [T*k, D]
@@ -109,7 +111,8 @@ def _ragged_exchange(x, idx, weight, mask, w: ExpertWeights, *, num_experts: int
     seg = jnp.searchsorted(jnp.cumsum(recv_counts.reshape(-1)), jnp.arange(m), side="right")
     local_e = jnp.where(seg < n * e_l, seg % e_l, e_l)
     order2, sizes2 = sort_by_expert(local_e, local_e < e_l, e_l)
-    out = grouped_ffn(jnp.take(recv, order2, axis=0), sizes2, w, gmm)
+    out = tag(grouped_ffn(tag(jnp.take(recv, order2, axis=0), "moe_dispatch"), sizes2, w, gmm),
+              "moe_expert_out")
     out = jnp.take(out, inverse_permutation(order2), axis=0)
     back_offsets = jax.lax.all_to_all(input_offsets, EXPERT_AXIS, 0, 0)
     back = exchange(out, jnp.zeros((a, d), x.dtype), recv_offsets, recv_sizes, back_offsets,

@@ -22,6 +22,7 @@ from sparsejax.models.moe.dispatch import DISPATCHES, get_dispatch, pallas_gmm
 from sparsejax.models.moe.expert_parallel import (EXCHANGES, EXPERT_AXIS, buffer_capacity,
                                                   expert_axis_size, expert_parallel_ffn)
 from sparsejax.models.moe.experts import Experts, SharedExperts, cast, ragged_dot
+from sparsejax.models.moe import forced_router  # noqa: F401  (registers 'forced_balance')
 from sparsejax.models.moe.router import ROUTERS
 
 Dtype = Any
@@ -40,6 +41,11 @@ class MoeMlp(nn.Module):
     bias_update_rate > 0 turns on auxiliary-loss-free balancing for token-choice routers.
     load_balance_normalization: "assignments" (uniform routing gives a load-balance loss of 1)
     or "tokens" (HF Mixtral's convention: top_k); see losses.load_balance_loss.
+    Load-balance losses: `load_balance_weight` over the batch the layer sees (one micro-batch
+    under gradient accumulation), `seq_load_balance_weight` per sequence,
+    `global_load_balance_weight` with expert frequencies over the whole global batch (all
+    micro-batches; all data-parallel and expert-parallel shards, since routing runs on global
+    arrays before the expert-parallel `shard_map`), Qwen's global-batch balancing.
     The router param is named `router_kernel` (sparsity code must never prune it).
 
     Options of released checkpoints: `shared_expert_gate` multiplies the shared experts'
@@ -61,6 +67,7 @@ class MoeMlp(nn.Module):
     load_balance_weight: float = 0.01
     load_balance_normalization: str = "assignments"
     seq_load_balance_weight: float = 0.0
+    global_load_balance_weight: float = 0.0
     z_loss_weight: float = 0.001
     concentration_weight: float = 0.0
     router_jitter: float = 0.0
@@ -93,6 +100,14 @@ class MoeMlp(nn.Module):
             raise ValueError(f"MoeMlp.num_shared_experts={self.num_shared_experts} must be >= 0")
         if self.shared_expert_gate and not self.num_shared_experts:
             raise ValueError("MoeMlp.shared_expert_gate=True needs num_shared_experts >= 1")
+        if self.global_load_balance_weight < 0:
+            raise ValueError(f"MoeMlp.global_load_balance_weight="
+                             f"{self.global_load_balance_weight} must be >= 0")
+        if self.global_load_balance_weight > 0 and \
+                not ROUTERS.get(self.router, "MoeMlp.router").token_choice:
+            raise ValueError(f"MoeMlp.global_load_balance_weight="
+                             f"{self.global_load_balance_weight} needs a token-choice router; "
+                             f"MoeMlp.router={self.router!r} balances by construction")
 
     def _refuse_ineffective(self, router, n_ep: int) -> None:
         """Settings the user gave that this configuration never reads are refused by name."""
@@ -152,10 +167,21 @@ class MoeMlp(nn.Module):
             bias_var = self.variable("moe_state", "bias", jnp.zeros, (e,), jnp.float32)
             bias = bias_var.value
         capacity = min(t, buffer_capacity(t, k, e, self.capacity_factor))
-        routing = router.route(logits, top_k=k, capacity=capacity, bias=bias)
+        if getattr(router, "needs_rng", False):  # e.g. forced random routing
+            rng = self.make_rng("router") if self.has_rng("router") else None
+            routing = router.route(logits, top_k=k, capacity=capacity, bias=bias, rng=rng)
+        else:
+            routing = router.route(logits, top_k=k, capacity=capacity, bias=bias)
+        updates_bias = (bias is not None and self.bias_update_rate > 0 and not deterministic
+                        and self.is_mutable_collection("moe_state")
+                        and not self.is_initializing())
+        global_counts = self._global_counts(routing, token_choice and (
+            self.global_load_balance_weight > 0 or (self.bias_update_rate > 0
+                                                    and not deterministic)))
 
         # --- losses and metrics (global, float32) ---
-        for name, (weight, fn) in router.aux_losses(self, logits, routing, b).items():
+        for name, (weight, fn) in router.aux_losses(self, logits, routing, b,
+                                                    global_counts).items():
             if weight > 0:
                 value = fn()
                 self._sow("aux_loss", name, weight * value)
@@ -191,13 +217,31 @@ class MoeMlp(nn.Module):
             y = y + shared
 
         # --- auxiliary-loss-free bias update (outside the gradient) ---
-        if bias is not None and self.bias_update_rate > 0 and not deterministic \
-                and self.is_mutable_collection("moe_state") and not self.is_initializing():
-            counts = losses.expert_counts(routing.expert_index, routing.mask, e)
+        if updates_bias:
+            counts = (losses.expert_counts(routing.expert_index, routing.mask, e)
+                      if global_counts is None else global_counts[0])
             bias_var.value = losses.aux_free_bias_update(bias, counts, self.bias_update_rate)
             self._sow("metrics", "aux_free_bias", bias_var.value)
             self._sow("metrics", "aux_free_bias_max_abs", jnp.max(jnp.abs(bias_var.value)))
         return y
+
+    def _global_counts(self, routing, needed: bool) -> tuple[jax.Array, jax.Array] | None:
+        """Expert counts of the whole global batch for the global load-balance loss and the
+        bias update. Gradient accumulation (train/accumulate.py) runs a counting pass in
+        which this layer writes its batch's counts into the mutable 'moe_counts' collection,
+        sums them over micro-batches and passes the sums in that collection to every
+        micro-batch's pass, which reads them; None: no counts given, this batch is the whole
+        global batch (its own counts are the global ones)."""
+        if not needed or self.is_initializing():
+            return None
+        if self.has_variable("moe_counts", "counts"):
+            return (self.get_variable("moe_counts", "counts"),
+                    self.get_variable("moe_counts", "tokens"))
+        if self.is_mutable_collection("moe_counts"):
+            counts = losses.expert_counts(routing.expert_index, routing.mask, routing.num_experts)
+            self.put_variable("moe_counts", "counts", counts)
+            self.put_variable("moe_counts", "tokens", jnp.int32(routing.num_tokens))
+        return None
 
 
 def num_active_params(layer: MoeMlp) -> int:

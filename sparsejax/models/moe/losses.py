@@ -35,13 +35,26 @@ def load_balance_loss(probs: jax.Array, expert_index: jax.Array, mask: jax.Array
       Mixtral/Qwen-MoE `load_balancing_loss_func`), so f sums to top_k and uniform routing
       gives top_k: a coefficient published for that code is top_k times ours.
     """
+    counts = expert_counts(expert_index, mask, probs.shape[-1])
+    return load_balance_from_counts(probs, counts, expert_index.shape[0], normalization)
+
+
+def load_balance_from_counts(probs: jax.Array, counts: jax.Array, num_tokens: jax.Array | int,
+                             normalization: str = "assignments") -> jax.Array:
+    """`E * sum_e f_e * P_e` with f from `counts` [E] (assignments per expert, no gradient) of
+    `num_tokens` tokens and P_e the mean of `probs` [T, E] over its tokens.
+
+    With the counts of the whole global batch and the probs of one micro-batch this is the
+    global-batch load-balance loss (Qiu et al. 2025, "Demons in the detail"): averaged over
+    equal micro-batches it equals, value and gradient, the loss of the un-split batch, since
+    f carries no gradient and P is a mean over tokens."""
     _check_normalization(normalization)
-    e = probs.shape[-1]
-    counts = expert_counts(expert_index, mask, e).astype(jnp.float32)
-    total = jnp.sum(counts) if normalization == "assignments" else jnp.float32(expert_index.shape[0])
+    counts = jax.lax.stop_gradient(counts).astype(jnp.float32)
+    total = (jnp.sum(counts) if normalization == "assignments"
+             else jnp.asarray(num_tokens, jnp.float32))
     f = counts / jnp.maximum(total, 1.0)
     p = jnp.mean(probs.astype(jnp.float32), axis=0)
-    return e * jnp.sum(f * p)
+    return probs.shape[-1] * jnp.sum(f * p)
 
 
 def sequence_load_balance_loss(probs: jax.Array, expert_index: jax.Array, mask: jax.Array,

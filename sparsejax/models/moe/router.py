@@ -154,12 +154,16 @@ class Router:
     by every router (`z_loss_weight`, `concentration_weight`, `load_balance_weight`, ...)."""
 
     token_choice: bool = True  # k assignments per token (balancing bias and losses apply)
+    needs_rng: bool = False  # True: `route` also takes rng= (the 'router' stream, or None)
 
     def route(self, logits: jax.Array, *, top_k: int, capacity: int,
               bias: jax.Array | None = None) -> Routing:
         raise NotImplementedError
 
-    def aux_losses(self, layer: Any, logits: jax.Array, routing: Routing, batch: int) -> AuxLosses:
+    def aux_losses(self, layer: Any, logits: jax.Array, routing: Routing, batch: int,
+                   global_counts: tuple[jax.Array, jax.Array] | None = None) -> AuxLosses:
+        """`global_counts`: (assignments per expert [E], tokens) of the whole global batch
+        when the layer sees one micro-batch of it (None: this batch is the global batch)."""
         out = {"router_z_loss": (layer.z_loss_weight, lambda: losses.router_z_loss(logits)),
                "concentration_loss": (layer.concentration_weight,
                                       lambda: losses.concentration_loss(routing.probs))}
@@ -173,6 +177,10 @@ class Router:
             out["seq_load_balance_loss"] = (
                 layer.seq_load_balance_weight,
                 lambda: losses.sequence_load_balance_loss(routing.probs, idx, m, batch, norm))
+            counts = global_counts or (losses.expert_counts(idx, m, routing.num_experts), t)
+            out["global_load_balance_loss"] = (
+                layer.global_load_balance_weight,
+                lambda: losses.load_balance_from_counts(routing.probs, *counts, norm))
         return out
 
     def metrics(self, logits: jax.Array, routing: Routing) -> dict[str, jax.Array]:
@@ -247,8 +255,8 @@ class ReluRouter(Router):
     def route(self, logits, *, top_k, capacity, bias=None):
         return relu_topk(logits, top_k, bias=bias)
 
-    def aux_losses(self, layer, logits, routing, batch):
-        out = super().aux_losses(layer, logits, routing, batch)
+    def aux_losses(self, layer, logits, routing, batch, global_counts=None):
+        out = super().aux_losses(layer, logits, routing, batch, global_counts)
         out["relu_l1_loss"] = (self.l1_weight,
                                lambda: losses.relu_sparsity_loss(jax.nn.relu(logits)))
         return out

@@ -44,6 +44,37 @@ def test_load_balance_normalizations_by_hand():
         losses.load_balance_loss(PROBS, IDX, mask, "mixtral")
 
 
+@pytest.mark.parametrize("norm", ["assignments", "tokens"])
+def test_global_load_balance_over_microbatches_equals_the_unsplit_loss(norm):
+    """Global-batch balancing: with the expert counts of all micro-batches, the mean over
+    micro-batches of the loss (and of its gradient w.r.t. the logits) equals the un-split
+    batch's loss; the per-micro-batch loss averaged does not (it balances each small batch)."""
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(32, 4)) * 2, jnp.float32)
+    idx = jnp.asarray(np.stack([rng.permutation(4)[:2] for _ in range(32)]))
+    mask = jnp.ones(idx.shape, bool)
+    k = 4
+
+    def whole(lg):
+        return losses.load_balance_loss(jax.nn.softmax(lg), idx, mask, norm)
+
+    def split(lg, per_micro):
+        counts = losses.expert_counts(idx, mask, 4)
+        out = []
+        for m in range(k):  # micro-batch m: rows m::k, as train/accumulate.py splits
+            p, i = jax.nn.softmax(lg[m::k]), idx[m::k]
+            out.append(losses.load_balance_loss(p, i, mask[m::k], norm) if per_micro else
+                       losses.load_balance_from_counts(p, counts, 32, norm))
+        return sum(out) / k
+
+    split = jax.jit(split, static_argnums=1)
+    np.testing.assert_allclose(split(logits, False), whole(logits), rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(jax.grad(split.__wrapped__), static_argnums=1)(
+        logits, False), jax.jit(jax.grad(whole))(logits),
+                               rtol=1e-5, atol=1e-8)
+    assert abs(float(split(logits, True)) - float(whole(logits))) > 1e-3
+
+
 def test_sequence_load_balance_is_mean_of_per_sequence():
     mask = jnp.ones(IDX.shape, bool)
     per = [losses.load_balance_loss(jnp.asarray(PROBS[i:i + 2]), jnp.asarray(IDX[i:i + 2]),
