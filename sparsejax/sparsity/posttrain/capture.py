@@ -97,6 +97,14 @@ class Recorder:
         self.moe: dict[str, tuple[Any, jax.Array]] = {}
         self.moe_override = moe_override
         self._busy = False  # inside an override's own apply: record nothing
+        self._flat: dict[int, tuple[jax.Array, jax.Array]] = {}
+
+    def _tokens(self, x: jax.Array) -> jax.Array:
+        """x as [tokens, features]; layers called on the same array (q/k/v, gate/up) get the
+        same flattened array, so their statistics are computed once (stats.group_inputs)."""
+        if id(x) not in self._flat:
+            self._flat[id(x)] = (x, as_tokens(x))  # x kept alive: its id stays unique
+        return self._flat[id(x)][1]
 
     def __call__(self, next_fun, args, kwargs, context):
         if self._busy:
@@ -105,10 +113,10 @@ class Recorder:
         path = "/".join(mod.path)
         join = (lambda name: f"{path}/{name}" if path else name)
         if isinstance(mod, nn.Dense) and method == "__call__":
-            self.inputs[join("kernel")] = as_tokens(args[0])
+            self.inputs[join("kernel")] = self._tokens(args[0])
         elif isinstance(mod, Attention) and method == "_proj":
             name = args[2] if len(args) > 2 else kwargs["name"]
-            self.inputs[join(name)] = as_tokens(args[0])
+            self.inputs[join(name)] = self._tokens(args[0])
         elif isinstance(mod, Attention) and method == "_out_proj":
             self.inputs[join("out")] = args[0]
         elif type(mod).__name__ == "MoeMlp" and method == "__call__":

@@ -48,7 +48,8 @@ class PruneConfig:
       it) or 'parallel' (every block on the dense model's activations).
       calibration_batch_size: sequences per forward (None: TrainConfig.global_batch_size).
     include / exclude: regexes on param paths (after the defaults: embeddings, norms, biases
-      and routers are never pruned; the LM head is excluded unless included).
+      and routers are never pruned). prune_head: prune the (untied) LM head too, calibrated
+      on the final hidden states (the papers leave it dense).
     experts / num_experts: an `EXPERT_REDUCERS` entry (frequency, reconstruction, merge) and
       the experts every MoE layer keeps.
     finetune_steps: TrainConfig.num_steps of the sparse recovery fine-tune written to the
@@ -68,7 +69,8 @@ class PruneConfig:
     calibration: str = "sequential"
     calibration_batch_size: int | None = None
     include: tuple = ()
-    exclude: tuple = ("lm_head",)
+    exclude: tuple = ()
+    prune_head: bool = False
     experts: str | None = None
     num_experts: int | None = None
     finetune_steps: int | float = 0.1

@@ -79,6 +79,8 @@ class CalibrationSet:
 class PruneResult:
     params: PyTree       # pruned params (exact zeros), experts reduced
     masks: PyTree        # keep masks mirroring params (None where never pruned)
+    include: tuple       # the regexes that chose the masked params (paths.prunable_tree)
+    exclude: tuple
     moe_state: PyTree | None
     num_experts: int | None  # experts per MoE layer after reduction (None: unchanged)
     report: dict[str, Any]
@@ -363,8 +365,9 @@ def _run(plan: Plan, params, moe_state, calib, mesh, t_start) -> PruneResult:
         new_masks[path] = keep
         report_layers.append(_layer_record(plan, path, kernel, w, keep, calib_h, info))
     masks = plan.masks_tree(params, new_masks)
-    kept = sum(int(jnp.sum(m)) for m in new_masks.values())
-    total = sum(plan.real_size(p) for p in new_masks)
+    kept = sum(int(np.asarray(m).sum()) for m in new_masks.values())
+    total = sum(m.size if plan.valid_of(p) is None else int(np.asarray(plan.valid_of(p)).sum())
+                for p, m in new_masks.items())
     report = {"settings": pc.settings(), "solver_settings": plan.solver_settings(),
               "calibration": {"samples": calib.num_samples, "seq_len": int(calib.inputs.shape[1]),
                               "tokens": int(calib.token_weights.sum()), "seed": calib.seed,
@@ -373,8 +376,8 @@ def _run(plan: Plan, params, moe_state, calib, mesh, t_start) -> PruneResult:
               "density": kept / max(total, 1), "pruned_params": total - kept,
               "prunable_params": total, "layers": report_layers, "blocks": report_blocks,
               "experts": report_experts, "seconds": time.perf_counter() - t_start}
-    return PruneResult(params, masks, moe_state,
-                       pc.num_experts if plan.reducer is not None else None, report)
+    return PruneResult(params, masks if new_masks else None, plan.include, plan.exclude,
+                       moe_state, pc.num_experts if plan.reducer is not None else None, report)
 
 
 def _reduce_experts(plan: Plan, layer: int, bp, ms, moe, prog: _BlockProgram, xs, batches):

@@ -61,6 +61,8 @@ class Plan:
     grads: dict[str, jax.Array] | None = None
     global_masks: dict[str, jax.Array] | None = None
     programs: dict = dataclasses.field(default_factory=dict)  # compiled block programs
+    include: tuple = ()  # the regexes that chose `paths` (paths_lib.prunable_tree)
+    exclude: tuple = ()
 
     @property
     def blocks(self) -> list[int]:
@@ -199,6 +201,18 @@ def _traced_groups(cfg: ModelConfig, params: PyTree, moe_state: PyTree | None,
     return out
 
 
+def prunable_regexes(params: PyTree, pc: PruneConfig) -> tuple[tuple, tuple]:
+    """(include, exclude) for paths_lib.prunable_tree: the config's, plus the LM head
+    excluded unless PruneConfig.prune_head (and the model has an untied head)."""
+    exclude = tuple(pc.exclude)
+    if pc.prune_head and "lm_head" not in params:
+        raise ValueError("PruneConfig.prune_head=True: the model has no LM head of its own "
+                         "(ModelConfig.tie_embeddings=True: the head is the embedding)")
+    if not pc.prune_head and "lm_head" in params:
+        exclude += ("^lm_head/",)
+    return tuple(pc.include), exclude
+
+
 def build_plan(cfg: ModelConfig, params: PyTree, moe_state: PyTree | None, pc: PruneConfig, *,
                valid: dict | None, loss_fn: Callable | None, num_samples: int,
                batch_size: int | None, mesh: jax.sharding.Mesh) -> Plan:
@@ -224,13 +238,16 @@ def build_plan(cfg: ModelConfig, params: PyTree, moe_state: PyTree | None, pc: P
         raise ValueError(f"PruneConfig.calibration_batch_size={batch} must be a multiple of "
                          f"the data-parallel size {dp} (mesh {dict(mesh.shape)})")
     paths, valid_masks, sizes = [], {}, {}
+    include, exclude = prunable_regexes(params, pc)
     if pruner is not None:
-        prunable = paths_lib.prunable_tree(params, pc.include, pc.exclude)
+        prunable = paths_lib.prunable_tree(params, include, exclude)
         masks = masks_lib.ones_masks(params, prunable, valid)
         vtree = masks_lib.valid_tree(masks, valid)
         vnamed = {} if vtree is None else dict(paths_lib.named_leaves(vtree))
         sizes = masks_lib.real_sizes(masks, valid)
         for path, m in paths_lib.named_leaves(masks):
+            if path == HEAD and not pc.prune_head:
+                continue
             inside = path.split("/")[0] in {capture.layer_name(i) for i in range(cfg.num_layers)}
             if not inside and path != HEAD:
                 raise ValueError(f"PruneConfig.include={pc.include!r} selects params[{path!r}]; "
@@ -257,6 +274,6 @@ def build_plan(cfg: ModelConfig, params: PyTree, moe_state: PyTree | None, pc: P
                                  f"outside nn.Dense, Attention projections and MoE experts); "
                                  f"exclude it with PruneConfig.exclude")
     plan = Plan(cfg, pc, pruner, structure, reducer, paths, valid_masks, sizes, num_samples,
-                batch, mesh, loss_fn)
+                batch, mesh, loss_fn, include=include, exclude=exclude)
     plan.solver_settings()  # builds every gin-configured part now (settings checked, used)
     return plan

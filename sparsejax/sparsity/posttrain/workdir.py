@@ -88,6 +88,20 @@ def calibration_set(cfg: Any, pc: PruneConfig) -> CalibrationSet:
                           b["segment_ids"], seed=pc.calibration_seed, split=pc.calibration_split)
 
 
+def restore(run, workdir: str) -> tuple[int, Any]:
+    """(step, TrainState) of the latest checkpoint of `workdir`, or of its imported params."""
+    from sparsejax.train.checkpoint import Checkpointer
+    from sparsejax.train.warm_start import init_from_pretrained
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    ckpt.check_compatible(run.abstract_state)
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        restored = ckpt.restore_latest(run.abstract_state, lambda: None)
+        if restored is None:
+            restored = (0, init_from_pretrained(run, workdir), None)
+    ckpt.close()
+    return restored[0], restored[1]
+
+
 def eval_params(run, params, moe_state, eval_set) -> dict[str, Any] | None:
     """Eval loss / perplexity of model params on the run's fixed eval sample."""
     from sparsejax.train import evaluation
@@ -148,21 +162,20 @@ def prune_workdir(src: str, dst: str, gin_files: Sequence[str] = (),
     src_config = workdir_lib.saved_config(src)
     pc = PruneConfig()
     cfg = trainer.TrainConfig()
-    run, step, state = trainer.load_state_for_eval(src, cfg)
+    run = build_run(cfg)
     calib = calibration_set(cfg, pc)
     eval_set = evaluation.eval_set_for(cfg, pc.eval_tokens)
     mesh = run.mesh
+    plan = build_plan(run.model_config, run.abstract_model_params, run.abstract_state.moe_state,
+                      pc, valid=padded_params(run.model_config), loss_fn=_loss_fn(run),
+                      num_samples=calib.num_samples, batch_size=cfg.global_batch_size, mesh=mesh)
+    config_lib.check_unused_bindings()  # every given binding took effect, before any work
+    prune_settings = _prune_bindings_text()
+    step, state = restore(run, src)
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         method = run.sparsity_method
         params = jax.jit(lambda s: method.finalize(s.params, s.sparsity))(state)
-    moe_state = state.moe_state
-    valid = padded_params(run.model_config)
-    plan = build_plan(run.model_config, params, moe_state, pc, valid=valid,
-                      loss_fn=_loss_fn(run), num_samples=calib.num_samples,
-                      batch_size=cfg.global_batch_size, mesh=mesh)
-    config_lib.check_unused_bindings()  # every given binding took effect, before any work
-    prune_settings = _prune_bindings_text()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        moe_state = state.moe_state
         before = eval_params(run, params, moe_state, eval_set)
     result = prune_model(run.model_config, params, moe_state, calib, pc, mesh=mesh, plan=plan)
     finetune_steps = config_lib.run_step(pc.finetune_steps, cfg.num_steps,
@@ -171,8 +184,8 @@ def prune_workdir(src: str, dst: str, gin_files: Sequence[str] = (),
     os.makedirs(dst, exist_ok=True)
     own = [f"TrainConfig.num_steps={finetune_steps}"]
     if result.masks is not None:
-        own += ["make_method.name='fixed_masks'", f"FixedMasksMethod.include={tuple(pc.include)!r}",
-                f"FixedMasksMethod.exclude={tuple(pc.exclude)!r}"]
+        own += ["make_method.name='fixed_masks'", f"FixedMasksMethod.include={result.include!r}",
+                f"FixedMasksMethod.exclude={result.exclude!r}"]
     else:
         own += ["make_method.name='dense'"]
     if result.num_experts is not None:
