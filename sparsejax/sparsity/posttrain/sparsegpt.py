@@ -30,17 +30,20 @@ PyTree = Any
 
 def hessian_inverse_factor(hessian: jax.Array, dampening: float) -> jax.Array:
     """U, the upper Cholesky factor of (H + λI)⁻¹ (λ = dampening * mean diag H; inputs
-    never seen in calibration, H_jj = 0, get H_jj = 1). hessian: [in, in] -> [in, in]."""
+    never seen in calibration, H_jj = 0, get H_jj = 1). hessian: [in, in] -> [in, in].
+
+    With J the reversal permutation and JHJ = LLᵀ, H = ŨŨᵀ for the upper triangular
+    Ũ = JLJ, so H⁻¹ = Ũ⁻ᵀŨ⁻¹ and U = Ũ⁻¹: one Cholesky and one triangular inverse (the
+    reference code's Cholesky, inverse and second Cholesky give the same U)."""
     h = hessian.astype(jnp.float32)
     n = h.shape[-1]
     diag = jnp.diagonal(h)
     h = h + jnp.diag(jnp.where(diag == 0, 1.0, 0.0))
     damp = dampening * jnp.mean(jnp.diagonal(h))
     h = h + damp * jnp.eye(n, dtype=h.dtype)
-    lower = jnp.linalg.cholesky(h)
-    hinv = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(n, dtype=h.dtype))
-    hinv = (hinv + hinv.T) / 2
-    return jnp.linalg.cholesky(hinv).T
+    flip = lambda a: jnp.flip(a, (0, 1))
+    upper = flip(jnp.linalg.cholesky(flip(h)))
+    return jax.scipy.linalg.solve_triangular(upper, jnp.eye(n, dtype=h.dtype), lower=False)
 
 
 def _block_scores(w1: jax.Array, u1: jax.Array) -> jax.Array:

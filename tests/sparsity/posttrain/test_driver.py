@@ -196,3 +196,35 @@ def test_bad_settings_fail_before_any_work(kw, match):
     with pytest.raises(ValueError, match=match):
         prune_model(cfg, v["params"], None, c, PruneConfig(**kw), mesh=make_mesh(),
                     valid=padded_params(cfg), batch_size=8, loss_fn=None)
+
+
+def test_gblm_scores_with_per_sequence_gradients_of_the_loss():
+    import optax
+    from sparsejax.sparsity.posttrain import gradients
+    cfg = tiny(2)
+    v, c = setup(cfg)
+    model = Transformer(cfg)
+
+    def loss(params, rows):
+        logits = model.apply({"params": params}, rows["inputs"], rows["positions"],
+                             rows["segment_ids"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, rows["targets"])
+        return jnp.sum(ce * rows["loss_mask"]) / jnp.sum(rows["loss_mask"])
+
+    masks = jax.tree.map(lambda x: None, v["params"])
+    masks["layer_0"]["mlp"]["wo"]["kernel"] = jnp.ones((32, 16), bool)
+    got = gradients.grad_sq_sums(loss, v["params"], c.rows(), masks)
+    per_row = jax.vmap(lambda r: jax.grad(loss)(v["params"], jax.tree.map(lambda a: a[None], r))
+                       )(jax.tree.map(jnp.asarray, c.rows()))
+    want = np.sum(np.asarray(per_row["layer_0"]["mlp"]["wo"]["kernel"], np.float64) ** 2, 0)
+    np.testing.assert_allclose(got["layer_0"]["mlp"]["wo"]["kernel"], want, rtol=1e-4,
+                               atol=1e-10)
+    # scale 0 leaves Wanda's ranking (the score with gradients is checked in test_scores.py)
+    config_lib.parse_gin([], ["GBLM.scale=0.0"])
+    flat = lambda r: np.concatenate([np.asarray(m).ravel() for m in jax.tree.leaves(r.masks)])
+    wanda = run(cfg, v, c, method="wanda")
+    g0 = prune_model(cfg, v["params"], None, c, PruneConfig(method="gblm"),
+                     mesh=make_mesh(num_devices=1), valid=padded_params(cfg), batch_size=4,
+                     loss_fn=loss)
+    np.testing.assert_array_equal(flat(g0), flat(wanda))
+    assert g0.report["solver_settings"]["gblm"]["scale"] == 0.0
