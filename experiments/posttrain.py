@@ -58,7 +58,8 @@ def prune_config(p: dict, samples: int):
                        calibration_samples=samples, calibration_seed=p["seed"], **level)
 
 
-def run_grid(source: str, out: str, seeds: list[int], samples: int) -> None:
+def run_grid(source: str, out: str, seeds: list[int], samples: int,
+             methods: list[str] = METHODS) -> None:
     """Prunes and scores every grid point not yet in OUT/results.jsonl (one process)."""
     import flax.linen as nn
     import jax
@@ -72,7 +73,7 @@ def run_grid(source: str, out: str, seeds: list[int], samples: int) -> None:
     from sparsejax.train.commands import parse_workdir_config
     path = os.path.join(out, "results.jsonl")
     done = {json.loads(l)["key"] for l in open(path)} if os.path.exists(path) else set()
-    todo = [p for p in grid(seeds) if key(p) not in done]
+    todo = [p for p in grid(seeds) if key(p) not in done and p["method"] in methods]
     parse_workdir_config(source, [], [])
     cfg = trainer.TrainConfig()
     run = build_run(cfg)
@@ -156,6 +157,8 @@ def main(argv=None) -> int:
     p.add_argument("--finetune_steps", type=int, default=100)
     p.add_argument("--skip_finetune", action="store_true")
     p.add_argument("--report_only", action="store_true")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), help=argparse.SUPPRESS)
+    p.add_argument("--results_dir", default=RESULTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     source = args.source or os.path.join(args.out, "base")
@@ -163,12 +166,12 @@ def main(argv=None) -> int:
         if args.source is None and not os.path.isdir(os.path.join(source, "checkpoints")):
             subprocess.run([sys.executable, "-m", "sparsejax.cli", "train", f"--workdir={source}",
                             "--quiet", *SOURCE_FLAGS], check=True, cwd=ROOT)
-        run_grid(source, args.out, args.seeds, args.samples)
+        run_grid(source, args.out, args.seeds, args.samples, args.methods)
         if not args.skip_finetune:
             run_finetunes(source, args.out, args.finetune_steps, args.samples)
     sys.path.insert(0, HERE)
     from posttrain_report import write_report
-    print(json.dumps(write_report(args.out, RESULTS, source)))
+    print(json.dumps(write_report(args.out, args.results_dir, source)))
     return 0
 
 

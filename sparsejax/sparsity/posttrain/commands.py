@@ -31,6 +31,9 @@ def add_parsers(sub) -> None:
                                      "Wanda, GBLM, SparseGPT, DSnoT, OWL, expert pruning / "
                                      "merging) into a new workdir")
     add_run_flags(s)
+    for action in s._actions:
+        if action.dest == "workdir":
+            action.help = "the source: a trained workdir or one made by import-hf"
     s.add_argument("--out", required=True, help="the pruned workdir (new)")
     g = s.add_argument_group("pruning (shorthands for PruneConfig.<name> bindings)")
     g.add_argument("--method", help="magnitude | wanda | gblm | sparsegpt | none "
