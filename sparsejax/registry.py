@@ -57,6 +57,10 @@ class Registry(Generic[T]):
         raise ValueError(f"{label}={name!r} is not a registered {self.kind}; valid: "
                          f"{self.names()}")
 
+    def name_of(self, obj: Any) -> str | None:
+        """The name `obj` is registered under (None if it is not)."""
+        return next((n for n, o in self._entries.items() if o is obj), None)
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 

@@ -102,11 +102,17 @@ class Attention(nn.Module):
         else:
             raise ValueError(f"attention kind={self.kind!r} is unknown; valid: {ATTENTION_KINDS}")
         out = tag(nn.with_logical_constraint(out, ("batch", "seq", "heads", "kv")), "attention_out")
+        return self._out_proj(out.reshape(-1, self.num_heads * self.head_dim), x.shape)
+
+    def _out_proj(self, out: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        """out: [tokens, heads * head_dim] -> [*shape] (a method of its own, so that
+        post-training calibration can read the projection's input with
+        `nn.intercept_methods`, as it reads `_proj`'s)."""
         out_kernel = self.param(
             "out", nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("heads", "embed")),
-            (self.num_heads * self.head_dim, x.shape[-1]), self.param_dtype)
-        y = out.reshape(-1, out_kernel.shape[0]).astype(self.dtype) @ out_kernel.astype(self.dtype)
-        return y.reshape(x.shape)
+            (self.num_heads * self.head_dim, shape[-1]), self.param_dtype)
+        y = out.astype(self.dtype) @ out_kernel.astype(self.dtype)
+        return y.reshape(shape)
 
     def _cached_attention(self, q, k, v, positions, segment_ids):
         """Appends k/v at the cache's next free slot and attends over the whole cache."""

@@ -43,6 +43,22 @@ class Criterion:
         raise NotImplementedError
 
 
+class CalibratedCriterion(Criterion):
+    """Base of scores computed from calibration activations (Wanda, GBLM-Pruner). They score
+    a trained model's weights in `sparsejax prune` (sparsity/posttrain/), where ``state`` is
+    a tree of per-layer calibration statistics (`posttrain.stats.LayerCalibration`: input
+    statistics, and squared gradient sums for criteria that need them)."""
+
+    needs_calibration = True
+    needs_calibration_grads = False
+
+    def init_state(self, masks: PyTree) -> PyTree | None:
+        name = CRITERIA.name_of(type(self)) or type(self).__name__
+        raise ValueError(f"criterion {name!r} scores weights with calibration activations of "
+                         f"a trained model; use it with `sparsejax prune --method {name}` "
+                         f"(post-training), not as a criterion of a training run")
+
+
 CRITERIA: Registry[type[Criterion]] = Registry("criterion")
 
 

@@ -1,0 +1,95 @@
+"""`sparsejax prune` (wired into sparsejax/cli.py). Its flags are shorthands for `PruneConfig`
+bindings; solver settings are gin bindings of their classes (`--gin.SparseGPTSettings.
+dampening=0.05`), bindings of the run (`--gin.learning_rate_schedule.peak_lr=3e-4`) configure
+the sparse recovery fine-tune written to --out."""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Sequence
+
+# flag -> (PruneConfig field, parser of the flag's text)
+def _opt_str(v: str) -> str | None:
+    return None if v.lower() in ("none", "") else v
+
+
+def _step(v: str) -> int | float:
+    try:
+        return int(v)
+    except ValueError:
+        return float(v)
+
+
+FLAGS = {"method": _opt_str, "sparsity": float, "nm": _opt_str, "structure": _opt_str,
+         "allocation": str, "calibration_samples": int, "calibration_seed": int,
+         "calibration_split": str, "calibration": str, "calibration_batch_size": int,
+         "experts": _opt_str, "num_experts": int, "finetune_steps": _step, "eval_tokens": int}
+
+
+def add_parsers(sub) -> None:
+    from sparsejax.train.commands import add_run_flags
+    s = sub.add_parser("prune", help="post-training pruning of a workdir's model (magnitude, "
+                                     "Wanda, GBLM, SparseGPT, DSnoT, OWL, expert pruning / "
+                                     "merging) into a new workdir")
+    add_run_flags(s)
+    for action in s._actions:
+        if action.dest == "workdir":
+            action.help = "the source: a trained workdir or one made by import-hf"
+    s.add_argument("--out", required=True, help="the pruned workdir (new)")
+    g = s.add_argument_group("pruning (shorthands for PruneConfig.<name> bindings)")
+    g.add_argument("--method", help="magnitude | wanda | gblm | sparsegpt | none "
+                                    "(default sparsegpt)")
+    g.add_argument("--sparsity", help="pruned fraction in (0, 1) (default 0.5)")
+    g.add_argument("--nm", help="N:M along the input dim, e.g. 2:4 or 4:8")
+    g.add_argument("--structure", help="unstructured | per_output | global | nm | block")
+    g.add_argument("--allocation", help="uniform | owl (per-block densities)")
+    g.add_argument("--dsnot", action="store_true", help="refine masks with DSnoT")
+    for name in ("calibration_samples", "calibration_seed", "calibration_split",
+                 "calibration_batch_size"):
+        g.add_argument(f"--{name}")
+    g.add_argument("--calibration", help="sequential (default) | parallel")
+    g.add_argument("--experts", help="frequency | reconstruction | merge (MoE)")
+    g.add_argument("--num_experts", help="experts each MoE layer keeps")
+    g.add_argument("--finetune_steps", help="steps of the recovery fine-tune in --out (int, "
+                                            "or a fraction of the source run; default 0.1)")
+    g.add_argument("--eval_tokens", help="eval sample before/after (default TrainConfig's)")
+    s.set_defaults(handler=run_prune)
+
+
+def flag_bindings(args: argparse.Namespace, bindings: Sequence[str]) -> list[str]:
+    """PruneConfig bindings of the given flags; a flag and a --gin binding of the same
+    field is a ValueError."""
+    given = {b.partition("=")[0].strip() for b in bindings}
+    out = []
+    values: dict[str, Any] = {}
+    for name, parse in FLAGS.items():
+        text = getattr(args, name, None)
+        if text is None:
+            continue
+        try:
+            values[name] = parse(text)
+        except ValueError:
+            raise ValueError(f"--{name}={text!r} is not a valid {parse.__name__.strip('_')}") from None
+    if args.dsnot:
+        values["dsnot"] = True
+    for name, value in values.items():
+        key = f"PruneConfig.{name}"
+        if key in given:
+            raise ValueError(f"--{name} and --gin.{key} both given; keep one")
+        out.append(f"{key}={value!r}")
+    return out
+
+
+def run_prune(args: argparse.Namespace, bindings: Sequence[str]) -> int:
+    from sparsejax import cli
+    from sparsejax.train.commands import guarded
+
+    def go():
+        cli.quiet_logging()
+        from sparsejax.parallel import distributed
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                               timeout_s=args.distributed_timeout_s,
+                               heartbeat_timeout_s=args.heartbeat_timeout_s)
+        from sparsejax.sparsity.posttrain.workdir import prune_workdir
+        return prune_workdir(args.workdir, args.out, args.gin_file,
+                             list(bindings) + flag_bindings(args, bindings), args.imports)
+    return guarded(go)

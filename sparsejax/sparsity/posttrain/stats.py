@@ -1,0 +1,163 @@
+"""Calibration statistics of a layer's inputs: H = sum_t x_t x_tᵀ, sum_t x_t and the token
+count, accumulated over batches of calibration tokens (float32).
+
+Everything the post-training methods need derives from these: Wanda's ‖X_j‖₂ = sqrt(H_jj),
+SparseGPT's Hessian H + λI, DSnoT's input means and variances, the reconstruction error
+‖(W - W')X‖² = tr(Δᵀ H Δ). Layers that read the same input share one entry (q/k/v; gate/up).
+
+MoE experts get per-expert statistics from the tokens the router sends them
+(`moe_stats`): H_e = sum over routed tokens, for the experts' input and for the input of
+their down projection, plus the routed-token counts and the Gram matrix of the router
+logits that expert pruning and merging use.
+
+Inside a jitted function whose token axis is sharded over data-parallel devices, the
+contractions over tokens here are sums over a sharded axis, so the compiled program
+all-reduces (psums) the partial sums of every device: the statistics are those of the
+whole calibration set on every device.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from sparsejax.models.moe.expert_parallel import buffer_capacity
+from sparsejax.models.moe.router import ROUTERS
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class InputStats:
+    """Sums over calibration tokens of one input (leading expert axis for experts)."""
+
+    hessian: jax.Array  # [..., in, in]  sum_t w_t x_t x_tᵀ
+    total: jax.Array    # [..., in]      sum_t w_t x_t
+    count: jax.Array    # [...]          sum_t w_t
+
+    def __add__(self, other: "InputStats") -> "InputStats":
+        return jax.tree.map(jnp.add, self, other)
+
+    @property
+    def sq_norms(self) -> jax.Array:
+        """‖X_j‖₂² per input feature j (Wanda's statistic squared)."""
+        return jnp.diagonal(self.hessian, axis1=-2, axis2=-1)
+
+    @property
+    def mean(self) -> jax.Array:
+        return self.total / jnp.maximum(self.count, 1.0)[..., None]
+
+    @property
+    def var(self) -> jax.Array:
+        """Per-feature variance over tokens (population)."""
+        n = jnp.maximum(self.count, 1.0)[..., None]
+        return jnp.maximum(self.sq_norms / n - self.mean ** 2, 0.0)
+
+
+@flax.struct.dataclass
+class LayerCalibration:
+    """What a calibrated criterion or solver knows about one layer: the statistics of its
+    input, the squared per-sequence gradients of its kernel summed over the calibration
+    sequences (None unless a criterion needs them) and the number of those sequences."""
+
+    stats: InputStats
+    grad_sq: jax.Array | None = None
+    num_samples: int = flax.struct.field(pytree_node=False, default=1)
+
+
+def input_stats(x: jax.Array, w: jax.Array) -> InputStats:
+    """x: [tokens, in], w: [tokens] token weights (0 for padding) -> InputStats."""
+    x = jnp.where(w[:, None] > 0, x.astype(jnp.float32), 0.0)  # padding may hold NaNs
+    xw = x * w[:, None]
+    return InputStats(xw.T @ x, jnp.sum(xw, 0), jnp.sum(w))
+
+
+def expert_input_stats(x: jax.Array, a: jax.Array) -> InputStats:
+    """Per-expert statistics. x: [tokens, in] (or [tokens, E, in]: a different input per
+    expert), a: [tokens, E] routed-token weights -> InputStats with a leading E axis."""
+    x = x.astype(jnp.float32)
+    if x.ndim == 2:
+        h = jnp.einsum("te,td,tf->edf", a, x, x)
+        return InputStats(h, jnp.einsum("te,td->ed", a, x), jnp.sum(a, 0))
+    h = jnp.einsum("te,ted,tef->edf", a, x, x)
+    return InputStats(h, jnp.einsum("te,ted->ed", a, x), jnp.sum(a, 0))
+
+
+def group_inputs(inputs: dict[str, jax.Array], keep: set[str]) -> tuple[dict[str, jax.Array],
+                                                                         dict[str, str]]:
+    """Recorded inputs of the kernels in `keep`, deduplicated: ({group: x}, {kernel: group}),
+    a group named by its first kernel (q/k/v read one array, so they share one group)."""
+    groups, of, seen = {}, {}, {}
+    for path, x in inputs.items():
+        if path not in keep:
+            continue
+        key = seen.setdefault(id(x), path)
+        groups.setdefault(key, x)
+        of[path] = key
+    return groups, of
+
+
+def routing_weights(mod: nn.Module, moe_params: PyTree, moe_state: PyTree | None,
+                    x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(router logits [T, E] float32, routed assignments [T, E] in {0, 1}) of an MoeMlp
+    `mod` (its gin-configured settings) on x [b, s, embed], as the layer routes them
+    (assignments past an expert's capacity are dropped when its dispatch is 'onehot')."""
+    b, s, d = x.shape
+    t, e, k = b * s, mod.num_experts, mod.top_k
+    logits = x.reshape(t, d).astype(jnp.float32) @ moe_params["router_kernel"].astype(
+        jnp.float32)
+    bias = None
+    if (mod.bias_update_rate > 0 or mod.correction_bias) and moe_state is not None:
+        bias = moe_state.get("bias")
+    capacity = min(t, buffer_capacity(t, k, e, mod.capacity_factor))
+    routing = ROUTERS.get(mod.router, "MoeMlp.router")().route(
+        logits, top_k=k, capacity=capacity, bias=bias)
+    mask = routing.mask
+    if mod.dispatch == "onehot" and routing.token_major:
+        from sparsejax.models.moe.dispatch import capacity_positions
+        idx = routing.expert_index.reshape(t, k)
+        pos = capacity_positions(idx, mask.reshape(t, k), e)
+        mask = (mask.reshape(t, k) & (pos < capacity)).reshape(-1)
+    a = jnp.zeros((t, e), jnp.float32).at[routing.token_index, routing.expert_index].add(
+        mask.astype(jnp.float32))
+    return logits, jnp.minimum(a, 1.0)
+
+
+def moe_stats(mod: nn.Module, moe_params: PyTree, moe_state: PyTree | None, x: jax.Array,
+              w: jax.Array, prefix: str, keep: set[str]) -> dict[str, Any]:
+    """Statistics of one MoE layer on x [b, s, embed] with token weights w [b*s]:
+    {'<prefix>/experts/wi': per-expert input stats (gate and up), '.../wo': per-expert stats
+    of the down projection's input, shared experts like dense layers, 'counts': routed tokens
+    per expert [E], 'logit_gram': Lᵀ L of the router logits [E, E]}. Kernels outside `keep`
+    are skipped."""
+    logits, a = routing_weights(mod, moe_params, moe_state, x)
+    a = a * w[:, None]
+    xt = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    out: dict[str, Any] = {"counts": jnp.sum(a, 0),
+                           "logit_gram": jnp.einsum("te,tf->ef", logits * w[:, None], logits)}
+    ex = moe_params["experts"]
+    if {f"{prefix}/experts/wi_gate", f"{prefix}/experts/wi_up"} & keep:
+        out["experts/wi"] = expert_input_stats(xt, a)
+    if f"{prefix}/experts/wo" in keep:
+        dt = ex["wi_gate"].dtype
+        h = nn.silu(jnp.einsum("td,edf->tef", xt.astype(dt), ex["wi_gate"])) * jnp.einsum(
+            "td,edf->tef", xt.astype(dt), ex["wi_up"])
+        out["experts/wo"] = expert_input_stats(h, a)
+    if "shared_experts" in moe_params:
+        sh = moe_params["shared_experts"]
+        if {f"{prefix}/shared_experts/wi_gate", f"{prefix}/shared_experts/wi_up"} & keep:
+            out["shared_experts/wi"] = input_stats(xt, w)
+        if f"{prefix}/shared_experts/wo" in keep:
+            h = nn.silu(xt @ sh["wi_gate"].astype(jnp.float32)) * (
+                xt @ sh["wi_up"].astype(jnp.float32))
+            out["shared_experts/wo"] = input_stats(h, w)
+    return out
+
+
+def moe_group(kernel: str) -> str:
+    """The key of a kernel's statistics within moe_stats ('experts/wi_up' -> 'experts/wi')."""
+    owner, name = kernel.split("/")[-2:]
+    return f"{owner}/{'wo' if name == 'wo' else 'wi'}"

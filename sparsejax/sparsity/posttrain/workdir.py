@@ -1,0 +1,283 @@
+"""`sparsejax prune`: a workdir (trained here, or imported with import-hf) -> a pruned workdir.
+
+    sparsejax prune --workdir=SRC --out=DST --method=sparsegpt --sparsity=0.5
+
+DST is a normal workdir:
+
+* `checkpoints/0`: a TrainState whose params hold the pruned model (exact zeros), whose
+  sparsity state holds the masks, with a fresh optimizer and the data position at the start;
+* `config.gin`: the operative config of the sparse recovery fine-tune that
+  `sparsejax train --workdir=DST` runs (`make_method.name = 'fixed_masks'`: masks fixed,
+  pruned weights held at zero; `TrainConfig.num_steps` from `PruneConfig.finetune_steps`;
+  `MoeMlp.num_experts` after expert pruning or merging), followed by the pruning settings as
+  comments;
+* `prune_report.json`: settings, calibration sample, per-layer density, reconstruction
+  error and time, per-block output error, expert plans, eval loss and perplexity before and
+  after; `metrics.jsonl` starts with the pruned model's step-0 records (eval, densities);
+* the tokenizer files and hf_import.json of an imported SRC (so export-hf picks its family).
+
+Two gin parses: the source's config (+ the given files and bindings) to load, calibrate and
+prune; then the same with the fine-tune's bindings on top to build and save DST's run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsejax import config as config_lib
+from sparsejax.data import pipeline
+from sparsejax.parallel.rules import LOGICAL_RULES, batch_sharding
+from sparsejax.sparsity.method import DenseMethod, RunInfo, new_stats_state, with_masks
+from sparsejax.sparsity.posttrain.config import PruneConfig
+from sparsejax.sparsity.posttrain.driver import CalibrationSet, prune_model
+from sparsejax.sparsity.posttrain.plan import build_plan
+from sparsejax.train import workdir as workdir_lib
+
+log = logging.getLogger(__name__)
+REPORT = "prune_report.json"
+# bindings `prune` sets itself in the output workdir's config
+OWN = ("make_method.name", "TrainConfig.num_steps", "MoeMlp.num_experts",
+       "FixedMasksMethod.include", "FixedMasksMethod.exclude")
+
+
+def check_workdirs(src: str, dst: str) -> None:
+    """A source with a checkpoint or imported params; a new (or empty) output directory."""
+    if not (workdir_lib.has_checkpoint(src) or workdir_lib.has_pretrained(src)):
+        raise ValueError(f"--workdir={src!r} holds no checkpoint and no imported params "
+                         f"(`sparsejax train` or `sparsejax import-hf` makes one)")
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise ValueError(f"--out={dst!r} is the source workdir; prune into a new directory")
+    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+        raise ValueError(f"--out={dst!r} exists and is not an empty directory; give a new "
+                         f"directory for the pruned workdir")
+
+
+def check_bindings(bindings: Sequence[str], pc_experts: bool = True) -> None:
+    for b in bindings:
+        key = b.partition("=")[0].strip()
+        if key in OWN or key.startswith("make_method.") or key.startswith("FixedMasksMethod."):
+            raise ValueError(f"--gin.{key} is set by `sparsejax prune` in the output workdir "
+                             f"(its method is 'fixed_masks'; --finetune_steps sets the steps, "
+                             f"--num_experts the experts); remove it")
+
+
+def calibration_set(cfg: Any, pc: PruneConfig) -> CalibrationSet:
+    """`pc.calibration_samples` rows of `pc.calibration_split` in the order a single-process
+    reader with seed `pc.calibration_seed` reads them (the run's dataset and tokenizer)."""
+    plan = pipeline.row_plan(pc.calibration_split, seq_len=cfg.seq_len,
+                             seed=pc.calibration_seed, dataset=cfg.dataset, data_dir=cfg.data_dir)
+    n, rows = pc.calibration_samples, len(plan.index)
+    if n > rows:
+        raise ValueError(f"PruneConfig.calibration_samples={n} exceeds the {rows} rows of "
+                         f"{cfg.seq_len + 1} tokens in the {pc.calibration_split!r} split of "
+                         f"dataset {cfg.dataset!r}; use at most {rows}")
+    got = [plan.reader[plan.order[i]] for i in range(n)]
+    batch = {k: np.stack([r[k] for r in got]) for k in got[0]}
+    b = pipeline._to_training_batch(batch, slice(None), plan.reader.tokenizer.pad_id)
+    return CalibrationSet(b["inputs"], b["targets"], b["loss_mask"], b["positions"],
+                          b["segment_ids"], seed=pc.calibration_seed, split=pc.calibration_split)
+
+
+def restore(run, workdir: str) -> tuple[int, Any]:
+    """(step, TrainState) of the latest checkpoint of `workdir`, or of its imported params."""
+    from sparsejax.train.checkpoint import Checkpointer
+    from sparsejax.train.warm_start import init_from_pretrained
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    ckpt.check_compatible(run.abstract_state)
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        restored = ckpt.restore_latest(run.abstract_state, lambda: None)
+        if restored is None:
+            restored = (0, init_from_pretrained(run, workdir), None)
+    ckpt.close()
+    return restored[0], restored[1]
+
+
+def eval_params(run, params, moe_state, eval_set) -> dict[str, Any] | None:
+    """Eval loss / perplexity of model params on the run's fixed eval sample."""
+    from sparsejax.train import evaluation
+    from sparsejax.train.state import TrainState
+    if eval_set is None:
+        return None
+    t0 = time.perf_counter()
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None, rng=None,
+                       sparsity={}, moe_state=moe_state)
+    fn = jax.jit(evaluation.make_row_loss_step(run.model, DenseMethod()))
+    out = evaluation.evaluate(fn, state, eval_set, batch_sharding(run.mesh))
+    out["eval_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _loss_fn(run):
+    """The trainer's loss (cross-entropy + aux losses) of dense params on a batch of rows."""
+    from sparsejax.train.state import TrainState
+    from sparsejax.train.step import make_loss_fn
+    loss = make_loss_fn(run.model, DenseMethod())
+
+    def fn(params, rows):
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None,
+                           rng=None, sparsity=new_stats_state(None), moe_state=None)
+        return loss(params, state, rows, jax.random.key(0))[0]
+
+    return fn
+
+
+def _tokenizer_rebinding(src: str, dst: str) -> list[str]:
+    """Copies an imported model's tokenizer files and record into DST; returns the binding
+    that points make_tokenizer at DST's copy (when it pointed into SRC)."""
+    from sparsejax.interop.import_hf import RECORD, TOKENIZER_FILES
+    for name in (*TOKENIZER_FILES, RECORD):
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    try:
+        path = gin.query_parameter("make_tokenizer.path")
+    except ValueError:
+        return []
+    if isinstance(path, str) and os.path.dirname(os.path.abspath(path)) == os.path.abspath(src):
+        return [f"make_tokenizer.path={os.path.join(os.path.abspath(dst), os.path.basename(path))!r}"]
+    return []
+
+
+def prune_workdir(src: str, dst: str, gin_files: Sequence[str] = (),
+                  bindings: Sequence[str] = (), imports: Sequence[str] = ()) -> dict[str, Any]:
+    """Prunes SRC into DST (module docstring); returns the report's summary."""
+    from sparsejax.train import evaluation, trainer
+    from sparsejax.train.build import build_run
+    from sparsejax.train.commands import parse_workdir_config
+    from sparsejax.models.transformer import padded_params
+    t_start = time.perf_counter()
+    check_workdirs(src, dst)
+    check_bindings(bindings)
+    # --- phase A: the source run, calibration and pruning --------------------------------
+    parse_workdir_config(src, gin_files, bindings, imports)
+    src_config = workdir_lib.saved_config(src)
+    pc = PruneConfig()
+    cfg = trainer.TrainConfig()
+    run = build_run(cfg)
+    calib = calibration_set(cfg, pc)
+    eval_set = evaluation.eval_set_for(cfg, pc.eval_tokens)
+    mesh = run.mesh
+    plan = build_plan(run.model_config, run.abstract_model_params, run.abstract_state.moe_state,
+                      pc, valid=padded_params(run.model_config), loss_fn=_loss_fn(run),
+                      num_samples=calib.num_samples, batch_size=cfg.global_batch_size, mesh=mesh)
+    config_lib.check_unused_bindings()  # every given binding took effect, before any work
+    prune_settings = _prune_bindings_text()
+    step, state = restore(run, src)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        method = run.sparsity_method
+        params = jax.jit(lambda s: method.finalize(s.params, s.sparsity))(state)
+        moe_state = state.moe_state
+        before = eval_params(run, params, moe_state, eval_set)
+    result = prune_model(run.model_config, params, moe_state, calib, pc, mesh=mesh, plan=plan)
+    finetune_steps = config_lib.run_step(pc.finetune_steps, cfg.num_steps,
+                                         "PruneConfig.finetune_steps", minimum=1)
+    # --- phase B: the output workdir's run --------------------------------------------------
+    os.makedirs(dst, exist_ok=True)
+    own = [f"TrainConfig.num_steps={finetune_steps}"]
+    if result.masks is not None:
+        own += ["make_method.name='fixed_masks'", f"FixedMasksMethod.include={result.include!r}",
+                f"FixedMasksMethod.exclude={result.exclude!r}"]
+    else:
+        own += ["make_method.name='dense'"]
+    if result.num_experts is not None:
+        own.append(f"MoeMlp.num_experts={result.num_experts}")
+    own += _tokenizer_rebinding(src, dst)
+    config_lib.parse_gin(list(gin_files), list(bindings) + own, imports=imports,
+                         workdir_config=src_config)
+    cfg_b = trainer.TrainConfig()
+    run_b = build_run(cfg_b)
+    after, summary = _write_output(dst, run_b, cfg_b, result, eval_set_of(cfg_b, pc))
+    report = {"source": os.path.abspath(src), "source_step": int(step), "out": os.path.abspath(dst),
+              **result.report, "eval_before": before, "eval_after": after,
+              "finetune": {"num_steps": finetune_steps, "method": cfg_method_name(result)},
+              "total_seconds": time.perf_counter() - t_start}
+    with open(os.path.join(dst, REPORT), "w") as f:
+        json.dump(report, f, indent=1, default=_jsonable)
+    with open(os.path.join(dst, workdir_lib.CONFIG_FILE), "a") as f:
+        f.write("\n# ---- pruned by `sparsejax prune` from " + os.path.abspath(src) +
+                f" (step {step}); these settings are a record, not bindings:\n" + prune_settings)
+    return {"out": dst, "density": report["density"], "eval_loss_before": _loss(before),
+            "eval_loss_after": _loss(after), "seconds": round(report["total_seconds"], 1),
+            **summary}
+
+
+def eval_set_of(cfg, pc: PruneConfig):
+    from sparsejax.train import evaluation
+    return evaluation.eval_set_for(cfg, pc.eval_tokens)
+
+
+def cfg_method_name(result) -> str:
+    return "fixed_masks" if result.masks is not None else "dense"
+
+
+def _loss(ev):
+    return None if ev is None else round(ev["eval_loss"], 4)
+
+
+def _jsonable(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def _prune_bindings_text() -> str:
+    """The operative pruning settings (PruneConfig and its solvers) as commented gin lines."""
+    ours = ("PruneConfig.", "SparseGPTSettings.", "DSnoT.", "OWL.", "GBLM.")
+    lines = [f"# {k} = {v}" for k, v in sorted(config_lib.operative_bindings().items())
+             if k.startswith(ours)]
+    return "\n".join(lines) + "\n"
+
+
+def _write_output(dst: str, run_b, cfg_b, result, eval_set) -> tuple[dict | None, dict]:
+    """DST's checkpoint (step 0), config.gin and first metrics; returns (eval after, summary)."""
+    from sparsejax.data.sharded import ShardedIteratorSave, ShardedTrainIterator
+    from sparsejax.sparsity.method import density_metrics
+    from sparsejax.train import run_info
+    from sparsejax.train.checkpoint import Checkpointer
+    from sparsejax.train.metrics import MetricsWriter
+    shardings = jax.tree.map(lambda a: a.sharding, run_b.abstract_model_params)
+    with jax.set_mesh(run_b.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        params = jax.device_put(result.params, shardings)
+        state = run_b.init_state(params)
+        method = run_b.sparsity_method
+        if result.masks is not None:
+            have = jax.tree.structure(state.sparsity["masks"])
+            if have != jax.tree.structure(result.masks):
+                raise RuntimeError(f"the pruned masks ({jax.tree.structure(result.masks)}) do "
+                                   f"not match the fine-tune method's ({have})")
+            masks = jax.device_put(result.masks, jax.tree.map(
+                lambda a: a.sharding, state.sparsity["masks"]))
+            state = state.replace(sparsity=with_masks(state.sparsity, masks, method.valid))
+        if result.moe_state is not None:
+            state = state.replace(moe_state=jax.device_put(
+                result.moe_state, jax.tree.map(lambda a: a.sharding, state.moe_state)))
+        after = eval_params(run_b, state.params, state.moe_state, eval_set)
+        densities = jax.device_get(run_b.layer_density_fn()(state))
+    data_it = ShardedTrainIterator(global_batch_size=cfg_b.global_batch_size,
+                                   seq_len=cfg_b.seq_len, seed=cfg_b.seed, dataset=cfg_b.dataset,
+                                   data_dir=cfg_b.data_dir, num_shards=cfg_b.data_shards)
+    bindings = config_lib.operative_bindings()
+    ckpt = Checkpointer(os.path.join(dst, "checkpoints"), max_to_keep=cfg_b.keep_checkpoints,
+                        async_save=False)
+    ckpt.save(0, state, ShardedIteratorSave(data_it), {"step": 0, "bindings": bindings},
+              force=True)
+    ckpt.close()
+    workdir_lib.write_config(dst, config_lib.operative_config_text())
+    writer = MetricsWriter(dst, tensorboard=False)
+    writer.write(0, run_info.start_record(cfg_b, data_it, eval_set))
+    writer.write(0, densities)
+    if after is not None:
+        writer.write(0, after)
+    writer.close()
+    return after, {"sparsity/density": float(densities["sparsity/density"])}
