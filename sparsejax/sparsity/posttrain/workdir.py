@@ -21,6 +21,8 @@ prune; then the same with the fine-tune's bindings on top to build and save DST'
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -36,6 +38,7 @@ import numpy as np
 
 from sparsejax import config as config_lib
 from sparsejax.data import pipeline
+from sparsejax.models import layer_stack
 from sparsejax.parallel.rules import LOGICAL_RULES, batch_sharding
 from sparsejax.sparsity.method import DenseMethod, RunInfo, new_stats_state, with_masks
 from sparsejax.sparsity.posttrain.config import PruneConfig
@@ -123,7 +126,8 @@ def _loss_fn(run):
     from sparsejax.train.step import make_loss_fn
     loss = make_loss_fn(run.model, DenseMethod())
 
-    def fn(params, rows):
+    def fn(params, rows):  # params in the unscanned layout
+        params = layer_stack.to_layout(params, run.model_config)
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None,
                            rng=None, sparsity=new_stats_state(None), moe_state=None)
         return loss(params, state, rows, jax.random.key(0))[0]
@@ -166,8 +170,12 @@ def prune_workdir(src: str, dst: str, gin_files: Sequence[str] = (),
     calib = calibration_set(cfg, pc)
     eval_set = evaluation.eval_set_for(cfg, pc.eval_tokens)
     mesh = run.mesh
-    plan = build_plan(run.model_config, run.abstract_model_params, run.abstract_state.moe_state,
-                      pc, valid=padded_params(run.model_config), loss_fn=_loss_fn(run),
+    # calibration runs block by block: a scanned model is pruned in the unscanned layout
+    # (one subtree per block) and written back in its own
+    flat_cfg = dataclasses.replace(run.model_config, scan_layers=False)
+    plan = build_plan(flat_cfg, layer_stack.unstack_abstract(run.abstract_model_params),
+                      layer_stack.unstack_abstract(run.abstract_state.moe_state),
+                      pc, valid=padded_params(flat_cfg), loss_fn=_loss_fn(run),
                       num_samples=calib.num_samples, batch_size=cfg.global_batch_size, mesh=mesh)
     config_lib.check_unused_bindings()  # every given binding took effect, before any work
     prune_settings = _prune_bindings_text()
@@ -177,7 +185,9 @@ def prune_workdir(src: str, dst: str, gin_files: Sequence[str] = (),
         params = jax.jit(lambda s: method.finalize(s.params, s.sparsity))(state)
         moe_state = state.moe_state
         before = eval_params(run, params, moe_state, eval_set)
-    result = prune_model(run.model_config, params, moe_state, calib, pc, mesh=mesh, plan=plan)
+        params = layer_stack.unstack_layers(params)
+        moe_state = layer_stack.unstack_layers(moe_state)
+    result = prune_model(flat_cfg, params, moe_state, calib, pc, mesh=mesh, plan=plan)
     finetune_steps = config_lib.run_step(pc.finetune_steps, cfg.num_steps,
                                          "PruneConfig.finetune_steps", minimum=1)
     # --- phase B: the output workdir's run --------------------------------------------------
@@ -248,20 +258,21 @@ def _write_output(dst: str, run_b, cfg_b, result, eval_set) -> tuple[dict | None
     from sparsejax.train.metrics import MetricsWriter
     shardings = jax.tree.map(lambda a: a.sharding, run_b.abstract_model_params)
     with jax.set_mesh(run_b.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        params = jax.device_put(result.params, shardings)
+        layout = functools.partial(layer_stack.to_layout, cfg=run_b.model_config)
+        params = jax.device_put(layout(result.params), shardings)
         state = run_b.init_state(params)
         method = run_b.sparsity_method
         if result.masks is not None:
             have = jax.tree.structure(state.sparsity["masks"])
-            if have != jax.tree.structure(result.masks):
+            if have != jax.tree.structure(layout(result.masks)):
                 raise RuntimeError(f"the pruned masks ({jax.tree.structure(result.masks)}) do "
                                    f"not match the fine-tune method's ({have})")
-            masks = jax.device_put(result.masks, jax.tree.map(
+            masks = jax.device_put(layout(result.masks), jax.tree.map(
                 lambda a: a.sharding, state.sparsity["masks"]))
             state = state.replace(sparsity=with_masks(state.sparsity, masks, method.valid))
         if result.moe_state is not None:
             state = state.replace(moe_state=jax.device_put(
-                result.moe_state, jax.tree.map(lambda a: a.sharding, state.moe_state)))
+                layout(result.moe_state), jax.tree.map(lambda a: a.sharding, state.moe_state)))
         after = eval_params(run_b, state.params, state.moe_state, eval_set)
         densities = jax.device_get(run_b.layer_density_fn()(state))
     data_it = ShardedTrainIterator(global_batch_size=cfg_b.global_batch_size,

@@ -102,6 +102,35 @@ def test_pruned_workdir_and_recovery_fine_tune(trained, tmp_path, capsys):
     assert np.all(tq[~mq] == 0) and not np.array_equal(tq[mq], q[mq])
 
 
+def test_scanned_model_is_pruned_in_its_own_layout(tmp_path, corpus, capsys):
+    """A scan_layers run is calibrated block by block (unscanned), written back stacked, and
+    its recovery fine-tune keeps the stacked masks."""
+    src = make_source(tmp_path / "scanned", *RUN, corpus, "--gin.ModelConfig.scan_layers=True")
+    out = str(tmp_path / "pruned")
+    capsys.readouterr()
+    assert cli.main(["prune", f"--workdir={src}", f"--out={out}", "--method=wanda",
+                     "--sparsity=0.5", "--finetune_steps=2", *PRUNE]) == 0
+    report = json.load(open(os.path.join(out, "prune_report.json")))
+    assert {l["path"] for l in report["layers"]} >= {"layer_0/attn/query", "layer_1/mlp/wo/kernel"}
+    assert all(l["density"] == pytest.approx(0.5) for l in report["layers"])
+    _, state = restore_state_numpy(out)
+    assert "layer_0" not in state["params"] and "layers" in state["params"]
+    q = state["params"]["layers"]["block_0"]["attn"]["query"]
+    mq = state["sparsity"]["masks"]["layers"]["block_0"]["attn"]["query"]
+    assert q.shape[0] == 2 and np.all(q[~mq] == 0)
+    for i in range(2):  # each layer of the stack is pruned to the target on its own
+        assert mq[i].mean() == pytest.approx(0.5)
+    capsys.readouterr()
+    assert cli.main(["eval", f"--workdir={out}", "--quiet"]) == 0
+    assert last_json(capsys)["eval_loss"] == pytest.approx(report["eval_after"]["eval_loss"],
+                                                           rel=1e-5)
+    assert cli.main(["train", f"--workdir={out}", "--quiet"]) == 0
+    _, tuned = restore_state_numpy(out)
+    np.testing.assert_array_equal(tuned["sparsity"]["masks"]["layers"]["block_0"]["attn"]["query"],
+                                  mq)
+    assert np.all(tuned["params"]["layers"]["block_0"]["attn"]["query"][~mq] == 0)
+
+
 def test_merged_experts_make_a_smaller_moe_checkpoint(tmp_path, corpus, capsys):
     moe = ["--gin.ModelConfig.mlp_kinds=('dense', 'moe')", "--gin.MoeMlp.num_experts=4",
            "--gin.MoeMlp.top_k=2", "--gin.MoeMlp.mlp_dim=32", "--gin.MoeMlp.dispatch='onehot'"]
