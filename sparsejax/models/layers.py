@@ -118,19 +118,24 @@ def as_tokens(x: jax.Array) -> jax.Array:
 
 
 class GatedMlp(nn.Module):
-    """SwiGLU MLP: down(silu(gate(x)) * up(x)). x: [batch, seq, embed]."""
+    """Gated MLP: down(act(gate(x)) * up(x)), SwiGLU by default; `activation` and
+    `activation_threshold` as in models/activations.py. x: [batch, seq, embed]."""
 
     embed_dim: int
     mlp_dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    activation: str = "silu"
+    activation_threshold: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
         del deterministic
+        from sparsejax.models.activations import gated
         t = as_tokens(x)  # [tokens, embed]
         gate = dense(self.mlp_dim, ("embed", "mlp"), "wi_gate", self.dtype, self.param_dtype)(t)
         up = dense(self.mlp_dim, ("embed", "mlp"), "wi_up", self.dtype, self.param_dtype)(t)
-        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "mlp"))
+        _, h = gated(self.activation, self.activation_threshold)(gate, up)
+        h = nn.with_logical_constraint(h, ("batch", "mlp"))
         y = dense(self.embed_dim, ("mlp", "embed"), "wo", self.dtype, self.param_dtype)(h)
         return y.reshape(x.shape[:-1] + (self.embed_dim,))

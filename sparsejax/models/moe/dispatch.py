@@ -1,7 +1,8 @@
 """Dispatch strategies: route tokens to experts, run the experts, combine the outputs.
 
 Every strategy has the signature
-    fn(x [T, embed], routing: Routing, w: ExpertWeights, capacity: int) -> (y [T, embed], dropped)
+    fn(x [T, embed], routing: Routing, w: ExpertWeights, capacity: int, act: Gated)
+      -> (y [T, embed], dropped)
 where `dropped` is the number of active assignments that were not computed (float32 scalar).
 
 * "onehot": one-hot dispatch/combine einsums into a [experts, capacity] buffer; assignments
@@ -24,8 +25,9 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from sparsejax.models.moe.experts import (ExpertWeights, GroupedMatmul, batched_ffn, grouped_ffn,
-                                          ragged_dot)
+from sparsejax.models.activations import Gated
+from sparsejax.models.moe.experts import (SWIGLU, ExpertWeights, GroupedMatmul, batched_ffn,
+                                          grouped_ffn, ragged_dot)
 from sparsejax.models.moe.router import Routing
 
 DISPATCHES = ("onehot", "ragged_dot", "pallas_gmm")
@@ -67,7 +69,8 @@ def combine(y_flat: jax.Array, routing: Routing) -> jax.Array:
     return jax.ops.segment_sum(y_flat * w, routing.token_index, routing.num_tokens)
 
 
-def onehot_dispatch(x: jax.Array, routing: Routing, w: ExpertWeights, capacity: int):
+def onehot_dispatch(x: jax.Array, routing: Routing, w: ExpertWeights, capacity: int,
+                    act: Gated = SWIGLU):
     """Reference strategy: one-hot einsums with a fixed capacity per expert."""
     t, e = routing.num_tokens, routing.num_experts
     if routing.token_major:
@@ -93,16 +96,16 @@ def onehot_dispatch(x: jax.Array, routing: Routing, w: ExpertWeights, capacity: 
         comb = dispatch * gate.astype(x.dtype)[None]
         dropped = jnp.zeros((), jnp.float32)
     expert_in = jnp.einsum("tec,td->ecd", dispatch, x)
-    expert_out = batched_ffn(expert_in, w)
+    expert_out = batched_ffn(expert_in, w, act)
     return jnp.einsum("tec,ecd->td", comb, expert_out), dropped
 
 
 def grouped_dispatch(x: jax.Array, routing: Routing, w: ExpertWeights,
-                     gmm: GroupedMatmul = ragged_dot):
+                     gmm: GroupedMatmul = ragged_dot, act: Gated = SWIGLU):
     """Dropless: sort by expert, grouped matmuls, unsort, combine."""
     order, sizes = sort_by_expert(routing.expert_index, routing.mask, routing.num_experts)
     x_sorted = jnp.take(x, routing.token_index[order], axis=0)  # [A, embed]
-    y_sorted = grouped_ffn(x_sorted, sizes, w, gmm)
+    y_sorted = grouped_ffn(x_sorted, sizes, w, gmm, act)
     y_flat = jnp.take(y_sorted, inverse_permutation(order), axis=0)
     return combine(y_flat, routing), jnp.zeros((), jnp.float32)
 
@@ -119,11 +122,12 @@ def pallas_gmm(backend: str | None = None, interpret: bool = False) -> GroupedMa
 
 
 def get_dispatch(name: str) -> Callable:
-    """Returns fn(x, routing, w, capacity) -> (y, dropped) for a strategy name."""
+    """Returns fn(x, routing, w, capacity, act=SWIGLU) -> (y, dropped) for a strategy name."""
     if name == "onehot":
         return onehot_dispatch
     if name == "ragged_dot":
-        return lambda x, r, w, capacity: grouped_dispatch(x, r, w, ragged_dot)
+        return lambda x, r, w, capacity, act=SWIGLU: grouped_dispatch(x, r, w, ragged_dot, act)
     if name == "pallas_gmm":
-        return lambda x, r, w, capacity: grouped_dispatch(x, r, w, pallas_gmm())
+        return lambda x, r, w, capacity, act=SWIGLU: grouped_dispatch(x, r, w, pallas_gmm(),
+                                                                      act)
     raise ValueError(f"dispatch={name!r} is unknown; valid: {DISPATCHES}")
