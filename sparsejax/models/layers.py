@@ -131,11 +131,13 @@ class GatedMlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
         del deterministic
+        from sparsejax.models.act_record import record
         from sparsejax.models.activations import gated
         t = as_tokens(x)  # [tokens, embed]
         gate = dense(self.mlp_dim, ("embed", "mlp"), "wi_gate", self.dtype, self.param_dtype)(t)
         up = dense(self.mlp_dim, ("embed", "mlp"), "wi_up", self.dtype, self.param_dtype)(t)
-        _, h = gated(self.activation, self.activation_threshold)(gate, up)
+        a, h = gated(self.activation, self.activation_threshold)(gate, up)
+        record(self, a, h)
         h = nn.with_logical_constraint(h, ("batch", "mlp"))
         y = dense(self.embed_dim, ("mlp", "embed"), "wo", self.dtype, self.param_dtype)(h)
         return y.reshape(x.shape[:-1] + (self.embed_dim,))

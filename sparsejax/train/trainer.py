@@ -186,7 +186,7 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "",
                 writer.write(start, corpus)
         if changes:
             writer.write(start, {"config_changes": changes})
-        step_fn = jax.jit(make_train_step(model, tx, method, run.lr_schedule),
+        step_fn = jax.jit(make_train_step(model, tx, method, run.lr_schedule, run.act_regularizer),
                           in_shardings=(run.state_shardings, bsharding),
                           out_shardings=(run.state_shardings, replicated(mesh)),
                           donate_argnums=(0,))

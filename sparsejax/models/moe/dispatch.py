@@ -1,8 +1,8 @@
 """Dispatch strategies: route tokens to experts, run the experts, combine the outputs.
 
 Every strategy has the signature
-    fn(x [T, embed], routing: Routing, w: ExpertWeights, capacity: int, act: Gated)
-      -> (y [T, embed], dropped)
+    fn(x [T, embed], routing: Routing, w: ExpertWeights, capacity: int, act: Gated,
+       observe: RowObserver | None) -> (y [T, embed], dropped)
 where `dropped` is the number of active assignments that were not computed (float32 scalar).
 
 * "onehot": one-hot dispatch/combine einsums into a [experts, capacity] buffer; assignments
@@ -31,6 +31,9 @@ from sparsejax.models.moe.experts import (SWIGLU, ExpertWeights, GroupedMatmul, 
 from sparsejax.models.moe.router import Routing
 
 DISPATCHES = ("onehot", "ragged_dot", "pallas_gmm")
+# Called with (gate activation [rows, mlp], intermediate [rows, mlp], token of each row [rows]
+# int32, -1 where a row holds no assignment): models/act_record.py.
+RowObserver = Callable[[jax.Array, jax.Array, jax.Array], None]
 
 
 def capacity_positions(expert_index: jax.Array, mask: jax.Array, num_experts: int) -> jax.Array:
@@ -69,8 +72,14 @@ def combine(y_flat: jax.Array, routing: Routing) -> jax.Array:
     return jax.ops.segment_sum(y_flat * w, routing.token_index, routing.num_tokens)
 
 
+def _slot_tokens(dispatch: jax.Array) -> jax.Array:
+    """Token of each buffer slot of a one-hot dispatch [T, E, C] -> [E * C] (-1: empty)."""
+    used = jnp.sum(dispatch, axis=0) > 0
+    return jnp.where(used, jnp.argmax(dispatch, axis=0), -1).reshape(-1).astype(jnp.int32)
+
+
 def onehot_dispatch(x: jax.Array, routing: Routing, w: ExpertWeights, capacity: int,
-                    act: Gated = SWIGLU):
+                    act: Gated = SWIGLU, observe: RowObserver | None = None):
     """Reference strategy: one-hot einsums with a fixed capacity per expert."""
     t, e = routing.num_tokens, routing.num_experts
     if routing.token_major:
@@ -96,16 +105,25 @@ def onehot_dispatch(x: jax.Array, routing: Routing, w: ExpertWeights, capacity: 
         comb = dispatch * gate.astype(x.dtype)[None]
         dropped = jnp.zeros((), jnp.float32)
     expert_in = jnp.einsum("tec,td->ecd", dispatch, x)
-    expert_out = batched_ffn(expert_in, w, act)
+    obs = None if observe is None else (
+        lambda a, h: observe(a.reshape(-1, a.shape[-1]), h.reshape(-1, h.shape[-1]),
+                             _slot_tokens(dispatch)))
+    expert_out = batched_ffn(expert_in, w, act, obs)
     return jnp.einsum("tec,ecd->td", comb, expert_out), dropped
 
 
 def grouped_dispatch(x: jax.Array, routing: Routing, w: ExpertWeights,
-                     gmm: GroupedMatmul = ragged_dot, act: Gated = SWIGLU):
+                     gmm: GroupedMatmul = ragged_dot, act: Gated = SWIGLU,
+                     observe: RowObserver | None = None):
     """Dropless: sort by expert, grouped matmuls, unsort, combine."""
     order, sizes = sort_by_expert(routing.expert_index, routing.mask, routing.num_experts)
     x_sorted = jnp.take(x, routing.token_index[order], axis=0)  # [A, embed]
-    y_sorted = grouped_ffn(x_sorted, sizes, w, gmm, act)
+    obs = None
+    if observe is not None:
+        filled = jnp.arange(order.shape[0]) < jnp.sum(sizes)
+        rows = jnp.where(filled, routing.token_index[order], -1).astype(jnp.int32)
+        obs = lambda a, h: observe(a, h, rows)
+    y_sorted = grouped_ffn(x_sorted, sizes, w, gmm, act, obs)
     y_flat = jnp.take(y_sorted, inverse_permutation(order), axis=0)
     return combine(y_flat, routing), jnp.zeros((), jnp.float32)
 
@@ -122,12 +140,14 @@ def pallas_gmm(backend: str | None = None, interpret: bool = False) -> GroupedMa
 
 
 def get_dispatch(name: str) -> Callable:
-    """Returns fn(x, routing, w, capacity, act=SWIGLU) -> (y, dropped) for a strategy name."""
+    """Returns fn(x, routing, w, capacity, act=SWIGLU, observe=None) -> (y, dropped) for a
+    strategy name."""
     if name == "onehot":
         return onehot_dispatch
     if name == "ragged_dot":
-        return lambda x, r, w, capacity, act=SWIGLU: grouped_dispatch(x, r, w, ragged_dot, act)
+        return lambda x, r, w, capacity, act=SWIGLU, observe=None: grouped_dispatch(
+            x, r, w, ragged_dot, act, observe)
     if name == "pallas_gmm":
-        return lambda x, r, w, capacity, act=SWIGLU: grouped_dispatch(x, r, w, pallas_gmm(),
-                                                                      act)
+        return lambda x, r, w, capacity, act=SWIGLU, observe=None: grouped_dispatch(
+            x, r, w, pallas_gmm(), act, observe)
     raise ValueError(f"dispatch={name!r} is unknown; valid: {DISPATCHES}")

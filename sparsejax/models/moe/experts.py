@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sparsejax.models.act_record import record
 from sparsejax.models.activations import Gated, gated
 
 Dtype = Any
@@ -48,12 +49,21 @@ def cast(w: ExpertWeights, dtype: Dtype) -> ExpertWeights:
     return ExpertWeights(*(a.astype(dtype) for a in w))
 
 
-def batched_ffn(x: jax.Array, w: ExpertWeights, act: Gated = SWIGLU) -> jax.Array:
+# Called with (gate activation, intermediate) of every row the experts compute (e.g. to sow
+# them: models/act_record.py).
+Observer = Callable[[jax.Array, jax.Array], None]
+
+
+def batched_ffn(x: jax.Array, w: ExpertWeights, act: Gated = SWIGLU,
+                observe: Observer | None = None) -> jax.Array:
     """Gated MLP per expert on a fixed buffer. x: [E, C, embed] -> [E, C, embed]; `act`:
     fn(gate, up) -> (gate activation, intermediate) (models/activations.py)."""
     gate = jnp.einsum("ecd,edf->ecf", x, w.wi_gate)
     up = jnp.einsum("ecd,edf->ecf", x, w.wi_up)
-    return jnp.einsum("ecf,efd->ecd", act(gate, up)[1], w.wo)
+    a, h = act(gate, up)
+    if observe is not None:
+        observe(a, h)
+    return jnp.einsum("ecf,efd->ecd", h, w.wo)
 
 
 def ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -61,12 +71,16 @@ def ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Ar
 
 
 def grouped_ffn(x: jax.Array, group_sizes: jax.Array, w: ExpertWeights,
-                gmm: GroupedMatmul = ragged_dot, act: Gated = SWIGLU) -> jax.Array:
+                gmm: GroupedMatmul = ragged_dot, act: Gated = SWIGLU,
+                observe: Observer | None = None) -> jax.Array:
     """Gated MLP on tokens sorted by expert. x: [M, embed]; group_sizes: [E] (rows past
     sum(group_sizes) come out as zeros) -> [M, embed]."""
     gate = gmm(x, w.wi_gate, group_sizes)
     up = gmm(x, w.wi_up, group_sizes)
-    return gmm(act(gate, up)[1], w.wo, group_sizes)
+    a, h = act(gate, up)
+    if observe is not None:
+        observe(a, h)
+    return gmm(h, w.wo, group_sizes)
 
 
 class SharedExperts(nn.Module):
@@ -92,5 +106,6 @@ class SharedExperts(nn.Module):
                         (f, self.embed_dim), self.param_dtype)
         x = x.astype(self.dtype)
         act = gated(self.activation, self.activation_threshold)
-        h = act(x @ wg.astype(self.dtype), x @ wu.astype(self.dtype))[1]
+        a, h = act(x @ wg.astype(self.dtype), x @ wu.astype(self.dtype))
+        record(self, a, h)
         return h @ wo.astype(self.dtype)

@@ -17,6 +17,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from sparsejax.models.act_record import record, recording
 from sparsejax.models.activations import check_activation, gated
 from sparsejax.models.moe import losses
 from sparsejax.models.moe.dispatch import DISPATCHES, get_dispatch, pallas_gmm
@@ -165,7 +166,8 @@ class MoeMlp(nn.Module):
                 capacity_factor=self.capacity_factor, exchange=self.expert_parallel, gmm=gmm,
                 act=act)
         else:  # local path (expert choice on an expert mesh: GSPMD partitions the einsums)
-            y, dropped = get_dispatch(self.dispatch)(xt, routing, w, capacity, act)
+            observe = (lambda a, h, rows: record(self, a, h, rows)) if recording(self) else None
+            y, dropped = get_dispatch(self.dispatch)(xt, routing, w, capacity, act, observe)
         active = jnp.maximum(jnp.sum(routing.mask).astype(jnp.float32), 1.0)
         self._sow("metrics", "dropped_fraction", dropped / active)
         y = y.reshape(b, s, d).astype(self.dtype)
