@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "sparsejax.listing",          # list
     "sparsejax.interop.commands",  # import-hf, export-hf
     "sparsejax.infer.commands",    # sample
+    "sparsejax.sparsity.activation.commands",  # act-curves
 )
 
 

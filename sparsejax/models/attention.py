@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.models.layers import DEFAULT_KERNEL_INIT, Dtype, as_tokens, rotary_embedding
+from sparsejax.models.thresholds import apply_site
 
 ATTENTION_KINDS = ("dense", "block_sparse")
 
@@ -72,7 +73,8 @@ class Attention(nn.Module):
         kernel = self.param(
             name, nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("embed", "heads")),
             (x.shape[-1], heads * self.head_dim), self.param_dtype)
-        y = as_tokens(x) @ kernel.astype(self.dtype)  # [tokens, heads * head_dim]
+        xt = apply_site(self, f"{name}_in", as_tokens(x))[0]  # thresholds: models/thresholds.py
+        y = xt @ kernel.astype(self.dtype)  # [tokens, heads * head_dim]
         if self.qkv_bias:
             bias = self.param(f"{name}_bias", nn.with_logical_partitioning(
                 nn.initializers.zeros, ("heads",)), (heads * self.head_dim,), self.param_dtype)
@@ -103,7 +105,8 @@ class Attention(nn.Module):
         out_kernel = self.param(
             "out", nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("heads", "embed")),
             (self.num_heads * self.head_dim, x.shape[-1]), self.param_dtype)
-        y = out.reshape(-1, out_kernel.shape[0]).astype(self.dtype) @ out_kernel.astype(self.dtype)
+        o = apply_site(self, "out_in", out.reshape(-1, out_kernel.shape[0]).astype(self.dtype))[0]
+        y = o @ out_kernel.astype(self.dtype)
         return y.reshape(x.shape)
 
     def _cached_attention(self, q, k, v, positions, segment_ids):

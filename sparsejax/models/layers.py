@@ -133,10 +133,19 @@ class GatedMlp(nn.Module):
         del deterministic
         from sparsejax.models.act_record import record
         from sparsejax.models.activations import gated
+        from sparsejax.models.thresholds import apply_site
         t = as_tokens(x)  # [tokens, embed]
-        gate = dense(self.mlp_dim, ("embed", "mlp"), "wi_gate", self.dtype, self.param_dtype)(t)
-        up = dense(self.mlp_dim, ("embed", "mlp"), "wi_up", self.dtype, self.param_dtype)(t)
+        # Training-free thresholds (TEAL/CATS/WINA) act only where the 'act_sparsity'
+        # collection holds a site (models/thresholds.py).
+        gate = dense(self.mlp_dim, ("embed", "mlp"), "wi_gate", self.dtype, self.param_dtype)(
+            apply_site(self, "wi_gate_in", t)[0])
+        up = dense(self.mlp_dim, ("embed", "mlp"), "wi_up", self.dtype, self.param_dtype)(
+            apply_site(self, "wi_up_in", t)[0])
         a, h = gated(self.activation, self.activation_threshold)(gate, up)
+        keep = apply_site(self, "gate_act", a)[1]
+        if keep is not None:
+            h = jnp.where(keep, h, jnp.zeros_like(h))
+        h = apply_site(self, "wo_in", h)[0]
         record(self, a, h)
         h = nn.with_logical_constraint(h, ("batch", "mlp"))
         y = dense(self.embed_dim, ("mlp", "embed"), "wo", self.dtype, self.param_dtype)(h)

@@ -308,12 +308,16 @@ def evaluate_checkpoint(workdir: str, config: TrainConfig | None = None,
                          "be an int >= 1")
     run, step, state = load_state_for_eval(workdir, cfg)
     eval_set = evaluation.eval_set_for(cfg, n)
+    from sparsejax.sparsity.activation.commands import ActivationEval
+    act_eval = ActivationEval(run.model_config)  # thresholding / PPL-p% settings, checked
     config_lib.check_unused_bindings()
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
         bsharding = batch_sharding(run.mesh)
         eval_fn = evaluation.make_eval_fn(run.model, run.sparsity_method, run.state_shardings,
                                           run.mesh, bsharding)
         out = evaluation.evaluate(eval_fn, state, eval_set, bsharding)
+        if act_eval.active:
+            out = act_eval.evaluate(run, state, cfg, eval_set, out)
     log.info("eval of step %d: loss %.4f ± %.4f (standard error over rows) on %s", step,
              out["eval_loss"], out["eval_loss_stderr"] or float("nan"), eval_set.describe())
     out["step"] = step
