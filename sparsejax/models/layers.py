@@ -129,12 +129,22 @@ class GatedMlp(nn.Module):
     activation_threshold: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, *, deterministic: bool = True,
+                 decode: bool = False) -> jax.Array:
+        """`decode=True` (a KV-cache step): sites with a sparse decode path read only the
+        active weight rows/columns (models/sparse_mlp.py)."""
         del deterministic
         from sparsejax.models.act_record import record
         from sparsejax.models.activations import gated
         from sparsejax.models.thresholds import apply_site
         t = as_tokens(x)  # [tokens, embed]
+        if decode and not self.is_initializing():
+            from sparsejax.models import sparse_mlp
+            if sparse_mlp.sparse_decode_applies(self, t.shape[0]):
+                y = sparse_mlp.decode_gated_mlp(
+                    self, t.astype(self.dtype),
+                    gated(self.activation, self.activation_threshold), self.dtype)
+                return y.reshape(x.shape[:-1] + (self.embed_dim,))
         # Training-free thresholds (TEAL/CATS/WINA) act only where the 'act_sparsity'
         # collection holds a site (models/thresholds.py).
         gate = dense(self.mlp_dim, ("embed", "mlp"), "wi_gate", self.dtype, self.param_dtype)(

@@ -13,8 +13,8 @@ Two more collections, each only when mutable:
   log-spaced bins of `BIN_EDGES` (bin 0: scores below 1e-10, exact zeros included);
 * `MASKED` ('act_masked'): per row, the fraction of the site's entries set to zero.
 
-`Site.capacity` (static) is the number of slots of the sparse decode path for that site
-(sparsejax/infer/sparse_mlp.py; 0: decode it densely).
+`Site.capacity` and `Site.max_rows` (static) configure the sparse decode path at that site
+(models/sparse_mlp.py, set by sparsejax/infer/sparse_decode.py; capacity 0: decode densely).
 """
 from __future__ import annotations
 
@@ -47,9 +47,11 @@ class Site:
     threshold: jax.Array  # [] float32
     scale: jax.Array      # [features] float32
     capacity: int = 0     # static: sparse-decode slots (0: dense decode)
+    max_rows: int = 0     # static: the sparse decode path serves steps of at most this many rows
 
 
-jax.tree_util.register_dataclass(Site, data_fields=["threshold", "scale"], meta_fields=["capacity"])
+jax.tree_util.register_dataclass(Site, data_fields=["threshold", "scale"],
+                                 meta_fields=["capacity", "max_rows"])
 
 
 def histogram(score: jax.Array) -> jax.Array:

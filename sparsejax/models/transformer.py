@@ -146,7 +146,10 @@ class Block(nn.Module):
             mlp = GatedMlp(cfg.embed_dim, cfg.mlp_dim, dtype=dtype, param_dtype=pdtype,
                            activation=cfg.mlp_activation,
                            activation_threshold=float(cfg.activation_threshold), name="mlp")
-        x = x + mlp(h, deterministic=deterministic)
+        if isinstance(mlp, GatedMlp):  # (its decode step may skip inactive neurons)
+            x = x + mlp(h, deterministic=deterministic, decode=decode)
+        else:
+            x = x + mlp(h, deterministic=deterministic)
         return nn.with_logical_constraint(x, ("batch", "seq", "embed"))
 
 

@@ -3,7 +3,8 @@
 * `sparsejax eval` with `Thresholding.method` set scores the checkpoint under calibrated
   thresholds (its `eval_loss` is then the thresholded one, `dense_eval_loss` the model's
   own); with `PplSparsity.percents` it adds PPL-p% sparsity (ppl_sparsity.py).
-* `sparsejax sample` with `Thresholding.method` set generates under the thresholds.
+* `sparsejax sample` with `Thresholding.method` set generates under the thresholds, its
+  decode steps through the activation-sparse path (`SparseDecode`, infer/sparse_decode.py).
 * `sparsejax act-curves` writes eval loss against sparsity for each method and target
   (`ThresholdCurves`) to W/activation_curves.json and .png, with each point's paired
   difference to the model's own loss on the same eval rows.
@@ -33,15 +34,15 @@ def effective_params(run: Any, state: Any) -> Any:
     return jax.jit(lambda s: m.forward_params(s.params, s.sparsity, step=s.step, rng=None))(state)
 
 
-def calibrated_sites(run: Any, state: Any, cfg: Any, th: Thresholding, params: Any,
-                     capacity: dict | None = None) -> tuple[dict, dict]:
-    """(the 'act_sparsity' tree of `th` calibrated on training rows, its layout)."""
+def calibrated_sites(run: Any, state: Any, cfg: Any, th: Thresholding, params: Any
+                     ) -> tuple[dict, dict]:
+    """(the 'act_sparsity' tree of `th` calibrated on training rows, the histograms)."""
     from sparsejax.sparsity.activation.calibrate import calibration_batches, histograms
     host = jax.device_get(params)
     layout = site_layout(host, run.model_config, th.method, th.chosen_projections())
     hists = histograms(run, params, state.moe_state, layout,
                        calibration_batches(cfg, th.tokens, th.seed))
-    return make_sites(layout, float(th.target), hists, capacity), layout
+    return make_sites(layout, float(th.target), hists), hists
 
 
 class ActivationEval:
@@ -85,21 +86,22 @@ class ActivationEval:
         return out
 
 
-def thresholded_model(run: Any, state: Any, cfg: Any, capacity_factor: float | None = None):
-    """`run.model`, wrapped with calibrated thresholds when `Thresholding.method` is set (for
-    `sparsejax sample`); `capacity_factor` sizes the sparse decode path's slots."""
+def thresholded_model(run: Any, state: Any, cfg: Any) -> tuple[Any, dict | None]:
+    """(`run.model` wrapped with calibrated thresholds and their sparse decode path
+    (`SparseDecode`), the sites) when `Thresholding.method` is set, else (run.model, None):
+    for `sparsejax sample`."""
     th = Thresholding()
     if not th.active:
         return run.model, None
-    check_model(run.model_config, th.method, th.chosen_projections())
-    from sparsejax.sparsity.activation.calibrate import WithVariables
+    from sparsejax.infer.sparse_decode import SparseDecode, with_capacities
     from sparsejax.models.thresholds import THRESHOLDS
+    from sparsejax.sparsity.activation.calibrate import WithVariables
+    decode = SparseDecode()
+    check_model(run.model_config, th.method, th.chosen_projections())
     params = effective_params(run, state)
-    sites, layout = calibrated_sites(run, state, cfg, th, params)
-    if capacity_factor:
-        from sparsejax.infer.sparse_decode import decode_capacities
-        sites = decode_capacities(sites, float(th.target), capacity_factor)
-    return WithVariables(run.model, {THRESHOLDS: sites}), th
+    sites, hists = calibrated_sites(run, state, cfg, th, params)
+    sites = with_capacities(sites, hists, decode)
+    return WithVariables(run.model, {THRESHOLDS: sites}), sites
 
 
 # --- sparsejax act-curves --------------------------------------------------------------------
