@@ -74,13 +74,13 @@ def rows_gpu(xt: jax.Array, w: jax.Array, idx: jax.Array, count: jax.Array, *, t
     )(count, idx, xt, w)
 
 
-@functools.partial(jax.jit, static_argnames=("tc", "tk", "out_dtype", "interpret"))
+@functools.partial(jax.jit, static_argnames=("tc", "tk", "out_dtype", "interpret", "transpose_w"))
 def cols_gpu(x: jax.Array, w: jax.Array, idx: jax.Array, count: jax.Array, *, tc: int,
-             tk: int, out_dtype, interpret: bool = False) -> jax.Array:
-    """x [Bp, K] (Bp >= 16), w [K, N], idx [Cp] (Cp % tc == 0), count [1] -> [Bp, Cp]: the
-    active columns of x @ w, zeros from slot `count` on."""
+             tk: int, out_dtype, interpret: bool = False, transpose_w: bool = False) -> jax.Array:
+    """x [Bp, K] (Bp >= 16), w [K, N] (transpose_w: [N, K]), idx [Cp] (Cp % tc == 0),
+    count [1] -> [Bp, Cp]: the active columns of x @ w, zeros from slot `count` on."""
     bp, k = x.shape
-    n = w.shape[1]
+    n = w.shape[0] if transpose_w else w.shape[1]
     cp = idx.shape[0]
     dtype = jnp.promote_types(x.dtype, w.dtype)
 
@@ -98,8 +98,12 @@ def cols_gpu(x: jax.Array, w: jax.Array, idx: jax.Array, count: jax.Array, *, tc
             ks = jnp.minimum(ks, k - 1)
             xb = plgpu.load(x_ref.at[batch[:, None], ks[None, :]], mask=k_ok[None, :],
                             other=0.0)  # [Bp, tk]
-            wb = plgpu.load(w_ref.at[ks[:, None], cols[None, :]],
-                            mask=k_ok[:, None] & ok[None, :], other=0.0)  # [tk, tc]
+            if transpose_w:
+                wb = plgpu.load(w_ref.at[cols[None, :], ks[:, None]],
+                                mask=k_ok[:, None] & ok[None, :], other=0.0)  # [tk, tc]
+            else:
+                wb = plgpu.load(w_ref.at[ks[:, None], cols[None, :]],
+                                mask=k_ok[:, None] & ok[None, :], other=0.0)  # [tk, tc]
             return acc + _dot(xb.astype(dtype), wb.astype(dtype), (1, 0))
 
         # Tiles wholly past `count` skip the loop (a product, not a scalar where: see gmm).

@@ -2,6 +2,7 @@
 
     y = gather_matmul(x, w, idx, count)               # rows: x[:, idx] @ w[idx]   -> [B, N]
     u = gather_matmul(x, w, idx, count, mode="cols")  # cols: (x @ w)[:, idx]      -> [B, C]
+    u = gather_matmul(x, w_t, idx, count, mode="cols", transpose_w=True)  # w_t = w.T [N, K]
 
 Backends: "gpu" (Pallas Triton kernels, gpu.py) and "xla" (gather + one matmul, xla.py, used
 on CPU and TPU). `backend=None` picks "gpu" on a GPU, else "xla"; `interpret=True` runs the
@@ -46,11 +47,15 @@ def _resolve_backend(backend: Optional[str], interpret: bool) -> str:
     return backend
 
 
-def _check(x, w, idx, count, mode):
+def _check(x, w, idx, count, mode, transpose_w):
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not valid; use one of {MODES}")
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
-        raise ValueError(f"x {x.shape} and w {w.shape} must be [B, K] and [K, N]")
+    if transpose_w and mode != "cols":
+        raise ValueError("transpose_w=True is for mode='cols' (a neuron-major [N, K] weight)")
+    k_dim = 1 if transpose_w else 0
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[k_dim]:
+        want = "[N, K]" if transpose_w else "[K, N]"
+        raise ValueError(f"x {x.shape} and w {w.shape} must be [B, K] and {want}")
     for name, a in (("x", x), ("w", w)):
         if jnp.dtype(a.dtype) not in _FLOATS:
             raise ValueError(f"{name} has dtype {a.dtype}; valid: float32, bfloat16, float16")
@@ -65,17 +70,18 @@ def _pow2(n: int) -> int:
 
 
 def gather_matmul(x: jax.Array, w: jax.Array, idx: jax.Array, count: jax.Array, *,
-                  mode: str = "rows", backend: Optional[str] = None,
+                  mode: str = "rows", transpose_w: bool = False, backend: Optional[str] = None,
                   interpret: bool = False) -> jax.Array:
     """The gathered matmul of reference.py on the chosen backend."""
     count = jnp.asarray(count, jnp.int32)
-    _check(x, w, idx, count, mode)
+    _check(x, w, idx, count, mode, transpose_w)
     out_dtype = jnp.promote_types(x.dtype, w.dtype)
     b, c = x.shape[0], idx.shape[0]
-    if b == 0 or c == 0 or w.shape[1] == 0:
-        return jnp.zeros((b, w.shape[1] if mode == "rows" else c), out_dtype)
+    n = w.shape[0] if transpose_w else w.shape[1]
+    if b == 0 or c == 0 or n == 0:
+        return jnp.zeros((b, n if mode == "rows" else c), out_dtype)
     if _resolve_backend(backend, interpret) == "xla":
-        return gather_matmul_xla(x, w, idx, count, mode, out_dtype)
+        return gather_matmul_xla(x, w, idx, count, mode, out_dtype, transpose_w)
     tc, tn, tk = gather_matmul_tiles()
     tc = min(tc, max(16, _pow2(c)))
     bp = max(16, _pow2(b))
@@ -88,5 +94,5 @@ def gather_matmul(x: jax.Array, w: jax.Array, idx: jax.Array, count: jax.Array, 
                                  out_dtype=out_dtype, interpret=interpret)
         return y[:b]
     y = gpu_kernels.cols_gpu(x_p, w, idx_p, cnt, tc=tc, tk=min(tk, max(16, _pow2(x.shape[1]))),
-                             out_dtype=out_dtype, interpret=interpret)
+                             out_dtype=out_dtype, interpret=interpret, transpose_w=transpose_w)
     return y[:b, :c]

@@ -8,7 +8,9 @@ and contribute nothing:
   w [K, N] -> [B, N]. With distinct active indices this is ``(x * m) @ w`` for the 0/1 mask m
   of those indices: the product with the inactive inputs left out.
 * mode "cols": ``y[b, c] = sum_k x[b, k] * w[k, idx[c]]`` for c < count, 0 after — x [B, K],
-  w [K, N] -> [B, C]: only the active output columns, compact.
+  w [K, N] -> [B, C]: only the active output columns, compact. With `transpose_w`, w is
+  stored neuron-major as [N, K] (``w_t[idx[c], k]``), so each active column is one
+  contiguous row in memory.
 """
 from __future__ import annotations
 
@@ -19,8 +21,10 @@ MODES = ("rows", "cols")
 
 
 def gather_matmul_reference(x: jax.Array, w: jax.Array, idx: jax.Array, count: jax.Array,
-                            mode: str = "rows") -> jax.Array:
+                            mode: str = "rows", transpose_w: bool = False) -> jax.Array:
     """The definition above, in float32 at the highest precision; output dtype float32."""
+    if transpose_w:
+        w = w.T
     c = idx.shape[0]
     valid = jnp.arange(c) < count
     x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 
 def gather_matmul_xla(x: jax.Array, w: jax.Array, idx: jax.Array, count: jax.Array,
-                      mode: str, out_dtype) -> jax.Array:
+                      mode: str, out_dtype, transpose_w: bool = False) -> jax.Array:
     valid = jnp.arange(idx.shape[0]) < count
     dtype = jnp.promote_types(x.dtype, w.dtype)
     if mode == "rows":
@@ -17,7 +17,12 @@ def gather_matmul_xla(x: jax.Array, w: jax.Array, idx: jax.Array, count: jax.Arr
         y = jnp.dot(xs, jnp.take(w, idx, axis=0, mode="clip").astype(dtype),
                     preferred_element_type=jnp.float32)
     else:
-        y = jnp.dot(x.astype(dtype), jnp.take(w, idx, axis=1, mode="clip").astype(dtype),
-                    preferred_element_type=jnp.float32)
+        if transpose_w:  # w [N, K]: the active columns are contiguous rows
+            wc = jnp.take(w, idx, axis=0, mode="clip").astype(dtype)  # [C, K]
+            y = jax.lax.dot_general(x.astype(dtype), wc, (((1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+        else:
+            y = jnp.dot(x.astype(dtype), jnp.take(w, idx, axis=1, mode="clip").astype(dtype),
+                        preferred_element_type=jnp.float32)
         y = jnp.where(valid[None, :], y, 0.0)
     return y.astype(out_dtype)

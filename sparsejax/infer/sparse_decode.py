@@ -63,3 +63,17 @@ def with_capacities(sites: Mapping, histograms: Mapping[str, np.ndarray],
                     s.threshold, s.scale, cap if settings.enabled else 0,
                     settings.max_rows if settings.enabled else 0)
     return out
+
+
+def neuron_major_weights(params: Mapping, sites: Mapping) -> dict:
+    """The 'decode_weights' collection: each dense MLP with a sparse `gate_act` site gets its
+    up kernel neuron-major (`wi_up_t` [mlp, embed], a copy), so the neuron-sparse decode step
+    reads each active neuron's up weights as one contiguous row."""
+    import jax.numpy as jnp
+    out: dict = {}
+    for layer, modules in sites.items():
+        s = modules.get("mlp", {}).get("gate_act")
+        if s is not None and s.capacity > 0:
+            k = params[layer]["mlp"]["wi_up"]["kernel"]
+            out.setdefault(layer, {})["mlp"] = {"wi_up_t": jnp.asarray(k).T.copy()}
+    return out

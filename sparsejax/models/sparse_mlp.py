@@ -10,6 +10,10 @@ At a site with `capacity > 0` (models/thresholds.py), for a step of at most `max
   computed, the kept neurons (union over rows) select the up kernel's columns and the down
   kernel's rows, so up and down cost only the active neurons.
 
+For the up projection's columns to be contiguous, the collection `DECODE_WEIGHTS`
+('decode_weights') may hold the MLP's up kernel neuron-major (`wi_up_t` [mlp, embed],
+infer/sparse_decode.py adds it); without it the columns are gathered from [embed, mlp].
+
 Either way each row keeps its own mask, so the result is the masked dense computation (the
 one the same thresholds give at eval) up to float summation order; exactly equal on exactly
 representable data (tests). When more entries are active than the site's capacity, that
@@ -23,6 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.models.thresholds import Site
+
+DECODE_WEIGHTS = "decode_weights"
 
 
 def use_sparse(s: Site | None, rows: int) -> bool:
@@ -51,19 +57,23 @@ def project(x: jax.Array, kernel: jax.Array, keep: jax.Array | None, s: Site | N
 
 def neuron_sparse_mlp(gate: jax.Array, x_up: jax.Array, w_up: jax.Array, w_down: jax.Array,
                       gated: Callable, keep_a: jax.Array, s: Site,
-                      down_site: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+                      down_site: Callable[[jax.Array, jax.Array], jax.Array],
+                      w_up_t: jax.Array | None = None) -> jax.Array:
     """down(mask(act(gate) * up)) computing up and down for the kept neurons only.
 
     gate [T, F] (computed); x_up [T, D] the up projection's input; keep_a [T, F] the gate
     activation's mask; `down_site(h, idx)` applies the down projection's own input site
-    (if any) to compact h [T, C] at neurons idx."""
+    (if any) to compact h [T, C] at neurons idx; `w_up_t`: w_up stored [F, D], if given."""
     from pallas_kernels.gather_matmul.ops import gather_matmul
     cap = min(s.capacity, gate.shape[-1])
     idx, count = active_slots(keep_a, cap)
 
     def sparse():
         valid = jnp.arange(cap) < count
-        up_c = gather_matmul(x_up, w_up, idx, count, mode="cols")           # [T, C]
+        if w_up_t is not None:  # contiguous rows of the neuron-major copy
+            up_c = gather_matmul(x_up, w_up_t, idx, count, mode="cols", transpose_w=True)
+        else:
+            up_c = gather_matmul(x_up, w_up, idx, count, mode="cols")       # [T, C]
         _, h_c = gated(jnp.take(gate, idx, axis=1), up_c)
         keep_c = jnp.take(keep_a, idx, axis=1) & valid[None, :]
         h_c = down_site(jnp.where(keep_c, h_c, jnp.zeros_like(h_c)), idx)
@@ -116,7 +126,10 @@ def decode_gated_mlp(module, t: jax.Array, gated: Callable, dtype) -> jax.Array:
 
     if use_sparse(s_a, rows):
         a = gated(gate, gate)[0]
-        return neuron_sparse_mlp(gate, xu, ku, ko, gated, keep_mask(s_a, a), s_a, down_site)
+        ku_t = (module.get_variable(DECODE_WEIGHTS, "wi_up_t").astype(dtype)
+                if module.has_variable(DECODE_WEIGHTS, "wi_up_t") else None)
+        return neuron_sparse_mlp(gate, xu, ku, ko, gated, keep_mask(s_a, a), s_a, down_site,
+                                 ku_t)
     a, h = gated(gate, project(xu, ku, keep_u, s_u))
     if s_a is not None:
         h = jnp.where(keep_mask(s_a, a), h, jnp.zeros_like(h))

@@ -132,3 +132,17 @@ def test_capacities_follow_the_calibrated_sparsity():
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SparseDecode(**kwargs)
+
+
+def test_neuron_major_up_weights_give_the_same_step(monkeypatch):
+    from sparsejax.infer.sparse_decode import neuron_major_weights
+    from sparsejax.models.sparse_mlp import DECODE_WEIGHTS
+    mlp, params = integer_mlp("relu2")
+    x = jnp.asarray(np.random.default_rng(5).integers(-3, 4, (2, 1, D)), jnp.float32)
+    tree = sites_for("both", 40)
+    major = neuron_major_weights({"layer_0": {"mlp": params}}, {"layer_0": {"mlp": tree}})
+    np.testing.assert_array_equal(major["layer_0"]["mlp"]["wi_up_t"], np.asarray(params["wi_up"]["kernel"]).T)
+    step = jax.jit(lambda v, x: mlp.apply(v, x, decode=True))
+    with_t = step({"params": params, THRESHOLDS: tree, DECODE_WEIGHTS: major["layer_0"]["mlp"]}, x)
+    dense = mlp.apply({"params": params, THRESHOLDS: tree}, x)
+    np.testing.assert_array_equal(np.asarray(with_t), np.asarray(dense))

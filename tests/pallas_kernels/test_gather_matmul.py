@@ -35,15 +35,19 @@ def case(rng, b, k, n, c, count, mode, dtype="float32"):
 
 @settings(max_examples=4, deadline=None)
 @given(b=st.integers(1, 5), k=st.integers(1, 40), n=st.integers(1, 40), c=st.integers(1, 24),
-       frac=st.floats(0, 1), mode=st.sampled_from(["rows", "cols"]),
+       frac=st.floats(0, 1), mode=st.sampled_from(["rows", "cols", "cols_t"]),
        dtype=st.sampled_from(["float32", "bfloat16"]), seed=st.integers(0, 2**16))
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_matches_reference(backend, b, k, n, c, frac, mode, dtype, seed):
     rng = np.random.default_rng(seed)
+    mode, t = ("cols", True) if mode == "cols_t" else (mode, False)
     c = min(c, k if mode == "rows" else n)
     count = int(round(frac * c))
     x, w, idx, cnt = case(rng, b, k, n, c, count, mode, dtype)
-    y = ops.gather_matmul(x, w, idx, cnt, mode=mode, **BACKENDS[backend])
+    if t:  # the same weight stored neuron-major
+        y = ops.gather_matmul(x, w.T, idx, cnt, mode=mode, transpose_w=True, **BACKENDS[backend])
+    else:
+        y = ops.gather_matmul(x, w, idx, cnt, mode=mode, **BACKENDS[backend])
     ref = gather_matmul_reference(x, w, idx, cnt, mode)
     assert y.shape == ((b, n) if mode == "rows" else (b, c)) and y.dtype == jnp.dtype(dtype)
     assert relerr(y, ref) < TOL[dtype]
@@ -75,6 +79,9 @@ def test_equals_the_masked_dense_product_exactly(backend, mode):
         dense = np.asarray(jnp.dot(x, w))
         np.testing.assert_array_equal(y[:, :30], dense[:, active])
         np.testing.assert_array_equal(y[:, 30:], 0.0)
+        y_t = np.asarray(ops.gather_matmul(x, w.T, idx, jnp.int32(30), mode=mode, transpose_w=True,
+                                           **BACKENDS[backend]))
+        np.testing.assert_array_equal(y_t, y)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -95,12 +102,14 @@ def test_bad_shapes_are_refused():
         ops.gather_matmul(jnp.ones((1, 4)), jnp.ones((4, 3)), jnp.zeros((2,), jnp.float32), 1)
 
 
-@pytest.mark.parametrize("mode", ["rows", "cols"])
+@pytest.mark.parametrize("mode", ["rows", "cols", "cols_t"])
 def test_kernels_lower_for_cuda(kernel_calls, mode):
     x, w = jnp.ones((2, 256), jnp.bfloat16), jnp.ones((256, 384), jnp.bfloat16)
     idx = jnp.arange(64, dtype=jnp.int32)
-    fn = lambda x, w, idx, c: ops.gather_matmul(x, w, idx, c, mode=mode, backend="gpu",
-                                                interpret=False)
+    m, t = ("cols", True) if mode == "cols_t" else (mode, False)
+    w = w.T if t else w
+    fn = lambda x, w, idx, c: ops.gather_matmul(x, w, idx, c, mode=m, transpose_w=t,
+                                                backend="gpu", interpret=False)
     import unittest.mock as mock
     with mock.patch.object(ops.jax, "default_backend", return_value="gpu"):
         assert kernel_calls("cuda", fn, x, w, idx, jnp.int32(40)) == 1

@@ -93,7 +93,9 @@ def thresholded_model(run: Any, state: Any, cfg: Any) -> tuple[Any, dict | None]
     th = Thresholding()
     if not th.active:
         return run.model, None
-    from sparsejax.infer.sparse_decode import SparseDecode, with_capacities
+    from sparsejax.infer.sparse_decode import (SparseDecode, neuron_major_weights,
+                                               with_capacities)
+    from sparsejax.models.sparse_mlp import DECODE_WEIGHTS
     from sparsejax.models.thresholds import THRESHOLDS
     from sparsejax.sparsity.activation.calibrate import WithVariables
     decode = SparseDecode()
@@ -101,7 +103,11 @@ def thresholded_model(run: Any, state: Any, cfg: Any) -> tuple[Any, dict | None]
     params = effective_params(run, state)
     sites, hists = calibrated_sites(run, state, cfg, th, params)
     sites = with_capacities(sites, hists, decode)
-    return WithVariables(run.model, {THRESHOLDS: sites}), sites
+    extra = {THRESHOLDS: sites}
+    major = neuron_major_weights(params, sites)
+    if major:
+        extra[DECODE_WEIGHTS] = major
+    return WithVariables(run.model, extra), sites
 
 
 # --- sparsejax act-curves --------------------------------------------------------------------
