@@ -4,7 +4,10 @@ sample`: which decode steps take it and how many slots each site gets.
 A site's capacity is ceil(capacity_factor * (1 - s) * width) slots (at most its width), where
 s is the fraction of its scores at or below its threshold on the calibration set: the
 expected active entries plus headroom. A step with more active entries than that (the union
-over the step's rows) computes that site densely instead, with the same result.
+over the step's rows) computes that site densely instead, with the same result. A site
+whose capacity exceeds `max_density` of its width keeps the masked dense product: gathering
+that many weight rows costs about as much as reading all of them (on CPU, XLA's gather
+writes the rows out before the matmul reads them again; benchmarks/activation_sparsity.py).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ class SparseDecode:
     enabled: bool = True
     capacity_factor: float = 1.25
     max_rows: int = 4
+    max_density: float = 0.5
 
     def __post_init__(self):
         if not isinstance(self.enabled, bool):
@@ -37,6 +41,9 @@ class SparseDecode:
                              f"number >= 1 (slots per expected active entry)")
         if isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int) or self.max_rows < 1:
             raise ValueError(f"SparseDecode.max_rows={self.max_rows!r} must be an int >= 1")
+        if isinstance(self.max_density, bool) or not isinstance(self.max_density, (int, float)) \
+                or not 0 < self.max_density <= 1:
+            raise ValueError(f"SparseDecode.max_density={self.max_density!r} must be in (0, 1]")
 
 
 def masked_fraction(counts: np.ndarray, threshold: float) -> float:
@@ -59,9 +66,9 @@ def with_capacities(sites: Mapping, histograms: Mapping[str, np.ndarray],
                 width = int(s.scale.shape[0])
                 frac = masked_fraction(histograms[path], float(s.threshold))
                 cap = min(width, max(1, math.ceil(settings.capacity_factor * (1 - frac) * width)))
+                on = settings.enabled and cap <= settings.max_density * width
                 out.setdefault(layer, {}).setdefault(module, {})[name] = Site(
-                    s.threshold, s.scale, cap if settings.enabled else 0,
-                    settings.max_rows if settings.enabled else 0)
+                    s.threshold, s.scale, cap if on else 0, settings.max_rows if on else 0)
     return out
 
 

@@ -123,11 +123,16 @@ def test_capacities_follow_the_calibrated_sparsity():
     assert s.capacity == math.ceil(1.5 * (1 - frac) * 64) and s.max_rows == 2
     off = with_capacities(tree, {"layer_0/mlp/wo_in": counts}, SparseDecode(enabled=False))
     assert off["layer_0"]["mlp"]["wo_in"].capacity == 0
+    # more slots than max_density of the width: the masked dense product instead
+    dense = with_capacities(tree, {"layer_0/mlp/wo_in": counts},
+                            SparseDecode(capacity_factor=1.5, max_density=0.4))
+    assert s.capacity > 0.4 * 64 and dense["layer_0"]["mlp"]["wo_in"].capacity == 0
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(capacity_factor=0.5), r"capacity_factor=0.5 must be a number >= 1"),
     (dict(max_rows=0), r"max_rows=0 must be an int >= 1"),
+    (dict(max_density=0.0), r"max_density=0.0 must be in \(0, 1\]"),
 ])
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -6,8 +6,9 @@
 * `sparsejax sample` with `Thresholding.method` set generates under the thresholds, its
   decode steps through the activation-sparse path (`SparseDecode`, infer/sparse_decode.py).
 * `sparsejax act-curves` writes eval loss against sparsity for each method and target
-  (`ThresholdCurves`) to W/activation_curves.json and .png, with each point's paired
-  difference to the model's own loss on the same eval rows.
+  (`ThresholdCurves`) to W/<ThresholdCurves.name>.json and .png (default
+  activation_curves), with each point's paired difference to the model's own loss on the
+  same eval rows.
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ from sparsejax.sparsity.activation.ppl_sparsity import PplSparsity, ppl_sparsity
 from sparsejax.sparsity.activation.thresholding import (THRESHOLDERS, Thresholding, check_model,
                                                         check_target, make_sites, site_layout)
 
-CURVES_FILE = "activation_curves.json"
 
 
 def effective_params(run: Any, state: Any) -> Any:
@@ -123,8 +123,13 @@ class ThresholdCurves:
     projections: tuple | None = None  # for the methods that take projections (teal, wina)
     calibration_tokens: int = 16384
     calibration_seed: int = 1
+    name: str = "activation_curves"  # output files W/<name>.json and W/<name>.png
 
     def __post_init__(self):
+        import re
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ValueError(f"ThresholdCurves.name={self.name!r} must be a file name stem "
+                             f"(letters, digits, _ . -)")
         if isinstance(self.methods, str) or not self.methods:
             raise ValueError(f"ThresholdCurves.methods={self.methods!r} must be a non-empty tuple "
                              f"of {THRESHOLDERS.names()}")
@@ -196,12 +201,12 @@ def act_curves(workdir: str) -> dict[str, Any]:
                              "per_site": {k[len("threshold/sparsity/"):]: v for k, v in res.items()
                                           if k.startswith("threshold/sparsity/")}})
     result = {"step": step, "eval_rows": eval_set.rows, "points": rows}
-    path = os.path.join(workdir, CURVES_FILE)
+    path = os.path.join(workdir, curves.name + ".json")
     if jax.process_index() == 0:
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
         from sparsejax.analysis.activation_plots import plot_curves
-        result["plot"] = plot_curves(result, os.path.join(workdir, "activation_curves.png"))
+        result["plot"] = plot_curves(result, os.path.join(workdir, curves.name + ".png"))
     result["file"] = path
     return result
 
