@@ -44,9 +44,8 @@ def sites_for(kind, cap, threshold_in=1.5, threshold_act=2.5, rows=4):
             "wo_in": s(threshold_act * 3, F)}
 
 
-@pytest.mark.parametrize("kind", ["input", "neuron", "both"])
-@pytest.mark.parametrize("cap", [40, 3])  # 3: most steps overflow and fall back
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("kind, cap, rows", [("input", 40, 1), ("neuron", 40, 1), ("both", 40, 3),
+                                            ("input", 3, 3), ("both", 3, 1)])  # 3: overflow
 def test_decode_step_equals_masked_dense_exactly(kind, cap, rows):
     mlp, params = integer_mlp("relu")
     x = jnp.asarray(np.random.default_rng(rows).integers(-3, 4, (rows, 1, D)), jnp.float32)
