@@ -1,7 +1,7 @@
 """Runs a reproduction of a published claim and writes its results table and plot.
 
     python experiments/reproduce.py dst                  # one reproduction
-    python experiments/reproduce.py all --parallel=2     # all six, one after another
+    python experiments/reproduce.py all --parallel=2     # all of them, one after another
     python experiments/reproduce.py dst --report_only    # redraw from finished trials
 
 A reproduction is a few sweeps (grid files in experiments/grids/) compared side by side; the
@@ -62,6 +62,66 @@ REPRODUCTIONS = {
                                     ("dense_long", "avg_params_long_gradual",
                                      "dense_mlp256_long"), "dense_mlp256_long: mlp_dim=256"),
 }
+
+
+# Reproductions with their own runner and results page (experiments/activation_results.py).
+CUSTOM = {
+    "activation": "SiLU vs ReLU vs ReLU² vs ProSparse: eval loss and activation sparsity",
+    "training_free": "Training-free activation sparsity: TEAL vs CATS vs WINA",
+}
+
+
+def _splice(md: str, title: str, block: str) -> str:
+    """The page `md` with `block` between the markers (a new page if there is none)."""
+    if os.path.isfile(md):
+        with open(md) as f:
+            text = f.read()
+        if BEGIN not in text or END not in text:
+            raise ValueError(f"{md} has no {BEGIN} ... {END} markers; add them where the "
+                             "table goes")
+        head, rest = text.split(BEGIN, 1)
+        return head + block + rest.split(END, 1)[1]
+    return f"# {title}\n\n{block}\n"
+
+
+def run_custom(name: str, out: str, parallel: int) -> int:
+    import activation_results as ar
+    if name == "activation":
+        return sum(run_grid(g, out, parallel) for g in ar.GRIDS)
+    ar.run_training_free(out)
+    return 0
+
+
+def write_custom(name: str, out: str, results_dir: str = RESULTS) -> dict:
+    """Writes results_dir/<name>.md (between the markers) and <name>.png."""
+    import activation_results as ar
+    os.makedirs(results_dir, exist_ok=True)
+    png = os.path.join(results_dir, f"{name}.png")
+    if name == "activation":
+        rows, curves = ar.activation_rows(out)
+        table = ar.activation_markdown(rows)
+        png = ar.activation_plot(curves, png) if curves else None
+        how = (f"Command: `{command(name)}` (grids: [activation_functions]"
+               "(../grids/activation_functions.grid), [prosparse](../grids/prosparse.grid)). "
+               "Loss in nats/token, mean ± sample std over seeds; Δ: difference to silu with "
+               "the same seed; eval stderr: the final eval's standard error over its rows; "
+               "zero fraction: MLP intermediate entries exactly 0 on the eval sample (first "
+               "eval at step 50); PPL-1% sparsity: the largest per-layer threshold sparsity of "
+               "the intermediates whose calibration perplexity stays within 1% (final checkpoint).")
+    else:
+        table = ar.training_free_markdown(out)
+        png = ar.training_free_plot(out, png)
+        how = (f"Command: `{command(name)}` (base.gin, 200 steps, SiLU; then `sparsejax "
+               "act-curves` twice). Thresholds calibrated per site on 16,384 training tokens; "
+               "losses on the fixed eval sample; Δ and its standard error are paired over the "
+               "same eval rows; achieved: mean over sites of the fraction of entries zeroed.")
+    block = "\n".join([BEGIN, how, "", table,
+                       f"![{name}]({name}.png)" if png else "(no finished runs yet)", END])
+    md = os.path.join(results_dir, f"{name}.md")
+    text = _splice(md, CUSTOM[name], block)
+    with open(md, "w") as f:
+        f.write(text)
+    return {"reproduction": name, "markdown": md, "plot": png}
 
 
 def grid_path(name: str) -> str:
@@ -128,7 +188,8 @@ def write_results(name: str, out: str, results_dir: str = RESULTS,
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("names", nargs="+", help=f"'all' or some of: {', '.join(REPRODUCTIONS)}")
+    p.add_argument("names", nargs="+",
+                   help=f"'all' or some of: {', '.join(list(REPRODUCTIONS) + list(CUSTOM))}")
     p.add_argument("--out", default=os.path.join(HERE, "runs"),
                    help="where trials run (default experiments/runs/)")
     p.add_argument("--parallel", type=int, default=2, help="trials run at once")
@@ -138,15 +199,21 @@ def main(argv=None) -> int:
                    help="compare trials trained on different corpora instead of refusing")
     p.add_argument("--results_dir", default=RESULTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    names = list(REPRODUCTIONS) if args.names == ["all"] else args.names
-    unknown = [n for n in names if n not in REPRODUCTIONS]
+    names = list(REPRODUCTIONS) + list(CUSTOM) if args.names == ["all"] else args.names
+    unknown = [n for n in names if n not in REPRODUCTIONS and n not in CUSTOM]
     if unknown:
         print(f"error: unknown reproduction(s) {unknown}; valid: all, "
-              f"{', '.join(REPRODUCTIONS)}", file=sys.stderr)
+              f"{', '.join(list(REPRODUCTIONS) + list(CUSTOM))}", file=sys.stderr)
         return 2
     failed = 0
+    sys.path.insert(0, HERE)  # activation_results.py
     try:
         for name in names:
+            if name in CUSTOM:
+                if not args.report_only:
+                    failed += run_custom(name, args.out, args.parallel)
+                print(json.dumps(write_custom(name, args.out, args.results_dir)), flush=True)
+                continue
             if not args.report_only:
                 for g in REPRODUCTIONS[name].grids:
                     failed += run_grid(g, args.out, args.parallel)

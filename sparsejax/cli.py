@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "sparsejax.interop.commands",  # import-hf, export-hf
     "sparsejax.infer.commands",    # sample
     "sparsejax.sparsity.posttrain.commands",  # prune
+    "sparsejax.sparsity.activation.commands",  # act-curves
 )
 
 

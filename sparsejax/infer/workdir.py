@@ -20,14 +20,18 @@ def sample_workdir(workdir: str, prompts: Sequence[str], *, max_new_tokens: int 
         raise ValueError("give at least one --prompt or a --prompt_file")
     tok = make_tokenizer()
     ids = [list(tok.encode(p, add_bos=True)) for p in prompts]
-    run, step, state = trainer.load_state_for_eval(workdir, trainer.TrainConfig())
+    cfg = trainer.TrainConfig()
+    run, step, state = trainer.load_state_for_eval(workdir, cfg)
     params = state.params
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
         if run.sparsity_method is not None:
             method = run.sparsity_method
             params = jax.jit(lambda s: method.forward_params(s.params, s.sparsity, step=s.step,
                                                              rng=None))(state)
-        out = generate(run.model, params, ids, max_new_tokens=max_new_tokens,
+        # Thresholding.method set: TEAL/CATS/WINA thresholds calibrated on training rows
+        from sparsejax.sparsity.activation.commands import thresholded_model
+        model, _ = thresholded_model(run, state, cfg)
+        out = generate(model, params, ids, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                        pad_id=tok.pad_id, eos_id=tok.eos_id, moe_state=state.moe_state)
     # ids the model knows but the tokenizer does not (a padded vocab) have no text

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from sparsejax.models.activations import FROM_HF_ACT, HF_ACT
+
 FAMILIES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
 MOE_FAMILIES = ("mixtral", "qwen2_moe")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -74,8 +76,10 @@ def from_hf_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
             if family in _WHY_NOT else ""
         raise ValueError(f"config.json model_type={family!r} is not supported{why}; "
                          f"supported: {', '.join(FAMILIES)}")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json hidden_act={cfg['hidden_act']!r}: only 'silu' is supported")
+    act = cfg.get("hidden_act", "silu")
+    if act not in FROM_HF_ACT:
+        raise ValueError(f"config.json hidden_act={act!r} is not supported; supported: "
+                         f"{sorted(FROM_HF_ACT)}")
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):
             raise ValueError(f"config.json {key}=true is not supported (no output/MLP biases)")
@@ -100,6 +104,7 @@ def from_hf_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
                                                       and bool(cfg.get("qkv_bias", True))),
         "ModelConfig.sliding_window": _sliding(cfg, family, layers),
         "ModelConfig.mlp_kinds": ("dense",),
+        "ModelConfig.mlp_activation": FROM_HF_ACT[act],
     }
     if family in MOE_FAMILIES:
         b.update(_moe_bindings(cfg, family, layers))
@@ -144,6 +149,13 @@ def to_hf_config(model: Any, moe: Any | None, prefer: str | None = None,
     the family to keep when it fits (the imported one); `base`: an imported config.json whose
     other fields (token ids, ...) are carried over."""
     kinds = [model.mlp_kind(i) for i in range(model.num_layers)]
+    if model.mlp_activation not in HF_ACT:
+        raise _refuse("ModelConfig.mlp_activation", model.mlp_activation,
+                      f"HF's gated MLPs apply one activation to the gate; exportable: "
+                      f"{sorted(HF_ACT)}")
+    if model.activation_threshold:
+        raise _refuse("ModelConfig.activation_threshold", model.activation_threshold,
+                      "no HF activation is a shifted ReLU")
     if model.scale_embeddings:
         raise _refuse("ModelConfig.scale_embeddings", True, "HF models do not scale embeddings")
     if any(model.attention_kind(i) != "dense" for i in range(model.num_layers)):
@@ -165,7 +177,7 @@ def to_hf_config(model: Any, moe: Any | None, prefer: str | None = None,
         "vocab_size": model.vocab_size, "hidden_size": model.embed_dim,
         "intermediate_size": model.mlp_dim, "num_hidden_layers": model.num_layers,
         "num_attention_heads": model.num_heads, "num_key_value_heads": model.num_kv_heads,
-        "head_dim": model.head_dim, "hidden_act": "silu",
+        "head_dim": model.head_dim, "hidden_act": HF_ACT[model.mlp_activation],
         "max_position_embeddings": model.max_seq_len, "rms_norm_eps": model.norm_epsilon,
         "tie_word_embeddings": model.tie_embeddings, "rope_theta": model.rope_theta,
         "rope_parameters": _rope_out(model), "attention_dropout": 0.0, "dtype": "float32",

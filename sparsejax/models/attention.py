@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from sparsejax.models.layers import DEFAULT_KERNEL_INIT, Dtype, as_tokens, rotary_embedding
 from sparsejax.models.remat import tag
+from sparsejax.models.thresholds import apply_site
 
 ATTENTION_KINDS = ("dense", "block_sparse")
 
@@ -67,25 +68,35 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def _proj(self, x, heads, name):
+    def _proj(self, x, heads, name, decode=False):
         """x: [b, s, embed] -> [b, s, heads, head_dim]. Kernels are 2-D [in, out] like every
         other linear layer, so sparsity (ERK, N:M along the input dim) treats them alike."""
         kernel = self.param(
             name, nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("embed", "heads")),
             (x.shape[-1], heads * self.head_dim), self.param_dtype)
-        y = as_tokens(x) @ kernel.astype(self.dtype)  # [tokens, heads * head_dim]
+        y = self._sited_matmul(f"{name}_in", as_tokens(x), kernel.astype(self.dtype), decode)
         if self.qkv_bias:
             bias = self.param(f"{name}_bias", nn.with_logical_partitioning(
                 nn.initializers.zeros, ("heads",)), (heads * self.head_dim,), self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y.reshape(*x.shape[:-1], heads, self.head_dim)
 
+    def _sited_matmul(self, name, x, kernel, decode):
+        """x [tokens, in] @ kernel through the site `name` (thresholds: models/thresholds.py;
+        at a decode step, the sparse path of models/sparse_mlp.py reads only kept rows)."""
+        xs, keep = apply_site(self, name, x)
+        if decode and keep is not None:
+            from sparsejax.models.sparse_mlp import project
+            from sparsejax.models.thresholds import site
+            return project(xs, kernel, keep, site(self, name))
+        return xs @ kernel
+
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                  decode: bool = False) -> jax.Array:
-        q = self._proj(x, self.num_heads, "query")  # [b, s, h, d]
-        k = self._proj(x, self.num_kv_heads, "key")  # [b, s, kv_h, d]
-        v = self._proj(x, self.num_kv_heads, "value")
+        q = self._proj(x, self.num_heads, "query", decode)  # [b, s, h, d]
+        k = self._proj(x, self.num_kv_heads, "key", decode)  # [b, s, kv_h, d]
+        v = self._proj(x, self.num_kv_heads, "value", decode)
         q = tag(rotary_embedding(q, positions, self.rope_theta, self.rope_scaling), "query_proj")
         k = tag(rotary_embedding(k, positions, self.rope_theta, self.rope_scaling), "key_proj")
         v = tag(v, "value_proj")
@@ -111,7 +122,8 @@ class Attention(nn.Module):
         out_kernel = self.param(
             "out", nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("heads", "embed")),
             (self.num_heads * self.head_dim, shape[-1]), self.param_dtype)
-        y = out.astype(self.dtype) @ out_kernel.astype(self.dtype)
+        y = self._sited_matmul("out_in", out.astype(self.dtype), out_kernel.astype(self.dtype),
+                               decode)
         return y.reshape(shape)
 
     def _cached_attention(self, q, k, v, positions, segment_ids):

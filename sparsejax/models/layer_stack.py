@@ -34,7 +34,7 @@ _LAYER = re.compile(r"layer_(\d+)$")
 _BLOCK = re.compile(r"block_(\d+)$")
 # Collections whose per-layer variables are stacked along the scanned axis.
 SCAN_COLLECTIONS = ("params", "moe_state", "moe_counts", "aux_loss", "metrics", "cache",
-                    "intermediates")
+                    "intermediates", "act_stats")
 
 
 def layer_period(cfg: Any) -> int:

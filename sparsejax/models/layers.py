@@ -118,19 +118,45 @@ def as_tokens(x: jax.Array) -> jax.Array:
 
 
 class GatedMlp(nn.Module):
-    """SwiGLU MLP: down(silu(gate(x)) * up(x)). x: [batch, seq, embed]."""
+    """Gated MLP: down(act(gate(x)) * up(x)), SwiGLU by default; `activation` and
+    `activation_threshold` as in models/activations.py. x: [batch, seq, embed]."""
 
     embed_dim: int
     mlp_dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    activation: str = "silu"
+    activation_threshold: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, *, deterministic: bool = True,
+                 decode: bool = False) -> jax.Array:
+        """`decode=True` (a KV-cache step): sites with a sparse decode path read only the
+        active weight rows/columns (models/sparse_mlp.py)."""
         del deterministic
+        from sparsejax.models.act_record import record
+        from sparsejax.models.activations import gated
+        from sparsejax.models.thresholds import apply_site
         t = as_tokens(x)  # [tokens, embed]
-        gate = dense(self.mlp_dim, ("embed", "mlp"), "wi_gate", self.dtype, self.param_dtype)(t)
-        up = dense(self.mlp_dim, ("embed", "mlp"), "wi_up", self.dtype, self.param_dtype)(t)
-        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "mlp"))
+        if decode and not self.is_initializing():
+            from sparsejax.models import sparse_mlp
+            if sparse_mlp.sparse_decode_applies(self, t.shape[0]):
+                y = sparse_mlp.decode_gated_mlp(
+                    self, t.astype(self.dtype),
+                    gated(self.activation, self.activation_threshold), self.dtype)
+                return y.reshape(x.shape[:-1] + (self.embed_dim,))
+        # Training-free thresholds (TEAL/CATS/WINA) act only where the 'act_sparsity'
+        # collection holds a site (models/thresholds.py).
+        gate = dense(self.mlp_dim, ("embed", "mlp"), "wi_gate", self.dtype, self.param_dtype)(
+            apply_site(self, "wi_gate_in", t)[0])
+        up = dense(self.mlp_dim, ("embed", "mlp"), "wi_up", self.dtype, self.param_dtype)(
+            apply_site(self, "wi_up_in", t)[0])
+        a, h = gated(self.activation, self.activation_threshold)(gate, up)
+        keep = apply_site(self, "gate_act", a)[1]
+        if keep is not None:
+            h = jnp.where(keep, h, jnp.zeros_like(h))
+        h = apply_site(self, "wo_in", h)[0]
+        record(self, a, h)
+        h = nn.with_logical_constraint(h, ("batch", "mlp"))
         y = dense(self.embed_dim, ("mlp", "embed"), "wo", self.dtype, self.param_dtype)(h)
         return y.reshape(x.shape[:-1] + (self.embed_dim,))

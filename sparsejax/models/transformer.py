@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.config import check_field_types
+from sparsejax.models.activations import check_activation
 from sparsejax.models.attention import ATTENTION_KINDS, Attention
 from sparsejax.models.layer_stack import check_scan_layers, scanned_blocks
 from sparsejax.models.layers import Embed, GatedMlp, RMSNorm, as_tokens, dense, dtype_from_name
@@ -37,6 +38,11 @@ class ModelConfig:
     logits by it; Llama-family models do neither), `qkv_bias` (Qwen2), `rope_scaling` (None or
     a dict, see models/rope.py), `sliding_window` (> 0: dense attention sees that many tokens,
     itself included; Mistral).
+
+    `mlp_activation` (every MLP: dense, routed and shared experts): 'silu' (SwiGLU), 'gelu',
+    'relu' (ReLU on the gate: the ReLU-fication of SwiGLU), 'relu2' or 'drelu';
+    `activation_threshold` > 0 shifts a ReLU-family activation (ProSparse's FATReLU). See
+    models/activations.py.
     """
 
     vocab_size: int = 259
@@ -61,6 +67,8 @@ class ModelConfig:
     qkv_bias: bool = False
     rope_scaling: Any = None
     sliding_window: int = 0
+    mlp_activation: str = "silu"
+    activation_threshold: float = 0.0
 
     def __post_init__(self):
         check_field_types(self)
@@ -88,6 +96,7 @@ class ModelConfig:
         check_rope_scaling(self.rope_scaling)
         check_remat_policy(self.remat_policy)
         check_scan_layers(self)
+        check_activation(self.mlp_activation, self.activation_threshold)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -139,10 +148,17 @@ class Block(nn.Module):
         h = RMSNorm(eps, dtype=dtype, param_dtype=pdtype, name="mlp_norm")(x)
         if cfg.mlp_kind(self.layer) == "moe":
             from sparsejax.models.moe.layer import MoeMlp
-            mlp = MoeMlp(embed_dim=cfg.embed_dim, dtype=dtype, param_dtype=pdtype, name="moe")
+            mlp = MoeMlp(embed_dim=cfg.embed_dim, activation=cfg.mlp_activation,
+                         activation_threshold=float(cfg.activation_threshold), dtype=dtype,
+                         param_dtype=pdtype, name="moe")
         else:
-            mlp = GatedMlp(cfg.embed_dim, cfg.mlp_dim, dtype=dtype, param_dtype=pdtype, name="mlp")
-        x = x + mlp(h, deterministic=deterministic)
+            mlp = GatedMlp(cfg.embed_dim, cfg.mlp_dim, dtype=dtype, param_dtype=pdtype,
+                           activation=cfg.mlp_activation,
+                           activation_threshold=float(cfg.activation_threshold), name="mlp")
+        if isinstance(mlp, GatedMlp):  # (its decode step may skip inactive neurons)
+            x = x + mlp(h, deterministic=deterministic, decode=decode)
+        else:
+            x = x + mlp(h, deterministic=deterministic)
         return nn.with_logical_constraint(x, ("batch", "seq", "embed"))
 
 

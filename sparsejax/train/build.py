@@ -17,6 +17,7 @@ from sparsejax.models.transformer import ModelConfig, Transformer, padded_params
 from sparsejax.parallel import mesh as mesh_lib
 from sparsejax.parallel.rules import (LOGICAL_RULES, batch_sharding, logical_shardings,
                                       replicated, shardings_like)
+from sparsejax.sparsity.activation.regularizer import make_activation_regularizer
 from sparsejax.sparsity.method import RunInfo, SparsityMethod, make_method
 from sparsejax.sparsity.stacked import for_layout
 from sparsejax.train import optim
@@ -37,6 +38,7 @@ class Run:
     state_shardings: Any
     abstract_model_params: Any  # the model's params (before the sparsity method), with shardings
     _init: Callable
+    act_regularizer: Any = None  # ActivationRegularizer (sparsity/activation/regularizer.py)
 
     def init_state(self, model_params: Any = None) -> TrainState:
         """A fresh TrainState; with `model_params` (sharded like `abstract_model_params`)
@@ -47,7 +49,7 @@ class Run:
         """Jitted (state, batch) -> (state, metrics) for mask updates."""
         from sparsejax.train.step import make_sparsity_update
         return jax.jit(make_sparsity_update(self.model, self.sparsity_method,
-                                            self.cfg.microbatches),
+                                            self.cfg.microbatches, self.act_regularizer),
                        in_shardings=(self.state_shardings, batch_sharding(self.mesh)),
                        out_shardings=(self.state_shardings, replicated(self.mesh)),
                        donate_argnums=(0,))
@@ -103,6 +105,8 @@ def build_run(cfg, model_config: ModelConfig | None = None,
     method = for_layout(make_method().bind(RunInfo(num_steps=cfg.num_steps,
                                                    valid=padded_params(model_config))),
                         model_config)
+    act_regularizer = make_activation_regularizer().bind(cfg.num_steps)
+    check_regularizer_mesh(act_regularizer, model_config, mesh)
     dummy = jnp.zeros((1, min(cfg.seq_len, model_config.max_seq_len)), jnp.int32)
 
     def init_variables(key):
@@ -138,4 +142,16 @@ def build_run(cfg, model_config: ModelConfig | None = None,
 
     tx = method.wrap_optimizer(base_tx)
     return Run(cfg, model_config, mesh, model, tx, lr_schedule, method, abstract_state,
-               shardings, abstract_model_params, init_state)
+               shardings, abstract_model_params, init_state, act_regularizer)
+
+
+def check_regularizer_mesh(regularizer: Any, model_config: ModelConfig, mesh) -> None:
+    """Expert-parallel MoE layers run their experts inside shard_map, where they cannot sow
+    the activations an activation regularizer needs: refused rather than left out."""
+    from sparsejax.models.moe.expert_parallel import expert_axis_size
+    moe = any(model_config.mlp_kind(i) == "moe" for i in range(model_config.num_layers))
+    if regularizer.active and moe and expert_axis_size(mesh) > 1:
+        raise ValueError(f"make_activation_regularizer.name={type(regularizer).__name__!r} needs "
+                         f"the MoE layers' activations, which expert parallelism (mesh 'expert' "
+                         f"axis {expert_axis_size(mesh)}) does not expose; use a mesh without "
+                         f"an expert axis (make_mesh) or no activation regularizer")

@@ -14,6 +14,9 @@ per-row loss sums s_i and token counts n_i over m rows, L = sum s / sum n and
 
 the delta-method (ratio-estimator) error, which is `std(row means) / sqrt(m)`
 when every row has the same number of tokens.
+
+Every eval also logs the MLPs' activation sparsity on the same sample (`act/...`;
+sparsity/activation/metrics.py, `ActivationMetrics`).
 """
 from __future__ import annotations
 
@@ -29,7 +32,10 @@ import numpy as np
 import optax
 
 from sparsejax.data import pipeline
+from sparsejax.models.act_record import STATS
 from sparsejax.parallel.rules import replicated
+from sparsejax.sparsity.activation import metrics as act_metrics
+from sparsejax.sparsity.activation.metrics import ActivationMetrics
 from sparsejax.train.step import model_variables
 
 log = logging.getLogger(__name__)
@@ -81,25 +87,34 @@ def make_eval_set(*, eval_tokens: int, global_batch_size: int, seq_len: int, dat
 
 
 def eval_set_for(cfg: Any, eval_tokens: int | None = None) -> EvalSet | None:
-    """The eval sample of a TrainConfig (None when `eval_tokens` is 0: eval off)."""
+    """The eval sample of a TrainConfig (None when `eval_tokens` is 0: eval off). Reads the
+    activation-metric settings too (validated here, before anything compiles)."""
     n = cfg.eval_tokens if eval_tokens is None else eval_tokens
     if n == 0:
         return None
+    ActivationMetrics()
     return make_eval_set(eval_tokens=n, global_batch_size=cfg.global_batch_size, seq_len=cfg.seq_len,
                          dataset=cfg.dataset, data_dir=cfg.data_dir)
 
 
 def make_row_loss_step(model, sparsity_method: Any) -> Callable:
-    """row_losses(state, batch) -> {'loss_sum': [B], 'count': [B]}: each row's summed token loss."""
+    """row_losses(state, batch) -> {'loss_sum': [B], 'count': [B]}: each row's summed token
+    loss; with `ActivationMetrics.enabled`, also 'act': the batch's activation counts."""
+    act = ActivationMetrics()
 
     def row_losses(state, batch):
         params = sparsity_method.forward_params(state.params, state.sparsity, step=state.step,
                                                 rng=None)
-        logits = model.apply(model_variables(params, state.moe_state), batch["inputs"],
-                             batch["positions"], batch["segment_ids"], deterministic=True)
+        res = model.apply(model_variables(params, state.moe_state), batch["inputs"],
+                          batch["positions"], batch["segment_ids"], deterministic=True,
+                          **({"mutable": [STATS]} if act.enabled else {}))
+        logits, mut = res if act.enabled else (res, {})
         losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
         mask = batch["loss_mask"].astype(jnp.float32)
-        return {"loss_sum": jnp.sum(losses * mask, axis=-1), "count": jnp.sum(mask, axis=-1)}
+        out = {"loss_sum": jnp.sum(losses * mask, axis=-1), "count": jnp.sum(mask, axis=-1)}
+        if act.enabled:
+            out["act"] = act_metrics.batch_sums(mut.get(STATS), batch["segment_ids"], act)
+        return out
 
     return row_losses
 
@@ -132,7 +147,14 @@ def evaluate(eval_fn: Callable, state, eval_set: EvalSet, sharding) -> dict[str,
     outs = [eval_fn(state, {k: jax.make_array_from_process_local_data(sharding, v) for k, v in b.items()})
             for b in eval_set.batches]
     outs = jax.device_get(outs)
-    return loss_stats(np.concatenate([o["loss_sum"] for o in outs]), np.concatenate([o["count"] for o in outs]))
+    result = loss_stats(np.concatenate([o["loss_sum"] for o in outs]),
+                        np.concatenate([o["count"] for o in outs]))
+    if "act" in outs[0]:
+        sums = None
+        for o in outs:
+            sums = act_metrics.add_sums(sums, o["act"])
+        result.update(act_metrics.summarize(sums, ActivationMetrics()))
+    return result
 
 
 __all__ = ["EvalSet", "eval_set_for", "evaluate", "loss_stats", "make_eval_fn", "make_eval_set",

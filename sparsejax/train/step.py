@@ -53,25 +53,36 @@ def model_variables(params, moe_state):
     return variables
 
 
-def make_loss_fn(model: nn.Module, method: SparsityMethod) -> Callable:
+def make_loss_fn(model: nn.Module, method: SparsityMethod, act_regularizer: Any = None) -> Callable:
     """loss_fn(params, state, batch, rng, extra_variables=None) -> (loss + aux losses,
     (loss, aux, mutated)); `extra_variables`: more model collections (gradient accumulation
     passes the global batch's expert counts, 'moe_counts').
 
     The model sees the method's `forward_params`, so the gradient w.r.t. `params` is the dense
-    gradient that RigL/SNIP use at update steps."""
+    gradient that RigL/SNIP use at update steps. An active `act_regularizer`
+    (sparsity/activation/regularizer.py) adds its penalty on the sown MLP activations; its
+    metrics join the model's ('model/act_reg/...')."""
+    from sparsejax.models.act_record import STATS
+    regularize = act_regularizer is not None and act_regularizer.active
+    mutable = MUTABLE + [STATS] if regularize else MUTABLE
 
     def loss_fn(params, state: TrainState, batch, rng, extra_variables=None):
         fwd_params = method.forward_params(params, state.sparsity, step=state.step, rng=rng)
         logits, mutated = model.apply(
             {**model_variables(fwd_params, state.moe_state), **(extra_variables or {})},
             batch["inputs"], batch["positions"],
-            batch["segment_ids"], deterministic=False, rngs={"router": rng, "dropout": rng}, mutable=MUTABLE)
+            batch["segment_ids"], deterministic=False, rngs={"router": rng, "dropout": rng}, mutable=mutable)
         loss_sum, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
         loss = loss_sum / jnp.maximum(count, 1.0)
         aux = sum((jnp.sum(jnp.asarray(v, jnp.float32)) for v in
                    jax.tree.leaves(mutated.get("aux_loss", {}))), jnp.float32(0))
         aux = aux + method.regularizer(params, state.sparsity, step=state.step)
+        if regularize:
+            mutated = dict(mutated)
+            penalty, reg_metrics = act_regularizer.loss(mutated.pop(STATS, {}), batch["segment_ids"],
+                                                        state.step)
+            aux = aux + penalty
+            mutated["metrics"] = {**mutated.get("metrics", {}), "act_reg": reg_metrics}
         return loss + aux, (loss, aux, mutated)
 
     return loss_fn
@@ -83,7 +94,7 @@ def step_rng(state: TrainState) -> jax.Array:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformationExtraArgs,
                     method: SparsityMethod, lr_schedule: Callable[[Any], Any] | None = None,
-                    microbatches: int = 1) -> Callable:
+                    microbatches: int = 1, act_regularizer: Any = None) -> Callable:
     """Builds train_step(state, batch) -> (state, metrics). `tx` is the method's wrapped
     optimizer (`method.wrap_optimizer`), which reads the masks from `sparsity=`.
     `microbatches` > 1 accumulates the gradient over that many micro-batches of the batch
@@ -92,7 +103,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformationExtraArgs,
     A step whose loss or gradient is not finite leaves params, optimizer, sparsity and MoE state
     unchanged (the step counter still advances past the bad batch) and reports `nonfinite=1`.
     """
-    grad_fn = make_grad_fn(make_loss_fn(model, method), microbatches)
+    grad_fn = make_grad_fn(make_loss_fn(model, method, act_regularizer), microbatches)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         loss, aux, mutated, grads = grad_fn(state.params, state, batch, step_rng(state))
@@ -120,12 +131,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformationExtraArgs,
 
 
 def make_sparsity_update(model: nn.Module, method: SparsityMethod,
-                         microbatches: int = 1) -> Callable:
+                         microbatches: int = 1, act_regularizer: Any = None) -> Callable:
     """update(state, batch) -> (state, metrics): new masks (and pruned/grown params, reset
     optimizer slots) for the method's schedule at `state.step`. Jitted on its own and run only
     at the method's update steps, so RigL's dense gradient costs nothing on ordinary steps;
     that gradient is accumulated over `microbatches` like the train step's."""
-    grad_fn = make_grad_fn(make_loss_fn(model, method), microbatches)
+    grad_fn = make_grad_fn(make_loss_fn(model, method, act_regularizer), microbatches)
 
     def update(state: TrainState, batch):
         rng = jax.random.fold_in(step_rng(state), 1)

@@ -195,7 +195,8 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "",
         if changes:
             writer.write(start, {"config_changes": changes})
         step_fn = jax.jit(make_train_step(model, tx, method, run.lr_schedule,
-                                          microbatches=cfg.microbatches),
+                                          microbatches=cfg.microbatches,
+                                          act_regularizer=run.act_regularizer),
                           in_shardings=(run.state_shardings, bsharding),
                           out_shardings=(run.state_shardings, replicated(mesh)),
                           donate_argnums=(0,))
@@ -322,12 +323,16 @@ def evaluate_checkpoint(workdir: str, config: TrainConfig | None = None,
                          "be an int >= 1")
     run, step, state = load_state_for_eval(workdir, cfg)
     eval_set = evaluation.eval_set_for(cfg, n)
+    from sparsejax.sparsity.activation.commands import ActivationEval
+    act_eval = ActivationEval(run.model_config)  # thresholding / PPL-p% settings, checked
     config_lib.check_unused_bindings()
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
         bsharding = batch_sharding(run.mesh)
         eval_fn = evaluation.make_eval_fn(run.model, run.sparsity_method, run.state_shardings,
                                           run.mesh, bsharding)
         out = evaluation.evaluate(eval_fn, state, eval_set, bsharding)
+        if act_eval.active:
+            out = act_eval.evaluate(run, state, cfg, eval_set, out)
     log.info("eval of step %d: loss %.4f ± %.4f (standard error over rows) on %s", step,
              out["eval_loss"], out["eval_loss_stderr"] or float("nan"), eval_set.describe())
     out["step"] = step

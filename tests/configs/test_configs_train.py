@@ -75,10 +75,14 @@ def config_names(kind: str) -> list[str]:
                   if c.startswith(kind + "/") and c[len(kind) + 1:] not in SKIP)
 
 
+ACTIVATION = {"relu.gin": "relu", "relu2.gin": "relu2", "prosparse.gin": "relu"}
+
+
 def test_every_shipped_config_has_expectations():
     assert config_names("sparsity") == sorted(SPARSITY)
     assert config_names("moe") == sorted(MOE)
     assert config_names("scale") == ["pod.gin"]  # test_scale_pod_config_trains
+    assert config_names("activation") == sorted(ACTIVATION)
 
 
 # --- the schedules at every model's own length -----------------------------------------------
@@ -149,8 +153,10 @@ def test_moe_and_attention_configs_build_on_every_model(model, kind):
 # --- trained on tiny -------------------------------------------------------------------------
 
 
-def train(tmp_path, config_file: str, bindings: list[str] = ()) -> list[dict]:
+def train(tmp_path, config_file: str, bindings: list[str] = (), extra_files: list[str] = ()
+          ) -> list[dict]:
     rc = cli.main(["train", "--gin_file=tiny.gin", f"--gin_file={config_file}",
+                   *[f"--gin_file={f}" for f in extra_files],
                    f"--workdir={tmp_path}", "--quiet", *COMMON, *[f"--gin.{b}" for b in bindings]])
     assert rc == 0, f"{config_file} failed to train (exit code {rc})"
     records = read_metrics(str(tmp_path / "metrics.jsonl"))
@@ -325,3 +331,56 @@ def test_scale_pod_config_trains(tmp_path):
                                            "layer_1"}
     traces = list((tmp_path / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
     assert len(traces) == 1
+
+
+# --- activation configs (configs/activation/) ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def relu_run(tmp_path_factory):
+    """tiny + activation/relu.gin, trained once for the activation tests below."""
+    path = tmp_path_factory.mktemp("relu")
+    return path, train(path, "activation/relu.gin")
+
+
+def final_eval(records) -> dict:
+    return [r for r in records if "eval_loss" in r][-1]
+
+
+def test_relu_config_trains(relu_run):
+    path, records = relu_run
+    assert "ModelConfig.mlp_activation = 'relu'" in (path / "config.gin").read_text()
+    ev = final_eval(records)
+    assert 0.2 < ev["act/zero_fraction"] < 0.95  # a ReLU gate zeroes entries exactly
+
+
+def test_relu2_config_trains(tmp_path):
+    records = train(tmp_path, "activation/relu2.gin")
+    assert "ModelConfig.mlp_activation = 'relu2'" in (tmp_path / "config.gin").read_text()
+    assert 0.2 < final_eval(records)["act/zero_fraction"] < 0.95
+
+
+def test_prosparse_config_trains_sparser_than_relu(relu_run, tmp_path):
+    from sparsejax.sparsity.activation.regularizer import ProSparseRegularizer
+    records = train(tmp_path, "activation/prosparse.gin")
+    config.parse_gin(["activation/prosparse.gin"], [])
+    reg = ProSparseRegularizer().bind(NUM_STEPS)
+    logged = [r for r in records if "loss" in r]
+    for r in logged:  # the factor of the step that produced the record (step - 1)
+        assert r["model/act_reg/factor"] == pytest.approx(float(reg.factor(r["step"] - 1)), rel=1e-5)
+        assert r["model/act_reg/l1"] > 0
+    assert logged[-1]["model/act_reg/factor"] == pytest.approx(max(reg.factors))
+    relu = final_eval(relu_run[1])["act/zero_fraction"]
+    assert final_eval(records)["act/zero_fraction"] > relu + 0.005
+
+
+def test_prosparse_combines_with_weight_sparsity_and_moe(tmp_path):
+    """ProSparse + gradual magnitude pruning + top-2 MoE layers in one run: the masks reach
+    their density, the penalty is on, and eval measures the dense and the routed MLPs."""
+    records = train(tmp_path, "activation/prosparse.gin", ["ModelConfig.num_layers=2"],
+                    extra_files=["sparsity/gmp.gin", "moe/top2.gin"])
+    final = [r for r in records if "loss" in r][-1]
+    assert final["sparsity/density"] == pytest.approx(0.1, rel=REL_TOL)
+    assert final["model/act_reg/factor"] > 0 and final["model/act_reg/l1"] > 0
+    ev = final_eval(records)
+    assert "act/zero_fraction/layer_0/mlp" in ev and "act/zero_fraction/layer_1/moe" in ev

@@ -137,6 +137,26 @@ def test_eval_train_sparse_finetune_export_sample(imported, capsys, tmp_path):
     assert all(len(t) == 5 for t in result["tokens"])
 
 
+def test_relufied_silu_checkpoint_fine_tunes(imported, capsys, tmp_path):
+    """ReLU-fication: the imported SwiGLU model with ReLU on the gate, then fine-tuned."""
+    w, data = imported["w"], imported["data"]
+    relu = ["--gin.ModelConfig.mlp_activation='relu'"]
+    silu_loss = eval_loss(capsys, f"--workdir={w}", data, *FAST,
+                          "--gin.evaluate_checkpoint.eval_tokens=512")
+    switched = eval_loss(capsys, f"--workdir={w}", data, *FAST, *relu,
+                         "--gin.evaluate_checkpoint.eval_tokens=512")
+    assert abs(switched - silu_loss) > 1e-3  # the switch takes effect on the imported params
+    run = str(tmp_path / "relu")
+    shutil.copytree(w, run)
+    assert cli.main(["train", f"--workdir={run}", "--quiet", data, *FAST, *relu,
+                     "--gin.TrainConfig.num_steps=6", "--gin.learning_rate_schedule.peak_lr=3e-3",
+                     "--gin.learning_rate_schedule.warmup_steps=0"]) == 0
+    assert "ModelConfig.mlp_activation = 'relu'" in open(os.path.join(run, "config.gin")).read()
+    evals = [r["eval_loss"] for r in read_metrics(os.path.join(run, "metrics.jsonl"))
+             if "eval_loss" in r]
+    assert evals[-1] < switched - 0.05, (switched, evals)
+
+
 def test_vocab_smaller_than_tokenizer_is_refused(imported, capsys, tmp_path):
     w = imported["w"]
     assert cli.main(["eval", f"--workdir={w}", imported["data"],

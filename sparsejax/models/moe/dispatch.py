@@ -1,7 +1,8 @@
 """Dispatch strategies: route tokens to experts, run the experts, combine the outputs.
 
 Every strategy has the signature
-    fn(x [T, embed], routing: Routing, w: ExpertWeights, capacity: int) -> (y [T, embed], dropped)
+    fn(x [T, embed], routing: Routing, w: ExpertWeights, capacity: int, act: Gated,
+       observe: RowObserver | None) -> (y [T, embed], dropped)
 where `dropped` is the number of active assignments that were not computed (float32 scalar).
 
 * "onehot": one-hot dispatch/combine einsums into a [experts, capacity] buffer; assignments
@@ -24,13 +25,17 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from sparsejax.models.moe.experts import (ExpertWeights, GroupedMatmul, batched_ffn, grouped_ffn,
-                                          ragged_dot)
+from sparsejax.models.activations import Gated
+from sparsejax.models.moe.experts import (SWIGLU, ExpertWeights, GroupedMatmul, batched_ffn,
+                                          grouped_ffn, ragged_dot)
 from sparsejax.models.moe.router import Routing
 from sparsejax.models.remat import tag
 from sparsejax.registry import Registry
 
 DISPATCHES: Registry[Callable] = Registry("MoE dispatch")
+# Called with (gate activation [rows, mlp], intermediate [rows, mlp], token of each row [rows]
+# int32, -1 where a row holds no assignment): models/act_record.py.
+RowObserver = Callable[[jax.Array, jax.Array, jax.Array], None]
 
 
 def capacity_positions(expert_index: jax.Array, mask: jax.Array, num_experts: int) -> jax.Array:
@@ -69,8 +74,15 @@ def combine(y_flat: jax.Array, routing: Routing) -> jax.Array:
     return jax.ops.segment_sum(y_flat * w, routing.token_index, routing.num_tokens)
 
 
+def _slot_tokens(dispatch: jax.Array) -> jax.Array:
+    """Token of each buffer slot of a one-hot dispatch [T, E, C] -> [E * C] (-1: empty)."""
+    used = jnp.sum(dispatch, axis=0) > 0
+    return jnp.where(used, jnp.argmax(dispatch, axis=0), -1).reshape(-1).astype(jnp.int32)
+
+
 @DISPATCHES.register("onehot")
-def onehot_dispatch(x: jax.Array, routing: Routing, w: ExpertWeights, capacity: int):
+def onehot_dispatch(x: jax.Array, routing: Routing, w: ExpertWeights, capacity: int,
+                    act: Gated = SWIGLU, observe: RowObserver | None = None):
     """Reference strategy: one-hot einsums with a fixed capacity per expert."""
     t, e = routing.num_tokens, routing.num_experts
     if routing.token_major:
@@ -96,16 +108,25 @@ def onehot_dispatch(x: jax.Array, routing: Routing, w: ExpertWeights, capacity: 
         comb = dispatch * gate.astype(x.dtype)[None]
         dropped = jnp.zeros((), jnp.float32)
     expert_in = tag(jnp.einsum("tec,td->ecd", dispatch, x), "moe_dispatch")
-    expert_out = tag(batched_ffn(expert_in, w), "moe_expert_out")
+    obs = None if observe is None else (
+        lambda a, h: observe(a.reshape(-1, a.shape[-1]), h.reshape(-1, h.shape[-1]),
+                             _slot_tokens(dispatch)))
+    expert_out = tag(batched_ffn(expert_in, w, act, obs), "moe_expert_out")
     return jnp.einsum("tec,ecd->td", comb, expert_out), dropped
 
 
 def grouped_dispatch(x: jax.Array, routing: Routing, w: ExpertWeights,
-                     gmm: GroupedMatmul = ragged_dot):
+                     gmm: GroupedMatmul = ragged_dot, act: Gated = SWIGLU,
+                     observe: RowObserver | None = None):
     """Dropless: sort by expert, grouped matmuls, unsort, combine."""
     order, sizes = sort_by_expert(routing.expert_index, routing.mask, routing.num_experts)
     x_sorted = tag(jnp.take(x, routing.token_index[order], axis=0), "moe_dispatch")  # [A, embed]
-    y_sorted = tag(grouped_ffn(x_sorted, sizes, w, gmm), "moe_expert_out")
+    obs = None
+    if observe is not None:
+        filled = jnp.arange(order.shape[0]) < jnp.sum(sizes)
+        rows = jnp.where(filled, routing.token_index[order], -1).astype(jnp.int32)
+        obs = lambda a, h: observe(a, h, rows)
+    y_sorted = tag(grouped_ffn(x_sorted, sizes, w, gmm, act, obs), "moe_expert_out")
     y_flat = jnp.take(y_sorted, inverse_permutation(order), axis=0)
     return combine(y_flat, routing), jnp.zeros((), jnp.float32)
 
@@ -122,17 +143,20 @@ def pallas_gmm(backend: str | None = None, interpret: bool = False) -> GroupedMa
 
 
 @DISPATCHES.register("ragged_dot")
-def ragged_dot_dispatch(x: jax.Array, routing: Routing, w: ExpertWeights, capacity: int):
+def ragged_dot_dispatch(x: jax.Array, routing: Routing, w: ExpertWeights, capacity: int,
+                        act: Gated = SWIGLU, observe: RowObserver | None = None):
     """Dropless: sort by expert, `jax.lax.ragged_dot` per projection, unsort, combine."""
-    return grouped_dispatch(x, routing, w, ragged_dot)
+    return grouped_dispatch(x, routing, w, ragged_dot, act, observe)
 
 
 @DISPATCHES.register("pallas_gmm")
-def pallas_gmm_dispatch(x: jax.Array, routing: Routing, w: ExpertWeights, capacity: int):
+def pallas_gmm_dispatch(x: jax.Array, routing: Routing, w: ExpertWeights, capacity: int,
+                        act: Gated = SWIGLU, observe: RowObserver | None = None):
     """Dropless with the grouped-matmul op (Pallas kernel on GPU/TPU, XLA tiles on CPU)."""
-    return grouped_dispatch(x, routing, w, pallas_gmm())
+    return grouped_dispatch(x, routing, w, pallas_gmm(), act, observe)
 
 
 def get_dispatch(name: str) -> Callable:
-    """Returns fn(x, routing, w, capacity) -> (y, dropped) for a registered strategy name."""
+    """Returns fn(x, routing, w, capacity, act=SWIGLU, observe=None) -> (y, dropped) for a
+    registered strategy name."""
     return DISPATCHES.get(name, "dispatch")

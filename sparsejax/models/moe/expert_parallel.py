@@ -22,9 +22,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from sparsejax.models.moe.dispatch import capacity_positions, inverse_permutation, sort_by_expert
+from sparsejax.models.activations import Gated
+from sparsejax.models.moe.experts import (SWIGLU, ExpertWeights, GroupedMatmul, batched_ffn,
+                                          grouped_ffn, ragged_dot)
 from sparsejax.models.remat import tag
-from sparsejax.models.moe.experts import (ExpertWeights, GroupedMatmul, batched_ffn, grouped_ffn,
-                                          ragged_dot)
 
 EXCHANGES = ("all_to_all", "ragged", "ragged_emulated")
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -45,7 +46,7 @@ def buffer_capacity(tokens: int, k: int, num_experts: int, capacity_factor: floa
 
 
 def _buffer_exchange(x, idx, weight, mask, w: ExpertWeights, *, num_experts: int,
-                     capacity: int):
+                     capacity: int, act: Gated = SWIGLU):
     """Per-device body of the all_to_all mode. x: [T, D]; idx/weight/mask: [T, k]."""
     n = jax.lax.axis_size(EXPERT_AXIS)
     t, k = idx.shape
@@ -60,7 +61,7 @@ def _buffer_exchange(x, idx, weight, mask, w: ExpertWeights, *, num_experts: int
     # recv: [source, E_l * C, D] -> per local expert [E_l, source * C, D]
     buf = recv.reshape(n, e_l, capacity, d).transpose(1, 0, 2, 3).reshape(e_l, n * capacity, d)
     buf = tag(buf, "moe_dispatch")
-    out = tag(batched_ffn(buf, w), "moe_expert_out")
+    out = tag(batched_ffn(buf, w, act), "moe_expert_out")
     out = out.reshape(e_l, n, capacity, d).transpose(1, 0, 2, 3).reshape(n, e_l * capacity, d)
     back = jax.lax.all_to_all(out, EXPERT_AXIS, 0, 0).reshape(num_experts * capacity, d)
     y = jnp.take(back, slot, axis=0, mode="fill", fill_value=0)  # [T*k, D]
@@ -88,7 +89,7 @@ def _exclusive_cumsum(a):
 
 
 def _ragged_exchange(x, idx, weight, mask, w: ExpertWeights, *, num_experts: int,
-                     gmm: GroupedMatmul, exchange):
+                     gmm: GroupedMatmul, exchange, act: Gated = SWIGLU):
     """Per-device body of the dropless ragged mode. x: [T, D]; idx/weight/mask: [T, k]."""
     n = jax.lax.axis_size(EXPERT_AXIS)
     t, k = idx.shape
@@ -111,8 +112,8 @@ def _ragged_exchange(x, idx, weight, mask, w: ExpertWeights, *, num_experts: int
     seg = jnp.searchsorted(jnp.cumsum(recv_counts.reshape(-1)), jnp.arange(m), side="right")
     local_e = jnp.where(seg < n * e_l, seg % e_l, e_l)
     order2, sizes2 = sort_by_expert(local_e, local_e < e_l, e_l)
-    out = tag(grouped_ffn(tag(jnp.take(recv, order2, axis=0), "moe_dispatch"), sizes2, w, gmm),
-              "moe_expert_out")
+    out = tag(grouped_ffn(tag(jnp.take(recv, order2, axis=0), "moe_dispatch"), sizes2, w, gmm,
+                          act), "moe_expert_out")
     out = jnp.take(out, inverse_permutation(order2), axis=0)
     back_offsets = jax.lax.all_to_all(input_offsets, EXPERT_AXIS, 0, 0)
     back = exchange(out, jnp.zeros((a, d), x.dtype), recv_offsets, recv_sizes, back_offsets,
@@ -125,11 +126,12 @@ def _ragged_exchange(x, idx, weight, mask, w: ExpertWeights, *, num_experts: int
 def expert_parallel_ffn(x: jax.Array, expert_index: jax.Array, weight: jax.Array,
                         mask: jax.Array, w: ExpertWeights, *, num_experts: int,
                         capacity_factor: float = 1.25, exchange: str = "all_to_all",
-                        gmm: GroupedMatmul = ragged_dot, mesh=None):
+                        gmm: GroupedMatmul = ragged_dot, mesh=None, act: Gated = SWIGLU):
     """Runs the routed experts with the experts sharded over the mesh's 'expert' axis.
 
     x: [T, embed] (global tokens); expert_index, weight, mask: [T, k] token-major routing;
-    w: the full (global) expert weights [E, ...]. `mesh` defaults to the current mesh.
+    w: the full (global) expert weights [E, ...]. `mesh` defaults to the current mesh; `act`:
+    the experts' gated activation (models/activations.py).
     Returns (y [T, embed], dropped assignments, a float32 scalar summed over all devices).
     """
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
@@ -154,11 +156,11 @@ def expert_parallel_ffn(x: jax.Array, expert_index: jax.Array, weight: jax.Array
         tp = None  # mlp dim not divisible: keep it whole on every device
     if exchange == "all_to_all":
         cap = buffer_capacity(t // shards, k, num_experts, capacity_factor)
-        body = partial(_buffer_exchange, num_experts=num_experts, capacity=cap)
+        body = partial(_buffer_exchange, num_experts=num_experts, capacity=cap, act=act)
     else:
         ex = (jax.lax.ragged_all_to_all if exchange == "ragged"
               else emulated_ragged_all_to_all)
-        body = partial(_ragged_exchange, num_experts=num_experts, gmm=gmm, exchange=ex)
+        body = partial(_ragged_exchange, num_experts=num_experts, gmm=gmm, exchange=ex, act=act)
 
     def per_device(x, idx, weight, mask, w):
         y, dropped = body(x, idx, weight, mask, w)

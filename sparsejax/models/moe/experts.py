@@ -8,7 +8,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sparsejax.models.act_record import record
+from sparsejax.models.activations import Gated, gated
+
 Dtype = Any
+SWIGLU: Gated = gated("silu")
 KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                                in_axis=-2, out_axis=-1, batch_axis=(0,))
 
@@ -45,11 +49,21 @@ def cast(w: ExpertWeights, dtype: Dtype) -> ExpertWeights:
     return ExpertWeights(*(a.astype(dtype) for a in w))
 
 
-def batched_ffn(x: jax.Array, w: ExpertWeights) -> jax.Array:
-    """Gated MLP per expert on a fixed buffer. x: [E, C, embed] -> [E, C, embed]."""
+# Called with (gate activation, intermediate) of every row the experts compute (e.g. to sow
+# them: models/act_record.py).
+Observer = Callable[[jax.Array, jax.Array], None]
+
+
+def batched_ffn(x: jax.Array, w: ExpertWeights, act: Gated = SWIGLU,
+                observe: Observer | None = None) -> jax.Array:
+    """Gated MLP per expert on a fixed buffer. x: [E, C, embed] -> [E, C, embed]; `act`:
+    fn(gate, up) -> (gate activation, intermediate) (models/activations.py)."""
     gate = jnp.einsum("ecd,edf->ecf", x, w.wi_gate)
     up = jnp.einsum("ecd,edf->ecf", x, w.wi_up)
-    return jnp.einsum("ecf,efd->ecd", nn.silu(gate) * up, w.wo)
+    a, h = act(gate, up)
+    if observe is not None:
+        observe(a, h)
+    return jnp.einsum("ecf,efd->ecd", h, w.wo)
 
 
 def ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -57,12 +71,16 @@ def ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Ar
 
 
 def grouped_ffn(x: jax.Array, group_sizes: jax.Array, w: ExpertWeights,
-                gmm: GroupedMatmul = ragged_dot) -> jax.Array:
+                gmm: GroupedMatmul = ragged_dot, act: Gated = SWIGLU,
+                observe: Observer | None = None) -> jax.Array:
     """Gated MLP on tokens sorted by expert. x: [M, embed]; group_sizes: [E] (rows past
     sum(group_sizes) come out as zeros) -> [M, embed]."""
     gate = gmm(x, w.wi_gate, group_sizes)
     up = gmm(x, w.wi_up, group_sizes)
-    return gmm(nn.silu(gate) * up, w.wo, group_sizes)
+    a, h = act(gate, up)
+    if observe is not None:
+        observe(a, h)
+    return gmm(h, w.wo, group_sizes)
 
 
 class SharedExperts(nn.Module):
@@ -74,6 +92,8 @@ class SharedExperts(nn.Module):
     num_shared: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    activation: str = "silu"
+    activation_threshold: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -85,5 +105,7 @@ class SharedExperts(nn.Module):
         wo = self.param("wo", nn.with_logical_partitioning(init, ("mlp", "embed")),
                         (f, self.embed_dim), self.param_dtype)
         x = x.astype(self.dtype)
-        h = nn.silu(x @ wg.astype(self.dtype)) * (x @ wu.astype(self.dtype))
+        act = gated(self.activation, self.activation_threshold)
+        a, h = act(x @ wg.astype(self.dtype), x @ wu.astype(self.dtype))
+        record(self, a, h)
         return h @ wo.astype(self.dtype)

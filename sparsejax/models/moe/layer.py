@@ -17,6 +17,8 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from sparsejax.models.act_record import record, recording
+from sparsejax.models.activations import check_activation, gated
 from sparsejax.models.moe import losses
 from sparsejax.models.moe.dispatch import DISPATCHES, get_dispatch, pallas_gmm
 from sparsejax.models.moe.expert_parallel import (EXCHANGES, EXPERT_AXIS, buffer_capacity,
@@ -76,6 +78,8 @@ class MoeMlp(nn.Module):
     expert_parallel: str = "all_to_all"
     shared_expert_gate: bool = False
     correction_bias: bool = False
+    activation: str = "silu"  # set from ModelConfig.mlp_activation by the transformer
+    activation_threshold: float = 0.0  # ModelConfig.activation_threshold
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -96,6 +100,7 @@ class MoeMlp(nn.Module):
         if self.load_balance_normalization not in losses.LOAD_BALANCE_NORMALIZATIONS:
             raise ValueError(f"MoeMlp.load_balance_normalization={self.load_balance_normalization!r}"
                              f" is unknown; valid: {losses.LOAD_BALANCE_NORMALIZATIONS}")
+        check_activation(self.activation, self.activation_threshold, "MoeMlp.activation")
         if self.num_shared_experts < 0:
             raise ValueError(f"MoeMlp.num_shared_experts={self.num_shared_experts} must be >= 0")
         if self.shared_expert_gate and not self.num_shared_experts:
@@ -195,20 +200,24 @@ class MoeMlp(nn.Module):
         # --- dispatch + experts ---
         w = cast(Experts(e, d, self.mlp_dim, self.param_dtype, name="experts")(), self.dtype)
         xt = x.reshape(t, d).astype(self.dtype)
+        act = gated(self.activation, self.activation_threshold)
         if n_ep > 1 and token_choice:
             gmm = pallas_gmm() if self.dispatch == "pallas_gmm" else ragged_dot
             y, dropped = expert_parallel_ffn(
                 xt, routing.expert_index.reshape(t, k), routing.weight.reshape(t, k),
                 routing.mask.reshape(t, k), w, num_experts=e,
-                capacity_factor=self.capacity_factor, exchange=self.expert_parallel, gmm=gmm)
+                capacity_factor=self.capacity_factor, exchange=self.expert_parallel, gmm=gmm,
+                act=act)
         else:  # local path (expert choice on an expert mesh: GSPMD partitions the einsums)
-            y, dropped = get_dispatch(self.dispatch)(xt, routing, w, capacity)
+            observe = (lambda a, h, rows: record(self, a, h, rows)) if recording(self) else None
+            y, dropped = get_dispatch(self.dispatch)(xt, routing, w, capacity, act, observe)
         active = jnp.maximum(jnp.sum(routing.mask).astype(jnp.float32), 1.0)
         self._sow("metrics", "dropped_fraction", dropped / active)
         y = y.reshape(b, s, d).astype(self.dtype)
         if self.num_shared_experts:
             shared = SharedExperts(d, self.mlp_dim, self.num_shared_experts, self.dtype,
-                                   self.param_dtype, name="shared_experts")(x)
+                                   self.param_dtype, self.activation, self.activation_threshold,
+                                   name="shared_experts")(x)
             if self.shared_expert_gate:
                 gate = self.param("router_shared_gate", nn.with_logical_partitioning(
                     nn.initializers.zeros, ("embed", None)), (d, 1), self.param_dtype)

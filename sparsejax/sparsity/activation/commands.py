@@ -1,0 +1,237 @@
+"""Activation sparsity in the CLI.
+
+* `sparsejax eval` with `Thresholding.method` set scores the checkpoint under calibrated
+  thresholds (its `eval_loss` is then the thresholded one, `dense_eval_loss` the model's
+  own); with `PplSparsity.percents` it adds PPL-p% sparsity (ppl_sparsity.py).
+* `sparsejax sample` with `Thresholding.method` set generates under the thresholds, its
+  decode steps through the activation-sparse path (`SparseDecode`, infer/sparse_decode.py).
+* `sparsejax act-curves` writes eval loss against sparsity for each method and target
+  (`ThresholdCurves`) to W/<ThresholdCurves.name>.json and .png (default
+  activation_curves), with each point's paired difference to the model's own loss on the
+  same eval rows.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+import gin
+import jax
+import numpy as np
+
+from sparsejax.sparsity.activation.ppl_sparsity import PplSparsity, ppl_sparsity
+from sparsejax.sparsity.activation.thresholding import (THRESHOLDERS, Thresholding, check_model,
+                                                        check_target, make_sites, site_layout)
+
+
+
+def effective_params(run: Any, state: Any) -> Any:
+    """The params the model computes with (the sparsity method's forward params)."""
+    m = run.sparsity_method
+    return jax.jit(lambda s: m.forward_params(s.params, s.sparsity, step=s.step, rng=None))(state)
+
+
+def calibrated_sites(run: Any, state: Any, cfg: Any, th: Thresholding, params: Any
+                     ) -> tuple[dict, dict]:
+    """(the 'act_sparsity' tree of `th` calibrated on training rows, the histograms)."""
+    from sparsejax.sparsity.activation.calibrate import calibration_batches, histograms
+    host = jax.device_get(params)
+    layout = site_layout(host, run.model_config, th.method, th.chosen_projections())
+    hists = histograms(run, params, state.moe_state, layout,
+                       calibration_batches(cfg, th.tokens, th.seed))
+    return make_sites(layout, float(th.target), hists), hists
+
+
+class ActivationEval:
+    """The activation-sparsity settings of one `sparsejax eval`, read from gin and checked
+    against the model before anything runs."""
+
+    def __init__(self, model_config: Any):
+        self.thresholding = Thresholding()
+        self.ppl = PplSparsity()
+        if self.thresholding.active:
+            check_model(model_config, self.thresholding.method,
+                        self.thresholding.chosen_projections())
+        if self.ppl.percents:
+            check_model(model_config, "PPL-p% (thresholds on the MLP intermediate)", ("down",))
+
+    @property
+    def active(self) -> bool:
+        return self.thresholding.active or bool(self.ppl.percents)
+
+    def evaluate(self, run: Any, state: Any, cfg: Any, eval_set: Any,
+                 dense: dict[str, Any]) -> dict[str, Any]:
+        """The eval record: `dense` (the plain eval), replaced by the thresholded eval when
+        thresholding is on, plus PPL-p% entries."""
+        from sparsejax.sparsity.activation.calibrate import ThresholdEval, calibration_batches
+        from sparsejax.sparsity.activation.metrics import ActivationMetrics
+        params = effective_params(run, state)
+        out = dict(dense)
+        th = self.thresholding
+        if th.active:
+            sites, _ = calibrated_sites(run, state, cfg, th, params)
+            act = ActivationMetrics()
+            res = ThresholdEval(run, act)(params, state.moe_state, sites, eval_set.batches)
+            out = {k: v for k, v in dense.items() if not k.startswith("act/")}
+            out.update(res)
+            out.update({"dense_eval_loss": dense["eval_loss"], "threshold/method": th.method,
+                        "threshold/target": float(th.target)})
+        if self.ppl.percents:
+            calib = calibration_batches(cfg, self.ppl.tokens, self.ppl.seed)
+            out.update(ppl_sparsity(self.ppl, run, params, state.moe_state,
+                                    jax.device_get(params), calib, list(eval_set.batches)))
+        return out
+
+
+def thresholded_model(run: Any, state: Any, cfg: Any) -> tuple[Any, dict | None]:
+    """(`run.model` wrapped with calibrated thresholds and their sparse decode path
+    (`SparseDecode`), the sites) when `Thresholding.method` is set, else (run.model, None):
+    for `sparsejax sample`."""
+    th = Thresholding()
+    if not th.active:
+        return run.model, None
+    from sparsejax.infer.sparse_decode import (SparseDecode, neuron_major_weights,
+                                               with_capacities)
+    from sparsejax.models.sparse_mlp import DECODE_WEIGHTS
+    from sparsejax.models.thresholds import THRESHOLDS
+    from sparsejax.sparsity.activation.calibrate import WithVariables
+    decode = SparseDecode()
+    check_model(run.model_config, th.method, th.chosen_projections())
+    params = effective_params(run, state)
+    sites, hists = calibrated_sites(run, state, cfg, th, params)
+    sites = with_capacities(sites, hists, decode)
+    extra = {THRESHOLDS: sites}
+    major = neuron_major_weights(params, sites)
+    if major:
+        extra[DECODE_WEIGHTS] = major
+    return WithVariables(run.model, extra), sites
+
+
+# --- sparsejax act-curves --------------------------------------------------------------------
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ThresholdCurves:
+    """What `sparsejax act-curves` measures: each method at each target sparsity."""
+
+    methods: tuple = ("teal", "cats", "wina")
+    targets: tuple = (0.25, 0.4, 0.5, 0.65)
+    projections: tuple | None = None  # for the methods that take projections (teal, wina)
+    calibration_tokens: int = 16384
+    calibration_seed: int = 1
+    name: str = "activation_curves"  # output files W/<name>.json and W/<name>.png
+
+    def __post_init__(self):
+        import re
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ValueError(f"ThresholdCurves.name={self.name!r} must be a file name stem "
+                             f"(letters, digits, _ . -)")
+        if isinstance(self.methods, str) or not self.methods:
+            raise ValueError(f"ThresholdCurves.methods={self.methods!r} must be a non-empty tuple "
+                             f"of {THRESHOLDERS.names()}")
+        for m in self.methods:
+            THRESHOLDERS.get(m, "ThresholdCurves.methods")
+        if isinstance(self.targets, (int, float)) or not self.targets:
+            raise ValueError(f"ThresholdCurves.targets={self.targets!r} must be a non-empty tuple")
+        for t in self.targets:
+            check_target(t, "ThresholdCurves.targets")
+        if self.projections is not None and not any(m != "cats" for m in self.methods):
+            raise ValueError(f"ThresholdCurves.projections={self.projections!r} has no effect: "
+                             f"no method of {self.methods} takes projections")
+
+    def thresholding(self, method: str, target: float) -> Thresholding:
+        proj = self.projections if method != "cats" else None
+        return Thresholding(method=method, target=float(target), projections=proj,
+                            calibration_tokens=self.calibration_tokens,
+                            calibration_seed=self.calibration_seed)
+
+
+def paired_difference(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
+                      ) -> tuple[float, float | None]:
+    """Loss difference a - b on the same rows (per-row loss sums, counts) and its standard
+    error over rows (train/evaluation.py's ratio estimator applied to the differences)."""
+    from sparsejax.train.evaluation import loss_stats
+    (sa, n), (sb, _) = a, b
+    keep = n > 0
+    d = loss_stats(sa[keep] - sb[keep], n[keep])
+    return d["eval_loss"], d["eval_loss_stderr"]
+
+
+def act_curves(workdir: str) -> dict[str, Any]:
+    """Runs the ThresholdCurves of the parsed gin config on the workdir's checkpoint."""
+    import flax.linen as nn
+    from sparsejax import config as config_lib
+    from sparsejax.parallel.rules import LOGICAL_RULES
+    from sparsejax.sparsity.activation.calibrate import (ThresholdEval, calibration_batches,
+                                                         histograms)
+    from sparsejax.train import evaluation, trainer
+    curves = ThresholdCurves()
+    cfg = trainer.TrainConfig()
+    run, step, state = trainer.load_state_for_eval(workdir, cfg)
+    for m in curves.methods:
+        th = curves.thresholding(m, curves.targets[0])
+        check_model(run.model_config, m, th.chosen_projections())
+    eval_set = evaluation.eval_set_for(cfg)
+    if eval_set is None:
+        raise ValueError("TrainConfig.eval_tokens=0: act-curves needs an eval sample")
+    config_lib.check_unused_bindings()
+    rows = []
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        params = effective_params(run, state)
+        host = jax.device_get(params)
+        calib = calibration_batches(cfg, curves.calibration_tokens, curves.calibration_seed)
+        ev = ThresholdEval(run, rows_out=True)
+        dense = ev(params, state.moe_state, {}, eval_set.batches)
+        rows.append({"method": "dense", "target": 0.0, "sparsity": 0.0,
+                     **_point(dense, dense)})
+        for m in curves.methods:
+            th = curves.thresholding(m, curves.targets[0])
+            layout = site_layout(host, run.model_config, m, th.chosen_projections())
+            hists = histograms(run, params, state.moe_state, layout, calib)
+            for t in curves.targets:
+                res = ev(params, state.moe_state, make_sites(layout, float(t), hists),
+                         eval_set.batches)
+                rows.append({"method": m, "target": float(t), "projections":
+                             list(th.chosen_projections()), "sparsity": res["threshold/sparsity"],
+                             **_point(res, dense),
+                             "per_site": {k[len("threshold/sparsity/"):]: v for k, v in res.items()
+                                          if k.startswith("threshold/sparsity/")}})
+    result = {"step": step, "eval_rows": eval_set.rows, "points": rows}
+    path = os.path.join(workdir, curves.name + ".json")
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        from sparsejax.analysis.activation_plots import plot_curves
+        result["plot"] = plot_curves(result, os.path.join(workdir, curves.name + ".png"))
+    result["file"] = path
+    return result
+
+
+def _point(res: dict, dense: dict) -> dict[str, Any]:
+    delta, se = paired_difference(res["rows"], dense["rows"])
+    return {"eval_loss": res["eval_loss"], "eval_loss_stderr": res["eval_loss_stderr"],
+            "delta_vs_dense": delta, "delta_stderr": se}
+
+
+def add_parsers(sub) -> None:
+    from sparsejax.train.commands import add_run_flags
+    s = sub.add_parser("act-curves", help="eval loss vs training-free activation sparsity "
+                                          "(TEAL, CATS, WINA) of a checkpoint")
+    add_run_flags(s)
+    s.set_defaults(handler=run_act_curves)
+
+
+def run_act_curves(args: argparse.Namespace, bindings: Sequence[str]) -> int:
+    from sparsejax.train.commands import guarded, start_run
+
+    def go():
+        start_run(args, bindings)
+        out = act_curves(args.workdir)
+        return {"file": out["file"], "points": [
+            {k: p[k] for k in ("method", "target", "sparsity", "eval_loss", "delta_vs_dense",
+                               "delta_stderr")} for p in out["points"]]}
+    return guarded(go)
