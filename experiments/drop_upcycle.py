@@ -14,7 +14,6 @@ entropy). Writes experiments/results/drop_upcycle.md (between the markers) and .
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

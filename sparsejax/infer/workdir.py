@@ -29,7 +29,7 @@ def sample_workdir(workdir: str, prompts: Sequence[str], *, max_new_tokens: int 
             params = jax.jit(lambda s: method.forward_params(s.params, s.sparsity, step=s.step,
                                                              rng=None))(state)
         # Thresholding.method set: TEAL/CATS/WINA thresholds calibrated on training rows
-        from sparsejax.sparsity.activation.commands import thresholded_model
+        from sparsejax.sparsity.activation.evaluate import thresholded_model
         model, _ = thresholded_model(run, state, cfg)
         out = generate(model, params, ids, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,

@@ -27,7 +27,7 @@ def add_parsers(sub) -> None:
 
 def run_import(args: argparse.Namespace, bindings: Sequence[str]) -> int:
     from sparsejax import cli
-    from sparsejax.train.commands import guarded, parse_workdir_config
+    from sparsejax.train.commands import guarded
 
     def go():
         cli.quiet_logging()

@@ -113,9 +113,9 @@ class Attention(nn.Module):
         else:
             raise ValueError(f"attention kind={self.kind!r} is unknown; valid: {ATTENTION_KINDS}")
         out = tag(nn.with_logical_constraint(out, ("batch", "seq", "heads", "kv")), "attention_out")
-        return self._out_proj(out.reshape(-1, self.num_heads * self.head_dim), x.shape)
+        return self._out_proj(out.reshape(-1, self.num_heads * self.head_dim), x.shape, decode)
 
-    def _out_proj(self, out: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    def _out_proj(self, out: jax.Array, shape: tuple[int, ...], decode: bool = False) -> jax.Array:
         """out: [tokens, heads * head_dim] -> [*shape] (a method of its own, so that
         post-training calibration can read the projection's input with
         `nn.intercept_methods`, as it reads `_proj`'s)."""

@@ -17,7 +17,6 @@ import optax
 
 from sparsejax.registry import Registry
 from sparsejax.sparsity import masks as masks_lib
-from sparsejax.sparsity import paths as paths_lib
 
 PyTree = Any
 Metrics = dict[str, jax.Array]

@@ -323,7 +323,7 @@ def evaluate_checkpoint(workdir: str, config: TrainConfig | None = None,
                          "be an int >= 1")
     run, step, state = load_state_for_eval(workdir, cfg)
     eval_set = evaluation.eval_set_for(cfg, n)
-    from sparsejax.sparsity.activation.commands import ActivationEval
+    from sparsejax.sparsity.activation.evaluate import ActivationEval
     act_eval = ActivationEval(run.model_config)  # thresholding / PPL-p% settings, checked
     config_lib.check_unused_bindings()
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):

@@ -14,7 +14,6 @@ import pytest
 import pallas_kernels.gather_matmul.ops as gm_ops
 from sparsejax.infer.generate import generate
 from sparsejax.infer.sparse_decode import SparseDecode, masked_fraction, with_capacities
-from sparsejax.models import sparse_mlp
 from sparsejax.models.layers import GatedMlp
 from sparsejax.models.thresholds import THRESHOLDS, Site, histogram
 from sparsejax.models.transformer import ModelConfig, Transformer

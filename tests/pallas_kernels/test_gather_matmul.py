@@ -2,7 +2,6 @@
 reference (stated tolerances), exactly equal to the masked dense product on exactly
 representable data, padding slots ignored, bad input refused, and the kernels lowered for
 CUDA on this CPU."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -9,10 +9,9 @@ import os
 import flax.linen as nn
 import gin
 import jax
-import numpy as np
 import pytest
 
-from sparsejax import cli, config
+from sparsejax import cli
 
 COMMON = ["--gin.make_mesh.num_devices=1", "--gin.ModelConfig.num_layers=2"]
 SMALL = ["--gin.Thresholding.calibration_tokens=2048"]

@@ -3,7 +3,6 @@ an independent computation from the model's captured gate pre-activations (paddi
 dense and MoE layers), its settings refused by name, and its refusal of expert parallelism."""
 import math
 
-import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp

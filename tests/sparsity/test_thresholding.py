@@ -2,7 +2,6 @@
 the gate activation, WINA's weight-norm scores), the histogram and its thresholds against
 np.histogram, calibration reaching its target per site, and bad settings refused by name."""
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np

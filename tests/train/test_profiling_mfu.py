@@ -4,7 +4,6 @@ errors for profile steps outside the run."""
 import glob
 import os
 
-import gin
 import jax
 import numpy as np
 import pytest

@@ -34,9 +34,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sparsejax.models.transformer import ModelConfig
 from sparsejax.parallel.rules import LOGICAL_RULES, replicated
-from sparsejax.sparsity import masks as masks_lib
-from sparsejax.sparsity import paths as paths_lib
-from sparsejax.sparsity import select
 from sparsejax.sparsity.posttrain import capture, experts as experts_lib
 from sparsejax.sparsity.posttrain import stats as stats_lib
 from sparsejax.sparsity.posttrain.allocation import ALLOCATIONS, outlier_ratio

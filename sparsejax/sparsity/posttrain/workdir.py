@@ -40,7 +40,7 @@ from sparsejax import config as config_lib
 from sparsejax.data import pipeline
 from sparsejax.models import layer_stack
 from sparsejax.parallel.rules import LOGICAL_RULES, batch_sharding
-from sparsejax.sparsity.method import DenseMethod, RunInfo, new_stats_state, with_masks
+from sparsejax.sparsity.method import DenseMethod, new_stats_state, with_masks
 from sparsejax.sparsity.posttrain.config import PruneConfig
 from sparsejax.sparsity.posttrain.driver import CalibrationSet, prune_model
 from sparsejax.sparsity.posttrain.plan import build_plan
@@ -252,7 +252,6 @@ def _prune_bindings_text() -> str:
 def _write_output(dst: str, run_b, cfg_b, result, eval_set) -> tuple[dict | None, dict]:
     """DST's checkpoint (step 0), config.gin and first metrics; returns (eval after, summary)."""
     from sparsejax.data.sharded import ShardedIteratorSave, ShardedTrainIterator
-    from sparsejax.sparsity.method import density_metrics
     from sparsejax.train import run_info
     from sparsejax.train.checkpoint import Checkpointer
     from sparsejax.train.metrics import MetricsWriter

@@ -2,7 +2,6 @@
 router and checkpoint consistent with the plan, and the merged layer's output equal to the
 output of weights merged by hand (numpy)."""
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
