@@ -7,6 +7,15 @@ if os.environ.get("SPARSEJAX_TEST_GPU") != "1":
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 
+# One persistent compilation cache for the test run (workers and the CLI processes tests
+# start inherit it): tests that build the same model compile it once. Keys hash the program,
+# the jax version and the devices, so a stale entry is never used.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "sparsejax-tests-jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402

@@ -143,9 +143,16 @@ def loss_stats(loss_sums: np.ndarray, counts: np.ndarray) -> dict[str, float]:
 
 
 def evaluate(eval_fn: Callable, state, eval_set: EvalSet, sharding) -> dict[str, float]:
-    """Loss statistics of `state` on the eval sample (every process runs every batch)."""
-    outs = [eval_fn(state, {k: jax.make_array_from_process_local_data(sharding, v) for k, v in b.items()})
-            for b in eval_set.batches]
+    """Loss statistics of `state` on the eval sample (every process runs every batch).
+
+    With several processes each batch finishes before the next is dispatched: independent
+    programs in flight at once may run their cross-process collectives in a different order
+    on each process, which deadlocks the CPU collectives."""
+    outs = []
+    for b in eval_set.batches:
+        out = eval_fn(state, {k: jax.make_array_from_process_local_data(sharding, v)
+                              for k, v in b.items()})
+        outs.append(jax.block_until_ready(out) if jax.process_count() > 1 else out)
     outs = jax.device_get(outs)
     result = loss_stats(np.concatenate([o["loss_sum"] for o in outs]),
                         np.concatenate([o["count"] for o in outs]))
