@@ -21,6 +21,7 @@ from sparsejax import config
 from sparsejax.data import pipeline
 from sparsejax.parallel.rules import LOGICAL_RULES, batch_sharding, replicated
 from sparsejax.train.build import build_run
+from sparsejax.train.flops import measure_matmul_peak
 from sparsejax.train.step import make_train_step
 from sparsejax.train.trainer import TrainConfig, global_batch
 
@@ -31,15 +32,7 @@ DATASHEET_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 
 
 def matmul_peak_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
     """Best-of FLOP/s of an n x n x n matmul on the default device."""
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    return measure_matmul_peak(n, jnp.dtype(dtype).name, repeats)
 
 
 def model_flops_per_token(params, cfg, seq_len: int) -> float:

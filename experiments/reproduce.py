@@ -169,16 +169,7 @@ def write_results(name: str, out: str, results_dir: str = RESULTS,
         f"![{name}]({name}.png)" if png else "(no finished trials yet)",
         END])
     md = os.path.join(results_dir, f"{name}.md")
-    if os.path.isfile(md):
-        with open(md) as f:
-            text = f.read()
-        if BEGIN not in text or END not in text:
-            raise ValueError(f"{md} has no {BEGIN} ... {END} markers; add them where the "
-                             "table goes")
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = f"# {rep.title}\n\n{block}\n"
+    text = _splice(md, rep.title, block)
     with open(md, "w") as f:
         f.write(text)
     finished = sum(len(v.results) for v in variants)
