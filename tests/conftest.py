@@ -5,7 +5,14 @@ if os.environ.get("SPARSEJAX_TEST_GPU") != "1":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+        flags = (flags + " --xla_force_host_platform_device_count=8").strip()
+    # Tests compile hundreds of small programs and run each briefly: LLVM's optimization
+    # passes are most of XLA:CPU's compile time (about a third of the suite's), and results
+    # are compared with tolerances or between runs compiled the same way. Benchmarks and
+    # real runs keep the default level.
+    if "xla_backend_optimization_level" not in flags:
+        flags += " --xla_backend_optimization_level=0"
+    os.environ["XLA_FLAGS"] = flags
 
 # One persistent compilation cache for the test run (workers and the CLI processes tests
 # start inherit it): tests that build the same model compile it once. Keys hash the program,
