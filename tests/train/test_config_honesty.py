@@ -178,7 +178,8 @@ def test_outside_criterion_and_router_train_through_the_cli(tmp_path):
     (tmp_path / "my_plugins.py").write_text(PLUGIN)
     w = tmp_path / "w"
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0",
+               JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "sparsejax.cli", "train", "--import=my_plugins",
            "--gin_file=tiny.gin", "--gin_file=sparsity/magnitude_oneshot.gin",
            "--gin.MaskedPruningMethod.criterion='neg_magnitude'", "--gin.MoeMlp.num_experts=4",
