@@ -331,6 +331,9 @@ def test_scale_pod_config_trains(tmp_path):
                                            "layer_1"}
     traces = list((tmp_path / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
     assert len(traces) == 1
+    # activation statistics are sown on the stacked group and reported per layer
+    ev = [r for r in records if "eval_loss" in r][-1]
+    assert 0 <= ev["act/zero_fraction/layer_0/mlp"] <= 1 and "act/zero_fraction/layer_1/moe" in ev
 
 
 # --- activation configs (configs/activation/) ------------------------------------------------

@@ -178,3 +178,10 @@ def test_thresholding_a_model_without_the_projections_is_refused():
     check_model(cfg, "teal", ("q", "k", "v", "o"))  # attention projections: fine
     with pytest.raises(ValueError, match=r"layer_0 has no 'gate' projection"):
         site_layout({"layer_0": {"attn": {}}}, ModelConfig(num_layers=1), "teal", ("gate",))
+
+
+def test_thresholding_a_scanned_model_is_refused_with_the_way_out():
+    cfg = ModelConfig(num_layers=2, scan_layers=True)
+    with pytest.raises(ValueError, match=r"'cats' sets activation thresholds per layer and needs "
+                                         r"ModelConfig.scan_layers=False.*warm_start.from_workdir"):
+        check_model(cfg, "cats", ("gate",))

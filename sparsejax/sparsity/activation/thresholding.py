@@ -163,9 +163,9 @@ def check_model(model_config: Any, method: str, projections: tuple[str, ...]) ->
     scanned: thresholds are set per layer, on the unscanned layout)."""
     if getattr(model_config, "scan_layers", False):
         raise ValueError(f"{method!r} sets activation thresholds per layer and needs "
-                         f"ModelConfig.scan_layers=False; the checkpoint of a scanned run "
-                         f"loads unscanned (pass --gin.ModelConfig.scan_layers=False with "
-                         f"--import=<workdir>, or warm-start from it)")
+                         f"ModelConfig.scan_layers=False; an unscanned run can start from a "
+                         f"scanned run's params (--gin.warm_start.from_workdir=<workdir> "
+                         f"--gin.warm_start.mode=\"'params'\" --gin.ModelConfig.scan_layers=False)")
     mlp = [p for p in projections if PROJECTIONS[p][0] == "mlp"]
     moe = [i for i in range(model_config.num_layers) if model_config.mlp_kind(i) != "dense"]
     if mlp and moe:
