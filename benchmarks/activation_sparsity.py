@@ -38,6 +38,7 @@ from sparsejax.models.layers import GatedMlp
 from sparsejax.models.thresholds import THRESHOLDS, Site
 
 SPARSITIES = (0.0, 0.5, 0.7, 0.9)
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def timed_together(cases: dict, reps: int) -> dict[str, float]:
@@ -103,7 +104,8 @@ def mlp_bench(embed: int, mlp_dim: int, reps: int) -> dict:
     return out
 
 
-def model_bench(embed: int, mlp_dim: int, layers: int, prompt: int, new: int, reps: int) -> dict:
+def model_bench(embed: int, mlp_dim: int, layers: int, prompt: int, new: int, reps: int,
+                projections: tuple[str, ...] = PROJECTIONS) -> dict:
     from sparsejax.infer.generate import make_generate_fn, pad_prompts
     from sparsejax.infer.sparse_decode import SparseDecode, with_capacities
     from sparsejax.models.transformer import ModelConfig, Transformer
@@ -118,7 +120,7 @@ def model_bench(embed: int, mlp_dim: int, layers: int, prompt: int, new: int, re
     model = Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(2), (4, 64), 0, 512)
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), tokens[:1, :8]))["params"]
-    layout = site_layout(jax.device_get(params), cfg, "teal", ("q", "k", "v", "o", "gate", "up", "down"))
+    layout = site_layout(jax.device_get(params), cfg, "teal", projections)
     calib_sites = make_sites(layout, 0.0, None)
     _, mut = jax.jit(lambda p, s, t: model.apply({"params": p, THRESHOLDS: s}, t,
                                                  mutable=[HISTOGRAMS]))(params, calib_sites, tokens)
@@ -155,7 +157,7 @@ def model_bench(embed: int, mlp_dim: int, layers: int, prompt: int, new: int, re
     for pct in (50, 70, 90):
         k = f"teal{pct}"
         print(f"  TEAL {pct}% on every projection: {new / t[k]:.1f} tok/s = "
-              f"{t['dense'] / t[k]:.2f}x dense with SparseDecode's defaults (max_density 0.5); "
+              f"{t['dense'] / t[k]:.2f}x dense with SparseDecode's defaults (max_density {SparseDecode().max_density}); "
               f"every site gathered {t['dense'] / t[k + '_all_gathered']:.2f}x; same thresholds, "
               f"dense matmuls {t['dense'] / t[k + '_masked_dense']:.2f}x", flush=True)
     return out

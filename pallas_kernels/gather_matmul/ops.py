@@ -4,7 +4,7 @@
     u = gather_matmul(x, w, idx, count, mode="cols")  # cols: (x @ w)[:, idx]      -> [B, C]
     u = gather_matmul(x, w_t, idx, count, mode="cols", transpose_w=True)  # w_t = w.T [N, K]
 
-Backends: "gpu" (Pallas Triton kernels, gpu.py) and "xla" (gather + one matmul, xla.py, used
+Backends: "gpu" (Pallas Triton kernels, gpu.py) and "xla" (a loop over the active rows, xla.py, used
 on CPU and TPU). `backend=None` picks "gpu" on a GPU, else "xla"; `interpret=True` runs the
 GPU kernel in Pallas interpret mode (on CPU, for tests). Forward only: this is a decode-time
 op (no VJP). Output dtype: x's and w's promoted dtype, accumulated in float32.

@@ -5,9 +5,10 @@ A site's capacity is ceil(capacity_factor * (1 - s) * width) slots (at most its 
 s is the fraction of its scores at or below its threshold on the calibration set: the
 expected active entries plus headroom. A step with more active entries than that (the union
 over the step's rows) computes that site densely instead, with the same result. A site
-whose capacity exceeds `max_density` of its width keeps the masked dense product: gathering
-that many weight rows costs about as much as reading all of them (on CPU, XLA's gather
-writes the rows out before the matmul reads them again; benchmarks/activation_sparsity.py).
+whose capacity exceeds `max_density` of its width keeps the masked dense product: near full
+density, reading the rows one by one (the XLA path of pallas_kernels/gather_matmul) costs
+about what the dense product does (break-even near 90% density at batch 1 on CPU;
+benchmarks/activation_sparsity.py).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class SparseDecode:
     enabled: bool = True
     capacity_factor: float = 1.25
     max_rows: int = 4
-    max_density: float = 0.5
+    max_density: float = 0.9
 
     def __post_init__(self):
         if not isinstance(self.enabled, bool):

@@ -68,35 +68,48 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def _proj(self, x, heads, name, decode=False):
+    def _proj(self, x, heads, name, decode=False, slots=None):
         """x: [b, s, embed] -> [b, s, heads, head_dim]. Kernels are 2-D [in, out] like every
         other linear layer, so sparsity (ERK, N:M along the input dim) treats them alike."""
         kernel = self.param(
             name, nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("embed", "heads")),
             (x.shape[-1], heads * self.head_dim), self.param_dtype)
-        y = self._sited_matmul(f"{name}_in", as_tokens(x), kernel.astype(self.dtype), decode)
+        y = self._sited_matmul(f"{name}_in", as_tokens(x), kernel.astype(self.dtype), decode,
+                               slots)
         if self.qkv_bias:
             bias = self.param(f"{name}_bias", nn.with_logical_partitioning(
                 nn.initializers.zeros, ("heads",)), (heads * self.head_dim,), self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y.reshape(*x.shape[:-1], heads, self.head_dim)
 
-    def _sited_matmul(self, name, x, kernel, decode):
+    def _sited_matmul(self, name, x, kernel, decode, slots=None):
         """x [tokens, in] @ kernel through the site `name` (thresholds: models/thresholds.py;
         at a decode step, the sparse path of models/sparse_mlp.py reads only kept rows)."""
         xs, keep = apply_site(self, name, x)
         if decode and keep is not None:
             from sparsejax.models.sparse_mlp import project
             from sparsejax.models.thresholds import site
-            return project(xs, kernel, keep, site(self, name))
+            return project(xs, kernel, keep, site(self, name), slots)
         return xs @ kernel
+
+    def _qkv_slots(self, x):
+        """At a decode step: one sparse-decode slot list for q, k and v (their common input
+        x), or None (models/sparse_mlp.shared_slots)."""
+        from sparsejax.models.sparse_mlp import shared_slots
+        from sparsejax.models.thresholds import keep_mask, site
+        sites = [site(self, f"{n}_in") for n in ("query", "key", "value")]
+        if any(s is None for s in sites):
+            return None
+        t = as_tokens(x)
+        return shared_slots([keep_mask(s, t) for s in sites], sites, t.shape[0])
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                  decode: bool = False) -> jax.Array:
-        q = self._proj(x, self.num_heads, "query", decode)  # [b, s, h, d]
-        k = self._proj(x, self.num_kv_heads, "key", decode)  # [b, s, kv_h, d]
-        v = self._proj(x, self.num_kv_heads, "value", decode)
+        slots = self._qkv_slots(x) if decode else None
+        q = self._proj(x, self.num_heads, "query", decode, slots)  # [b, s, h, d]
+        k = self._proj(x, self.num_kv_heads, "key", decode, slots)  # [b, s, kv_h, d]
+        v = self._proj(x, self.num_kv_heads, "value", decode, slots)
         q = tag(rotary_embedding(q, positions, self.rope_theta, self.rope_scaling), "query_proj")
         k = tag(rotary_embedding(k, positions, self.rope_theta, self.rope_scaling), "key_proj")
         v = tag(v, "value_proj")

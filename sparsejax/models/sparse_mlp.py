@@ -35,23 +35,59 @@ def use_sparse(s: Site | None, rows: int) -> bool:
     return s is not None and s.capacity > 0 and rows <= s.max_rows
 
 
-def active_slots(keep: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
-    """(idx [capacity] int32 of the entries kept by any row, their count) for keep [T, F]."""
+def active_slots(keep: jax.Array, capacity: int, block: int = 64) -> tuple[jax.Array, jax.Array]:
+    """(idx [capacity] int32 of the entries kept by any row, in order, their count) for keep
+    [T, F]. Each entry's slot is its rank among the active entries: a prefix sum taken as two
+    small triangular matmuls (within blocks of `block` entries, then over the block totals;
+    exact: integers far below 2**24) and one scatter. (`jnp.nonzero` and `jnp.cumsum` cost
+    about 3x as much on XLA:CPU at decode widths, a large share of a sparse decode step.)"""
     active = jnp.any(keep, axis=0)
-    count = jnp.sum(active.astype(jnp.int32))
-    idx = jnp.nonzero(active, size=capacity, fill_value=0)[0].astype(jnp.int32)
+    width = active.shape[0]
+    a = jnp.pad(active.astype(jnp.float32), (0, (-width) % block)).reshape(-1, block)
+    hi = jax.lax.Precision.HIGHEST
+    inner = jnp.dot(a, jnp.triu(jnp.ones((block, block), jnp.float32)), precision=hi)
+    totals = inner[:, -1]
+    offsets = jnp.dot(totals, jnp.triu(jnp.ones((a.shape[0],) * 2, jnp.float32), 1), precision=hi)
+    rank = (inner + offsets[:, None]).reshape(-1)[:width].astype(jnp.int32) - 1
+    count = (offsets[-1] + totals[-1]).astype(jnp.int32)
+    idx = jnp.zeros((capacity,), jnp.int32).at[jnp.where(active, rank, capacity)].set(
+        jnp.arange(width, dtype=jnp.int32), mode="drop")
     return idx, count
 
 
-def project(x: jax.Array, kernel: jax.Array, keep: jax.Array | None, s: Site | None) -> jax.Array:
+Slots = tuple[jax.Array, jax.Array]  # (idx [capacity] int32, count): active_slots' result
+
+
+def shared_slots(keeps: list[jax.Array | None], sites: list[Site | None], rows: int
+                 ) -> Slots | None:
+    """One slot list for projections of the same input (attention's q/k/v, the MLP's gate
+    and up): the union of their keep masks, with the largest of their capacities; None
+    unless every one of them takes the sparse path. With equal thresholds (TEAL calibrates
+    them on the same input) the union is each mask; otherwise each projection also visits
+    the slots only the others keep, where its own masked input is zero: the same result."""
+    if any(k is None for k in keeps) or not all(use_sparse(s, rows) for s in sites):
+        return None
+    width = keeps[0].shape[-1]
+    union = keeps[0]
+    for k in keeps[1:]:
+        union = union | k
+    return active_slots(union, min(width, max(s.capacity for s in sites)))
+
+
+def project(x: jax.Array, kernel: jax.Array, keep: jax.Array | None, s: Site | None,
+            slots: Slots | None = None) -> jax.Array:
     """x [T, K] (already masked by `keep`) @ kernel [K, N], reading only the kept rows of the
-    kernel when the site's sparse path applies."""
+    kernel when the site's sparse path applies (`slots`: shared_slots' list, covering
+    `keep`, to use instead of this site's own)."""
     if keep is None or not use_sparse(s, x.shape[0]):
         return x @ kernel
     from pallas_kernels.gather_matmul.ops import gather_matmul
-    cap = min(s.capacity, kernel.shape[0])
-    idx, count = active_slots(keep, cap)
-    return jax.lax.cond(count <= cap, lambda: gather_matmul(x, kernel, idx, count),
+    if slots is None:
+        slots = active_slots(keep, min(s.capacity, kernel.shape[0]))
+    idx, count = slots
+    if idx.shape[0] >= kernel.shape[0]:  # a slot for every row: it cannot overflow
+        return gather_matmul(x, kernel, idx, count)
+    return jax.lax.cond(count <= idx.shape[0], lambda: gather_matmul(x, kernel, idx, count),
                         lambda: x @ kernel)
 
 
@@ -114,8 +150,9 @@ def decode_gated_mlp(module, t: jax.Array, gated: Callable, dtype) -> jax.Array:
     s_g, s_u, s_a, s_o = (site(module, n) for n in ("wi_gate_in", "wi_up_in", "gate_act", "wo_in"))
     xg, keep_g = _masked(s_g, t)
     xu, keep_u = _masked(s_u, t)
-    gate = project(xg, kg, keep_g, s_g)
     rows = t.shape[0]
+    slots = shared_slots([keep_g, keep_u], [s_g, s_u], rows)
+    gate = project(xg, kg, keep_g, s_g, slots)
 
     def down_site(h, idx):
         if s_o is None:
@@ -130,7 +167,7 @@ def decode_gated_mlp(module, t: jax.Array, gated: Callable, dtype) -> jax.Array:
                 if module.has_variable(DECODE_WEIGHTS, "wi_up_t") else None)
         return neuron_sparse_mlp(gate, xu, ku, ko, gated, keep_mask(s_a, a), s_a, down_site,
                                  ku_t)
-    a, h = gated(gate, project(xu, ku, keep_u, s_u))
+    a, h = gated(gate, project(xu, ku, keep_u, s_u, slots))
     if s_a is not None:
         h = jnp.where(keep_mask(s_a, a), h, jnp.zeros_like(h))
     h, keep_o = _masked(s_o, h)

@@ -15,6 +15,7 @@ import pallas_kernels.gather_matmul.ops as gm_ops
 from sparsejax.infer.generate import generate
 from sparsejax.infer.sparse_decode import SparseDecode, masked_fraction, with_capacities
 from sparsejax.models.layers import GatedMlp
+from sparsejax.models.sparse_mlp import active_slots, shared_slots
 from sparsejax.models.thresholds import THRESHOLDS, Site, histogram
 from sparsejax.models.transformer import ModelConfig, Transformer
 from sparsejax.sparsity.activation.calibrate import WithVariables
@@ -53,6 +54,46 @@ def test_decode_step_equals_masked_dense_exactly(kind, cap, rows):
     sparse = np.asarray(jax.jit(lambda v, x: mlp.apply(v, x, decode=True))(v, x))
     np.testing.assert_array_equal(sparse, dense)
     assert np.any(dense != 0)
+
+
+@pytest.mark.parametrize("caps", [(40, 40, 40), (2, 40, 40), (40, 3, 5)])
+def test_gate_and_up_with_different_thresholds_share_slots_exactly(caps):
+    """Gate and up read one slot list (the union of their masks, the larger capacity): with
+    different thresholds each still computes its own masked product, bit for bit."""
+    mlp, params = integer_mlp("relu")
+    x = jnp.asarray(np.random.default_rng(7).integers(-3, 4, (2, 1, D)), jnp.float32)
+    s = lambda t, n, c: Site(jnp.float32(t), jnp.ones((n,)), c, 4)
+    tree = {"wi_gate_in": s(0.5, D, caps[0]), "wi_up_in": s(2.5, D, caps[1]),
+            "wo_in": s(7.5, F, caps[2])}
+    v = {"params": params, THRESHOLDS: tree}
+    dense = np.asarray(jax.jit(lambda v, x: mlp.apply(v, x))(v, x))
+    sparse = np.asarray(jax.jit(lambda v, x: mlp.apply(v, x, decode=True))(v, x))
+    np.testing.assert_array_equal(sparse, dense)
+    assert np.any(dense != 0)
+
+
+@pytest.mark.parametrize("width, cap", [(64, 64), (100, 70), (1000, 300), (130, 5)])
+def test_active_slots_lists_the_active_entries_in_order(width, cap):
+    rng = np.random.default_rng(width)
+    keep = rng.random((3, width)) < 0.2
+    idx, count = jax.jit(active_slots, static_argnums=1)(jnp.asarray(keep), cap)
+    want = np.nonzero(keep.any(axis=0))[0]
+    assert int(count) == len(want)
+    n = min(cap, len(want))  # past the capacity: the first `cap` (count says it overflowed)
+    np.testing.assert_array_equal(np.asarray(idx)[:n], want[:n])
+
+
+def test_shared_slots_needs_every_site_sparse():
+    keep = jnp.asarray(np.random.default_rng(0).random((1, 32)) < 0.3)
+    on = Site(jnp.float32(0.1), jnp.ones((32,)), 12, 1)
+    off = Site(jnp.float32(0.1), jnp.ones((32,)), 0, 0)
+    assert shared_slots([keep, keep], [on, off], 1) is None
+    assert shared_slots([keep, None], [on, on], 1) is None
+    assert shared_slots([keep, keep], [on, on], 2) is None  # more rows than max_rows
+    other = jnp.asarray(np.random.default_rng(1).random((1, 32)) < 0.3)
+    idx, count = shared_slots([keep, other], [on, Site(on.threshold, on.scale, 20, 1)], 1)
+    union = np.nonzero(np.asarray(keep | other)[0])[0]
+    assert idx.shape == (20,) and int(count) == len(union)
 
 
 def test_decode_step_matches_masked_dense_on_random_data():
@@ -98,7 +139,9 @@ def test_generation_with_the_sparse_path_gives_the_same_tokens():
         tree = {}
         for i in range(2):
             one = lambda t, n: Site(jnp.float32(t), jnp.ones((n,)), cap, 4)
-            tree[f"layer_{i}"] = {"attn": {n: one(0.3, 32) for n in ("query_in", "key_in", "value_in")},
+            # q/k/v: different thresholds on one input (one shared slot list, their union)
+            tree[f"layer_{i}"] = {"attn": {n: one(t, 32) for n, t in
+                                           (("query_in", 0.3), ("key_in", 0.1), ("value_in", 0.5))},
                                   "mlp": {"gate_act": one(0.0, 64), "wo_in": one(0.02, 64)}}
         return tree
 
