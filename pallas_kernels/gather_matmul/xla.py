@@ -1,12 +1,15 @@
 """The gathered matmul in plain XLA (the CPU and TPU path).
 
-* mode "rows" (and "cols" on a neuron-major weight, `transpose_w`): a loop over the active
-  slots, `ROWS_PER_STEP` weight rows per iteration, that runs `ceil(count / ROWS_PER_STEP)`
-  iterations: each active weight row is read once, straight into the accumulator, and the
-  work follows the step's own active count, not the site's capacity. (Gathering the rows
+* mode "rows": a loop over the active slots, `ROWS_PER_STEP` weight rows per iteration, for
+  `ceil(count / ROWS_PER_STEP)` iterations: each active weight row is read once, straight
+  into the accumulator, and the work follows the step's own active count, not the site's
+  capacity. (Gathering the rows
   with `jnp.take` and multiplying after writes the gathered rows out and reads them back: at
   batch 1 on CPU that costs more than the dense product at 50% sparsity; the loop is 1.4-2x
   faster than dense there: benchmarks/activation_sparsity.py.)
+* mode "cols" on a neuron-major weight (`transpose_w`): a loop that gathers `COLS_PER_STEP`
+  rows at a time (a block that stays in cache) and multiplies them, for as many blocks as
+  the step has active slots.
 * mode "cols" on a [K, N] weight: the active columns are strided in memory, so they are
   gathered (`jnp.take`) and multiplied in one matmul.
 
@@ -17,10 +20,7 @@ import jax
 import jax.numpy as jnp
 
 ROWS_PER_STEP = 8
-
-
-def _steps(count: jax.Array, c: int) -> jax.Array:
-    return (jnp.clip(count, 0, c) + ROWS_PER_STEP - 1) // ROWS_PER_STEP
+COLS_PER_STEP = 64
 
 
 def _rows_loop(x: jax.Array, w: jax.Array, idx: jax.Array, count: jax.Array) -> jax.Array:
@@ -39,24 +39,27 @@ def _rows_loop(x: jax.Array, w: jax.Array, idx: jax.Array, count: jax.Array) -> 
             acc = acc + jax.lax.dynamic_slice_in_dim(xs, i, 1, 1) * row
         return acc
 
-    return jax.lax.fori_loop(0, _steps(count, c), body,
+    steps = (jnp.clip(count, 0, c) + r - 1) // r
+    return jax.lax.fori_loop(0, steps, body,
                              jnp.zeros((x.shape[0], w.shape[1]), jnp.float32))
 
 
 def _cols_loop(x: jax.Array, w_t: jax.Array, idx: jax.Array, count: jax.Array) -> jax.Array:
     """[B, C] float32: x @ w_t[idx[c]] for the first `count` slots c (w_t [N, K] neuron-major),
-    0 after."""
-    c, r = idx.shape[0], ROWS_PER_STEP
+    0 after: `COLS_PER_STEP` rows gathered (a block that stays in cache) and multiplied per
+    iteration."""
+    c, r = idx.shape[0], COLS_PER_STEP
     pad = (-c) % r
     idx_p = jnp.pad(jnp.clip(idx, 0, w_t.shape[0] - 1), (0, pad))
     x32 = x.astype(jnp.float32)
 
     def body(j, y):
-        rows = jnp.concatenate([jax.lax.dynamic_slice_in_dim(w_t, idx_p[j * r + k], 1, 0)
-                                for k in range(r)]).astype(jnp.float32)  # [r, K]
-        return jax.lax.dynamic_update_slice_in_dim(y, x32 @ rows.T, j * r, 1)
+        rows = jnp.take(w_t, jax.lax.dynamic_slice_in_dim(idx_p, j * r, r), axis=0)
+        out = jax.lax.dot_general(x32, rows.astype(jnp.float32), (((1,), (1,)), ((), ())))
+        return jax.lax.dynamic_update_slice_in_dim(y, out, j * r, 1)
 
-    y = jax.lax.fori_loop(0, _steps(count, c), body, jnp.zeros((x.shape[0], c + pad), jnp.float32))
+    steps = (jnp.clip(count, 0, c) + r - 1) // r
+    y = jax.lax.fori_loop(0, steps, body, jnp.zeros((x.shape[0], c + pad), jnp.float32))
     return jnp.where((jnp.arange(c) < count)[None, :], y[:, :c], 0.0)
 
 

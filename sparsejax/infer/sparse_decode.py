@@ -8,7 +8,9 @@ over the step's rows) computes that site densely instead, with the same result. 
 whose capacity exceeds `max_density` of its width keeps the masked dense product: near full
 density, reading the rows one by one (the XLA path of pallas_kernels/gather_matmul) costs
 about what the dense product does (break-even near 90% density at batch 1 on CPU;
-benchmarks/activation_sparsity.py).
+benchmarks/activation_sparsity.py). The neuron path of a `gate_act` site (CATS, ReLU zeros:
+the gate stays dense, up's columns are gathered) breaks even later, near 55% sparsity, so
+it has its own limit, `max_neuron_density`.
 """
 from __future__ import annotations
 
@@ -26,12 +28,15 @@ from sparsejax.models.thresholds import BIN_EDGES, Site
 @dataclasses.dataclass(frozen=True)
 class SparseDecode:
     """`enabled`: thresholded decode steps of at most `max_rows` rows (batch x new tokens)
-    read only the active weight rows/columns, with `capacity_factor` headroom."""
+    read only the active weight rows/columns, with `capacity_factor` headroom, at sites
+    whose capacity is at most `max_density` (`max_neuron_density` for `gate_act`) of their
+    width."""
 
     enabled: bool = True
     capacity_factor: float = 1.25
     max_rows: int = 4
     max_density: float = 0.9
+    max_neuron_density: float = 0.5
 
     def __post_init__(self):
         if not isinstance(self.enabled, bool):
@@ -42,9 +47,10 @@ class SparseDecode:
                              f"number >= 1 (slots per expected active entry)")
         if isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int) or self.max_rows < 1:
             raise ValueError(f"SparseDecode.max_rows={self.max_rows!r} must be an int >= 1")
-        if isinstance(self.max_density, bool) or not isinstance(self.max_density, (int, float)) \
-                or not 0 < self.max_density <= 1:
-            raise ValueError(f"SparseDecode.max_density={self.max_density!r} must be in (0, 1]")
+        for name in ("max_density", "max_neuron_density"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+                raise ValueError(f"SparseDecode.{name}={v!r} must be in (0, 1]")
 
 
 def masked_fraction(counts: np.ndarray, threshold: float) -> float:
@@ -67,7 +73,8 @@ def with_capacities(sites: Mapping, histograms: Mapping[str, np.ndarray],
                 width = int(s.scale.shape[0])
                 frac = masked_fraction(histograms[path], float(s.threshold))
                 cap = min(width, max(1, math.ceil(settings.capacity_factor * (1 - frac) * width)))
-                on = settings.enabled and cap <= settings.max_density * width
+                limit = settings.max_neuron_density if name == "gate_act" else settings.max_density
+                on = settings.enabled and cap <= limit * width
                 out.setdefault(layer, {}).setdefault(module, {})[name] = Site(
                     s.threshold, s.scale, cap if on else 0, settings.max_rows if on else 0)
     return out

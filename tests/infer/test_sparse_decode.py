@@ -168,12 +168,21 @@ def test_capacities_follow_the_calibrated_sparsity():
     dense = with_capacities(tree, {"layer_0/mlp/wo_in": counts},
                             SparseDecode(capacity_factor=1.5, max_density=0.4))
     assert s.capacity > 0.4 * 64 and dense["layer_0"]["mlp"]["wo_in"].capacity == 0
+    # the neuron path (gate_act) has its own limit
+    neuron = {"layer_0": {"mlp": {"gate_act": Site(jnp.float32(t), jnp.ones((64,)))}}}
+    hists = {"layer_0/mlp/gate_act": counts}
+    cap = math.ceil(1.5 * (1 - frac) * 64)  # 29 of 64 slots
+    on = with_capacities(neuron, hists, SparseDecode(capacity_factor=1.5, max_neuron_density=0.5))
+    off = with_capacities(neuron, hists, SparseDecode(capacity_factor=1.5, max_neuron_density=0.4))
+    assert on["layer_0"]["mlp"]["gate_act"].capacity == cap and cap > 0.4 * 64
+    assert off["layer_0"]["mlp"]["gate_act"].capacity == 0
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(capacity_factor=0.5), r"capacity_factor=0.5 must be a number >= 1"),
     (dict(max_rows=0), r"max_rows=0 must be an int >= 1"),
     (dict(max_density=0.0), r"max_density=0.0 must be in \(0, 1\]"),
+    (dict(max_neuron_density=1.5), r"max_neuron_density=1.5 must be in \(0, 1\]"),
 ])
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):

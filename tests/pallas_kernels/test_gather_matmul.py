@@ -56,6 +56,25 @@ def test_matches_reference(backend, b, k, n, c, frac, mode, dtype, seed):
         np.testing.assert_array_equal(np.asarray(y, np.float32), 0.0)
 
 
+@pytest.mark.parametrize("count", [0, 1, 7, 8, 9, 63, 64, 65, 130, 150])
+@pytest.mark.parametrize("mode", ["rows", "cols_t"])
+def test_xla_loops_cover_every_active_slot(mode, count):
+    """The XLA path loops over the active slots in blocks (8 rows; 64 neuron-major columns):
+    counts at, below and past a block boundary, padding slots out of range."""
+    rng = np.random.default_rng(count)
+    x, w, idx, cnt = case(rng, 3, 200, 190, 150, count, "rows" if mode == "rows" else "cols")
+    if mode == "rows":
+        y = ops.gather_matmul(x, w, idx, cnt, backend="xla")
+        ref = gather_matmul_reference(x, w, idx, cnt, "rows")
+    else:
+        y = ops.gather_matmul(x, w.T, idx, cnt, mode="cols", transpose_w=True, backend="xla")
+        ref = gather_matmul_reference(x, w, idx, cnt, "cols")
+        np.testing.assert_array_equal(np.asarray(y)[:, count:], 0.0)
+    assert relerr(y, ref) < TOL["float32"] or count == 0
+    if count == 0:
+        np.testing.assert_array_equal(np.asarray(y), 0.0)
+
+
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 @pytest.mark.parametrize("mode", ["rows", "cols"])
 def test_equals_the_masked_dense_product_exactly(backend, mode):
