@@ -150,6 +150,42 @@ def test_generation_with_the_sparse_path_gives_the_same_tokens():
     assert out[0] == out[48]
 
 
+def test_attention_decode_step_with_shared_qkv_rows_equals_masked_dense():
+    """A cached decode step (one token) with q/k/v sites of different thresholds (one shared
+    list of active rows, one loop over three kernels) and an out-projection site: logits
+    equal the same thresholds applied with dense matmuls (to float32 summation order: the
+    normalized inputs are not exactly representable)."""
+    from sparsejax.infer.cache import init_cache
+    cfg = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=2, num_kv_heads=1,
+                      head_dim=16, mlp_dim=64, max_seq_len=16, scale_embeddings=False)
+    model = Transformer(cfg)
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+    rng = np.random.default_rng(3)
+    params = jax.tree.map(lambda p: jnp.asarray(rng.integers(-2, 3, p.shape), jnp.float32) / 4,
+                          params)  # large weights: many entries on both sides of the thresholds
+
+    def sites(cap):
+        one = lambda t, n: Site(jnp.float32(t), jnp.ones((n,)), cap, 1)
+        attn = {"query_in": one(0.3, 32), "key_in": one(0.6, 32), "value_in": one(0.1, 32),
+                "out_in": one(0.5, 32)}
+        return {f"layer_{i}": {"attn": attn} for i in range(2)}
+
+    tokens = jnp.asarray([[3, 9, 4, 1]], jnp.int32)
+    pos = jnp.arange(4, dtype=jnp.int32)[None]
+
+    def step(cap):
+        v = {"params": params, THRESHOLDS: sites(cap), "cache": init_cache(cfg, 1, 8)}
+        _, mut = model.apply(v, tokens, pos, jnp.ones_like(tokens), decode=True, mutable=["cache"])
+        v["cache"] = mut["cache"]
+        logits, _ = model.apply(v, jnp.asarray([[7]], jnp.int32), jnp.asarray([[4]], jnp.int32),
+                                jnp.ones((1, 1), jnp.int32), decode=True, mutable=["cache"])
+        return np.asarray(logits)
+
+    sparse, dense = step(24), step(0)
+    np.testing.assert_allclose(sparse, dense, rtol=1e-5, atol=1e-5)
+    assert np.abs(dense).max() > 0.1
+
+
 def test_capacities_follow_the_calibrated_sparsity():
     rng = np.random.default_rng(0)
     scores = np.abs(rng.standard_normal(10_000)).astype(np.float32)
