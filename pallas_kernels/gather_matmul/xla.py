@@ -3,10 +3,10 @@
 * mode "rows": a loop over the active slots, `ROWS_PER_STEP` weight rows per iteration, for
   `ceil(count / ROWS_PER_STEP)` iterations: each active weight row is read once, straight
   into the accumulator, and the work follows the step's own active count, not the site's
-  capacity. (Gathering the rows
-  with `jnp.take` and multiplying after writes the gathered rows out and reads them back: at
-  batch 1 on CPU that costs more than the dense product at 50% sparsity; the loop is 1.4-2x
-  faster than dense there: benchmarks/activation_sparsity.py.)
+  capacity. (Gathering the rows with `jnp.take` and multiplying after writes the gathered
+  rows out and reads them back: at batch 1 on CPU that costs more than the dense product at
+  50% sparsity; the loop is 1.5-1.9x faster than dense there:
+  benchmarks/activation_sparsity.py.)
 * mode "cols" on a neuron-major weight (`transpose_w`): a loop that gathers `COLS_PER_STEP`
   rows at a time (a block that stays in cache) and multiplies them, for as many blocks as
   the step has active slots.
