@@ -41,6 +41,9 @@ def run_sample(args: argparse.Namespace, bindings: Sequence[str]) -> int:
                              seed=args.seed)
         for prompt, text in zip(prompts, out["texts"]):
             print(f"{prompt}{text}", flush=True)
-        return {"texts": out["texts"], "tokens": out["tokens"],
-                "tokens_per_s": round(out["tokens_per_s"], 1), "step": out["step"]}
+        res = {"texts": out["texts"], "tokens": out["tokens"],
+               "tokens_per_s": round(out["tokens_per_s"], 1), "step": out["step"]}
+        if "sparse_decode" in out:  # threshold sites, and how many decode sparsely
+            res["sparse_decode"] = out["sparse_decode"]
+        return res
     return guarded(go)

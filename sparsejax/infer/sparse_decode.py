@@ -80,6 +80,13 @@ def with_capacities(sites: Mapping, histograms: Mapping[str, np.ndarray],
     return out
 
 
+def decode_summary(sites: Mapping) -> dict[str, int]:
+    """How many threshold sites there are and how many take the sparse decode path."""
+    caps = [s.capacity for modules in sites.values() for named in modules.values()
+            for s in named.values()]
+    return {"sites": len(caps), "sparse": sum(c > 0 for c in caps)}
+
+
 def neuron_major_weights(params: Mapping, sites: Mapping) -> dict:
     """The 'decode_weights' collection: each dense MLP with a sparse `gate_act` site gets its
     up kernel neuron-major (`wi_up_t` [mlp, embed], a copy), so the neuron-sparse decode step

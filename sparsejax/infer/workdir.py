@@ -30,11 +30,14 @@ def sample_workdir(workdir: str, prompts: Sequence[str], *, max_new_tokens: int 
                                                              rng=None))(state)
         # Thresholding.method set: TEAL/CATS/WINA thresholds calibrated on training rows
         from sparsejax.sparsity.activation.evaluate import thresholded_model
-        model, _ = thresholded_model(run, state, cfg)
+        model, sites = thresholded_model(run, state, cfg)
         out = generate(model, params, ids, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                        pad_id=tok.pad_id, eos_id=tok.eos_id, moe_state=state.moe_state)
     # ids the model knows but the tokenizer does not (a padded vocab) have no text
     out["texts"] = [tok.decode([i for i in row if i < tok.vocab_size]) for row in out["tokens"]]
     out["step"] = step
+    if sites is not None:
+        from sparsejax.infer.sparse_decode import decode_summary
+        out["sparse_decode"] = decode_summary(sites)
     return out

@@ -117,6 +117,26 @@ def test_sample_under_thresholds(workdir, capsys):
     assert rc == 0 and zero["tokens"] == dense["tokens"]
 
 
+def test_sample_sparse_decode_settings_take_effect(workdir, capsys):
+    """SparseDecode's bindings decide which sites decode sparsely (reported by `sample`),
+    and the sparse path gives the tokens of the masked dense one."""
+    base = ["sample", f"--workdir={workdir}", "--prompt=def f(x):", "--max_new_tokens=8",
+            COMMON[0], *SMALL, "--gin.Thresholding.method='teal'", "--gin.Thresholding.target=0.5"]
+    rc, sparse = run_cli(capsys, *base)
+    assert rc == 0 and sparse["sparse_decode"]["sparse"] > 0
+    n = sparse["sparse_decode"]["sites"]
+    for flag in ("--gin.SparseDecode.max_density=0.05", "--gin.SparseDecode.enabled=False"):
+        rc, dense = run_cli(capsys, *base, flag)
+        assert rc == 0 and dense["sparse_decode"] == {"sites": n, "sparse": 0}, flag
+        assert dense["tokens"] == sparse["tokens"]
+    # CATS: one gate_act site per layer, governed by max_neuron_density
+    cats = [*base[:5], *SMALL, "--gin.Thresholding.method='cats'", "--gin.Thresholding.target=0.7"]
+    rc, on = run_cli(capsys, *cats, "--gin.SparseDecode.max_neuron_density=1.0")
+    rc2, off = run_cli(capsys, *cats, "--gin.SparseDecode.max_neuron_density=0.05")
+    assert rc == rc2 == 0 and on["sparse_decode"]["sparse"] > 0 == off["sparse_decode"]["sparse"]
+    assert on["tokens"] == off["tokens"]
+
+
 @pytest.mark.parametrize("args, match", [
     (["--gin.Thresholding.method='teal'", "--gin.Thresholding.target=1.0"],
      "Thresholding.target=1.0 must be a sparsity in [0, 1)"),
