@@ -151,7 +151,8 @@ def decode_gated_mlp(module, t: jax.Array, gated: Callable, dtype) -> jax.Array:
     xg, keep_g = _masked(s_g, t)
     xu, keep_u = _masked(s_u, t)
     rows = t.shape[0]
-    slots = shared_slots([keep_g, keep_u], [s_g, s_u], rows)
+    neuron = use_sparse(s_a, rows)  # up is then read by columns: gate keeps its own rows
+    slots = None if neuron else shared_slots([keep_g, keep_u], [s_g, s_u], rows)
     gate = project(xg, kg, keep_g, s_g, slots)
 
     def down_site(h, idx):
@@ -161,7 +162,7 @@ def decode_gated_mlp(module, t: jax.Array, gated: Callable, dtype) -> jax.Array:
         keep = jnp.abs(h.astype(jnp.float32)) * scale.astype(jnp.float32) > s_o.threshold
         return jnp.where(keep, h, jnp.zeros_like(h))
 
-    if use_sparse(s_a, rows):
+    if neuron:
         a = gated(gate, gate)[0]
         ku_t = (module.get_variable(DECODE_WEIGHTS, "wi_up_t").astype(dtype)
                 if module.has_variable(DECODE_WEIGHTS, "wi_up_t") else None)
