@@ -157,11 +157,11 @@ def model_bench(embed: int, mlp_dim: int, layers: int, prompt: int, new: int, re
         out[f"model_{k}_speedup"] = t["dense"] / t[k]
     for pct in (50, 70, 90):
         k = f"teal{pct}"
-        gathered = (f"every site gathered {t['dense'] / t[k + '_all_gathered']:.2f}x"
+        all_note = (f"every site gathered {t['dense'] / t[k + '_all_gathered']:.2f}x"
                     if k + "_all_gathered" in t else "every site already gathered")
         print(f"  TEAL {pct}% on every projection: {new / t[k]:.1f} tok/s = "
               f"{t['dense'] / t[k]:.2f}x dense with SparseDecode's defaults (max_density "
-              f"{SparseDecode().max_density}); {gathered}; same thresholds, dense matmuls "
+              f"{SparseDecode().max_density}); {all_note}; same thresholds, dense matmuls "
               f"{t['dense'] / t[k + '_masked_dense']:.2f}x", flush=True)
     return out
 
