@@ -50,7 +50,9 @@ REPRODUCTIONS = {
     # Longer variants (configs/experiments/long.gin: 6 layers, 1200 steps) of the claims that
     # 300 steps of the small model cannot resolve.
     "dst_long": Reproduction("Dynamic sparse training, longer variant: RigL vs SET vs static "
-                             "random vs dense (ERK, 80% sparsity)", ("dense_long", "dst_long"),
+                             "random vs dense (ERK, 80% sparsity), and RigL/SET with "
+                             "per-weight Adam bias correction",
+                             ("dense_long", "dst_long", "dst_long_per_entry"),
                              "dense_long: name=dense"),
     "spdf_long": Reproduction("SPDF, longer variant: sparse pre-training then dense vs dense "
                               "vs sparse throughout", ("dense_long", "spdf_long"),

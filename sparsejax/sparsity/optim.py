@@ -6,10 +6,14 @@ pruned weights (already zero) stay *exactly* zero under any inner optimizer, and
 weights (sparse fine-tuning) keep their value. It reads the masks from the method state
 passed as an extra argument, ``tx.update(grads, opt_state, params, sparsity=state)``: the
 masks live only in the TrainState's ``sparsity`` field, never in the optimizer state.
+
+``reset_slots`` zeroes the optimizer slots of entries whose mask changed (pruned or grown).
+``scale_by_adam_per_entry`` is Adam with one step count per entry, which ``reset_slots``
+zeroes with the moments, so a grown weight's bias correction restarts as at step 1.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,3 +62,38 @@ def reset_slots(opt_state: PyTree, params: PyTree, changed: PyTree) -> PyTree:
         )
 
     return jax.tree.map(fix, opt_state, is_leaf=params_like)
+
+
+class PerEntryAdamState(NamedTuple):
+    """Adam's moments with a params-shaped int32 step count in place of the scalar one."""
+    count: PyTree
+    mu: PyTree
+    nu: PyTree
+
+
+def scale_by_adam_per_entry(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+                            ) -> optax.GradientTransformation:
+    """``optax.scale_by_adam`` whose bias correction uses each entry's own step count.
+
+    Without mask changes it is Adam. When ``reset_slots`` zeroes an entry (a weight pruned or
+    grown by dynamic sparse training), its count restarts with its moments, so the entry's
+    next updates are those of Adam's first steps (``m/(1-b1^k)``, ``v/(1-b2^k)`` with k the
+    steps since the reset) instead of raw moments under a global count whose correction has
+    long reached 1. Costs one int32 per parameter of optimizer state."""
+
+    def init_fn(params):
+        return PerEntryAdamState(
+            count=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.int32), params),
+            mu=optax.tree.zeros_like(params), nu=optax.tree.zeros_like(params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+        count = jax.tree.map(optax.safe_increment, state.count)
+        out = jax.tree.map(
+            lambda m, v, c: (m / (1 - b1 ** c).astype(m.dtype))
+            / (jnp.sqrt(v / (1 - b2 ** c).astype(v.dtype)) + eps), mu, nu, count)
+        return out, PerEntryAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)

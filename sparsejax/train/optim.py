@@ -5,6 +5,9 @@ import gin
 import optax
 
 from sparsejax.config import run_step
+from sparsejax.sparsity.optim import scale_by_adam_per_entry
+
+BIAS_CORRECTIONS = ("global", "per_entry")
 
 
 @gin.configurable(denylist=["total_steps"])
@@ -25,11 +28,26 @@ def learning_rate_schedule(peak_lr: float = 3e-3, warmup_steps: int | float = 10
 
 @gin.configurable(denylist=["total_steps"])
 def make_optimizer(total_steps: int, name: str = "adamw", weight_decay: float = 0.1,
-                   b1: float = 0.9, b2: float = 0.95, grad_clip_norm: float | None = 1.0
-                   ) -> optax.GradientTransformation:
-    """AdamW (or SGD with momentum / Lion) with the configured schedule and global-norm clipping."""
+                   b1: float = 0.9, b2: float = 0.95, grad_clip_norm: float | None = 1.0,
+                   bias_correction: str = "global") -> optax.GradientTransformation:
+    """AdamW (or SGD with momentum / Lion) with the configured schedule and global-norm clipping.
+
+    `bias_correction` (AdamW only): 'global' counts Adam's steps once for all weights (optax);
+    'per_entry' counts them per weight and restarts an entry's count when its mask changes,
+    so weights grown by dynamic sparse training (RigL, SET) start as at step 1."""
+    if bias_correction not in BIAS_CORRECTIONS:
+        raise ValueError(f"make_optimizer.bias_correction={bias_correction!r} is unknown; "
+                         f"valid: {list(BIAS_CORRECTIONS)}")
+    if bias_correction != "global" and name != "adamw":
+        raise ValueError(f"make_optimizer.bias_correction={bias_correction!r} applies to "
+                         f"name='adamw' only (name={name!r} has no bias correction); use "
+                         f"bias_correction='global'")
     lr = learning_rate_schedule(total_steps=total_steps)
-    if name == "adamw":
+    if name == "adamw" and bias_correction == "per_entry":
+        tx = optax.chain(scale_by_adam_per_entry(b1=b1, b2=b2),
+                         optax.add_decayed_weights(weight_decay),
+                         optax.scale_by_learning_rate(lr))
+    elif name == "adamw":
         tx = optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay)
     elif name == "sgd":
         tx = optax.sgd(lr, momentum=b1)
