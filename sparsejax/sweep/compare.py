@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import os
 import re
+import textwrap
 from typing import Any, Sequence
 
 import numpy as np
@@ -222,8 +223,8 @@ def plot_comparison(variants: Sequence[Variant], path: str, title: str = "") -> 
                     pad = 0.05 * (max(late) - min(late) or 1.0)
                     ax.set_ylim(min(late) - pad, max(late) + pad)
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
+    if title:  # wrapped to the figure's width (about 55 characters a panel)
+        fig.suptitle(textwrap.fill(title, 55 * len(panels)))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path
