@@ -38,7 +38,7 @@ from sparsejax.sparsity.posttrain import capture, experts as experts_lib
 from sparsejax.sparsity.posttrain import stats as stats_lib
 from sparsejax.sparsity.posttrain.allocation import ALLOCATIONS, outlier_ratio
 from sparsejax.sparsity.posttrain.config import PruneConfig
-from sparsejax.sparsity.posttrain.dsnot import DSnoT
+from sparsejax.sparsity.posttrain.kernel import expert_calibration, layer_record, prune_kernel
 from sparsejax.sparsity.posttrain.plan import Plan, build_plan, get_path, set_path
 from sparsejax.sparsity.posttrain.solvers import PRUNERS
 
@@ -190,67 +190,6 @@ def _calibration_of(kernel_path: str, program: _BlockProgram, dense, moe, grads,
     return stats_lib.LayerCalibration(s, grad, n)
 
 
-def _prune_kernel(plan: Plan, path: str, kernel: jax.Array, calib, density: float,
-                  valid) -> tuple[jax.Array, jax.Array, dict]:
-    """Prunes one kernel (each expert of a stacked [E, in, out] kernel on its own)."""
-    pc = plan.config
-    t0 = time.perf_counter()
-    if kernel.ndim == 3:
-        outs = [_prune_kernel(plan, path, kernel[e], _expert(calib, e), density, None)
-                for e in range(kernel.shape[0])]
-        w = jnp.stack([o[0] for o in outs])
-        keep = jnp.stack([o[1] for o in outs])
-        swaps = sum(o[2].get("dsnot_swaps", 0) for o in outs)
-        info = {"dsnot_swaps": swaps} if pc.dsnot else {}
-        info["seconds"] = time.perf_counter() - t0
-        return w, keep, info
-    if plan.global_masks is not None:
-        keep = plan.global_masks[path]
-        w = jnp.where(keep, kernel, jnp.zeros_like(kernel))
-    else:
-        w, keep = plan.pruner.prune(plan.solve_layout(kernel), calib, density=density,
-                                    structure=plan.structure, valid=valid)
-    info = {}
-    if pc.dsnot:
-        w, keep, swaps = DSnoT().refine(kernel, w, keep, calib, pc.nm_pair)
-        if valid is not None:
-            keep = keep & valid
-            w = jnp.where(keep, w, jnp.zeros_like(w))
-        info["dsnot_swaps"] = int(jnp.sum(swaps))
-    w = jax.block_until_ready(w)
-    info["seconds"] = time.perf_counter() - t0
-    return w, keep, info
-
-
-def _expert(calib: stats_lib.LayerCalibration, e: int) -> stats_lib.LayerCalibration:
-    return stats_lib.LayerCalibration(jax.tree.map(lambda a: a[e], calib.stats),
-                                      None if calib.grad_sq is None else calib.grad_sq[e],
-                                      calib.num_samples)
-
-
-@jax.jit
-def _error_sums(kernel, pruned, hessian):
-    f = lambda a, b: jnp.einsum("...ij,...ik,...kj->", a, hessian, b)
-    d = (kernel - pruned).astype(jnp.float32)
-    k = kernel.astype(jnp.float32)
-    return f(d, d), f(k, k)
-
-
-def _errors(kernel, pruned, calib) -> tuple[float, float]:
-    """(tr(Δᵀ H Δ), relative to tr(Wᵀ H W)) over the calibration tokens."""
-    err, base = (float(x) for x in _error_sums(kernel, pruned, calib.stats.hessian))
-    return err, err / max(base, 1e-30)
-
-
-def _layer_record(plan: Plan, path: str, kernel, pruned, keep, calib, info) -> dict:
-    err, rel = _errors(kernel, pruned, calib)
-    v = plan.valid_of(path)
-    density = float(np.asarray(keep).sum()) / (keep.size if v is None else float(np.asarray(v).sum()))
-    return dict(path=path, shape=list(kernel.shape),
-                target_density=round(plan.densities[path], 6), density=density,
-                recon_error=err, recon_error_rel=rel, **info)
-
-
 def _outlier_pass(plan: Plan, params, moe_state, xs, batches) -> dict[int, float]:
     """OWL: each block's outlier ratio on the dense model (dense activations)."""
     scorer = PRUNERS.get(ALLOCATIONS.get(plan.config.allocation)().score)()
@@ -264,7 +203,7 @@ def _outlier_pass(plan: Plan, params, moe_state, xs, batches) -> dict[int, float
         for path in plan.block_paths(layer):
             calib = _calibration_of(path, prog, dense, moe, plan.grads, plan.n, name + "/")
             k = plan.kernel(params, path)
-            scores += [scorer.scores(k[e], _expert(calib, e)) for e in range(k.shape[0])] \
+            scores += [scorer.scores(k[e], expert_calibration(calib, e)) for e in range(k.shape[0])] \
                 if k.ndim == 3 else [scorer.scores(k, calib)]
         ratios[layer] = outlier_ratio(scores, ALLOCATIONS.get(plan.config.allocation)()
                                       .outlier_multiple)
@@ -329,11 +268,11 @@ def _run(plan: Plan, params, moe_state, calib, mesh, t_start) -> PruneResult:
             calib_l = _calibration_of(path, prog, dense, moe, plan.grads, plan.n, name + "/")
             kernel = plan.kernel(params, path)
             density = plan.densities[path]
-            w, keep, info = _prune_kernel(plan, path, kernel, calib_l, density,
+            w, keep, info = prune_kernel(plan, path, kernel, calib_l, density,
                                           plan.valid_of(path))
             params = plan.set_kernel(params, path, w)
             new_masks[path] = keep
-            report_layers.append(_layer_record(plan, path, kernel, w, keep, calib_l, info))
+            report_layers.append(layer_record(plan, path, kernel, w, keep, calib_l, info))
         bp = params[name]
         out_prog = program(plan.programs, cfg, layer, (), block_k, batches, with_stats=False)
         pruned_out = [out_prog.fn(bp, ms, x, b["positions"], b["segment_ids"], b["weights"])
@@ -356,11 +295,11 @@ def _run(plan: Plan, params, moe_state, calib, mesh, t_start) -> PruneResult:
         calib_h = stats_lib.LayerCalibration(
             tot, None if plan.grads is None else plan.grads.get(path), plan.n)
         kernel = plan.kernel(params, path)
-        w, keep, info = _prune_kernel(plan, path, kernel, calib_h, plan.densities[path],
+        w, keep, info = prune_kernel(plan, path, kernel, calib_h, plan.densities[path],
                                       plan.valid_of(path))
         params = plan.set_kernel(params, path, w)
         new_masks[path] = keep
-        report_layers.append(_layer_record(plan, path, kernel, w, keep, calib_h, info))
+        report_layers.append(layer_record(plan, path, kernel, w, keep, calib_h, info))
     masks = plan.masks_tree(params, new_masks)
     kept = sum(int(np.asarray(m).sum()) for m in new_masks.values())
     total = sum(m.size if plan.valid_of(p) is None else int(np.asarray(plan.valid_of(p)).sum())
