@@ -269,7 +269,7 @@ def _run(plan: Plan, params, moe_state, calib, mesh, t_start) -> PruneResult:
             kernel = plan.kernel(params, path)
             density = plan.densities[path]
             w, keep, info = prune_kernel(plan, path, kernel, calib_l, density,
-                                          plan.valid_of(path))
+                                         plan.valid_of(path))
             params = plan.set_kernel(params, path, w)
             new_masks[path] = keep
             report_layers.append(layer_record(plan, path, kernel, w, keep, calib_l, info))
@@ -296,7 +296,7 @@ def _run(plan: Plan, params, moe_state, calib, mesh, t_start) -> PruneResult:
             tot, None if plan.grads is None else plan.grads.get(path), plan.n)
         kernel = plan.kernel(params, path)
         w, keep, info = prune_kernel(plan, path, kernel, calib_h, plan.densities[path],
-                                      plan.valid_of(path))
+                                     plan.valid_of(path))
         params = plan.set_kernel(params, path, w)
         new_masks[path] = keep
         report_layers.append(layer_record(plan, path, kernel, w, keep, calib_h, info))
