@@ -92,8 +92,8 @@ def scale_by_adam_per_entry(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-
         nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
         count = jax.tree.map(optax.safe_increment, state.count)
         out = jax.tree.map(
-            lambda m, v, c: (m / (1 - b1 ** c).astype(m.dtype))
-            / (jnp.sqrt(v / (1 - b2 ** c).astype(v.dtype)) + eps), mu, nu, count)
+            lambda m, v, c: optax.tree.bias_correction(m, b1, c)
+            / (jnp.sqrt(optax.tree.bias_correction(v, b2, c)) + eps), mu, nu, count)
         return out, PerEntryAdamState(count=count, mu=mu, nu=nu)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -102,26 +102,3 @@ def test_bias_correction_setting_is_checked():
     with pytest.raises(ValueError, match=r"applies to name='adamw' only.*name='sgd'"):
         make_optimizer(10, name="sgd", bias_correction="per_entry")
 
-
-def test_rigl_with_per_entry_bias_correction_through_the_cli(tmp_path):
-    """The shipped RigL preset with `make_optimizer.bias_correction='per_entry'`: the
-    checkpointed Adam counts restart exactly where the masks changed."""
-    from sparsejax import cli
-    from sparsejax.train.checkpoint import restore_state_numpy
-    fast = ["--gin.TrainConfig.num_steps=8", "--gin.TrainConfig.log_every=4",
-            "--gin.TrainConfig.eval_every=8", "--gin.TrainConfig.eval_tokens=256",
-            "--gin.TrainConfig.checkpoint_every=8", "--gin.TrainConfig.progress_bar=False",
-            "--gin.TrainConfig.async_checkpoints=False", "--gin.make_mesh.num_devices=1",
-            "--gin.ModelConfig.num_layers=1", "--gin.DropGrowSchedule.frequency=0.25"]
-    assert cli.main(["train", "--gin_file=tiny.gin", "--gin_file=sparsity/rigl.gin",
-                     f"--workdir={tmp_path}", "--quiet", *fast,
-                     "--gin.make_optimizer.bias_correction='per_entry'"]) == 0
-    step, state = restore_state_numpy(str(tmp_path))
-    adam = state["opt_state"][1][0]
-    counts = adam["count"]
-    assert np.all(counts["final_norm"]["scale"] == step)  # never masked: counted every step
-    kernel = counts["layer_0"]["mlp"]["wi_up"]["kernel"]
-    restarted = kernel < step
-    assert restarted.any() and (kernel >= 1).all() and (kernel[~restarted] == step).all()
-    # an entry restarted k steps ago has seen k gradients since its moments were zeroed
-    assert np.isin(np.unique(kernel[restarted]), [2, 4, 6]).all()

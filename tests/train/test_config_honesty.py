@@ -236,3 +236,19 @@ def test_moe_settings_the_configuration_never_reads_are_refused(tmp_path, capsys
     assert train(tmp_path / "w", f"--gin.{binding}", "--gin.ModelConfig.mlp_kinds=('moe',)",
                  files=files) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_rigl_with_per_entry_bias_correction_restarts_counts_where_masks_changed(tmp_path):
+    """The shipped RigL preset with `make_optimizer.bias_correction='per_entry'`: the
+    checkpointed Adam counts restart exactly where the masks changed."""
+    assert train(tmp_path, "--gin.make_optimizer.bias_correction='per_entry'",
+                 "--gin.DropGrowSchedule.frequency=0.25",
+                 files=("tiny.gin", "sparsity/rigl.gin")) == 0
+    step, state = restore_state_numpy(str(tmp_path))
+    counts = state["opt_state"][1][0]["count"]
+    assert np.all(counts["final_norm"]["scale"] == step)  # never masked: counted every step
+    kernel = counts["layer_0"]["mlp"]["wi_up"]["kernel"]
+    restarted = kernel < step
+    assert restarted.any() and (kernel >= 1).all() and (kernel[~restarted] == step).all()
+    # mask updates at steps 2, 4, 6 of 8: an entry restarted there has seen 6, 4 or 2 steps
+    assert np.isin(np.unique(kernel[restarted]), [2, 4, 6]).all()
