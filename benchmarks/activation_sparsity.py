@@ -10,10 +10,14 @@
    stated one; the masked dense step (same thresholds, dense matmuls) is timed too.
 2. Whole-model decode (`generate` with a KV cache, batch 1, --layers layers of that MLP and
    full attention) under TEAL at 50/70/90% on every projection, thresholds calibrated on
-   random token rows, against dense decode of the same model: tokens/s with the sparse
-   decode path as `sparsejax sample` configures it (sites kept dense above
-   SparseDecode.max_density), with every site gathered (timed only where that is another
-   program), and with the same thresholds computed densely.
+   random token rows, against dense decode of the same model, with the sparse decode path
+   as `sparsejax sample` configures it (sites kept dense above SparseDecode.max_density),
+   with every site gathered (timed only where that is another program), and with the same
+   thresholds computed densely. Two figures per model: the decode step (time per output
+   token: a generation of --new_tokens tokens less one of a single token, which is only the
+   prompt's prefill, over the --new_tokens - 1 steps between them), and end-to-end tokens/s
+   of the whole generation, prefill included (prefill runs densely: it has more rows than
+   SparseDecode.max_rows).
 
 Cases are timed in turns (every case once per round, medians over rounds), so a shared
 machine's changing load falls on all of them alike.
@@ -141,28 +145,34 @@ def model_bench(embed: int, mlp_dim: int, layers: int, prompt: int, new: int, re
             models[f"teal{pct}_all_gathered"] = WithVariables(model, {THRESHOLDS: gathered})
         models[f"teal{pct}_masked_dense"] = WithVariables(model, {THRESHOLDS: sites})
     toks, pos, segs = (jnp.asarray(a) for a in pad_prompts(prompts, 0))
+    args = (params, None, toks, pos, segs, jax.random.key(0))
     cases = {}
-    for k, m in models.items():  # one compiled generation program per model
-        fn = make_generate_fn(m, new, 0.0, 0, 1.0)
-        args = (params, None, toks, pos, segs, jax.random.key(0))
-        cases[k] = (fn.lower(*args).compile(), args)
+    for k, m in models.items():  # per model: the whole generation, and its prefill alone
+        for suffix, n in (("", new), ("@prefill", 1)):
+            cases[k + suffix] = (make_generate_fn(m, n, 0.0, 0, 1.0).lower(*args).compile(), args)
     t = timed_together(cases, reps)
-    out = {"model_dense_tokens_per_s": new / t["dense"]}
-    print(f"model ({layers} layers, embed {embed}, mlp {mlp_dim}, full attention) decode at "
-          f"batch 1: dense {new / t['dense']:.1f} tok/s", flush=True)
+    step = {k: (t[k] - t[k + "@prefill"]) / (new - 1) for k in models}
+    out = {"model_dense_decode_step_ms": step["dense"] * 1e3,
+           "model_dense_tokens_per_s": new / t["dense"]}
+    print(f"model ({layers} layers, embed {embed}, mlp {mlp_dim}, full attention) at batch 1, "
+          f"dense: decode step {step['dense'] * 1e3:.2f} ms, {new / t['dense']:.1f} tok/s end to "
+          f"end ({new} tokens after a {prompt}-token prompt, prefill included)", flush=True)
     for k in models:
         if k == "dense":
             continue
-        out[f"model_{k}_tokens_per_s"] = new / t[k]
-        out[f"model_{k}_speedup"] = t["dense"] / t[k]
+        out.update({f"model_{k}_decode_step_ms": step[k] * 1e3,
+                    f"model_{k}_decode_speedup": step["dense"] / step[k],
+                    f"model_{k}_tokens_per_s": new / t[k],
+                    f"model_{k}_speedup": t["dense"] / t[k]})
     for pct in (50, 70, 90):
         k = f"teal{pct}"
-        all_note = (f"every site gathered {t['dense'] / t[k + '_all_gathered']:.2f}x"
-                    if k + "_all_gathered" in t else "every site already gathered")
-        print(f"  TEAL {pct}% on every projection: {new / t[k]:.1f} tok/s = "
-              f"{t['dense'] / t[k]:.2f}x dense with SparseDecode's defaults (max_density "
-              f"{SparseDecode().max_density}); {all_note}; same thresholds, dense matmuls "
-              f"{t['dense'] / t[k + '_masked_dense']:.2f}x", flush=True)
+        ratio = lambda name: f"{step['dense'] / step[name]:.2f}x"
+        all_note = (f"every site gathered {ratio(k + '_all_gathered')}"
+                    if k + "_all_gathered" in step else "every site already gathered")
+        print(f"  TEAL {pct}% on every projection: decode step {step[k] * 1e3:.2f} ms = "
+              f"{ratio(k)} dense with SparseDecode's defaults (max_density "
+              f"{SparseDecode().max_density}; end to end {t['dense'] / t[k]:.2f}x); {all_note}; "
+              f"same thresholds, dense matmuls {ratio(k + '_masked_dense')}", flush=True)
     return out
 
 
@@ -176,6 +186,9 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=30, help="timed rounds of the MLP steps")
     p.add_argument("--model_reps", type=int, default=11, help="timed rounds of generation")
     args = p.parse_args(argv)
+    if args.new_tokens < 2:
+        p.error(f"--new_tokens={args.new_tokens} must be >= 2 (decode steps are timed as a "
+                f"generation of --new_tokens less one of a single token)")
     dev = jax.devices()[0]
     out = {"device": f"{dev.platform}: {dev.device_kind}", "embed": args.embed, "mlp": args.mlp}
     print(f"device: {out['device']}", flush=True)

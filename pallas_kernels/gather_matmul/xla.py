@@ -3,10 +3,13 @@
 * mode "rows": a loop over the active slots, `ROWS_PER_STEP` weight rows per iteration, for
   `ceil(count / ROWS_PER_STEP)` iterations: each active weight row is read once, straight
   into the accumulator, and the work follows the step's own active count, not the site's
-  capacity. (Gathering the rows with `jnp.take` and multiplying after writes the gathered
-  rows out and reads them back: at batch 1 on CPU that costs more than the dense product at
-  50% sparsity; the loop is 1.5-1.9x faster than dense there:
-  benchmarks/activation_sparsity.py.)
+  capacity. The rows of one iteration go to `ACCUMULATORS` partial sums (summed after the
+  loop), so the adds form that many independent chains. (Gathering the rows with `jnp.take`
+  and multiplying after writes the gathered rows out and reads them back: at batch 1 on CPU
+  that costs more than the dense product at 50% sparsity. Active rows are scattered over
+  the weight, so each starts a new memory stream: 16 rows in flight per iteration hide more
+  of that latency than 8 did (whole-model TEAL 50% decode 1.52x -> 1.60x dense on this
+  project's CPU), and 2 partial sums beat 1 and 4: benchmarks/activation_sparsity.py.)
 * mode "cols" on a neuron-major weight (`transpose_w`): a loop that gathers `COLS_PER_STEP`
   rows at a time (a block that stays in cache) and multiplies them, for as many blocks as
   the step has active slots.
@@ -16,10 +19,13 @@
 Slots past `count` contribute exact zeros."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-ROWS_PER_STEP = 8
+ROWS_PER_STEP = 16
+ACCUMULATORS = 2
 COLS_PER_STEP = 64
 
 
@@ -32,16 +38,18 @@ def _rows_loop(x: jax.Array, w: jax.Array, idx: jax.Array, count: jax.Array) -> 
     xs = jnp.where(valid[None, :], xs.astype(jnp.float32), 0.0)
     idx = jnp.pad(jnp.clip(idx, 0, w.shape[0] - 1), (0, pad))
 
-    def body(j, acc):
+    def body(j, accs):
+        accs = list(accs)
         for k in range(r):
             i = j * r + k
             row = jax.lax.dynamic_slice_in_dim(w, idx[i], 1, 0).astype(jnp.float32)  # [1, N]
-            acc = acc + jax.lax.dynamic_slice_in_dim(xs, i, 1, 1) * row
-        return acc
+            accs[k % ACCUMULATORS] += jax.lax.dynamic_slice_in_dim(xs, i, 1, 1) * row
+        return tuple(accs)
 
     steps = (jnp.clip(count, 0, c) + r - 1) // r
-    return jax.lax.fori_loop(0, steps, body,
-                             jnp.zeros((x.shape[0], w.shape[1]), jnp.float32))
+    zero = jnp.zeros((x.shape[0], w.shape[1]), jnp.float32)
+    accs = jax.lax.fori_loop(0, steps, body, (zero,) * ACCUMULATORS)
+    return functools.reduce(jnp.add, accs)
 
 
 def _cols_loop(x: jax.Array, w_t: jax.Array, idx: jax.Array, count: jax.Array) -> jax.Array:

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels.gather_matmul import ops
+from pallas_kernels.gather_matmul import xla as xla_path
 from pallas_kernels.gather_matmul.reference import gather_matmul_reference
 
 # Relative Frobenius error: float32 differs from the float64-exact reference only by
@@ -56,11 +57,15 @@ def test_matches_reference(backend, b, k, n, c, frac, mode, dtype, seed):
         np.testing.assert_array_equal(np.asarray(y, np.float32), 0.0)
 
 
-@pytest.mark.parametrize("count", [0, 1, 7, 8, 9, 63, 64, 65, 130, 150])
+_R = xla_path.ROWS_PER_STEP
+
+
+@pytest.mark.parametrize("count", [0, 1, _R - 1, _R, _R + 1, 2 * _R + 1, 63, 64, 65, 130, 150])
 @pytest.mark.parametrize("mode", ["rows", "cols_t"])
 def test_xla_loops_cover_every_active_slot(mode, count):
-    """The XLA path loops over the active slots in blocks (8 rows; 64 neuron-major columns):
-    counts at, below and past a block boundary, padding slots out of range."""
+    """The XLA path loops over the active slots in blocks (ROWS_PER_STEP rows over
+    ACCUMULATORS partial sums; COLS_PER_STEP neuron-major columns): counts at, below and
+    past a block boundary, padding slots out of range."""
     rng = np.random.default_rng(count)
     x, w, idx, cnt = case(rng, 3, 200, 190, 150, count, "rows" if mode == "rows" else "cols")
     if mode == "rows":
