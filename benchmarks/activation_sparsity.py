@@ -19,6 +19,12 @@
    of the whole generation, prefill included (prefill runs densely: it has more rows than
    SparseDecode.max_rows).
 
+3. One projection of each of that model's weight shapes (q; k and v; o; gate and up; down)
+   at 50% input sparsity (random rows), against its dense product, over enough copies of the
+   weight that they do not fit in cache (--stream_mb in all): time and the rate at which each
+   reads its weights. Narrow weights have short rows, and every scattered row starts a new
+   memory stream, so they gain least.
+
 Cases are timed in turns (every case once per round, medians over rounds), so a shared
 machine's changing load falls on all of them alike.
 
@@ -176,6 +182,40 @@ def model_bench(embed: int, mlp_dim: int, layers: int, prompt: int, new: int, re
     return out
 
 
+def rows_bench(embed: int, mlp_dim: int, reps: int, stream_mb: float) -> dict:
+    from pallas_kernels.gather_matmul import gather_matmul
+    heads = max(1, embed // 64)
+    shapes = {"q": (embed, heads * 64), "k_v": (embed, max(1, heads // 2) * 64),
+              "o": (heads * 64, embed), "gate_up": (embed, mlp_dim), "down": (mlp_dim, embed)}
+    rng = np.random.default_rng(0)
+    cases, meta = {}, {}
+    for name, (k, n) in shapes.items():
+        copies = max(1, -(-int(stream_mb * 2**20) // (k * n * 4)))
+        ws = [jax.random.normal(jax.random.key(i), (k, n)) for i in range(copies)]
+        x = jax.random.normal(jax.random.key(copies), (1, k))
+        kept = np.sort(rng.choice(k, k // 2, replace=False)).astype(np.int32)
+        idx, count = jnp.asarray(np.pad(kept, (0, k // 8))), jnp.int32(k // 2)  # 25% headroom
+        cases[name + "_dense"] = (jax.jit(lambda x, ws: [x @ w for w in ws]), (x, ws))
+        cases[name] = (jax.jit(lambda x, i, c, ws: [gather_matmul(x, w, i, c) for w in ws]),
+                       (x, idx, count, ws))
+        meta[name] = (copies, k * n * 4)
+    t = timed_together(cases, reps)
+    out = {}
+    print(f"one projection per weight shape at 50% input sparsity (random rows), weights "
+          f"streamed from memory ({stream_mb:g} MB of copies per shape):", flush=True)
+    for name, (copies, nbytes) in meta.items():
+        dense, sparse = t[name + "_dense"] / copies, t[name] / copies
+        k, n = shapes[name]
+        out.update({f"rows_{name}_dense_us": dense * 1e6, f"rows_{name}_us": sparse * 1e6,
+                    f"rows_{name}_speedup": dense / sparse,
+                    f"rows_{name}_dense_gb_per_s": nbytes / dense / 1e9,
+                    f"rows_{name}_gb_per_s": nbytes / 2 / sparse / 1e9})
+        print(f"  {name:>7} [{k}, {n}] ({n * 4 // 1024} KB rows): {sparse * 1e6:.0f} us = "
+              f"{dense / sparse:.2f}x dense; reads at {nbytes / 2 / sparse / 1e9:.1f} GB/s "
+              f"(dense {nbytes / dense / 1e9:.1f} GB/s)", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--embed", type=int, default=1024)
@@ -185,6 +225,8 @@ def main(argv=None) -> int:
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--reps", type=int, default=30, help="timed rounds of the MLP steps")
     p.add_argument("--model_reps", type=int, default=11, help="timed rounds of generation")
+    p.add_argument("--stream_mb", type=float, default=96,
+                   help="MB of weight copies per shape in part 3 (more than the caches)")
     args = p.parse_args(argv)
     if args.new_tokens < 2:
         p.error(f"--new_tokens={args.new_tokens} must be >= 2 (decode steps are timed as a "
@@ -195,6 +237,7 @@ def main(argv=None) -> int:
     out.update(mlp_bench(args.embed, args.mlp, args.reps))
     out.update(model_bench(args.embed, args.mlp, args.layers, args.prompt, args.new_tokens,
                            args.model_reps))
+    out.update(rows_bench(args.embed, args.mlp, args.reps, args.stream_mb))
     print(json.dumps(out), flush=True)
     return 0
 

@@ -6,10 +6,13 @@
   capacity. The rows of one iteration go to `ACCUMULATORS` partial sums (summed after the
   loop), so the adds form that many independent chains. (Gathering the rows with `jnp.take`
   and multiplying after writes the gathered rows out and reads them back: at batch 1 on CPU
-  that costs more than the dense product at 50% sparsity. Active rows are scattered over
-  the weight, so each starts a new memory stream: 16 rows in flight per iteration hide more
-  of that latency than 8 did (whole-model TEAL 50% decode 1.52x -> 1.60x dense on this
-  project's CPU), and 2 partial sums beat 1 and 4: benchmarks/activation_sparsity.py.)
+  that costs more than the dense product at 50% sparsity.) Active rows are scattered over
+  the weight, so each starts a new memory stream, and short rows (2-4 KB) are read at about
+  two thirds of the dense product's rate (benchmarks/activation_sparsity.py, part 3). More
+  rows per iteration keep more of those streams in flight: in two same-run comparisons on
+  this project's CPU, whole-model TEAL 50% generation went from 1.53x and 1.58x dense with 8
+  rows and one sum to 1.61x and 1.62x with 16 rows and 2 (4 sums, 24 or 32 rows were no
+  better).
 * mode "cols" on a neuron-major weight (`transpose_w`): a loop that gathers `COLS_PER_STEP`
   rows at a time (a block that stays in cache) and multiplies them, for as many blocks as
   the step has active slots.
