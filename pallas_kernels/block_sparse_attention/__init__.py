@@ -8,3 +8,8 @@ from pallas_kernels.block_sparse_attention.ops import block_sparse_attention
 from pallas_kernels.block_sparse_attention.reference import reference_attention
 from pallas_kernels.block_sparse_attention.topk import (TopKBlockMask, init_gate_params,
                                                         topk_gate_distillation_loss)
+
+__all__ = ["BlockLayoutMask", "BlockMask", "CausalMask", "ChunkedMask", "GlobalLocalMask",
+           "GpuConfig", "MASK_KINDS", "PassConfig", "SlidingWindowMask", "StridedMask",
+           "TopKBlockMask", "block_sparse_attention", "compress", "init_gate_params",
+           "make_mask", "reference_attention", "topk_gate_distillation_loss"]

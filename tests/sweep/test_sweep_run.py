@@ -87,7 +87,7 @@ def _read_csv(out):
 
 
 def test_table_matches_trial_metrics(sweep):
-    out, spec, dirs = sweep["out"], sweep["spec"], sweep["dirs"]
+    out, dirs = sweep["out"], sweep["dirs"]
     rows = {r["num_layers"]: r for r in _read_csv(out)}
     assert set(rows) == {"1", "2"}
     for layers in ("1", "2"):
