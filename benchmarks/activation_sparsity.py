@@ -158,6 +158,10 @@ def model_bench(embed: int, mlp_dim: int, layers: int, prompt: int, new: int, re
             cases[k + suffix] = (make_generate_fn(m, n, 0.0, 0, 1.0).lower(*args).compile(), args)
     t = timed_together(cases, reps)
     step = {k: (t[k] - t[k + "@prefill"]) / (new - 1) for k in models}
+    unresolved = sorted(k for k, v in step.items() if v <= 0)
+    if unresolved:
+        print(f"WARNING: decode steps not resolved for {unresolved}: the {new - 1} extra steps "
+              f"took no longer than timing noise; raise --new_tokens", flush=True)
     out = {"model_dense_decode_step_ms": step["dense"] * 1e3,
            "model_dense_tokens_per_s": new / t["dense"]}
     print(f"model ({layers} layers, embed {embed}, mlp {mlp_dim}, full attention) at batch 1, "
