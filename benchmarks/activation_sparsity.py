@@ -73,6 +73,12 @@ def quantile_site(values: np.ndarray, s: float, width: int) -> Site:
     return Site(jnp.float32(t), jnp.ones((width,), jnp.float32), min(width, keep + 1), 1)
 
 
+def attention_heads(embed: int) -> tuple[int, int]:
+    """(query heads, kv heads) of the benchmark model: head_dim 64, half as many kv heads."""
+    heads = max(1, embed // 64)
+    return heads, max(1, heads // 2)
+
+
 def mlp_bench(embed: int, mlp_dim: int, reps: int) -> dict:
     mod = GatedMlp(embed, mlp_dim, activation="relu")
     x = jax.random.normal(jax.random.key(1), (1, 1, embed))
@@ -122,9 +128,9 @@ def model_bench(embed: int, mlp_dim: int, layers: int, prompt: int, new: int, re
     from sparsejax.sparsity.activation.calibrate import WithVariables
     from sparsejax.sparsity.activation.thresholding import make_sites, site_layout
     from sparsejax.models.thresholds import HISTOGRAMS
-    heads = max(1, embed // 64)
+    heads, kv_heads = attention_heads(embed)
     cfg = ModelConfig(vocab_size=512, num_layers=layers, embed_dim=embed, num_heads=heads,
-                      num_kv_heads=max(1, heads // 2), head_dim=64, mlp_dim=mlp_dim,
+                      num_kv_heads=kv_heads, head_dim=64, mlp_dim=mlp_dim,
                       max_seq_len=max(64, prompt + new + 8), mlp_activation="silu",
                       scale_embeddings=False)
     model = Transformer(cfg)
@@ -188,8 +194,8 @@ def model_bench(embed: int, mlp_dim: int, layers: int, prompt: int, new: int, re
 
 def rows_bench(embed: int, mlp_dim: int, reps: int, stream_mb: float) -> dict:
     from pallas_kernels.gather_matmul import gather_matmul
-    heads = max(1, embed // 64)
-    shapes = {"q": (embed, heads * 64), "k_v": (embed, max(1, heads // 2) * 64),
+    heads, kv_heads = attention_heads(embed)
+    shapes = {"q": (embed, heads * 64), "k_v": (embed, kv_heads * 64),
               "o": (heads * 64, embed), "gate_up": (embed, mlp_dim), "down": (mlp_dim, embed)}
     rng = np.random.default_rng(0)
     cases, meta = {}, {}

@@ -7,7 +7,7 @@
   loop), so the adds form that many independent chains. (Gathering the rows with `jnp.take`
   and multiplying after writes the gathered rows out and reads them back: at batch 1 on CPU
   that costs more than the dense product at 50% sparsity.) Active rows are scattered over
-  the weight, so each starts a new memory stream, and short rows (2-4 KB) are read at about
+  the weight, so each starts a new memory stream, and short rows (2-4 KB) are read at half to
   two thirds of the dense product's rate (benchmarks/activation_sparsity.py, part 3). More
   rows per iteration keep more of those streams in flight: in two same-run comparisons on
   this project's CPU, whole-model TEAL 50% generation went from 1.53x and 1.58x dense with 8
