@@ -52,14 +52,16 @@ def compiled_step(k, moe=None, mesh=None):
     model = ModelConfig(**MODEL, mlp_kinds=("dense", "moe") if moe is not None else ("dense",))
     cfg = TrainConfig(num_steps=20, global_batch_size=BATCH, seq_len=SEQ, microbatches=k)
     run = build_run(cfg, model_config=model, mesh=mesh)
-    bsh = batch_sharding(mesh)
+    _COMPILED[key] = run, jitted_step(run, mesh, k)
+    return _COMPILED[key]
+
+
+def jitted_step(run, mesh, k):
+    """The run's train step with `k` micro-batches, jitted with the run's shardings."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        step = jax.jit(make_train_step(run.model, run.tx, run.sparsity_method,
-                                       microbatches=k),
-                       in_shardings=(run.state_shardings, bsh),
+        return jax.jit(make_train_step(run.model, run.tx, run.sparsity_method, microbatches=k),
+                       in_shardings=(run.state_shardings, batch_sharding(mesh)),
                        out_shardings=(run.state_shardings, replicated(mesh)))
-    _COMPILED[key] = run, step
-    return run, step
 
 
 def run_steps(k, moe=None, mesh=None, steps=STEPS, state_fn=None):
@@ -159,11 +161,8 @@ def test_peak_memory_falls_with_microbatches():
         cfg = TrainConfig(num_steps=20, global_batch_size=16, seq_len=128, microbatches=k)
         run = build_run(cfg, model_config=model, mesh=mesh)
         bsh = batch_sharding(mesh)
+        step = jitted_step(run, mesh, k)
         with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-            step = jax.jit(make_train_step(run.model, run.tx, run.sparsity_method,
-                                           microbatches=k),
-                           in_shardings=(run.state_shardings, bsh),
-                           out_shardings=(run.state_shardings, replicated(mesh)))
             batch = {n: jax.ShapeDtypeStruct((16, 128), np.float32 if n == "loss_mask" else
                                              np.int32, sharding=bsh)
                      for n in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
