@@ -9,7 +9,7 @@
    The thresholds are the exact quantiles of this step's own scores, so the sparsity is the
    stated one; the masked dense step (same thresholds, dense matmuls) is timed too.
 2. Whole-model decode (`generate` with a KV cache, batch 1, --layers layers of that MLP and
-   full attention) under TEAL at 50/70/90% on every projection, thresholds calibrated on
+   full attention) under TEAL at 0/50/70/90% on every projection, thresholds calibrated on
    random token rows, against dense decode of the same model, with the sparse decode path
    as `sparsejax sample` configures it (sites kept dense above SparseDecode.max_density),
    with every site gathered (timed only where that is another program), and with the same
@@ -147,7 +147,7 @@ def model_bench(embed: int, mlp_dim: int, layers: int, prompt: int, new: int, re
                 hists[f"{layer}/{mod}/{name}"] = np.asarray(v[0])
     prompts = np.random.default_rng(0).integers(0, 512, (1, prompt)).tolist()
     models = {"dense": model}
-    for target in (0.5, 0.7, 0.9):
+    for target in SPARSITIES:
         sites = make_sites(layout, target, hists)
         pct = int(target * 100)
         defaults = with_capacities(sites, hists, SparseDecode(max_rows=1))  # as `sample`
@@ -180,7 +180,7 @@ def model_bench(embed: int, mlp_dim: int, layers: int, prompt: int, new: int, re
                     f"model_{k}_decode_speedup": step["dense"] / step[k],
                     f"model_{k}_tokens_per_s": new / t[k],
                     f"model_{k}_speedup": t["dense"] / t[k]})
-    for pct in (50, 70, 90):
+    for pct in (int(t * 100) for t in SPARSITIES):
         k = f"teal{pct}"
         ratio = lambda name: f"{step['dense'] / step[name]:.2f}x"
         all_note = (f"every site gathered {ratio(k + '_all_gathered')}"

@@ -25,10 +25,13 @@ def test_tiny_run_reports_every_figure(bench, capsys):
             key = f"mlp_{kind}_{pct}"
             assert out[key + "_speedup"] > 0
             assert out[key + "_achieved_sparsity"] == pytest.approx(pct / 100, abs=0.03)
-    for pct in (50, 70, 90):
+    for pct in (0, 50, 70, 90):
         for suffix in ("decode_step_ms", "decode_speedup", "tokens_per_s", "speedup"):
             assert f"model_teal{pct}_{suffix}" in out
             assert f"model_teal{pct}_masked_dense_{suffix}" in out
+    # At 0% the defaults keep every site dense (above max_density); gathering all of them
+    # is another program, timed beside it.
+    assert "model_teal0_all_gathered_decode_speedup" in out
     for name in ("q", "k_v", "o", "gate_up", "down"):
         assert out[f"rows_{name}_speedup"] > 0
         assert out[f"rows_{name}_gb_per_s"] > 0
