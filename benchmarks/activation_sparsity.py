@@ -180,7 +180,8 @@ def model_bench(embed: int, mlp_dim: int, layers: int, prompt: int, new: int, re
                     f"model_{k}_decode_speedup": step["dense"] / step[k],
                     f"model_{k}_tokens_per_s": new / t[k],
                     f"model_{k}_speedup": t["dense"] / t[k]})
-    for pct in (int(t * 100) for t in SPARSITIES):
+    for target in SPARSITIES:
+        pct = int(target * 100)
         k = f"teal{pct}"
         ratio = lambda name: f"{step['dense'] / step[name]:.2f}x"
         all_note = (f"every site gathered {ratio(k + '_all_gathered')}"
