@@ -1,0 +1,59 @@
+"""The block-sparse matmul in plain XLA, the CPU path (see reference.py for the definition).
+
+Activations are laid out block-major ([blocks, tokens, block]) inside the op, so the stored
+blocks' inputs are gathered as whole contiguous slabs and every product is one batched
+matmul over the stored blocks: FLOPs and weight bytes scale with the density.
+
+* forward:      y[o]     = sum_j x[idx[o, j]] @ values[o, j]
+* grad_values:  dv[o, j] = x[idx[o, j]]ᵀ @ dy[o]
+* grad_input:   dx[i]    = sum_{(o, j): idx[o, j] = i} dy[o] @ values[o, j]ᵀ
+                (the batched products, then a scatter-add of whole [tokens, block] slabs)
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.block_sparse_matmul.metadata import TransposedLayout
+
+
+def _blocks(a: jax.Array, block: int) -> jax.Array:
+    """[tokens, blocks * block] -> [blocks, tokens, block]."""
+    return a.reshape(a.shape[0], -1, block).transpose(1, 0, 2)
+
+
+def _unblocks(a: jax.Array) -> jax.Array:
+    """[blocks, tokens, block] -> [tokens, blocks * block]."""
+    return a.transpose(1, 0, 2).reshape(a.shape[1], -1)
+
+
+def forward(x: jax.Array, values: jax.Array, indices: jax.Array, *, out_dtype) -> jax.Array:
+    """x [tokens, in] -> [tokens, out_blocks * block_out]."""
+    xg = _blocks(x, values.shape[2])[indices]  # [ob, k, tokens, bi]
+    y = jnp.einsum("oktb,okbd->otd", xg, values.astype(x.dtype),
+                   preferred_element_type=jnp.float32)
+    return _unblocks(y.astype(out_dtype))
+
+
+def grad_values(x: jax.Array, dy: jax.Array, indices: jax.Array, block_in: int, *,
+                out_dtype) -> jax.Array:
+    """[out_blocks, k, block_in, block_out]: each stored block's gradient."""
+    ob = indices.shape[0]
+    xg = _blocks(x, block_in)[indices]  # [ob, k, tokens, bi]
+    dv = jnp.einsum("oktb,otd->okbd", xg, _blocks(dy, dy.shape[1] // ob).astype(x.dtype),
+                    preferred_element_type=jnp.float32)
+    return dv.astype(out_dtype)
+
+
+def grad_input(dy: jax.Array, values: jax.Array, indices: jax.Array, layout: TransposedLayout,
+               in_blocks: int, *, out_dtype) -> jax.Array:
+    """[tokens, in_blocks * block_in]: dy @ Wᵀ. (`layout` is unused here: the scatter-add
+    takes the stored order directly.)"""
+    del layout
+    ob, k, bi, bo = values.shape
+    dxg = jnp.einsum("otd,okbd->oktb", _blocks(dy, bo), values.astype(dy.dtype),
+                     preferred_element_type=jnp.float32)  # [ob, k, tokens, bi]
+    dx = jnp.zeros((in_blocks, dy.shape[0], bi), jnp.float32)
+    dx = dx.at[indices.reshape(-1)].add(dxg.reshape(ob * k, dy.shape[0], bi),
+                                        indices_are_sorted=False, unique_indices=False)
+    return _unblocks(dx).astype(out_dtype)
