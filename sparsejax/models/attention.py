@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sparsejax.models.formats import FormatSpec, Projection, module_path
 from sparsejax.models.layers import DEFAULT_KERNEL_INIT, Dtype, as_tokens, rotary_embedding
 from sparsejax.models.remat import tag
 from sparsejax.models.thresholds import apply_site
@@ -67,10 +68,28 @@ class Attention(nn.Module):
     rope_scaling: Any = None  # a ModelConfig.rope_scaling dict
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    formats: FormatSpec = FormatSpec()
+
+    def _compact(self, name: str) -> bool:
+        """Is projection `name` stored in a format other than dense (a `Projection` submodule
+        of that name, models/formats/)? Dense kernels stay params of this module."""
+        return self.formats.format_at(module_path(self, name)) != "dense"
+
+    def _formatted(self, name, x, features, axes, use_bias=False):
+        """x [tokens, in] @ the projection `name` in its weight format."""
+        return Projection(features, axes, dtype=self.dtype, param_dtype=self.param_dtype,
+                          use_bias=use_bias, formats=self.formats, name=name)(x)
 
     def _proj(self, x, heads, name, decode=False, slots=None):
         """x: [b, s, embed] -> [b, s, heads, head_dim]. Kernels are 2-D [in, out] like every
         other linear layer, so sparsity (ERK, N:M along the input dim) treats them alike."""
+        if self._compact(name):
+            y = self._formatted(name, as_tokens(x), heads * self.head_dim, ("embed", "heads"))
+            if self.qkv_bias:
+                y = y + self.param(f"{name}_bias", nn.with_logical_partitioning(
+                    nn.initializers.zeros, ("heads",)), (heads * self.head_dim,),
+                    self.param_dtype).astype(self.dtype)
+            return y.reshape(*x.shape[:-1], heads, self.head_dim)
         kernel = self.param(
             name, nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("embed", "heads")),
             (x.shape[-1], heads * self.head_dim), self.param_dtype)
@@ -132,6 +151,9 @@ class Attention(nn.Module):
         """out: [tokens, heads * head_dim] -> [*shape] (a method of its own, so that
         post-training calibration can read the projection's input with
         `nn.intercept_methods`, as it reads `_proj`'s)."""
+        if self._compact("out"):
+            y = self._formatted("out", out.astype(self.dtype), shape[-1], ("heads", "embed"))
+            return y.reshape(shape)
         out_kernel = self.param(
             "out", nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("heads", "embed")),
             (self.num_heads * self.head_dim, shape[-1]), self.param_dtype)

@@ -11,10 +11,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sparsejax.models.formats import FormatSpec, Projection
+from sparsejax.models.init import DEFAULT_KERNEL_INIT, zero_padding  # noqa: F401 (re-exported)
+
 Dtype = Any
-
-DEFAULT_KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-
 
 def dtype_from_name(name: str | Dtype) -> Dtype:
     """Maps 'float32' / 'bfloat16' / a dtype to a jnp dtype, with a clear error."""
@@ -61,21 +61,6 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float = 10000.0,
     return out.astype(x.dtype)
 
 
-def zero_padding(init: Callable, axis: int, length: int | None) -> Callable:
-    """`init` with the entries at index >= `length` along `axis` set to zero. Padding (rows or
-    columns that exist only so the vocab axis shards evenly) then stays exactly zero under
-    the optimizers here (its gradient is zero), so it is never counted as parameters."""
-    if length is None:
-        return init
-
-    def padded_init(key, shape, dtype=jnp.float32):
-        x = init(key, shape, dtype)
-        keep = jax.lax.broadcasted_iota(jnp.int32, shape, axis % len(shape)) < length
-        return jnp.where(keep, x, jnp.zeros_like(x))
-
-    return padded_init
-
-
 class Embed(nn.Module):
     """Token embedding; `attend` reuses the table as the output projection (weight tying).
     Rows from `real_vocab_size` on are padding and start at zero."""
@@ -101,14 +86,13 @@ class Embed(nn.Module):
 
 
 def dense(features: int, axes: tuple[str, str], name: str, dtype: Dtype, param_dtype: Dtype,
-          use_bias: bool = False, real_features: int | None = None) -> nn.Dense:
-    """A Dense layer whose kernel is annotated with logical axes (in, out); output columns
-    from `real_features` on are padding and start at zero."""
-    return nn.Dense(
-        features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(
-            zero_padding(DEFAULT_KERNEL_INIT, -1, real_features), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
+          use_bias: bool = False, real_features: int | None = None,
+          formats: FormatSpec = FormatSpec()) -> Projection:
+    """A projection whose weight is annotated with logical axes (in, out) and stored in the
+    format `formats` chooses for its path (models/formats/; dense: `nn.Dense`'s 'kernel');
+    output columns from `real_features` on are padding and start at zero."""
+    return Projection(features, axes, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias,
+                      real_features=real_features, formats=formats, name=name)
 
 
 def as_tokens(x: jax.Array) -> jax.Array:
@@ -127,6 +111,7 @@ class GatedMlp(nn.Module):
     param_dtype: Dtype = jnp.float32
     activation: str = "silu"
     activation_threshold: float = 0.0
+    formats: FormatSpec = FormatSpec()
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool = True,
@@ -147,9 +132,11 @@ class GatedMlp(nn.Module):
                 return y.reshape(x.shape[:-1] + (self.embed_dim,))
         # Training-free thresholds (TEAL/CATS/WINA) act only where the 'act_sparsity'
         # collection holds a site (models/thresholds.py).
-        gate = dense(self.mlp_dim, ("embed", "mlp"), "wi_gate", self.dtype, self.param_dtype)(
+        gate = dense(self.mlp_dim, ("embed", "mlp"), "wi_gate", self.dtype, self.param_dtype,
+                     formats=self.formats)(
             apply_site(self, "wi_gate_in", t)[0])
-        up = dense(self.mlp_dim, ("embed", "mlp"), "wi_up", self.dtype, self.param_dtype)(
+        up = dense(self.mlp_dim, ("embed", "mlp"), "wi_up", self.dtype, self.param_dtype,
+                   formats=self.formats)(
             apply_site(self, "wi_up_in", t)[0])
         a, h = gated(self.activation, self.activation_threshold)(gate, up)
         keep = apply_site(self, "gate_act", a)[1]
@@ -158,5 +145,6 @@ class GatedMlp(nn.Module):
         h = apply_site(self, "wo_in", h)[0]
         record(self, a, h)
         h = nn.with_logical_constraint(h, ("batch", "mlp"))
-        y = dense(self.embed_dim, ("mlp", "embed"), "wo", self.dtype, self.param_dtype)(h)
+        y = dense(self.embed_dim, ("mlp", "embed"), "wo", self.dtype, self.param_dtype,
+                  formats=self.formats)(h)
         return y.reshape(x.shape[:-1] + (self.embed_dim,))

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from sparsejax.config import check_field_types
 from sparsejax.models.activations import check_activation
+from sparsejax.models.formats import FormatSpec, format_spec
 from sparsejax.models.attention import ATTENTION_KINDS, Attention
 from sparsejax.models.layer_stack import check_scan_layers, scanned_blocks
 from sparsejax.models.layers import Embed, GatedMlp, RMSNorm, as_tokens, dense, dtype_from_name
@@ -38,6 +39,11 @@ class ModelConfig:
     logits by it; Llama-family models do neither), `qkv_bias` (Qwen2), `rope_scaling` (None or
     a dict, see models/rope.py), `sliding_window` (> 0: dense attention sees that many tokens,
     itself included; Mistral).
+
+    `weight_format` (default 'dense') stores every attention and MLP projection in a
+    registered weight format (models/formats/: 'dense', 'block_sparse', 'monarch');
+    `weight_format_overrides` ({regex on the projection's path: format}) chooses per
+    projection, and is the only way to give the LM head a format other than dense.
 
     `mlp_activation` (every MLP: dense, routed and shared experts): 'silu' (SwiGLU), 'gelu',
     'relu' (ReLU on the gate: the ReLU-fication of SwiGLU), 'relu2' or 'drelu';
@@ -69,6 +75,8 @@ class ModelConfig:
     sliding_window: int = 0
     mlp_activation: str = "silu"
     activation_threshold: float = 0.0
+    weight_format: str = "dense"
+    weight_format_overrides: Any = None
 
     def __post_init__(self):
         check_field_types(self)
@@ -97,6 +105,11 @@ class ModelConfig:
         check_remat_policy(self.remat_policy)
         check_scan_layers(self)
         check_activation(self.mlp_activation, self.activation_threshold)
+        self.formats()
+
+    def formats(self) -> FormatSpec:
+        """The projections' weight formats (validated)."""
+        return format_spec(self.weight_format, self.weight_format_overrides)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -143,7 +156,7 @@ class Block(nn.Module):
                       kind=cfg.attention_kind(self.layer), sparse_mask=cfg.sparse_attention_mask,
                       qkv_bias=cfg.qkv_bias, window=int(cfg.sliding_window),
                       rope_scaling=cfg.rope_scaling, dtype=dtype, param_dtype=pdtype,
-                      name="attn")(h, positions, segment_ids, decode)
+                      formats=cfg.formats(), name="attn")(h, positions, segment_ids, decode)
         x = x + h
         h = RMSNorm(eps, dtype=dtype, param_dtype=pdtype, name="mlp_norm")(x)
         if cfg.mlp_kind(self.layer) == "moe":
@@ -154,7 +167,8 @@ class Block(nn.Module):
         else:
             mlp = GatedMlp(cfg.embed_dim, cfg.mlp_dim, dtype=dtype, param_dtype=pdtype,
                            activation=cfg.mlp_activation,
-                           activation_threshold=float(cfg.activation_threshold), name="mlp")
+                           activation_threshold=float(cfg.activation_threshold),
+                           formats=cfg.formats(), name="mlp")
         if isinstance(mlp, GatedMlp):  # (its decode step may skip inactive neurons)
             x = x + mlp(h, deterministic=deterministic, decode=decode)
         else:
@@ -204,5 +218,5 @@ class Transformer(nn.Module):
                 logits = logits / jnp.sqrt(cfg.embed_dim).astype(dtype)
         else:
             logits = dense(cfg.padded_vocab_size, ("embed", "vocab"), "lm_head", dtype,
-                           pdtype, real_features=cfg.vocab_size)(as_tokens(x)).reshape(x.shape[:-1] + (-1,))
+                           pdtype, real_features=cfg.vocab_size, formats=cfg.formats())(as_tokens(x)).reshape(x.shape[:-1] + (-1,))
         return logits[..., :cfg.vocab_size].astype(jnp.float32)

@@ -14,6 +14,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
+    ("out_blocks", ("fsdp", "tensor")),  # a block-sparse weight's output blocks (models/formats)
     ("vocab", "tensor"),
     ("expert", "expert"),
     ("kv", None),

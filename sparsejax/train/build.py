@@ -19,6 +19,7 @@ from sparsejax.parallel.rules import (LOGICAL_RULES, batch_sharding, logical_sha
                                       replicated, shardings_like)
 from sparsejax.sparsity.activation.regularizer import make_activation_regularizer
 from sparsejax.sparsity.method import RunInfo, SparsityMethod, make_method
+from sparsejax.sparsity.layout import for_formats
 from sparsejax.sparsity.stacked import for_layout
 from sparsejax.train import optim
 from sparsejax.train.accumulate import check_microbatches
@@ -102,9 +103,8 @@ def build_run(cfg, model_config: ModelConfig | None = None,
     model = Transformer(model_config)
     base_tx = optim.make_optimizer(total_steps=cfg.num_steps)
     lr_schedule = optim.learning_rate_schedule(total_steps=cfg.num_steps)
-    method = for_layout(make_method().bind(RunInfo(num_steps=cfg.num_steps,
-                                                   valid=padded_params(model_config))),
-                        model_config)
+    method = for_formats(for_layout(make_method().bind(RunInfo(
+        num_steps=cfg.num_steps, valid=padded_params(model_config))), model_config), model_config)
     act_regularizer = make_activation_regularizer().bind(cfg.num_steps)
     check_regularizer_mesh(act_regularizer, model_config, mesh)
     dummy = jnp.zeros((1, min(cfg.seq_len, model_config.max_seq_len)), jnp.int32)

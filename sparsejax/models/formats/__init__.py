@@ -1,0 +1,128 @@
+"""Weight formats: how a projection's weight [in, out] is stored and multiplied.
+
+`ModelConfig.weight_format` names the format of every projection built through
+`layers.dense()` / `Projection` (attention q, k, v, o; MLP gate, up, down) and
+`ModelConfig.weight_format_overrides` maps regexes, searched in the projection's module path
+('layer_0/mlp/wi_gate'; scanned: 'layers/block_0/mlp/wi_gate'), to other formats; the first
+match wins. The LM head keeps the dense format unless an override names it.
+
+A format is one module that registers a `WeightFormat` subclass in `WEIGHT_FORMATS`
+(`dense.py`, `block_sparse.py`, `monarch.py`); its settings are gin bindings of its class.
+A format's integer params (a block-sparse layout's indices) are structure, not weights: the
+run keeps them beside the masks (`sparsity/layout.py`) and never differentiates them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sparsejax.registry import Registry
+
+Dtype = Any
+
+
+class WeightFormat:
+    """Stores a projection's weight [in, out] and multiplies by it.
+
+    `__call__(module, x, ...)` runs inside the `Projection` module's compact call: it creates
+    the format's params on `module` (the LM head's padded output columns from
+    `real_features` on start at zero) and returns x [tokens, in] @ W. `to_dense(params,
+    in_features)` gives W [in, out] (exact), `from_dense(kernel, ...)` the format's params
+    for a dense kernel (exact where the kernel has the format's structure)."""
+
+    def __call__(self, module: nn.Module, x: jax.Array, *, features: int,
+                 axes: tuple[str, str], dtype: Dtype, param_dtype: Dtype,
+                 real_features: int | None) -> jax.Array:
+        raise NotImplementedError
+
+    def to_dense(self, params: Mapping[str, jax.Array], in_features: int) -> jax.Array:
+        raise NotImplementedError
+
+    def from_dense(self, kernel: jax.Array, **kwargs: Any) -> dict[str, jax.Array]:
+        raise NotImplementedError
+
+
+WEIGHT_FORMATS: Registry[type[WeightFormat]] = Registry("weight format")
+
+
+@dataclasses.dataclass(frozen=True)
+class FormatSpec:
+    """The run's choice of formats: `default` and (regex, format) `overrides` in order."""
+
+    default: str = "dense"
+    overrides: tuple[tuple[str, str], ...] = ()
+
+    def format_at(self, path: str) -> str:
+        for rx, name in self.overrides:
+            if re.search(rx, path):
+                return name
+        return "dense" if path.split("/")[-1] == "lm_head" else self.default
+
+    @property
+    def all_dense(self) -> bool:
+        return self.default == "dense" and all(n == "dense" for _, n in self.overrides)
+
+
+def format_spec(weight_format: str, overrides: Mapping[str, str] | None) -> FormatSpec:
+    """Validated FormatSpec from `ModelConfig.weight_format` / `weight_format_overrides`."""
+    WEIGHT_FORMATS.get(weight_format, setting="ModelConfig.weight_format")
+    if overrides is None:
+        overrides = {}
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"ModelConfig.weight_format_overrides={overrides!r} must be a dict "
+                         f"{{regex on projection paths: format name}}")
+    for rx, name in overrides.items():
+        try:
+            re.compile(rx)
+        except (re.error, TypeError) as e:
+            raise ValueError(f"ModelConfig.weight_format_overrides: {rx!r} is not a valid "
+                             f"regex ({e})") from e
+        WEIGHT_FORMATS.get(name, setting=f"ModelConfig.weight_format_overrides[{rx!r}]")
+    return FormatSpec(weight_format, tuple(overrides.items()))
+
+
+def module_path(module: nn.Module, name: str | None = None) -> str:
+    """'layer_0/mlp/wi_gate': the module's path (plus `name`) as the overrides see it."""
+    parts = [str(p) for p in module.scope.path] + ([name] if name else [])
+    return "/".join(parts)
+
+
+class Projection(nn.Module):
+    """x [tokens, in] -> [tokens, features] through the weight format chosen for this
+    module's path; a bias (if asked) is a plain vector on the output axis. The dense format
+    creates exactly `nn.Dense`'s params ('kernel', 'bias') and computes what it computes."""
+
+    features: int
+    axes: tuple[str, str]
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = False
+    real_features: int | None = None
+    formats: FormatSpec = FormatSpec()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        name = self.formats.format_at(module_path(self))
+        fmt = WEIGHT_FORMATS.get(name, setting="ModelConfig.weight_format")()
+        y = fmt(self, x, features=self.features, axes=self.axes, dtype=self.dtype,
+                param_dtype=self.param_dtype, real_features=self.real_features)
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                   (self.axes[1],)),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(y.dtype)
+        return y
+
+
+def is_layout_leaf(x: Any) -> bool:
+    """A format's structure leaf (integer dtype), as opposed to a trained weight."""
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.integer)
+
+
+# the shipped formats register themselves on import
+from sparsejax.models.formats import block_sparse, dense  # noqa: E402,F401

@@ -1,0 +1,143 @@
+"""The block-sparse format: `k` stored blocks per output block column (constant fan-in).
+
+Params of a projection [in, out] with blocks (block_in, block_out):
+  values  [out_blocks, k, block_in, block_out]   (float; trained)
+  indices [out_blocks, k] int32                  (the input block of each stored block; the
+                                                  run keeps it beside the masks)
+and x @ W runs through `pallas_kernels.block_sparse_matmul` (FLOPs, bytes and optimizer
+state scale with k / in_blocks). `k = max(1, round(density * in_blocks))`, the same for every
+projection; the layout at init holds `k` distinct input blocks per column chosen at random or
+by the Frobenius norm of the dense layer's initial draw (`init`). Values are the blocks of
+that dense draw (the dense layer's distribution), so a compact layer and its masked-dense
+twin start from the same weights.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.block_sparse_matmul import block_sparse_matmul, check_indices
+from pallas_kernels.block_sparse_matmul.reference import to_dense
+from sparsejax.models.formats import WEIGHT_FORMATS, WeightFormat
+from sparsejax.models.init import DEFAULT_KERNEL_INIT, zero_padding
+
+INITS = ("random", "magnitude")
+
+
+def block_norms(kernel: jax.Array, block_in: int, block_out: int) -> jax.Array:
+    """[in_blocks, out_blocks] Frobenius norms of a [in, out] kernel's blocks."""
+    i, o = kernel.shape
+    b = kernel.astype(jnp.float32).reshape(i // block_in, block_in, o // block_out, block_out)
+    return jnp.sqrt(jnp.sum(b * b, axis=(1, 3)))
+
+
+def top_blocks(scores: jax.Array, k: int) -> jax.Array:
+    """[out_blocks, k] int32: per output block column, the k input blocks of highest score
+    ([in_blocks, out_blocks] scores), in ascending block order."""
+    idx = jax.lax.top_k(scores.T, k)[1]
+    return jnp.sort(idx, axis=-1).astype(jnp.int32)
+
+
+def gather_blocks(kernel: jax.Array, indices: jax.Array, block_in: int,
+                  block_out: int) -> jax.Array:
+    """values [out_blocks, k, block_in, block_out]: the blocks of kernel [in, out] at indices."""
+    i, o = kernel.shape
+    b = kernel.reshape(i // block_in, block_in, o // block_out, block_out).transpose(2, 0, 1, 3)
+    return jnp.take_along_axis(b, indices[:, :, None, None], axis=1)
+
+
+def block_mask(indices: jax.Array, in_features: int, block_in: int,
+               block_out: int) -> jax.Array:
+    """The bool [in, out] mask of a layout: True inside the stored blocks."""
+    ob, k = indices.shape
+    ones = jnp.ones((ob, k, block_in, block_out), jnp.bool_)
+    return to_dense(ones, indices, in_features // block_in)
+
+
+@gin.configurable
+@WEIGHT_FORMATS.register("block_sparse")
+class BlockSparse(WeightFormat):
+    """Constant fan-in block-sparse weights: values [out_blocks, k, bi, bo] + int32 indices."""
+
+    def __init__(self, block_in: int = 32, block_out: int = 32, density: float = 0.1,
+                 init: str = "random", backend: str | None = None):
+        for name, b in (("block_in", block_in), ("block_out", block_out)):
+            if not isinstance(b, int) or b < 1:
+                raise ValueError(f"BlockSparse.{name}={b!r} must be a positive int")
+        if not 0.0 < float(density) <= 1.0:
+            raise ValueError(f"BlockSparse.density={density!r} must be in (0, 1]")
+        if init not in INITS:
+            raise ValueError(f"BlockSparse.init={init!r} is not valid; valid: {INITS}")
+        self.block_in, self.block_out = block_in, block_out
+        self.density, self.init, self.backend = float(density), init, backend
+
+    def blocks(self, in_features: int, features: int) -> tuple[int, int, int]:
+        """(in_blocks, out_blocks, k) of a [in_features, features] projection."""
+        for name, n, b in (("in", in_features, self.block_in), ("out", features, self.block_out)):
+            if n % b:
+                raise ValueError(f"BlockSparse.block_{name}={b} does not divide the "
+                                 f"projection's {name}_features={n}")
+        ib, ob = in_features // self.block_in, features // self.block_out
+        return ib, ob, max(1, min(ib, round(self.density * ib)))
+
+    def draw(self, key: jax.Array, in_features: int, features: int, dtype: Any,
+             real_features: int | None) -> tuple[jax.Array, jax.Array]:
+        """(values, indices) at init: blocks of the dense layer's initial draw."""
+        ib, ob, k = self.blocks(in_features, features)
+        w_key, pick_key = jax.random.split(key)
+        kernel = zero_padding(DEFAULT_KERNEL_INIT, -1, real_features)(
+            w_key, (in_features, features), dtype)
+        if self.init == "magnitude":
+            scores = block_norms(kernel, self.block_in, self.block_out)
+        else:
+            scores = jax.random.uniform(pick_key, (ib, ob))
+        indices = top_blocks(scores, k)
+        return gather_blocks(kernel, indices, self.block_in, self.block_out), indices
+
+    def __call__(self, module, x, *, features, axes, dtype, param_dtype, real_features):
+        ib, ob, k = self.blocks(x.shape[-1], features)
+        drawn = (self.draw(module.make_rng("params"), x.shape[-1], features, param_dtype,
+                           real_features) if module.is_initializing() else (None, None))
+        values = module.param("values", nn.with_logical_partitioning(
+            lambda _: drawn[0], ("out_blocks", None, None, None)))
+        indices = module.param("indices", nn.with_logical_partitioning(
+            lambda _: drawn[1], ("out_blocks", None)))
+        y = block_sparse_matmul(x.astype(dtype), values.astype(dtype), indices,
+                                backend=self.backend)
+        return y
+
+    def to_dense(self, params: Mapping[str, jax.Array], in_features: int) -> jax.Array:
+        return to_dense(params["values"], params["indices"], in_features // self.block_in)
+
+    def from_dense(self, kernel: jax.Array, *, indices: Any = None, mask: Any = None,
+                   **kwargs: Any) -> dict[str, jax.Array]:
+        """The compact params of `kernel` [in, out] at `indices` (default: the blocks where
+        `mask`, or else the kernel, has a nonzero entry; they must number the same in every
+        column). Exact when every entry of the kernel outside the stored blocks is zero;
+        otherwise refused."""
+        kernel = jnp.asarray(kernel)
+        ib, ob, _ = self.blocks(*kernel.shape)
+        if indices is None:
+            where = kernel if mask is None else jnp.asarray(mask, jnp.float32)
+            nz = np.asarray(block_norms(where, self.block_in, self.block_out) > 0)  # [ib, ob]
+            counts = nz.sum(axis=0)
+            if counts.min() != counts.max():
+                raise ValueError(f"kernel {kernel.shape}: its nonzero blocks are not a constant "
+                                 f"fan-in ({counts.min()}..{counts.max()} per output block "
+                                 f"column of {self.block_out}); pass indices=")
+            k = max(int(counts.max()), 1)
+            scores = nz.astype(np.float32) + np.linspace(0, 0.5, ib)[:, None] * (1 - nz)
+            indices = top_blocks(jnp.asarray(scores), k)
+        indices = jnp.asarray(indices, jnp.int32)
+        check_indices(indices, ib)
+        values = gather_blocks(kernel, indices, self.block_in, self.block_out)
+        mask = block_mask(indices, kernel.shape[0], self.block_in, self.block_out)
+        if bool(jnp.any(jnp.where(mask, 0, kernel) != 0)):
+            raise ValueError("kernel has nonzero entries outside the blocks at `indices`: the "
+                             "compact format would drop them")
+        return {"values": values, "indices": indices}

@@ -1,0 +1,124 @@
+"""Compact weight formats under any sparsity method: the formats' integer params (a
+block-sparse projection's `indices`) are structure, kept in the method state.
+
+A format such as `block_sparse` (models/formats/) declares its layout as int32 params, so
+the model's init returns them with the weights. They are never differentiated nor touched by
+the optimizer: `FormatLayoutMethod` moves them to `sparsity['layout']` at init (the inner
+method and the optimizer see the float weights only) and merges them back wherever the model
+runs (`forward_params`, `finalize`). A method that changes the layout (block DST) returns a
+new `sparsity['layout']` from its `update`; any other method passes it through unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from sparsejax.models.formats import is_layout_leaf
+from sparsejax.sparsity.method import SparsityMethod
+
+PyTree = Any
+LAYOUT = "layout"
+
+
+def split_layout(params: PyTree) -> tuple[PyTree, PyTree]:
+    """(weights, layout): nested dicts, the integer leaves taken out into `layout`, which
+    holds only them (under the same paths)."""
+    if not isinstance(params, dict):
+        return params, None
+    weights, layout = {}, {}
+    for k, v in params.items():
+        if isinstance(v, dict):
+            w, lay = split_layout(v)
+            weights[k] = w
+            if lay:
+                layout[k] = lay
+        elif is_layout_leaf(v):
+            layout[k] = v
+        else:
+            weights[k] = v
+    return weights, layout
+
+
+def merge_layout(weights: PyTree, layout: PyTree) -> PyTree:
+    """The inverse of `split_layout`."""
+    if not layout:
+        return weights
+    out = dict(weights)
+    for k, v in layout.items():
+        out[k] = merge_layout(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+class FormatLayoutMethod(SparsityMethod):
+    """`inner` on the weights of a model whose formats have integer layouts (see module doc).
+    Attributes it does not define are the inner method's."""
+
+    def __init__(self, inner: SparsityMethod):
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    @property
+    def needs_dense_grads(self) -> bool:
+        return self.inner.needs_dense_grads
+
+    @property
+    def run(self):
+        return self.inner.run
+
+    def bind(self, run):
+        self.inner.bind(run)
+        return self
+
+    def init(self, params, rng):
+        weights, layout = split_layout(params)
+        p, s = self.inner.init(weights, rng)
+        return p, {**s, LAYOUT: layout}
+
+    def wrap_optimizer(self, tx):
+        return self.inner.wrap_optimizer(tx)
+
+    def forward_params(self, params, sparsity, *, step=0, rng=None):
+        return merge_layout(self.inner.forward_params(params, sparsity, step=step, rng=rng),
+                            sparsity[LAYOUT])
+
+    def regularizer(self, params, sparsity, *, step=0):
+        return self.inner.regularizer(params, sparsity, step=step)
+
+    def on_grads(self, params, sparsity, grads, *, step=0):
+        g, s = self.inner.on_grads(params, sparsity, grads, step=step)
+        return g, {**s, LAYOUT: s.get(LAYOUT, sparsity[LAYOUT])}
+
+    def is_update_step(self, step: int) -> bool:
+        return self.inner.is_update_step(step)
+
+    def update(self, params, opt_state, sparsity, *, step, rng=None, grads=None):
+        p, o, s, m = self.inner.update(params, opt_state, sparsity, step=step, rng=rng,
+                                       grads=grads)
+        return p, o, {**s, LAYOUT: s.get(LAYOUT, sparsity[LAYOUT])}, m
+
+    def metrics(self, params, sparsity):
+        return self.inner.metrics(params, sparsity)
+
+    def finalize_structure(self, params):
+        return self.inner.finalize_structure(params)
+
+    def finalize(self, params, sparsity):
+        return merge_layout(self.inner.finalize(params, sparsity), sparsity[LAYOUT])
+
+    @property
+    def valid(self):
+        return self.inner.valid
+
+    def valid_masks(self, masks):
+        return self.inner.valid_masks(masks)
+
+
+def for_formats(method: SparsityMethod, model_config: Any) -> SparsityMethod:
+    """`method` wrapped for the model's weight formats (unchanged when every projection is
+    dense)."""
+    if model_config.formats().all_dense:
+        return method
+    return FormatLayoutMethod(method)
