@@ -5,7 +5,7 @@ rules table (sparsejax.parallel.rules) can shard it on any mesh.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
