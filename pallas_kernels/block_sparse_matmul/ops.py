@@ -8,6 +8,7 @@ dvalues (each stored block's gradient) on the same backend; indices get no gradi
 
 Backends: "xla" (batched matmuls over gathered block slabs, xla.py: the CPU path and the
 fallback). `backend=None` picks the platform's kernel where there is one, else "xla".
+"tpu": Pallas Mosaic kernels with scalar-prefetched indices (tpu.py), the default on TPU.
 
 Shapes, dtypes and a `k` that does not match the values are checked at trace time. Indices
 are data: out-of-range or repeated entries can be refused only where their values are known,
@@ -23,10 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.block_sparse_matmul import tpu as tpu_kernels
 from pallas_kernels.block_sparse_matmul import xla as xla_kernels
 from pallas_kernels.block_sparse_matmul.metadata import transpose_layout
 
-_BACKENDS = ("xla",)
+_BACKENDS = ("xla", "tpu")
 _FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -89,7 +91,7 @@ def resolve_backend(backend: Optional[str], interpret: bool = False) -> str:
 
 
 def _kernels(backend: str):
-    return {"xla": xla_kernels}[backend]
+    return {"xla": xla_kernels, "tpu": tpu_kernels}[backend]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
