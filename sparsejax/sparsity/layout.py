@@ -10,10 +10,13 @@ new `sparsity['layout']` from its `update`; any other method passes it through u
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
+
+import jax.numpy as jnp
 
 from sparsejax.models.formats import is_layout_leaf
 from sparsejax.sparsity.method import SparsityMethod
+from sparsejax.sparsity.paths import named_leaves
 
 PyTree = Any
 LAYOUT = "layout"
@@ -52,11 +55,13 @@ class FormatLayoutMethod(SparsityMethod):
     """`inner` on the weights of a model whose formats have integer layouts (see module doc).
     Attributes it does not define are the inner method's."""
 
-    def __init__(self, inner: SparsityMethod):
-        self.inner = inner
+    def __init__(self, inner: SparsityMethod, dense_sizes: Mapping[str, int]):
+        """`dense_sizes`: {projection path ('layer_0/mlp/wo'): entries of its dense [in, out]
+        weight} for the projections in a compact format."""
+        self.inner, self.dense_sizes = inner, dict(dense_sizes)
 
     def __getattr__(self, name: str) -> Any:
-        if name == "inner":
+        if name in ("inner", "dense_sizes"):
             raise AttributeError(name)
         return getattr(self.inner, name)
 
@@ -100,7 +105,15 @@ class FormatLayoutMethod(SparsityMethod):
         return p, o, {**s, LAYOUT: s.get(LAYOUT, sparsity[LAYOUT])}, m
 
     def metrics(self, params, sparsity):
-        return self.inner.metrics(params, sparsity)
+        """The inner method's metrics; where it keeps no masks, `sparsity/density` (and its
+        running average) is the stored fraction of the compact projections' dense entries."""
+        out = self.inner.metrics(params, sparsity)
+        if sparsity.get("masks") is None and self.dense_sizes:
+            stored = sum(x.size for path, x in named_leaves(params)
+                         if path.rsplit("/", 1)[0] in self.dense_sizes)
+            density = jnp.float32(stored / sum(self.dense_sizes.values()))
+            out["sparsity/density"] = out["sparsity/avg_density"] = density
+        return out
 
     def finalize_structure(self, params):
         return self.inner.finalize_structure(params)
@@ -116,9 +129,14 @@ class FormatLayoutMethod(SparsityMethod):
         return self.inner.valid_masks(masks)
 
 
-def for_formats(method: SparsityMethod, model_config: Any) -> SparsityMethod:
+def for_formats(method: SparsityMethod, model_config: Any, params: Any,
+                dense_params: Any) -> SparsityMethod:
     """`method` wrapped for the model's weight formats (unchanged when every projection is
-    dense)."""
+    dense); `params` / `dense_params`: the model's (abstract) params and those of its
+    all-dense twin, which give each compact projection's dense size."""
     if model_config.formats().all_dense:
         return method
-    return FormatLayoutMethod(method)
+    # a dense projection is a 'kernel' param of its module, or (attention) a param itself
+    dense = {path.removesuffix("/kernel"): x.size for path, x in named_leaves(dense_params)}
+    compact = {path.rsplit("/", 1)[0] for path, x in named_leaves(params) if is_layout_leaf(x)}
+    return FormatLayoutMethod(method, {p: dense[p] for p in compact})

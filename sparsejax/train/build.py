@@ -103,8 +103,9 @@ def build_run(cfg, model_config: ModelConfig | None = None,
     model = Transformer(model_config)
     base_tx = optim.make_optimizer(total_steps=cfg.num_steps)
     lr_schedule = optim.learning_rate_schedule(total_steps=cfg.num_steps)
-    method = for_formats(for_layout(make_method().bind(RunInfo(
-        num_steps=cfg.num_steps, valid=padded_params(model_config))), model_config), model_config)
+    method = for_layout(make_method().bind(RunInfo(num_steps=cfg.num_steps,
+                                                   valid=padded_params(model_config))),
+                        model_config)
     act_regularizer = make_activation_regularizer().bind(cfg.num_steps)
     check_regularizer_mesh(act_regularizer, model_config, mesh)
     dummy = jnp.zeros((1, min(cfg.seq_len, model_config.max_seq_len)), jnp.int32)
@@ -126,6 +127,8 @@ def build_run(cfg, model_config: ModelConfig | None = None,
     seed_key = jax.random.key(cfg.seed)
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         boxed_vars = jax.eval_shape(init_variables, seed_key)
+        method = for_formats(method, model_config, strip_boxes(boxed_vars["params"]),
+                             dense_twin_params(model_config, dummy))
         param_shardings = logical_shardings(boxed_vars["params"], mesh)
         abstract = jax.eval_shape(make_state, seed_key)
         shardings = shardings_like(abstract, strip_boxes(boxed_vars["params"]), param_shardings,
@@ -143,6 +146,14 @@ def build_run(cfg, model_config: ModelConfig | None = None,
     tx = method.wrap_optimizer(base_tx)
     return Run(cfg, model_config, mesh, model, tx, lr_schedule, method, abstract_state,
                shardings, abstract_model_params, init_state, act_regularizer)
+
+
+def dense_twin_params(model_config: ModelConfig, tokens: jax.Array) -> Any:
+    """Abstract params of the same model with every projection dense (the dense sizes that
+    compact formats are measured against)."""
+    twin = Transformer(dataclasses.replace(model_config, weight_format="dense",
+                                           weight_format_overrides=None))
+    return strip_boxes(jax.eval_shape(lambda k: twin.init(k, tokens), jax.random.key(0))["params"])
 
 
 def check_regularizer_mesh(regularizer: Any, model_config: ModelConfig, mesh) -> None:
