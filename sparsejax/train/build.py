@@ -9,6 +9,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sparsejax.data.sources import check_dataset
@@ -130,6 +131,7 @@ def build_run(cfg, model_config: ModelConfig | None = None,
         method = for_formats(method, model_config, strip_boxes(boxed_vars["params"]),
                              dense_twin_params(model_config, dummy))
         param_shardings = logical_shardings(boxed_vars["params"], mesh)
+        check_divisible(strip_boxes(boxed_vars["params"]), param_shardings)
         abstract = jax.eval_shape(make_state, seed_key)
         shardings = shardings_like(abstract, strip_boxes(boxed_vars["params"]), param_shardings,
                                    mesh)
@@ -146,6 +148,22 @@ def build_run(cfg, model_config: ModelConfig | None = None,
     tx = method.wrap_optimizer(base_tx)
     return Run(cfg, model_config, mesh, model, tx, lr_schedule, method, abstract_state,
                shardings, abstract_model_params, init_state, act_regularizer)
+
+
+def check_divisible(params: Any, shardings: Any) -> None:
+    """Every sharded param dimension splits evenly over its mesh axes (else a ValueError that
+    names the param, rather than an error from deep inside XLA)."""
+    for (path, x), sh in zip(jax.tree_util.tree_leaves_with_path(params),
+                             jax.tree.leaves(shardings)):
+        for dim, axes in enumerate(getattr(sh, "spec", ())):
+            names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            parts = int(np.prod([sh.mesh.shape[a] for a in names])) if names else 1
+            if x.shape[dim] % parts:
+                raise ValueError(
+                    f"param {jax.tree_util.keystr(path)} {tuple(x.shape)}: dimension {dim} "
+                    f"({x.shape[dim]}) does not split over mesh axes {names} ({parts} ways); "
+                    f"use a mesh whose {'*'.join(names)} divides it (make_mesh), or other "
+                    f"block sizes for a compact format")
 
 
 def dense_twin_params(model_config: ModelConfig, tokens: jax.Array) -> Any:
