@@ -60,6 +60,9 @@ SPARSITY = {
     "learned_2of4.gin": dict(density=0.5, updates="none", ckpt="nm"),
     "sparse_finetune.gin": dict(density=0.01, updates=("at", 0.2), ckpt="frozen_base"),
     "spiel.gin": dict(density=0.01, updates="drop_grow", ckpt="frozen_base"),
+    # k = max(1, round(0.1 * in_blocks)) stored 16x16 blocks per column: 1 of 4 for tiny's
+    # 64-wide inputs, 1 of 8 for wo's 128: 2/9 of the projections' entries
+    "block_static.gin": dict(density=2 / 9, updates="none", ckpt="compact"),
 }
 MOE = {  # num_experts, and whether routing is dropless (dropped_fraction must be 0)
     "expert_choice.gin": dict(experts=8, dropless=True, uniform=True),
@@ -228,6 +231,31 @@ def check_checkpoint(tmp_path, kind: str, density: float):
     return state
 
 
+def check_compact_checkpoint(tmp_path, density: float):
+    """Compact weights: every attention and MLP projection is values + a layout in the
+    sparsity state (distinct input blocks per column), Adam's moments are values-shaped, and
+    the stored entries are `density` of the dense projections'."""
+    state = restore_state(tmp_path)
+    layout, params = state["sparsity"]["layout"], state["params"]
+    stored = dense = 0  # tiny's projections are 64 wide, mlp 128
+    assert sorted(layout) == ["layer_0"]  # COMMON trains one layer
+    for layer in layout:
+        for group, names in (("attn", ("query", "key", "value", "out")),
+                             ("mlp", ("wi_gate", "wi_up", "wo"))):
+            for name in names:
+                values = np.asarray(params[layer][group][name]["values"])
+                idx = np.asarray(layout[layer][group][name]["indices"])
+                ob, k, bi, bo = values.shape
+                in_features = 128 if name == "wo" else 64
+                assert idx.shape == (ob, k) and idx.min() >= 0 and idx.max() < in_features // bi
+                assert all(len(set(r)) == k for r in idx.tolist()), (layer, name)
+                stored, dense = stored + values.size, dense + in_features * ob * bo
+    assert "kernel" in params["lm_head"]
+    assert stored / dense == pytest.approx(density)
+    moments = [x for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x) == 4]
+    assert moments and all(m.shape[2:] == (16, 16) for m in moments)
+
+
 @pytest.mark.parametrize("name", sorted(SPARSITY))
 def test_sparsity_config_trains(name, tmp_path):
     exp = SPARSITY[name]
@@ -258,7 +286,9 @@ def test_sparsity_config_trains(name, tmp_path):
         assert final["sparsity/param_count"] == total - padding
         assert not np.asarray(params["lm_head"]["kernel"])[:, 259:].any()
         assert not np.asarray(params["embed"]["embedding"])[259:].any()
-    if "ckpt" in exp:  # (average_density: the final density its schedule solved for)
+    if exp.get("ckpt") == "compact":
+        check_compact_checkpoint(tmp_path, exp["density"])
+    elif "ckpt" in exp:  # (average_density: the final density its schedule solved for)
         check_checkpoint(tmp_path, exp["ckpt"], exp["density"] or final["sparsity/density"])
 
 

@@ -5,6 +5,8 @@ import pytest
 
 import sparsejax.sparsity as sp
 from sparsejax import config
+from sparsejax.models.formats.block_sparse import BlockSparse
+from sparsejax.models.transformer import ModelConfig
 from sparsejax.sparsity import schedules as S
 from sparsejax.sparsity.criteria.gradient import Gradient
 from sparsejax.sparsity.criteria.magnitude import Magnitude
@@ -33,6 +35,7 @@ EXPECTED = {  # config -> (method class, {attribute: value or type})
     "spdf.gin": (MP, {"density": 0.25, "schedule": S.SparseThenDenseSchedule}),
     "sparse_finetune.gin": (sp.SparseFinetuneMethod, {"mode": "lt_sft", "density": 0.01}),
     "spiel.gin": (sp.SparseFinetuneMethod, {"mode": "spiel", "density": 0.01}),
+    "block_static.gin": (sp.DenseMethod, {}),  # the layout is the format's (below)
 }
 
 
@@ -84,3 +87,10 @@ def test_unknown_method_name_names_the_preset():
     with pytest.raises(ValueError, match=r"make_method.name='rigl' is not a registered sparsity "
                                          r"method.*--gin_file=sparsity/rigl.gin"):
         sp.make_method("rigl")
+
+
+def test_block_static_stores_compact_blocks():
+    config.parse_gin(["tiny.gin", "sparsity/block_static.gin"], [])
+    assert ModelConfig().weight_format == "block_sparse"
+    fmt = BlockSparse()
+    assert (fmt.block_in, fmt.block_out, fmt.density, fmt.init) == (16, 16, 0.1, "random")
