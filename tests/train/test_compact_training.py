@@ -3,7 +3,6 @@ steps from the same weights and block mask; it runs sharded on the 8-device mesh
 import flax.linen as nn
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
