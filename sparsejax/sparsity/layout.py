@@ -55,13 +55,11 @@ class FormatLayoutMethod(SparsityMethod):
     """`inner` on the weights of a model whose formats have integer layouts (see module doc).
     Attributes it does not define are the inner method's."""
 
-    def __init__(self, inner: SparsityMethod, dense_sizes: Mapping[str, int]):
-        """`dense_sizes`: {projection path ('layer_0/mlp/wo'): entries of its dense [in, out]
-        weight} for the projections in a compact format."""
-        self.inner, self.dense_sizes = inner, dict(dense_sizes)
+    def __init__(self, inner: SparsityMethod):
+        self.inner = inner
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("inner", "dense_sizes"):
+        if name == "inner":
             raise AttributeError(name)
         return getattr(self.inner, name)
 
@@ -106,13 +104,12 @@ class FormatLayoutMethod(SparsityMethod):
 
     def metrics(self, params, sparsity):
         """The inner method's metrics; where it keeps no masks, `sparsity/density` (and its
-        running average) is the stored fraction of the compact projections' dense entries."""
+        running average) is the stored fraction of the compact projections' dense entries
+        (the fan-in is constant, so it never changes)."""
         out = self.inner.metrics(params, sparsity)
-        if sparsity.get("masks") is None and self.dense_sizes:
-            stored = sum(x.size for path, x in named_leaves(params)
-                         if path.rsplit("/", 1)[0] in self.dense_sizes)
-            density = jnp.float32(stored / sum(self.dense_sizes.values()))
-            out["sparsity/density"] = out["sparsity/avg_density"] = density
+        if sparsity.get("masks") is None:
+            out["sparsity/density"] = out["sparsity/avg_density"] = jnp.float32(
+                stored_density(params, sparsity[LAYOUT], self.run.compact))
         return out
 
     def finalize_structure(self, params):
@@ -129,14 +126,18 @@ class FormatLayoutMethod(SparsityMethod):
         return self.inner.valid_masks(masks)
 
 
-def for_formats(method: SparsityMethod, model_config: Any, params: Any,
-                dense_params: Any) -> SparsityMethod:
+def stored_density(params: PyTree, layout: PyTree, compact: Mapping[str, tuple[int, int]]
+                   ) -> float:
+    """Stored entries of the compact projections (their weights beside a layout) over their
+    dense entries (`RunInfo.compact`)."""
+    owners = {path.rsplit("/", 1)[0] for path, _ in named_leaves(layout)}
+    stored = sum(x.size for path, x in named_leaves(params) if path.rsplit("/", 1)[0] in owners)
+    return stored / sum(i * o for i, o in compact.values())
+
+
+def for_formats(method: SparsityMethod, model_config: Any) -> SparsityMethod:
     """`method` wrapped for the model's weight formats (unchanged when every projection is
-    dense); `params` / `dense_params`: the model's (abstract) params and those of its
-    all-dense twin, which give each compact projection's dense size."""
+    dense)."""
     if model_config.formats().all_dense:
         return method
-    # a dense projection is a 'kernel' param of its module, or (attention) a param itself
-    dense = {path.removesuffix("/kernel"): x.size for path, x in named_leaves(dense_params)}
-    compact = {path.rsplit("/", 1)[0] for path, x in named_leaves(params) if is_layout_leaf(x)}
-    return FormatLayoutMethod(method, {p: dense[p] for p in compact})
+    return FormatLayoutMethod(method)

@@ -29,10 +29,14 @@ class RunInfo:
     num_steps: the run's length, against which fractional steps resolve.
     valid: {param path: (axis, length)} for params padded along `axis` past `length` (the
       vocab padding of the LM head): those entries are never kept and never counted.
+    compact: {projection path ('layer_0/mlp/wo', per layer also when layers are scanned):
+      (in_features, out_features)} of the projections stored in a compact weight format
+      (models/formats/), whose params hold no dense kernel to read these from.
     """
 
     num_steps: int
     valid: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    compact: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
 
 class SparsityMethod:

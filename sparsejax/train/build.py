@@ -20,7 +20,9 @@ from sparsejax.parallel.rules import (LOGICAL_RULES, batch_sharding, logical_sha
                                       replicated, shardings_like)
 from sparsejax.sparsity.activation.regularizer import make_activation_regularizer
 from sparsejax.sparsity.method import RunInfo, SparsityMethod, make_method
+from sparsejax.models.formats import is_layout_leaf
 from sparsejax.sparsity.layout import for_formats
+from sparsejax.sparsity.paths import named_leaves
 from sparsejax.sparsity.stacked import for_layout
 from sparsejax.train import optim
 from sparsejax.train.accumulate import check_microbatches
@@ -104,12 +106,12 @@ def build_run(cfg, model_config: ModelConfig | None = None,
     model = Transformer(model_config)
     base_tx = optim.make_optimizer(total_steps=cfg.num_steps)
     lr_schedule = optim.learning_rate_schedule(total_steps=cfg.num_steps)
-    method = for_layout(make_method().bind(RunInfo(num_steps=cfg.num_steps,
-                                                   valid=padded_params(model_config))),
-                        model_config)
+    dummy = jnp.zeros((1, min(cfg.seq_len, model_config.max_seq_len)), jnp.int32)
+    method = for_formats(for_layout(make_method().bind(RunInfo(
+        num_steps=cfg.num_steps, valid=padded_params(model_config),
+        compact=compact_projections(model_config, dummy))), model_config), model_config)
     act_regularizer = make_activation_regularizer().bind(cfg.num_steps)
     check_regularizer_mesh(act_regularizer, model_config, mesh)
-    dummy = jnp.zeros((1, min(cfg.seq_len, model_config.max_seq_len)), jnp.int32)
 
     def init_variables(key):
         return model.init({"params": key, "router": key, "dropout": key}, dummy)
@@ -128,8 +130,6 @@ def build_run(cfg, model_config: ModelConfig | None = None,
     seed_key = jax.random.key(cfg.seed)
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         boxed_vars = jax.eval_shape(init_variables, seed_key)
-        method = for_formats(method, model_config, strip_boxes(boxed_vars["params"]),
-                             dense_twin_params(model_config, dummy))
         param_shardings = logical_shardings(boxed_vars["params"], mesh)
         check_divisible(strip_boxes(boxed_vars["params"]), param_shardings)
         abstract = jax.eval_shape(make_state, seed_key)
@@ -166,12 +166,23 @@ def check_divisible(params: Any, shardings: Any) -> None:
                     f"block sizes for a compact format")
 
 
-def dense_twin_params(model_config: ModelConfig, tokens: jax.Array) -> Any:
-    """Abstract params of the same model with every projection dense (the dense sizes that
-    compact formats are measured against)."""
-    twin = Transformer(dataclasses.replace(model_config, weight_format="dense",
-                                           weight_format_overrides=None))
-    return strip_boxes(jax.eval_shape(lambda k: twin.init(k, tokens), jax.random.key(0))["params"])
+def compact_projections(model_config: ModelConfig, tokens: jax.Array) -> dict:
+    """{projection path: (in_features, out_features)} of the projections in a compact weight
+    format, per layer (RunInfo.compact): read from the abstract params of the unscanned model
+    and of its all-dense twin (no arrays are made)."""
+    if model_config.formats().all_dense:
+        return {}
+    per_layer = dataclasses.replace(model_config, scan_layers=False)
+    twin = dataclasses.replace(per_layer, weight_format="dense", weight_format_overrides=None)
+
+    def named(cfg):
+        params = jax.eval_shape(lambda k: Transformer(cfg).init(k, tokens), jax.random.key(0))
+        return named_leaves(strip_boxes(params["params"]))
+
+    # a dense projection is a 'kernel' param of its module or (attention) a param itself
+    dense = {path.removesuffix("/kernel"): x.shape for path, x in named(twin)}
+    return {path.rsplit("/", 1)[0]: tuple(dense[path.rsplit("/", 1)[0]])
+            for path, x in named(per_layer) if is_layout_leaf(x)}
 
 
 def check_regularizer_mesh(regularizer: Any, model_config: ModelConfig, mesh) -> None:
