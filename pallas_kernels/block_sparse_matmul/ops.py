@@ -23,10 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.block_sparse_matmul import gpu as gpu_kernels
 from pallas_kernels.block_sparse_matmul import xla as xla_kernels
 from pallas_kernels.block_sparse_matmul.metadata import transpose_layout
 
-_BACKENDS = ("xla",)
+_BACKENDS = ("xla", "gpu")
 _FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -89,7 +90,7 @@ def resolve_backend(backend: Optional[str], interpret: bool = False) -> str:
 
 
 def _kernels(backend: str):
-    return {"xla": xla_kernels}[backend]
+    return {"xla": xla_kernels, "gpu": gpu_kernels}[backend]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
