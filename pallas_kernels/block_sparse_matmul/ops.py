@@ -7,8 +7,10 @@ indices [out_blocks, k], distinct within a row. The custom VJP gives dx = dy @ W
 dvalues (each stored block's gradient) on the same backend; indices get no gradient.
 
 Backends: "xla" (batched matmuls over gathered block slabs, xla.py: the CPU path and the
-fallback). `backend=None` picks the platform's kernel where there is one, else "xla".
-"tpu": Pallas Mosaic kernels with scalar-prefetched indices (tpu.py), the default on TPU.
+fallback); "tpu" (Pallas Mosaic TPU kernels with scalar-prefetched indices, tpu.py); "gpu"
+(Mosaic GPU kernels for Hopper, gpu.py; `interpret=True` runs them on CPU through
+pallas_kernels/mosaic_gpu_interpret.py). `backend=None` picks "tpu" on a TPU, "gpu" on a
+Hopper GPU and "xla" everywhere else (other GPUs included).
 
 Shapes, dtypes and a `k` that does not match the values are checked at trace time. Indices
 are data: out-of-range or repeated entries can be refused only where their values are known,
@@ -24,11 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.block_sparse_matmul import gpu as gpu_kernels
 from pallas_kernels.block_sparse_matmul import tpu as tpu_kernels
 from pallas_kernels.block_sparse_matmul import xla as xla_kernels
 from pallas_kernels.block_sparse_matmul.metadata import transpose_layout
 
-_BACKENDS = ("xla", "tpu")
+_BACKENDS = ("xla", "tpu", "gpu")
 _FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -80,6 +83,9 @@ def check_shapes(x, values, indices) -> int:
 def resolve_backend(backend: Optional[str], interpret: bool = False) -> str:
     if backend is None:
         platform = jax.default_backend()
+        if platform == "gpu":
+            hopper = str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+            return "gpu" if hopper else "xla"
         return platform if platform in _BACKENDS else "xla"
     if backend not in _BACKENDS:
         raise ValueError(f"backend={backend!r} is not valid; use one of {_BACKENDS} or None")
@@ -91,7 +97,7 @@ def resolve_backend(backend: Optional[str], interpret: bool = False) -> str:
 
 
 def _kernels(backend: str):
-    return {"xla": xla_kernels, "tpu": tpu_kernels}[backend]
+    return {"xla": xla_kernels, "tpu": tpu_kernels, "gpu": gpu_kernels}[backend]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
