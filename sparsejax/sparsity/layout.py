@@ -97,10 +97,17 @@ class FormatLayoutMethod(SparsityMethod):
     def is_update_step(self, step: int) -> bool:
         return self.inner.is_update_step(step)
 
+    def grad_view(self, params, sparsity):
+        return self.inner.grad_view(params, sparsity)
+
     def update(self, params, opt_state, sparsity, *, step, rng=None, grads=None):
         p, o, s, m = self.inner.update(params, opt_state, sparsity, step=step, rng=rng,
                                        grads=grads)
-        return p, o, {**s, LAYOUT: s.get(LAYOUT, sparsity[LAYOUT])}, m
+        s = {**s, LAYOUT: s.get(LAYOUT, sparsity[LAYOUT])}
+        if s.get("masks") is None:
+            m = {**m, "sparsity/density": jnp.float32(
+                stored_density(p, s[LAYOUT], self.run.compact))}
+        return p, o, s, m
 
     def metrics(self, params, sparsity):
         """The inner method's metrics; where it keeps no masks, `sparsity/density` (and its

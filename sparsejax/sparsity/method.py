@@ -81,6 +81,12 @@ class SparsityMethod:
         """Host-side: does a mask update run before the train step of ``step``?"""
         return False
 
+    def grad_view(self, params: PyTree, sparsity: PyTree) -> tuple[PyTree, PyTree]:
+        """``(params, sparsity)`` whose loss gradient ``update`` receives as ``grads`` when
+        ``needs_dense_grads``: the params as they are, except for methods whose stored
+        params hide the dense gradient (compact block DST gives every block)."""
+        return params, sparsity
+
     def update(self, params: PyTree, opt_state: PyTree, sparsity: PyTree, *, step, rng: jax.Array | None = None,
                grads: PyTree | None = None) -> tuple[PyTree, PyTree, PyTree, Metrics]:
         """Mask update: ``(params, opt_state, sparsity, metrics)``."""

@@ -81,6 +81,10 @@ class LayerStackedMethod(SparsityMethod):
     def is_update_step(self, step: int) -> bool:
         return self.inner.is_update_step(step)
 
+    def grad_view(self, params, sparsity):
+        p, s = self.inner.grad_view(self._u(params), self._u(sparsity))
+        return self._s(p), self._s(s)
+
     def update(self, params, opt_state, sparsity, *, step, rng=None, grads=None):
         p, o, s, m = self.inner.update(self._u(params), self._u(opt_state), self._u(sparsity),
                                        step=step, rng=rng,

@@ -142,7 +142,8 @@ def make_sparsity_update(model: nn.Module, method: SparsityMethod,
         rng = jax.random.fold_in(step_rng(state), 1)
         grads = None
         if method.needs_dense_grads:
-            grads = grad_fn(state.params, state, batch, rng)[3]
+            params, sparsity = method.grad_view(state.params, state.sparsity)
+            grads = grad_fn(params, state.replace(sparsity=sparsity), batch, rng)[3]
         params, opt_state, sparsity, metrics = method.update(
             state.params, state.opt_state, state.sparsity, step=state.step, rng=rng, grads=grads)
         return state.replace(params=params, opt_state=opt_state, sparsity=sparsity), metrics

@@ -63,6 +63,8 @@ SPARSITY = {
     # k = max(1, round(0.1 * in_blocks)) stored 16x16 blocks per column: 1 of 4 for tiny's
     # 64-wide inputs, 1 of 8 for wo's 128: 2/9 of the projections' entries
     "block_static.gin": dict(density=2 / 9, updates="none", ckpt="compact"),
+    "block_set.gin": dict(density=2 / 9, updates="drop_grow", ckpt="compact"),
+    "block_rigl.gin": dict(density=2 / 9, updates="drop_grow", ckpt="compact"),
 }
 MOE = {  # num_experts, and whether routing is dropless (dropped_fraction must be 0)
     "expert_choice.gin": dict(experts=8, dropless=True, uniform=True),

@@ -36,6 +36,10 @@ EXPECTED = {  # config -> (method class, {attribute: value or type})
     "sparse_finetune.gin": (sp.SparseFinetuneMethod, {"mode": "lt_sft", "density": 0.01}),
     "spiel.gin": (sp.SparseFinetuneMethod, {"mode": "spiel", "density": 0.01}),
     "block_static.gin": (sp.DenseMethod, {}),  # the layout is the format's (below)
+    "block_set.gin": (sp.BlockDSTMethod, {"grow": "random", "schedule": S.DropGrowSchedule,
+                                          "needs_dense_grads": False}),
+    "block_rigl.gin": (sp.BlockDSTMethod, {"grow": "gradient", "schedule": S.DropGrowSchedule,
+                                           "needs_dense_grads": True}),
 }
 
 
@@ -89,8 +93,9 @@ def test_unknown_method_name_names_the_preset():
         sp.make_method("rigl")
 
 
-def test_block_static_stores_compact_blocks():
-    config.parse_gin(["tiny.gin", "sparsity/block_static.gin"], [])
+@pytest.mark.parametrize("name", ["block_static.gin", "block_set.gin", "block_rigl.gin"])
+def test_block_configs_store_compact_blocks(name):
+    config.parse_gin(["tiny.gin", f"sparsity/{name}"], [])
     assert ModelConfig().weight_format == "block_sparse"
     fmt = BlockSparse()
     assert (fmt.block_in, fmt.block_out, fmt.density, fmt.init) == (16, 16, 0.1, "random")
