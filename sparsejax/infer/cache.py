@@ -1,5 +1,6 @@
-"""The KV cache: one {key, value, pos, index} entry per attention layer, in the 'cache'
-collection that `Attention(decode=True)` reads and extends."""
+"""The KV cache: one {cached_key, cached_value, pos, index} entry per attention layer, in the
+'cache' collection that `Attention(decode=True)` reads and extends. (Named apart from the
+projections: a compact weight format makes 'key' and 'value' submodules of the layer.)"""
 from __future__ import annotations
 
 from typing import Any
@@ -18,7 +19,8 @@ def init_cache(model_config: Any, batch: int, length: int, dtype: Any = None) ->
                          f"[1, ModelConfig.max_seq_len={model_config.max_seq_len}]")
     dtype = dtype_from_name(dtype or model_config.dtype)
     shape = (batch, length, model_config.num_kv_heads, model_config.head_dim)
-    layer = lambda: {"attn": {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype),
+    layer = lambda: {"attn": {"cached_key": jnp.zeros(shape, dtype),
+                              "cached_value": jnp.zeros(shape, dtype),
                               "pos": jnp.full((batch, length), -1, jnp.int32),
                               "index": jnp.zeros((), jnp.int32)}}
     cache = {f"layer_{i}": layer() for i in range(model_config.num_layers)}

@@ -163,10 +163,11 @@ class Attention(nn.Module):
 
     def _cached_attention(self, q, k, v, positions, segment_ids):
         """Appends k/v at the cache's next free slot and attends over the whole cache."""
-        if not self.has_variable("cache", "key"):
+        if not self.has_variable("cache", "cached_key"):
             raise ValueError("decode=True needs a KV cache in the 'cache' collection; build it "
                              "with sparsejax.infer.cache.init_cache")
-        ck, cv = self.variable("cache", "key", None), self.variable("cache", "value", None)
+        ck = self.variable("cache", "cached_key", None)
+        cv = self.variable("cache", "cached_value", None)
         cpos, cidx = self.variable("cache", "pos", None), self.variable("cache", "index", None)
         rule = None
         if self.kind == "block_sparse":
