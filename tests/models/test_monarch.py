@@ -174,6 +174,15 @@ def test_nblocks_that_does_not_divide_the_projection_is_refused():
                                                                        TOKENS)
 
 
+def test_a_mesh_that_cannot_split_the_blocks_is_refused():
+    train = TrainConfig(global_batch_size=8, seq_len=16)
+    cfg = ModelConfig(**SMALL, weight_format_overrides={"mlp/": "monarch"})
+    with pytest.raises(ValueError, match=r"Monarch.nblocks=4 .*fsdp\*tensor=8"):
+        build_run(train, cfg, make_mesh(fsdp=8))
+    Monarch(4).check_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    Monarch(8).check_mesh({"fsdp": 8, "tensor": 1})
+
+
 def test_registered_with_its_param_names_and_block_axes():
     assert WEIGHT_FORMATS.get("monarch") is Monarch
     proj = Projection(32, ("embed", "mlp"), formats=ModelConfig(

@@ -43,6 +43,10 @@ class WeightFormat:
                  real_features: int | None) -> jax.Array:
         raise NotImplementedError
 
+    def check_mesh(self, mesh_shape: Mapping[str, int]) -> None:
+        """A ValueError naming the format's setting when its params cannot be split over a
+        mesh of `mesh_shape` ({axis: size}); any mesh by default."""
+
     def to_dense(self, params: Mapping[str, jax.Array], in_features: int) -> jax.Array:
         raise NotImplementedError
 
@@ -65,6 +69,11 @@ class FormatSpec:
             if re.search(rx, path):
                 return name
         return "dense" if path.split("/")[-1] == "lm_head" else self.default
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The formats some projection may use (the LM head's dense included)."""
+        return tuple(dict.fromkeys(("dense", self.default, *(n for _, n in self.overrides))))
 
     @property
     def all_dense(self) -> bool:

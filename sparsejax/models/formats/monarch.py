@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax.models.formats import WEIGHT_FORMATS, WeightFormat, module_path
+from sparsejax.parallel.rules import LOGICAL_RULES
 
 # fan-in over the block's input axis; axis 0 (the blocks) is a batch of independent layers
 FACTOR_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2,
@@ -91,6 +92,17 @@ class Monarch(WeightFormat):
                              f"common divisor of both")
         m = min(in_features, features)
         return (b, in_features // b, m // b), (b, m // b, features // b)
+
+    def check_mesh(self, mesh_shape: Mapping[str, int]) -> None:
+        """The block axis ('out_blocks') is split over the mesh axes of its rule: their
+        product must divide nblocks."""
+        axes = dict(LOGICAL_RULES)[BLOCK_AXES[0]]
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        split = int(np.prod([mesh_shape.get(a, 1) for a in axes]))
+        if self.nblocks % split:
+            raise ValueError(f"Monarch.nblocks={self.nblocks} must be a multiple of the mesh "
+                             f"axes {'*'.join(axes)}={split} that split its block axis (mesh "
+                             f"{dict(mesh_shape)}); use a multiple of {split}")
 
     def draw(self, key: jax.Array, in_features: int, features: int, dtype: Any,
              real_features: int | None) -> tuple[jax.Array, jax.Array]:
