@@ -14,6 +14,7 @@ import optax
 
 from sparsejax.data.sources import check_dataset
 from sparsejax.data.tokenizer import make_tokenizer
+from sparsejax.models.formats import WEIGHT_FORMATS
 from sparsejax.models.transformer import ModelConfig, Transformer, padded_params
 from sparsejax.parallel import mesh as mesh_lib
 from sparsejax.parallel.rules import (LOGICAL_RULES, batch_sharding, logical_shardings,
@@ -95,6 +96,8 @@ def validate(cfg, model_config: ModelConfig, mesh) -> None:
         raise ValueError(f"ModelConfig.vocab_size={model_config.vocab_size} is smaller than the "
                          f"tokenizer's vocabulary ({vocab}; make_tokenizer)")
     check_dataset(cfg.dataset, cfg.data_dir)
+    for name in model_config.formats().names:
+        WEIGHT_FORMATS.get(name)().check_mesh(dict(mesh.shape))
 
 
 def build_run(cfg, model_config: ModelConfig | None = None,

@@ -128,10 +128,14 @@ def restore_state_numpy(workdir: str, step: int | None = None) -> tuple[int, Any
     step = steps[-1] if step is None else step
     if step not in steps:
         raise ValueError(f"workdir={workdir!r} has no checkpoint at step {step}; it has {steps}")
-    path = os.path.join(directory, str(step), "state")
+    return step, restore_numpy(os.path.join(directory, str(step), "state"))
+
+
+def restore_numpy(path: str) -> Any:
+    """The pytree saved at `path` (a checkpoint's state, or the params `sparsejax import-hf`
+    wrote) as nested dicts of numpy arrays, whatever mesh wrote it."""
     with ocp.PyTreeCheckpointer() as ckptr:
         meta = ckptr.metadata(path)
         tree = getattr(meta, "item_metadata", meta).tree
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        state = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-    return step, state
+        return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))

@@ -33,12 +33,19 @@ class WeightFormat:
     the format's params on `module` (the LM head's padded output columns from
     `real_features` on start at zero) and returns x [tokens, in] @ W. `to_dense(params,
     in_features)` gives W [in, out] (exact), `from_dense(kernel, ...)` the format's params
-    for a dense kernel (exact where the kernel has the format's structure)."""
+    for a dense kernel (exact where the kernel has the format's structure). `param_names`
+    are the params it creates besides the bias (how a warm start recognizes it)."""
+
+    param_names: tuple[str, ...] = ()
 
     def __call__(self, module: nn.Module, x: jax.Array, *, features: int,
                  axes: tuple[str, str], dtype: Dtype, param_dtype: Dtype,
                  real_features: int | None) -> jax.Array:
         raise NotImplementedError
+
+    def check_mesh(self, mesh_shape: Mapping[str, int]) -> None:
+        """A ValueError naming the format's setting when its params cannot be split over a
+        mesh of `mesh_shape` ({axis: size}); any mesh by default."""
 
     def to_dense(self, params: Mapping[str, jax.Array], in_features: int) -> jax.Array:
         raise NotImplementedError
@@ -62,6 +69,11 @@ class FormatSpec:
             if re.search(rx, path):
                 return name
         return "dense" if path.split("/")[-1] == "lm_head" else self.default
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The formats some projection may use (the LM head's dense included)."""
+        return tuple(dict.fromkeys(("dense", self.default, *(n for _, n in self.overrides))))
 
     @property
     def all_dense(self) -> bool:
@@ -119,10 +131,22 @@ class Projection(nn.Module):
         return y
 
 
+def format_of(params: Any) -> str | None:
+    """The registered format whose params (plus an optional 'bias') are exactly the keys of
+    the dict `params` (one projection's params), or None."""
+    if not isinstance(params, Mapping):
+        return None
+    keys = set(params) - {"bias"}
+    for name in WEIGHT_FORMATS.names():
+        if keys and keys == set(WEIGHT_FORMATS.get(name).param_names):
+            return name
+    return None
+
+
 def is_layout_leaf(x: Any) -> bool:
     """A format's structure leaf (integer dtype), as opposed to a trained weight."""
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.integer)
 
 
 # the shipped formats register themselves on import
-from sparsejax.models.formats import block_sparse, dense  # noqa: E402,F401
+from sparsejax.models.formats import block_sparse, dense, monarch  # noqa: E402,F401

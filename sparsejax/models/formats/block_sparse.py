@@ -64,6 +64,8 @@ def block_mask(indices: jax.Array, in_features: int, block_in: int,
 class BlockSparse(WeightFormat):
     """Constant fan-in block-sparse weights: values [out_blocks, k, bi, bo] + int32 indices."""
 
+    param_names = ("values", "indices")
+
     def __init__(self, block_in: int = 32, block_out: int = 32, density: float = 0.1,
                  init: str = "random", backend: str | None = None):
         for name, b in (("block_in", block_in), ("block_out", block_out)):
@@ -115,13 +117,18 @@ class BlockSparse(WeightFormat):
         return to_dense(params["values"], params["indices"], in_features // self.block_in)
 
     def from_dense(self, kernel: jax.Array, *, indices: Any = None, mask: Any = None,
-                   **kwargs: Any) -> dict[str, jax.Array]:
+                   project: bool = False, **kwargs: Any) -> dict[str, jax.Array]:
         """The compact params of `kernel` [in, out] at `indices` (default: the blocks where
         `mask`, or else the kernel, has a nonzero entry; they must number the same in every
         column). Exact when every entry of the kernel outside the stored blocks is zero;
-        otherwise refused."""
+        otherwise refused, unless `project`: then (without `indices`) each output block
+        column keeps the k = density * in_blocks input blocks of largest Frobenius norm (the
+        nearest layout of this density in Frobenius norm) and the other blocks are dropped,
+        e.g. to convert a trained dense kernel."""
         kernel = jnp.asarray(kernel)
-        ib, ob, _ = self.blocks(*kernel.shape)
+        ib, ob, k = self.blocks(*kernel.shape)
+        if indices is None and project:
+            indices = top_blocks(block_norms(kernel, self.block_in, self.block_out), k)
         if indices is None:
             where = kernel if mask is None else jnp.asarray(mask, jnp.float32)
             nz = np.asarray(block_norms(where, self.block_in, self.block_out) > 0)  # [ib, ob]
@@ -129,7 +136,7 @@ class BlockSparse(WeightFormat):
             if counts.min() != counts.max():
                 raise ValueError(f"kernel {kernel.shape}: its nonzero blocks are not a constant "
                                  f"fan-in ({counts.min()}..{counts.max()} per output block "
-                                 f"column of {self.block_out}); pass indices=")
+                                 f"column of {self.block_out}); pass indices= or project=True")
             k = max(int(counts.max()), 1)
             scores = nz.astype(np.float32) + np.linspace(0, 0.5, ib)[:, None] * (1 - nz)
             indices = top_blocks(jnp.asarray(scores), k)
@@ -137,7 +144,8 @@ class BlockSparse(WeightFormat):
         check_indices(indices, ib)
         values = gather_blocks(kernel, indices, self.block_in, self.block_out)
         mask = block_mask(indices, kernel.shape[0], self.block_in, self.block_out)
-        if bool(jnp.any(jnp.where(mask, 0, kernel) != 0)):
+        if not project and bool(jnp.any(jnp.where(mask, 0, kernel) != 0)):
             raise ValueError("kernel has nonzero entries outside the blocks at `indices`: the "
-                             "compact format would drop them")
+                             "compact format would drop them (project=True drops them on "
+                             "purpose)")
         return {"values": values, "indices": indices}

@@ -15,6 +15,8 @@ from sparsejax.models.init import DEFAULT_KERNEL_INIT, zero_padding
 class Dense(WeightFormat):
     """A dense [in, out] kernel (a sparsity method may keep a mask beside it)."""
 
+    param_names = ("kernel",)
+
     def __call__(self, module, x, *, features, axes, dtype, param_dtype, real_features):
         kernel = module.param(
             "kernel", nn.with_logical_partitioning(
