@@ -126,7 +126,7 @@ class BlockDSTMethod(SparsityMethod):
         flat_p, flat_l = _flat(params), _flat(sparsity[LAYOUT])
         for vpath, lpath, owner in self._projections(sparsity):
             values, idx = flat_p[vpath], flat_l[lpath]
-            ib = self.run.compact[owner][0] // values.shape[2]
+            ib = self.run.compact[owner].in_features // values.shape[2]
             flat_p[vpath] = full_blocks(values, idx, ib)
             flat_l[lpath] = jnp.broadcast_to(jnp.arange(ib, dtype=idx.dtype), (idx.shape[0], ib))
         return _unflat(flat_p), {**sparsity, LAYOUT: _unflat(flat_l)}
@@ -139,7 +139,7 @@ class BlockDSTMethod(SparsityMethod):
         moved = total = 0
         for i, (vpath, lpath, owner) in enumerate(self._projections(sparsity)):
             values, idx = flat_p[vpath], flat_l[lpath]
-            ib = self.run.compact[owner][0] // values.shape[2]
+            ib = self.run.compact[owner].in_features // values.shape[2]
             if self.grow == "gradient":
                 scores = block_norms(flat_g[vpath])  # full view: [ob, in_blocks]
             else:

@@ -15,8 +15,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from sparsejax.models.formats import is_layout_leaf
-from sparsejax.sparsity.method import SparsityMethod
-from sparsejax.sparsity.paths import named_leaves
+from sparsejax.sparsity.method import CompactProjection, SparsityMethod
 
 PyTree = Any
 LAYOUT = "layout"
@@ -106,7 +105,7 @@ class FormatLayoutMethod(SparsityMethod):
         s = {**s, LAYOUT: s.get(LAYOUT, sparsity[LAYOUT])}
         if s.get("masks") is None:
             m = {**m, "sparsity/density": jnp.float32(
-                stored_density(p, s[LAYOUT], self.run.compact))}
+                stored_density(self.run.compact))}
         return p, o, s, m
 
     def metrics(self, params, sparsity):
@@ -116,7 +115,7 @@ class FormatLayoutMethod(SparsityMethod):
         out = self.inner.metrics(params, sparsity)
         if sparsity.get("masks") is None:
             out["sparsity/density"] = out["sparsity/avg_density"] = jnp.float32(
-                stored_density(params, sparsity[LAYOUT], self.run.compact))
+                stored_density(self.run.compact))
         return out
 
     def finalize_structure(self, params):
@@ -133,13 +132,10 @@ class FormatLayoutMethod(SparsityMethod):
         return self.inner.valid_masks(masks)
 
 
-def stored_density(params: PyTree, layout: PyTree, compact: Mapping[str, tuple[int, int]]
-                   ) -> float:
-    """Stored entries of the compact projections (their weights beside a layout) over their
-    dense entries (`RunInfo.compact`)."""
-    owners = {path.rsplit("/", 1)[0] for path, _ in named_leaves(layout)}
-    stored = sum(x.size for path, x in named_leaves(params) if path.rsplit("/", 1)[0] in owners)
-    return stored / sum(i * o for i, o in compact.values())
+def stored_density(compact: Mapping[str, CompactProjection]) -> float:
+    """Stored weight entries of the compact projections over their dense entries."""
+    return (sum(c.stored for c in compact.values())
+            / sum(c.in_features * c.out_features for c in compact.values()))
 
 
 def for_formats(method: SparsityMethod, model_config: Any) -> SparsityMethod:

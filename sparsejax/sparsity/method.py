@@ -8,7 +8,7 @@ exist only there (the optimizer reads them through the ``sparsity`` extra argume
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import gin
 import jax
@@ -22,6 +22,15 @@ PyTree = Any
 Metrics = dict[str, jax.Array]
 
 
+class CompactProjection(NamedTuple):
+    """A projection stored in a compact weight format: its dense shape and how many weight
+    entries the format stores (constant for the shipped formats)."""
+
+    in_features: int
+    out_features: int
+    stored: int
+
+
 @dataclasses.dataclass(frozen=True)
 class RunInfo:
     """What a method needs to know about the run it is part of.
@@ -30,13 +39,13 @@ class RunInfo:
     valid: {param path: (axis, length)} for params padded along `axis` past `length` (the
       vocab padding of the LM head): those entries are never kept and never counted.
     compact: {projection path ('layer_0/mlp/wo', per layer also when layers are scanned):
-      (in_features, out_features)} of the projections stored in a compact weight format
-      (models/formats/), whose params hold no dense kernel to read these from.
+      CompactProjection} of the projections stored in a compact weight format
+      (models/formats/), whose params hold no dense kernel to read their shape from.
     """
 
     num_steps: int
     valid: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
-    compact: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    compact: Mapping[str, CompactProjection] = dataclasses.field(default_factory=dict)
 
 
 class SparsityMethod:

@@ -20,7 +20,7 @@ from sparsejax.parallel import mesh as mesh_lib
 from sparsejax.parallel.rules import (LOGICAL_RULES, batch_sharding, logical_shardings,
                                       replicated, shardings_like)
 from sparsejax.sparsity.activation.regularizer import make_activation_regularizer
-from sparsejax.sparsity.method import RunInfo, SparsityMethod, make_method
+from sparsejax.sparsity.method import CompactProjection, RunInfo, SparsityMethod, make_method
 from sparsejax.models.formats import is_layout_leaf
 from sparsejax.sparsity.layout import for_formats
 from sparsejax.sparsity.paths import named_leaves
@@ -170,9 +170,10 @@ def check_divisible(params: Any, shardings: Any) -> None:
 
 
 def compact_projections(model_config: ModelConfig, tokens: jax.Array) -> dict:
-    """{projection path: (in_features, out_features)} of the projections in a compact weight
-    format, per layer (RunInfo.compact): read from the abstract params of the unscanned model
-    and of its all-dense twin (no arrays are made)."""
+    """{projection path: CompactProjection} of the projections in a compact weight format,
+    per layer (RunInfo.compact): read from the abstract params of the unscanned model and of
+    its all-dense twin (no arrays are made). A projection is compact where the model's params
+    under the dense twin's projection path are other than a 'kernel' (and a 'bias')."""
     if model_config.formats().all_dense:
         return {}
     per_layer = dataclasses.replace(model_config, scan_layers=False)
@@ -184,8 +185,12 @@ def compact_projections(model_config: ModelConfig, tokens: jax.Array) -> dict:
 
     # a dense projection is a 'kernel' param of its module or (attention) a param itself
     dense = {path.removesuffix("/kernel"): x.shape for path, x in named(twin)}
-    return {path.rsplit("/", 1)[0]: tuple(dense[path.rsplit("/", 1)[0]])
-            for path, x in named(per_layer) if is_layout_leaf(x)}
+    stored: dict[str, int] = {}
+    for path, x in named(per_layer):
+        owner, leaf = path.rsplit("/", 1)
+        if owner in dense and leaf not in ("kernel", "bias") and not is_layout_leaf(x):
+            stored[owner] = stored.get(owner, 0) + x.size
+    return {p: CompactProjection(*dense[p], n) for p, n in stored.items()}
 
 
 def check_regularizer_mesh(regularizer: Any, model_config: ModelConfig, mesh) -> None:

@@ -42,6 +42,11 @@ SKIP = {"upcycle.gin"}  # needs a dense run's checkpoint to start from (tests/tr
 # params, when its mask updates run, and what the checkpoint must show.
 #   updates: "none" | "drop_grow" (>= 3, with churn) | "gradual" (>= 3, monotone) |
 #            ("at", fraction) (exactly one update there)
+# Monarch at nblocks 4 on tiny's projections [in, out] with middle width m = min(in, out):
+# (in*m + m*out) / 4 stored of in*out (q, o: 64x64; k, v: 64x32; gate, up: 64x128; wo: 128x64)
+_MONARCH_SHAPES = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
+MONARCH_TINY = (sum((i * min(i, o) + min(i, o) * o) / 4 for i, o in _MONARCH_SHAPES)
+                / sum(i * o for i, o in _MONARCH_SHAPES))
 SPARSITY = {
     "dense.gin": dict(density=1.0, updates="none"),
     "static_random.gin": dict(density=0.1, updates="none", ckpt="zeros"),
@@ -65,6 +70,8 @@ SPARSITY = {
     "block_static.gin": dict(density=2 / 9, updates="none", ckpt="compact"),
     "block_set.gin": dict(density=2 / 9, updates="drop_grow", ckpt="compact"),
     "block_rigl.gin": dict(density=2 / 9, updates="drop_grow", ckpt="compact"),
+    # nblocks 4: two factors of 4 blocks each, (in*m + m*out) / 4 entries of in*out
+    "monarch.gin": dict(density=MONARCH_TINY, updates="none"),
 }
 MOE = {  # num_experts, and whether routing is dropless (dropped_fraction must be 0)
     "expert_choice.gin": dict(experts=8, dropless=True, uniform=True),

@@ -38,6 +38,7 @@ EXPECTED = {  # config -> (method class, {attribute: value or type})
     "block_static.gin": (sp.DenseMethod, {}),  # the layout is the format's (below)
     "block_set.gin": (sp.BlockDSTMethod, {"grow": "random", "schedule": S.DropGrowSchedule,
                                           "needs_dense_grads": False}),
+    "monarch.gin": (sp.DenseMethod, {}),  # the structure is the format's
     "block_rigl.gin": (sp.BlockDSTMethod, {"grow": "gradient", "schedule": S.DropGrowSchedule,
                                            "needs_dense_grads": True}),
 }
