@@ -16,6 +16,7 @@ from sparsejax.registry import REGISTRIES, describe
 from sparsejax.sparsity import (CRITERIA, DISTRIBUTIONS, METHODS, SCHEDULES, STRUCTURES, RunInfo,
                                 make_method)
 from sparsejax.sparsity import masks as masks_lib
+from sparsejax.sparsity.method import CompactProjection
 
 config.register_configurables()  # every plug-in of the package, as `sparsejax list` sees them
 KEY = jax.random.PRNGKey(0)
@@ -92,9 +93,15 @@ def test_distribution_meets_the_mean_density(name):
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_method_builds_binds_and_inits(name):
-    method = METHODS.get(name)().bind(RunInfo(num_steps=50))
+    if name == "block_dst":  # moves the blocks of compact weights: a block-sparse layer
+        run = RunInfo(num_steps=50, compact={"layer": CompactProjection(16, 8, 64)})
+        params = {"layer": {"values": jax.random.normal(KEY, (2, 1, 8, 4))}}
+    else:
+        run = RunInfo(num_steps=50)
+        params = {"layer": {"kernel": jax.random.normal(KEY, (16, 8))}}
+    method = METHODS.get(name)().bind(run)
     assert make_method(name).__class__ is type(method)
-    params, state = method.init({"layer": {"kernel": jax.random.normal(KEY, (16, 8))}}, KEY)
+    params, state = method.init(params, KEY)
     assert "masks" in state and "avg_density" in state
     metrics = method.metrics(params, state)
     assert 0.0 < float(metrics["sparsity/density"]) <= 1.0
