@@ -2,8 +2,10 @@
 that transformers loads (`AutoModelForCausalLM.from_pretrained(out)`).
 
 The exported weights are what the model computes with: a sparse run's masked params (pruned
-entries exactly zero, N:M structure kept), so the HF model gives the same logits. Options no
-supported HF architecture expresses fail with a message naming them, before any weight is read.
+entries exactly zero, N:M structure kept), and a compact run's projections as dense kernels
+(models/formats/convert.py: exact zeros outside the stored blocks), so the HF model gives the
+same logits. Options no supported HF architecture expresses fail with a message naming them,
+before any weight is read.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import jax
 import numpy as np
 
 from sparsejax.interop import mapping
+from sparsejax.models.formats.convert import to_dense_params
 from sparsejax.models.layer_stack import unstack_layers
 from sparsejax.interop.families import to_hf_config
 from sparsejax.interop.import_hf import RECORD, TOKENIZER_FILES
@@ -63,6 +66,9 @@ def export_hf(workdir: str, out: str, *, dtype: str = "float32",
         if method is not None:  # what the model computes with: masked params
             params = jax.jit(lambda s: method.forward_params(s.params, s.sparsity, step=s.step,
                                                              rng=None))(state)
+    # compact projections (block-sparse values + layout) as the dense kernels they compute
+    # with: exact zeros outside the stored blocks
+    params = to_dense_params(jax.device_get(params), run.model_config)
     params = unstack_layers(jax.device_get(params))  # HF tensors are per layer
     flat = {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
     np_dtype = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16,

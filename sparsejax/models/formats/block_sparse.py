@@ -114,7 +114,10 @@ class BlockSparse(WeightFormat):
         return y
 
     def to_dense(self, params: Mapping[str, jax.Array], in_features: int) -> jax.Array:
-        return to_dense(params["values"], params["indices"], in_features // self.block_in)
+        """W [in, out], zeros outside the stored blocks; the block size is the values' own
+        (params written under other BlockSparse settings convert all the same)."""
+        return to_dense(params["values"], params["indices"],
+                        in_features // params["values"].shape[-2])
 
     def from_dense(self, kernel: jax.Array, *, indices: Any = None, mask: Any = None,
                    project: bool = False, **kwargs: Any) -> dict[str, jax.Array]:
