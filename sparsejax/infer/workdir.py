@@ -6,6 +6,9 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 
+from sparsejax.models.transformer import ModelConfig
+from sparsejax.sparsity.activation.evaluate import check_thresholding
+
 
 def sample_workdir(workdir: str, prompts: Sequence[str], *, max_new_tokens: int = 32,
                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -18,6 +21,7 @@ def sample_workdir(workdir: str, prompts: Sequence[str], *, max_new_tokens: int 
     from sparsejax.train import trainer
     if not prompts:
         raise ValueError("give at least one --prompt or a --prompt_file")
+    check_thresholding(ModelConfig())  # before anything is built or restored
     tok = make_tokenizer()
     ids = [list(tok.encode(p, add_bos=True)) for p in prompts]
     cfg = trainer.TrainConfig()

@@ -20,6 +20,7 @@ from sparsejax import config as config_lib
 from sparsejax.config import check_field_types
 from sparsejax.data.sharded import (ShardedIteratorRestore, ShardedIteratorSave,
                                     ShardedTrainIterator)
+from sparsejax.models.transformer import ModelConfig
 from sparsejax.parallel.rules import LOGICAL_RULES, batch_sharding, replicated
 from sparsejax.train import evaluation, run_info
 from sparsejax.train import workdir as workdir_lib
@@ -321,10 +322,11 @@ def evaluate_checkpoint(workdir: str, config: TrainConfig | None = None,
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"evaluate_checkpoint.eval_tokens={n!r} (or TrainConfig.eval_tokens) must "
                          "be an int >= 1")
+    from sparsejax.sparsity.activation.evaluate import ActivationEval
+    # thresholding / PPL-p% settings, checked against the model before anything is built
+    act_eval = ActivationEval(ModelConfig())
     run, step, state = load_state_for_eval(workdir, cfg)
     eval_set = evaluation.eval_set_for(cfg, n)
-    from sparsejax.sparsity.activation.evaluate import ActivationEval
-    act_eval = ActivationEval(run.model_config)  # thresholding / PPL-p% settings, checked
     config_lib.check_unused_bindings()
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
         bsharding = batch_sharding(run.mesh)

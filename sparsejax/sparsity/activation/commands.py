@@ -22,6 +22,7 @@ import gin
 import jax
 import numpy as np
 
+from sparsejax.models.transformer import ModelConfig
 from sparsejax.sparsity.activation.evaluate import effective_params
 from sparsejax.sparsity.activation.thresholding import (THRESHOLDERS, Thresholding, check_model,
                                                         check_target, make_sites, site_layout)
@@ -89,10 +90,11 @@ def act_curves(workdir: str) -> dict[str, Any]:
     from sparsejax.train import evaluation, trainer
     curves = ThresholdCurves()
     cfg = trainer.TrainConfig()
-    run, step, state = trainer.load_state_for_eval(workdir, cfg)
+    model_config = ModelConfig()  # the run's (gin-configured): checked before anything is built
     for m in curves.methods:
         th = curves.thresholding(m, curves.targets[0])
-        check_model(run.model_config, m, th.chosen_projections())
+        check_model(model_config, m, th.chosen_projections())
+    run, step, state = trainer.load_state_for_eval(workdir, cfg)
     eval_set = evaluation.eval_set_for(cfg)
     if eval_set is None:
         raise ValueError("TrainConfig.eval_tokens=0: act-curves needs an eval sample")

@@ -70,6 +70,14 @@ class ActivationEval:
         return out
 
 
+def check_thresholding(model_config: Any) -> None:
+    """Refuses `Thresholding` settings the model cannot take (thresholding.check_model), from
+    the configs alone: commands call it before they build or restore anything."""
+    th = Thresholding()
+    if th.active:
+        check_model(model_config, th.method, th.chosen_projections())
+
+
 def thresholded_model(run: Any, state: Any, cfg: Any) -> tuple[Any, dict | None]:
     """(`run.model` wrapped with calibrated thresholds and their sparse decode path
     (`SparseDecode`), the sites) when `Thresholding.method` is set, else (run.model, None):

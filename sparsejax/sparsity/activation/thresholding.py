@@ -159,8 +159,10 @@ def check_target(target: object, setting: str) -> float:
 
 
 def check_model(model_config: Any, method: str, projections: tuple[str, ...]) -> None:
-    """ValueError unless every layer has every named projection (and the layers are not
-    scanned: thresholds are set per layer, on the unscanned layout)."""
+    """ValueError unless every layer has every named projection, in the dense format (sites
+    read dense kernels: WINA's row norms, the sparse decode path's rows and neuron-major
+    weights), and the layers are not scanned (thresholds are set per layer, on the unscanned
+    layout)."""
     if getattr(model_config, "scan_layers", False):
         raise ValueError(f"{method!r} sets activation thresholds per layer and needs "
                          f"ModelConfig.scan_layers=False; an unscanned run can start from a "
@@ -173,6 +175,34 @@ def check_model(model_config: Any, method: str, projections: tuple[str, ...]) ->
                          f"{moe} are MoE layers, which have no dense MLP projections (routed "
                          f"experts are not thresholded); name only attention projections "
                          f"{tuple(p for p in ALL if PROJECTIONS[p][0] == 'attn')} for this model")
+    check_dense_projections(model_config, method, projections)
+
+
+def check_dense_projections(model_config: Any, method: str, projections: tuple[str, ...]
+                            ) -> None:
+    """ValueError naming the first site whose projection a weight format other than dense
+    stores (ModelConfig.weight_format / weight_format_overrides): a compact projection has
+    no dense kernel for the site to read. CATS's gate site reads the gate, up and down
+    kernels (its decode computes up and down for the active neurons only)."""
+    spec = model_config.formats()
+    for proj in projections:
+        module, site_name = PROJECTIONS[proj][0], PROJECTIONS[proj][1]
+        reads = (proj,)
+        if method == "cats":
+            site_name, reads = "gate_act", ("gate", "up", "down")
+        for i in range(model_config.num_layers):
+            for r in reads:
+                path = f"layer_{i}/" + PROJECTIONS[r][2].removesuffix("/kernel")
+                fmt = spec.format_at(path)
+                if fmt != "dense":
+                    raise ValueError(
+                        f"{method!r}: the threshold site layer_{i}/{module}/{site_name} reads the "
+                        f"dense kernel of {path}, which ModelConfig.weight_format="
+                        f"{model_config.weight_format!r} (overrides: "
+                        f"{model_config.weight_format_overrides!r}) stores as {fmt!r}; "
+                        f"activation thresholds need dense projections: threshold only dense "
+                        f"ones (Thresholding.projections) or keep these dense "
+                        f"(ModelConfig.weight_format_overrides)")
 
 
 def site_layout(params: Mapping[str, Any], model_config: Any, method: str,
