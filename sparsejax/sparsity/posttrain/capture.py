@@ -6,10 +6,12 @@ Each piece applies the model's own modules (`Block`, `Embed`, `RMSNorm`, the LM 
 their numerics are the model's (tests check that the pieces compose to `Transformer.apply`).
 
 `capture_block` runs a block under `nn.intercept_methods` and records the input of every
-linear layer as it is called: `nn.Dense.__call__` (MLP, LM head), `Attention._proj` (q, k, v,
-one shared input) and `Attention._out_proj`, and the input of every `MoeMlp` (its experts'
-per-expert inputs are derived in stats.py from the routing). Recorded inputs are keyed by
-the path of the kernel they multiply, relative to the block ('attn/query', 'mlp/wo/kernel').
+linear layer as it is called: `nn.Dense.__call__` and `Projection.__call__` (MLP, LM head:
+`layers.dense` builds a `Projection`, in the dense format a 'kernel'), `Attention._proj` (q,
+k, v, one shared input) and `Attention._out_proj`, and the input of every `MoeMlp` (its
+experts' per-expert inputs are derived in stats.py from the routing). Recorded inputs are
+keyed by the path of the kernel they multiply, relative to the block ('attn/query',
+'mlp/wo/kernel').
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.models.attention import Attention
+from sparsejax.models.formats import Projection
 from sparsejax.models.layers import Embed, RMSNorm, as_tokens, dense, dtype_from_name
 from sparsejax.models.transformer import Block, ModelConfig
 
@@ -112,7 +115,7 @@ class Recorder:
         mod, method = context.module, context.method_name
         path = "/".join(mod.path)
         join = (lambda name: f"{path}/{name}" if path else name)
-        if isinstance(mod, nn.Dense) and method == "__call__":
+        if isinstance(mod, (nn.Dense, Projection)) and method == "__call__":
             self.inputs[join("kernel")] = self._tokens(args[0])
         elif isinstance(mod, Attention) and method == "_proj":
             name = args[2] if len(args) > 2 else kwargs["name"]
