@@ -7,7 +7,10 @@ parametrized ones are gin-configurable classes (`NMStructure.n = 2`).
 * ``per_output``: each output unit (kernel column) keeps the same fraction of its inputs,
   as Wanda and SparseGPT compare weights;
 * ``nm``: N of every M consecutive entries along an axis (density fixed at N/M);
-* ``block``: whole [bh, bw] blocks of a 2-D kernel, scored by the sum of their entries.
+* ``block``: whole [bh, bw] blocks of a 2-D kernel, scored by the sum of their entries;
+  the best blocks of the layer, or with ``BlockStructure.per_column`` the same number of
+  blocks in every output block column (a constant fan-in: the structure the compact
+  ``block_sparse`` weight format stores, `prune --compact`).
 """
 from __future__ import annotations
 
@@ -111,12 +114,24 @@ class NMStructure(Structure):
 @gin.configurable
 @STRUCTURES.register("block")
 class BlockStructure(Structure):
-    """Whole [bh, bw] blocks of 2-D kernels, ranked by the sum of their scores."""
+    """Whole [bh, bw] blocks of 2-D kernels [in, out], ranked by the sum of their scores.
 
-    def __init__(self, block: tuple[int, int] = (4, 4)):
+    `per_column=False`: the layer's best blocks, however they fall. `per_column=True`: in
+    every output block column (bw output units) the same number of its best blocks,
+    `round(kept count / (bh * bw * output block columns))` clamped to [1, input blocks]:
+    a constant fan-in, as the compact `block_sparse` format (models/formats/block_sparse.py,
+    `k = round(density * in_blocks)`) stores it (not with drop/grow schedules)."""
+
+    def __init__(self, block: tuple[int, int] = (4, 4), per_column: bool = False):
         if len(tuple(block)) != 2 or min(block) < 1:
             raise ValueError(f"BlockStructure.block={block!r} must be two positive ints")
+        if not isinstance(per_column, bool):
+            raise ValueError(f"BlockStructure.per_column={per_column!r} must be True or False")
         self.block = tuple(int(b) for b in block)
+        self.per_column = per_column
+        # drop/grow counts blocks per layer; moving blocks per column is block DST's
+        # (make_method.name='block_dst' on compact weights)
+        self.supports_drop_grow = not per_column
 
     def check(self, path, shape):
         bh, bw = self.block
@@ -143,8 +158,13 @@ class BlockStructure(Structure):
             bs = self._blocks(s.astype(jnp.float32)).sum(axis=(1, 3))
             alive = self._blocks(m).any(axis=(1, 3))
             ok = None if v is None else self._blocks(v).any(axis=(1, 3))
-            k = jnp.round(counts[path] / area).astype(jnp.int32)
-            keep = select.topk_mask(select.ranked(bs, alive, alive_only, ok), k)
+            ranked = select.ranked(bs, alive, alive_only, ok)  # [in_blocks, out_blocks]
+            if self.per_column:
+                ib, ob = bs.shape
+                k = jnp.clip(jnp.round(counts[path] / (area * ob)), 1, ib).astype(jnp.int32)
+                keep = jax.vmap(lambda c: select.topk_mask(c, k), in_axes=1, out_axes=1)(ranked)
+            else:
+                keep = select.topk_mask(ranked, jnp.round(counts[path] / area).astype(jnp.int32))
             full = self._expand(keep)
             out.append(full if v is None else full & v)
         return select.unflatten_like(masks, out)

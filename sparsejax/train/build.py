@@ -22,7 +22,7 @@ from sparsejax.parallel.rules import (LOGICAL_RULES, batch_sharding, logical_sha
 from sparsejax.sparsity.activation.regularizer import make_activation_regularizer
 from sparsejax.sparsity.method import CompactProjection, RunInfo, SparsityMethod, make_method
 from sparsejax.models.formats import is_layout_leaf
-from sparsejax.sparsity.layout import for_formats
+from sparsejax.sparsity.layout import LAYOUT, for_formats
 from sparsejax.sparsity.paths import named_leaves
 from sparsejax.sparsity.stacked import for_layout
 from sparsejax.train import optim
@@ -61,13 +61,21 @@ class Run:
 
     def layer_density_fn(self):
         """Jitted state -> overall and per-layer mask densities ('sparsity/density/<path>'),
-        replicated; logged at step 0 so density plots start at the first step."""
+        replicated; logged at step 0 so density plots start at the first step. Compact
+        weights without masks: the stored fraction (the method's 'sparsity/density')."""
         from sparsejax.models.layer_stack import unstack_layers
         from sparsejax.sparsity.method import density_metrics
-        # per layer also when the layers are scanned (the names the mask updates log)
-        return jax.jit(lambda s: density_metrics(unstack_layers(s.sparsity.get("masks")),
-                                                 self.sparsity_method.valid),
-                       in_shardings=(self.state_shardings,), out_shardings=replicated(self.mesh))
+        method = self.sparsity_method
+
+        def densities(s):
+            # per layer also when the layers are scanned (the names the mask updates log)
+            out = density_metrics(unstack_layers(s.sparsity.get("masks")), method.valid)
+            if s.sparsity.get("masks") is None and LAYOUT in s.sparsity:
+                out["sparsity/density"] = method.metrics(s.params, s.sparsity)["sparsity/density"]
+            return out
+
+        return jax.jit(densities, in_shardings=(self.state_shardings,),
+                       out_shardings=replicated(self.mesh))
 
 
 def strip_boxes(tree: Any) -> Any:

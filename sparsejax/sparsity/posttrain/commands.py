@@ -43,6 +43,9 @@ def add_parsers(sub) -> None:
     g.add_argument("--structure", help="unstructured | per_output | global | nm | block")
     g.add_argument("--allocation", help="uniform | owl (per-block densities)")
     g.add_argument("--dsnot", action="store_true", help="refine masks with DSnoT")
+    g.add_argument("--compact", action="store_true",
+                   help="with --structure=block: write the output in the compact block-sparse "
+                        "weight format (a constant number of blocks per output block column)")
     for name in ("calibration_samples", "calibration_seed", "calibration_split",
                  "calibration_batch_size"):
         g.add_argument(f"--{name}")
@@ -71,6 +74,8 @@ def flag_bindings(args: argparse.Namespace, bindings: Sequence[str]) -> list[str
             raise ValueError(f"--{name}={text!r} is not a valid {parse.__name__.strip('_')}") from None
     if args.dsnot:
         values["dsnot"] = True
+    if args.compact:
+        values["compact"] = True
     for name, value in values.items():
         key = f"PruneConfig.{name}"
         if key in given:

@@ -54,6 +54,12 @@ class PruneConfig:
       the experts every MoE layer keeps.
     finetune_steps: TrainConfig.num_steps of the sparse recovery fine-tune written to the
       output workdir (int: steps; float in [0, 1]: a fraction of the source run's num_steps).
+    compact: write the output in the compact block-sparse weight format
+      (ModelConfig.weight_format='block_sparse', BlockSparse block sizes = BlockStructure.block,
+      density = the kept fraction): needs structure 'block', whose blocks it then selects with
+      a constant fan-in (BlockStructure.per_column), uniform allocation, and every attention
+      and MLP projection pruned (no include / exclude / prune_head, no MoE experts); the
+      fine-tune keeps the layout fixed (make_method.name='dense').
     eval_tokens: size of the eval sample scored before and after (None: TrainConfig's).
     """
 
@@ -75,6 +81,7 @@ class PruneConfig:
     num_experts: int | None = None
     finetune_steps: int | float = 0.1
     eval_tokens: int | None = None
+    compact: bool = False
 
     def __post_init__(self):
         check_field_types(self)
@@ -136,8 +143,29 @@ class PruneConfig:
             if self.num_experts < 1:
                 raise ValueError(f"{P}.num_experts={self.num_experts!r} must be >= 1")
         check_step_spec(self.finetune_steps, f"{P}.finetune_steps", minimum=1)
+        if self.compact:
+            self._check_compact()
         if self.eval_tokens is not None and self.eval_tokens < 1:
             raise ValueError(f"{P}.eval_tokens={self.eval_tokens!r} must be >= 1 (or None)")
+
+    def _check_compact(self) -> None:
+        """`compact` needs the structure the compact format stores, over every projection."""
+        P = "PruneConfig"
+        if self.method is None or self.structure_name != "block":
+            raise ValueError(f"{P}.compact=True (--compact) stores whole blocks and needs "
+                             f"{P}.structure='block' (--structure=block) with a method; got "
+                             f"structure {self.structure_name if self.method else None!r}")
+        if self.allocation != "uniform":
+            raise ValueError(f"{P}.compact=True (--compact): the compact format has one density "
+                             f"for every projection; {P}.allocation={self.allocation!r} gives "
+                             f"per-layer densities (use 'uniform')")
+        changed = [f"{P}.{n}={getattr(self, n)!r}" for n in ("include", "exclude")
+                   if tuple(getattr(self, n))] + ([f"{P}.prune_head=True"] if self.prune_head
+                                                  else [])
+        if changed:
+            raise ValueError(f"{P}.compact=True (--compact) stores every attention and MLP "
+                             f"projection compactly, so all of them and only them are pruned; "
+                             f"{', '.join(changed)} changes that")
 
     @property
     def nm_pair(self) -> tuple[int, int] | None:

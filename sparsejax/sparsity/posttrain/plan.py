@@ -218,7 +218,8 @@ def build_plan(cfg: ModelConfig, params: PyTree, moe_state: PyTree | None, pc: P
     """Checks the pruning against the model and returns its Plan (no work done)."""
     capture.check_layout(cfg, params)
     pruner = None if pc.method is None else PRUNERS.get(pc.method)()
-    structure = None if pc.method is None else make_structure(pc.structure_name, pc.nm_pair)
+    structure = None if pc.method is None else make_structure(pc.structure_name, pc.nm_pair,
+                                                              pc.compact)
     if pruner is not None and pruner.needs_grads and loss_fn is None:
         raise ValueError(f"PruneConfig.method={pc.method!r} scores weights with gradients of "
                          f"the training loss, and this model has none (loss_fn=None); use a "
@@ -253,6 +254,11 @@ def build_plan(cfg: ModelConfig, params: PyTree, moe_state: PyTree | None, pc: P
                                  f"post-training pruning prunes the linear layers of the "
                                  f"blocks and the LM head ('{HEAD}')")
             shape2d = tuple(m.shape[-2:])
+            if pc.compact and m.ndim != 2:
+                raise ValueError(f"PruneConfig.compact=True (--compact): params[{path!r}] "
+                                 f"{m.shape} is not a projection the compact format stores "
+                                 f"(MoE experts stay in their own stacked kernels); prune this "
+                                 f"model without --compact")
             if m.ndim not in (2, 3):
                 raise ValueError(f"params[{path!r}] has shape {m.shape}; post-training pruning "
                                  f"prunes 2-D kernels [in, out] and stacked experts [E, in, out]")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,10 +167,22 @@ class SparseGPTPruner(Pruner):
         return w, keep
 
 
-def make_structure(name: str, nm: tuple[int, int] | None = None) -> struct_lib.Structure:
-    """A registered structure by name; 'nm' built with the given (N, M) along the inputs."""
+def make_structure(name: str, nm: tuple[int, int] | None = None,
+                   compact: bool = False) -> struct_lib.Structure:
+    """A registered structure by name; 'nm' built with the given (N, M) along the inputs;
+    `compact` (PruneConfig.compact): 'block' with a constant fan-in (per_column)."""
     if name == "nm":
         if nm is None:
             raise ValueError("PruneConfig.structure='nm' needs PruneConfig.nm='N:M' (e.g. '2:4')")
         return struct_lib.NMStructure(n=nm[0], m=nm[1], axis=-2)
+    if compact:
+        try:
+            bound = gin.query_parameter("BlockStructure.per_column")
+        except ValueError:  # not bound
+            bound = True
+        if bound is not True:
+            raise ValueError(f"BlockStructure.per_column={bound!r} conflicts with "
+                             f"PruneConfig.compact=True (--compact), which selects a constant "
+                             f"fan-in (per_column=True)")
+        return struct_lib.BlockStructure(per_column=True)
     return struct_lib.STRUCTURES.get(name, "PruneConfig.structure")()

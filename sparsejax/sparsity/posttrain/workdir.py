@@ -16,6 +16,13 @@ DST is a normal workdir:
   after; `metrics.jsonl` starts with the pruned model's step-0 records (eval, densities);
 * the tokenizer files and hf_import.json of an imported SRC (so export-hf picks its family).
 
+With `--compact` (PruneConfig.compact, structure 'block') DST stores the pruned projections
+in the compact block-sparse format instead (ModelConfig.weight_format='block_sparse', block
+sizes from BlockStructure.block, density the kept fraction; `from_dense_params` of the
+masked kernels), its layout fixed in the sparsity state and no masks: the fine-tune is
+`make_method.name = 'dense'` on the compact weights (configs/sparsity/block_static.gin's
+behaviour).
+
 Two gin parses: the source's config (+ the given files and bindings) to load, calibrate and
 prune; then the same with the fine-tune's bindings on top to build and save DST's run.
 """
@@ -39,10 +46,12 @@ import numpy as np
 from sparsejax import config as config_lib
 from sparsejax.data import pipeline
 from sparsejax.models import layer_stack
+from sparsejax.models.formats.convert import compact_projections, from_dense_params
+from sparsejax.sparsity import paths as paths_lib
 from sparsejax.parallel.rules import LOGICAL_RULES, batch_sharding
 from sparsejax.sparsity.method import DenseMethod, new_stats_state, with_masks
 from sparsejax.sparsity.posttrain.config import PruneConfig
-from sparsejax.sparsity.posttrain.driver import CalibrationSet, prune_model
+from sparsejax.sparsity.posttrain.driver import CalibrationSet, PruneResult, prune_model
 from sparsejax.sparsity.posttrain.plan import build_plan
 from sparsejax.train import workdir as workdir_lib
 
@@ -50,7 +59,8 @@ log = logging.getLogger(__name__)
 REPORT = "prune_report.json"
 # bindings `prune` sets itself in the output workdir's config
 OWN = ("make_method.name", "TrainConfig.num_steps", "MoeMlp.num_experts",
-       "FixedMasksMethod.include", "FixedMasksMethod.exclude")
+       "FixedMasksMethod.include", "FixedMasksMethod.exclude", "ModelConfig.weight_format",
+       "ModelConfig.weight_format_overrides")
 
 
 def check_workdirs(src: str, dst: str) -> None:
@@ -71,7 +81,8 @@ def check_bindings(bindings: Sequence[str], pc_experts: bool = True) -> None:
         if key in OWN or key.startswith("make_method.") or key.startswith("FixedMasksMethod."):
             raise ValueError(f"--gin.{key} is set by `sparsejax prune` in the output workdir "
                              f"(its method is 'fixed_masks'; --finetune_steps sets the steps, "
-                             f"--num_experts the experts); remove it")
+                             f"--num_experts the experts, --compact the weight format); remove "
+                             f"it")
 
 
 def calibration_set(cfg: Any, pc: PruneConfig) -> CalibrationSet:
@@ -167,6 +178,10 @@ def prune_workdir(src: str, dst: str, gin_files: Sequence[str] = (),
     pc = PruneConfig()
     cfg = trainer.TrainConfig()
     run = build_run(cfg)
+    if not run.model_config.formats().all_dense:
+        raise ValueError(f"--workdir={src!r} stores its projections in a compact weight format "
+                         f"(ModelConfig.weight_format={run.model_config.weight_format!r}); "
+                         f"post-training pruning reads dense kernels: prune a dense run")
     calib = calibration_set(cfg, pc)
     eval_set = evaluation.eval_set_for(cfg, pc.eval_tokens)
     mesh = run.mesh
@@ -193,7 +208,12 @@ def prune_workdir(src: str, dst: str, gin_files: Sequence[str] = (),
     # --- phase B: the output workdir's run --------------------------------------------------
     os.makedirs(dst, exist_ok=True)
     own = [f"TrainConfig.num_steps={finetune_steps}"]
-    if result.masks is not None:
+    if pc.compact:  # the layout is the structure: fixed, nothing to mask
+        bh, bw = plan.structure.block
+        own += ["make_method.name='dense'", "ModelConfig.weight_format='block_sparse'",
+                f"BlockSparse.block_in={bh}", f"BlockSparse.block_out={bw}",
+                f"BlockSparse.density={pc.density!r}"]
+    elif result.masks is not None:
         own += ["make_method.name='fixed_masks'", f"FixedMasksMethod.include={result.include!r}",
                 f"FixedMasksMethod.exclude={result.exclude!r}"]
     else:
@@ -205,6 +225,8 @@ def prune_workdir(src: str, dst: str, gin_files: Sequence[str] = (),
                          workdir_config=src_config)
     cfg_b = trainer.TrainConfig()
     run_b = build_run(cfg_b)
+    if pc.compact:
+        result = compact_result(result, run_b.model_config)
     after, summary = _write_output(dst, run_b, cfg_b, result, eval_set_of(cfg_b, pc))
     report = {"source": os.path.abspath(src), "source_step": int(step), "out": os.path.abspath(dst),
               **result.report, "eval_before": before, "eval_after": after,
@@ -218,6 +240,22 @@ def prune_workdir(src: str, dst: str, gin_files: Sequence[str] = (),
     return {"out": dst, "density": report["density"], "eval_loss_before": _loss(before),
             "eval_loss_after": _loss(after), "seconds": round(report["total_seconds"], 1),
             **summary}
+
+
+def compact_result(result: PruneResult, model_config: Any) -> PruneResult:
+    """The pruned model in `model_config`'s compact format (unscanned; the masks dropped:
+    the layout holds the structure). Every projection the format stores must have been
+    pruned, and nothing else."""
+    flat_cfg = dataclasses.replace(model_config, scan_layers=False)
+    targets = {p.target for p in compact_projections(flat_cfg).values()}
+    pruned = {path for path, _ in paths_lib.named_leaves(result.masks)}
+    if pruned != targets:
+        raise ValueError(f"PruneConfig.compact=True (--compact): the pruned kernels are not the "
+                         f"projections ModelConfig.weight_format='block_sparse' stores "
+                         f"(pruned only: {sorted(pruned - targets)}; not pruned: "
+                         f"{sorted(targets - pruned)})")
+    params = from_dense_params(result.params, flat_cfg, masks=result.masks)
+    return dataclasses.replace(result, params=params, masks=None)
 
 
 def eval_set_of(cfg, pc: PruneConfig):
@@ -272,7 +310,9 @@ def _write_output(dst: str, run_b, cfg_b, result, eval_set) -> tuple[dict | None
         if result.moe_state is not None:
             state = state.replace(moe_state=jax.device_put(
                 layout(result.moe_state), jax.tree.map(lambda a: a.sharding, state.moe_state)))
-        after = eval_params(run_b, state.params, state.moe_state, eval_set)
+        # the params the model computes with (a compact format's layout merged in)
+        model_params = jax.jit(lambda s: method.finalize(s.params, s.sparsity))(state)
+        after = eval_params(run_b, model_params, state.moe_state, eval_set)
         densities = jax.device_get(run_b.layer_density_fn()(state))
     data_it = ShardedTrainIterator(global_batch_size=cfg_b.global_batch_size,
                                    seq_len=cfg_b.seq_len, seed=cfg_b.seed, dataset=cfg_b.dataset,
