@@ -14,7 +14,9 @@ MoE state, sown metrics, KV cache) carry a leading `layers` axis of length
 `stack_layers` / `unstack_layers` convert any pytree that holds such dicts (params, masks,
 optimizer states, sown metrics); `unstack_layers` reads the period and length from the tree.
 The unscanned layout is the canonical one: HF import/export, warm starts and the sparsity
-methods (through `sparsity/stacked.py`) see it, whatever the run's layout.
+methods (through `sparsity/stacked.py`) see it, whatever the run's layout. Initialization too:
+the scanned Transformer's `init` is the unscanned one's, stacked (`Transformer.init_with_output`),
+so the layout never changes the initial params.
 """
 from __future__ import annotations
 
@@ -77,17 +79,45 @@ def _stack(xs):
     return jnp.stack(xs)
 
 
+def _is_box(x: Any) -> bool:
+    return isinstance(x, nn.meta.AxisMetadata)
+
+
+def _boxed(x: Any) -> Any:
+    return x.value if isinstance(x, nn.Partitioned) else x.unbox()
+
+
+_AXIS = {nn.PARTITION_NAME: GROUP}  # what nn.scan adds to (removes from) partitioning boxes
+
+
+def _stack_leaves(*xs):
+    """Stacks one leaf of every group; a partitioning box (flax's init output) keeps its
+    logical names with `layers` in front, as nn.scan's own init writes them."""
+    if _is_box(xs[0]):
+        return xs[0].replace_boxed(_stack([_boxed(x) for x in xs])).add_axis(0, _AXIS)
+    return _stack(xs)
+
+
 def _stack_dict(d: dict, period: int) -> dict:
-    layers = sorted((int(_LAYER.match(k).group(1)) for k in d if _LAYER.match(k)))
-    n = len(layers)
-    if layers != list(range(n)) or n % period:
-        raise ValueError(f"cannot stack layers {layers} into groups of {period}: need layer_0 .. "
-                         f"layer_{{n-1}} with n a multiple of {period}")
+    """Layer i -> block i % period at index i // period. A block may be absent from every
+    group (e.g. the MoE state of a ('dense', 'moe') pattern has only the odd layers), never
+    from some."""
+    layers = {int(_LAYER.match(k).group(1)) for k in d if _LAYER.match(k)}
+    n_groups = max(layers) // period + 1
     out = {k: stack_layers(v, period) for k, v in d.items() if not _LAYER.match(k)}
-    out[GROUP] = {f"block_{j}": jax.tree.map(lambda *xs: _stack(xs),
-                                             *[d[f"layer_{g * period + j}"]
-                                               for g in range(n // period)])
-                  for j in range(period)}
+    group = {}
+    for j in range(period):
+        have = [g * period + j in layers for g in range(n_groups)]
+        if any(have) and not all(have):
+            raise ValueError(
+                f"cannot stack layers {sorted(layers)} into groups of {period}: layer i is "
+                f"block i % {period} of group i // {period}, and block {j} is in some of the "
+                f"{n_groups} groups only")
+        if all(have):
+            group[f"block_{j}"] = jax.tree.map(
+                _stack_leaves, *[d[f"layer_{g * period + j}"] for g in range(n_groups)],
+                is_leaf=_is_box)
+    out[GROUP] = group
     return out
 
 
@@ -99,17 +129,24 @@ def _unstack_dict(d: dict, period: int | None, take=_take) -> dict:
     group = d[GROUP]
     blocks = {int(_BLOCK.match(k).group(1)): v for k, v in group.items()}
     period = period or max(blocks, default=-1) + 1
-    leaves = jax.tree.leaves(group)
+    leaves = [_boxed(x) if _is_box(x) else x for x in jax.tree.leaves(group, is_leaf=_is_box)]
     length = leaves[0].shape[0] if leaves else 0
+
+    def take_leaf(x, g):
+        if _is_box(x):
+            return x.replace_boxed(take(_boxed(x), g)).remove_axis(0, _AXIS)
+        return take(x, g)
     out = {k: unstack_layers(v, period, take) for k, v in d.items() if k != GROUP}
     for g in range(length):
         for j, sub in blocks.items():
-            out[f"layer_{g * period + j}"] = jax.tree.map(lambda x: take(x, g), sub)
+            out[f"layer_{g * period + j}"] = jax.tree.map(lambda x: take_leaf(x, g), sub,
+                                                          is_leaf=_is_box)
     return out
 
 
 def stack_layers(tree: Any, period: int) -> Any:
-    """Unscanned -> scanned layout, in every dict of `tree` with `layer_{i}` keys."""
+    """Unscanned -> scanned layout, in every dict of `tree` with `layer_{i}` keys (also
+    boxed variables from `init`: their logical names gain the `layers` axis)."""
     return jax.tree.map(lambda x: _stack_dict(x, period) if _is_layer_dict(x) else x, tree,
                         is_leaf=_is_layer_dict)
 

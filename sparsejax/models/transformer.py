@@ -14,7 +14,8 @@ from sparsejax.config import check_field_types
 from sparsejax.models.activations import check_activation
 from sparsejax.models.formats import FormatSpec, format_spec
 from sparsejax.models.attention import ATTENTION_KINDS, Attention
-from sparsejax.models.layer_stack import check_scan_layers, scanned_blocks
+from sparsejax.models.layer_stack import (check_scan_layers, layer_period, scanned_blocks,
+                                          stack_layers)
 from sparsejax.models.layers import Embed, GatedMlp, RMSNorm, as_tokens, dense, dtype_from_name
 from sparsejax.models.remat import check_remat_policy, remat_module
 from sparsejax.models.rope import check_rope_scaling
@@ -177,9 +178,27 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """tokens [batch, seq] -> logits [batch, seq, vocab] (float32)."""
+    """tokens [batch, seq] -> logits [batch, seq, vocab] (float32).
+
+    Initialization does not depend on the layout: with `scan_layers` the unscanned model is
+    initialized and its per-layer variables stacked (`init_with_output`)."""
 
     config: ModelConfig
+
+    @nn.nowrap
+    def init_with_output(self, rngs, *args, **kwargs):
+        """Flax's `init_with_output` (which `init` and `lazy_init` call). Scanned, it returns
+        the unscanned model's output and its variables (params, MoE state, ...) converted
+        with `layer_stack.stack_layers`, so the same rngs give the same model in both
+        layouts. Flax derives a param's key from the rng and the param's whole module path
+        (`layer_3/attn/...` unscanned, `layers/block_1/attn/...` in a scan step), so keys
+        drawn inside the scan cannot reproduce the unscanned ones."""
+        if not self.config.scan_layers:
+            return super().init_with_output(rngs, *args, **kwargs)
+        flat = self.clone(parent=None,
+                          config=dataclasses.replace(self.config, scan_layers=False))
+        out, variables = flat.init_with_output(rngs, *args, **kwargs)
+        return out, stack_layers(variables, layer_period(self.config))
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,

@@ -14,10 +14,9 @@ from sparsejax import config
 from sparsejax.models import layer_stack as ls
 from sparsejax.models.transformer import ModelConfig, Transformer
 from sparsejax.parallel.mesh import make_mesh
-from sparsejax.parallel.rules import LOGICAL_RULES, batch_sharding, replicated
+from sparsejax.parallel.rules import LOGICAL_RULES
 from sparsejax.train.build import build_run
-from sparsejax.train.step import make_train_step
-from sparsejax.train.trainer import TrainConfig, global_batch
+from sparsejax.train.trainer import TrainConfig
 
 SMALL = dict(embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64, max_seq_len=32)
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 259, (2, 16)), jnp.int32)
@@ -81,38 +80,26 @@ def test_pattern_that_does_not_repeat_into_num_layers_is_refused(kinds, period):
     ModelConfig(**SMALL, **kinds)  # fine unscanned
 
 
-def train_losses(model_config, steps, params=None):
-    """Losses and final state of `steps` steps from `params` (per layer) on one device."""
-    mesh = make_mesh(num_devices=1)
-    cfg = TrainConfig(num_steps=20, global_batch_size=4, seq_len=16)
-    run = build_run(cfg, model_config=model_config, mesh=mesh)
-    bsh = batch_sharding(mesh)
-    rng = np.random.default_rng(1)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        p = None if params is None else jax.device_put(
-            ls.to_layout(params, model_config),
-            jax.tree.map(lambda a: a.sharding, run.abstract_model_params))
-        state = run.init_state(p)
-        step = jax.jit(make_train_step(run.model, run.tx, run.sparsity_method),
-                       in_shardings=(run.state_shardings, bsh),
-                       out_shardings=(run.state_shardings, replicated(mesh)))
-        update = run.sparsity_update_fn()
-        losses = []
-        for t in range(steps):
-            tok = rng.integers(0, 259, (4, 17), dtype=np.int32)
-            batch = global_batch({"inputs": tok[:, :-1], "targets": tok[:, 1:],
-                                  "loss_mask": np.ones((4, 16), np.float32),
-                                  "segment_ids": np.ones((4, 16), np.int32),
-                                  "positions": np.tile(np.arange(16, dtype=np.int32), (4, 1))},
-                                 bsh)
-            if run.sparsity_method.is_update_step(t):
-                state, _ = update(state, batch)
-            state, m = step(state, batch)
-            losses.append(float(m["loss"]))
-    return np.array(losses), jax.device_get(state), run
+def test_stack_layers_of_trees_with_blocks_absent_and_boxes():
+    """A block may be absent from every group (the MoE state of a ('dense', 'moe') pattern
+    holds odd layers only), not from some; partitioning boxes gain (and lose) the `layers`
+    axis name, as nn.scan's init writes them."""
+    a = {f"layer_{i}": {"bias": np.full(3, i, np.float32)} for i in (1, 3)}
+    s = ls.stack_layers(a, 2)
+    assert set(s["layers"]) == {"block_1"}
+    np.testing.assert_array_equal(s["layers"]["block_1"]["bias"][:, 0], [1, 3])
+    assert ls.unstack_layers(s, 2).keys() == a.keys()
+    with pytest.raises(ValueError, match=r"block 1 is in some of the 2 groups only"):
+        ls.stack_layers({"layer_0": 0, "layer_1": 1, "layer_2": 2}, 2)
+    boxed = {f"layer_{i}": {"k": nn.LogicallyPartitioned(np.zeros((2, 3)), ("embed", "mlp"))}
+             for i in range(4)}
+    sb = ls.stack_layers(boxed, 2)["layers"]["block_0"]["k"]
+    assert sb.names == ("layers", "embed", "mlp") and sb.value.shape == (2, 2, 3)
+    back = ls.unstack_layers({"layers": {"block_0": {"k": sb}}}, 2)["layer_2"]["k"]
+    assert back.names == ("embed", "mlp") and back.value.shape == (2, 3)
 
 
-def test_scanned_training_with_gradual_pruning_matches_unscanned():
+def test_scanned_training_with_gradual_pruning_matches_unscanned(train_losses):
     """GMP with updates every other step: the scanned run (params, Adam moments and masks
     stacked; the method sees per-layer trees) has the unscanned run's losses and masks."""
     config.parse_gin(["sparsity/gmp.gin"], ["PolynomialSchedule.frequency=2",
@@ -121,8 +108,8 @@ def test_scanned_training_with_gradual_pruning_matches_unscanned():
     kinds = dict(**SMALL, num_layers=4, mlp_kinds=("dense", "moe"))
     cfg, scfg = ModelConfig(**kinds), ModelConfig(**kinds, scan_layers=True)
     params = init_params(cfg)
-    lu, su, _ = train_losses(cfg, 5, params)
-    ls_, ss, run = train_losses(scfg, 5, params)
+    lu, _, su, _ = train_losses(cfg, 5, params)
+    ls_, _, ss, run = train_losses(scfg, 5, params)
     np.testing.assert_allclose(ls_, lu, rtol=1e-5)
     assert "layers" in ss.params and "layers" in ss.sparsity["masks"]
     masks_s = ls.unstack_layers(ss.sparsity["masks"])
