@@ -37,23 +37,29 @@ def forward(x: jax.Array, values: jax.Array, indices: jax.Array, *, out_dtype) -
 
 def grad_values(x: jax.Array, dy: jax.Array, indices: jax.Array, block_in: int, *,
                 out_dtype) -> jax.Array:
-    """[out_blocks, k, block_in, block_out]: each stored block's gradient."""
+    """[out_blocks, k, block_in, block_out]: each stored block's gradient, one batched
+    product per slot j (measured 1.8-2.6x faster on CPU than one product over a gathered
+    [out_blocks, k, tokens, block_in] tensor, which XLA transposes first)."""
     ob = indices.shape[0]
-    xg = _blocks(x, block_in)[indices]  # [ob, k, tokens, bi]
-    dv = jnp.einsum("oktb,otd->okbd", xg, _blocks(dy, dy.shape[1] // ob).astype(x.dtype),
-                    preferred_element_type=jnp.float32)
-    return dv.astype(out_dtype)
+    xt = _blocks(x, block_in)  # [ib, tokens, bi]
+    dyt = _blocks(dy, dy.shape[1] // ob).astype(x.dtype)  # [ob, tokens, bo]
+    dv = [jnp.einsum("otb,otd->obd", xt[indices[:, j]], dyt, preferred_element_type=jnp.float32)
+          for j in range(indices.shape[1])]
+    return jnp.stack(dv, axis=1).astype(out_dtype)
 
 
 def grad_input(dy: jax.Array, values: jax.Array, indices: jax.Array, layout: TransposedLayout,
                in_blocks: int, *, out_dtype) -> jax.Array:
-    """[tokens, in_blocks * block_in]: dy @ Wᵀ. (`layout` is unused here: the scatter-add
-    takes the stored order directly.)"""
+    """[tokens, in_blocks * block_in]: dy @ Wᵀ, one batched product and one scatter-add of
+    whole [tokens, block_in] slabs per slot j (measured 1.2-1.8x faster on CPU than a single
+    scatter of every slot's products). (`layout` is unused: the scatter-add takes the stored
+    order directly.)"""
     del layout
     ob, k, bi, bo = values.shape
-    dxg = jnp.einsum("otd,okbd->oktb", _blocks(dy, bo), values.astype(dy.dtype),
-                     preferred_element_type=jnp.float32)  # [ob, k, tokens, bi]
+    dyt = _blocks(dy, bo)  # [ob, tokens, bo]
     dx = jnp.zeros((in_blocks, dy.shape[0], bi), jnp.float32)
-    dx = dx.at[indices.reshape(-1)].add(dxg.reshape(ob * k, dy.shape[0], bi),
-                                        indices_are_sorted=False, unique_indices=False)
+    for j in range(k):
+        dxj = jnp.einsum("otd,obd->otb", dyt, values[:, j].astype(dy.dtype),
+                         preferred_element_type=jnp.float32)  # [ob, tokens, bi]
+        dx = dx.at[indices[:, j]].add(dxj)
     return _unblocks(dx).astype(out_dtype)
