@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import flax.linen as nn
 import jax
@@ -46,23 +45,10 @@ import numpy as np
 
 from sparsejax.models.layers import GatedMlp
 from sparsejax.models.thresholds import THRESHOLDS, Site
+from timing import timed_together
 
 SPARSITIES = (0.0, 0.5, 0.7, 0.9)
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-
-
-def timed_together(cases: dict, reps: int) -> dict[str, float]:
-    """Median seconds of each `cases[name] = (fn, args)`, timed in turns (one run of every
-    case per round), so load that comes and goes on a shared machine hits all alike."""
-    for fn, args in cases.values():
-        jax.block_until_ready(fn(*args))  # compile
-    times = {k: [] for k in cases}
-    for _ in range(reps):
-        for k, (fn, args) in cases.items():
-            t = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[k].append(time.perf_counter() - t)
-    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def quantile_site(values: np.ndarray, s: float, width: int) -> Site:

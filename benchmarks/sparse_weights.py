@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import gin
@@ -47,24 +45,12 @@ from sparsejax.parallel.rules import LOGICAL_RULES, batch_sharding, replicated
 from sparsejax.train.build import build_run
 from sparsejax.train.step import make_train_step
 from sparsejax.train.trainer import TrainConfig, global_batch
+from timing import timed_together
 
 
 def device_name() -> str:
     d = jax.devices()[0]
     return f"{d.platform}:{d.device_kind} x{jax.device_count()}"
-
-
-def timed_together(cases: dict[str, tuple[Callable, tuple]], rounds: int) -> dict[str, float]:
-    """Median seconds of each `cases[name] = (fn, args)`, timed in turns."""
-    for fn, args in cases.values():
-        jax.block_until_ready(fn(*args))  # compile and warm up
-    times = {k: [] for k in cases}
-    for _ in range(rounds):
-        for name, (fn, args) in cases.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def bind_format(name: str, setting: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from sparsejax.models.formats import is_layout_leaf
-from sparsejax.sparsity.method import CompactProjection, SparsityMethod
+from sparsejax.sparsity.method import CompactProjection, MethodWrapper, SparsityMethod
 
 PyTree = Any
 LAYOUT = "layout"
@@ -50,29 +50,8 @@ def merge_layout(weights: PyTree, layout: PyTree) -> PyTree:
     return out
 
 
-class FormatLayoutMethod(SparsityMethod):
-    """`inner` on the weights of a model whose formats have integer layouts (see module doc).
-    Attributes it does not define are the inner method's."""
-
-    def __init__(self, inner: SparsityMethod):
-        self.inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    @property
-    def needs_dense_grads(self) -> bool:
-        return self.inner.needs_dense_grads
-
-    @property
-    def run(self):
-        return self.inner.run
-
-    def bind(self, run):
-        self.inner.bind(run)
-        return self
+class FormatLayoutMethod(MethodWrapper):
+    """`inner` on the weights of a model whose formats have integer layouts (see module doc)."""
 
     def init(self, params, rng):
         weights, layout = split_layout(params)
@@ -92,9 +71,6 @@ class FormatLayoutMethod(SparsityMethod):
     def on_grads(self, params, sparsity, grads, *, step=0):
         g, s = self.inner.on_grads(params, sparsity, grads, step=step)
         return g, {**s, LAYOUT: s.get(LAYOUT, sparsity[LAYOUT])}
-
-    def is_update_step(self, step: int) -> bool:
-        return self.inner.is_update_step(step)
 
     def grad_view(self, params, sparsity):
         return self.inner.grad_view(params, sparsity)
@@ -123,10 +99,6 @@ class FormatLayoutMethod(SparsityMethod):
 
     def finalize(self, params, sparsity):
         return merge_layout(self.inner.finalize(params, sparsity), sparsity[LAYOUT])
-
-    @property
-    def valid(self):
-        return self.inner.valid
 
     def valid_masks(self, masks):
         return self.inner.valid_masks(masks)

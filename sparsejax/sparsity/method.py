@@ -134,6 +134,39 @@ class SparsityMethod:
         return masks_lib.valid_tree(masks, self.valid)
 
 
+class MethodWrapper(SparsityMethod):
+    """A method that drives `inner` through a view of the trees (scanned layers, compact
+    layouts): run, binding and update steps are the inner method's, and so is every attribute
+    the wrapper does not define."""
+
+    def __init__(self, inner: SparsityMethod):
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (e.g. while unpickling)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    @property
+    def needs_dense_grads(self) -> bool:
+        return self.inner.needs_dense_grads
+
+    @property
+    def run(self):
+        return self.inner.run
+
+    def bind(self, run):
+        self.inner.bind(run)
+        return self
+
+    def is_update_step(self, step: int) -> bool:
+        return self.inner.is_update_step(step)
+
+    @property
+    def valid(self):
+        return self.inner.valid
+
+
 def new_stats_state(masks: PyTree | None, valid: Mapping | None = None, **extra: Any) -> dict[str, Any]:
     """State dict with masks and the running-average statistics."""
     return {"masks": masks, "density": current_density(masks, valid),

@@ -14,40 +14,24 @@ from typing import Any
 import optax
 
 from sparsejax.models.layer_stack import stack_layers, unstack_layers
-from sparsejax.sparsity.method import DenseMethod, SparsityMethod
+from sparsejax.sparsity.method import DenseMethod, MethodWrapper, SparsityMethod
 
 PyTree = Any
 
 
-class LayerStackedMethod(SparsityMethod):
+class LayerStackedMethod(MethodWrapper):
     """`inner` driven through the per-layer view of scanned trees (`period`: blocks per scan
-    step). Attributes it does not define are the inner method's."""
+    step)."""
 
     def __init__(self, inner: SparsityMethod, period: int):
-        self.inner, self.period = inner, int(period)
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("inner", "period"):
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+        super().__init__(inner)
+        self.period = int(period)
 
     def _u(self, tree: PyTree) -> PyTree:
         return unstack_layers(tree, self.period)
 
     def _s(self, tree: PyTree) -> PyTree:
         return stack_layers(tree, self.period)
-
-    @property
-    def needs_dense_grads(self) -> bool:
-        return self.inner.needs_dense_grads
-
-    @property
-    def run(self):
-        return self.inner.run
-
-    def bind(self, run):
-        self.inner.bind(run)
-        return self
 
     def init(self, params, rng):
         p, s = self.inner.init(self._u(params), rng)
@@ -78,9 +62,6 @@ class LayerStackedMethod(SparsityMethod):
         g, s = self.inner.on_grads(self._u(params), self._u(sparsity), self._u(grads), step=step)
         return self._s(g), self._s(s)
 
-    def is_update_step(self, step: int) -> bool:
-        return self.inner.is_update_step(step)
-
     def grad_view(self, params, sparsity):
         p, s = self.inner.grad_view(self._u(params), self._u(sparsity))
         return self._s(p), self._s(s)
@@ -99,10 +80,6 @@ class LayerStackedMethod(SparsityMethod):
 
     def finalize(self, params, sparsity):
         return self._s(self.inner.finalize(self._u(params), self._u(sparsity)))
-
-    @property
-    def valid(self):
-        return self.inner.valid
 
     def valid_masks(self, masks):
         return self._s(self.inner.valid_masks(self._u(masks)))
