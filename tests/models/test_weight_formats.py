@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from sparsejax.models.formats import WEIGHT_FORMATS, FormatSpec, Projection
-from sparsejax.models.formats.block_sparse import BlockSparse, block_mask
+from sparsejax.models.formats.block_sparse import (BlockSparse, block_mask, block_norms,
+                                                   gather_blocks)
+from sparsejax.models.init import DEFAULT_KERNEL_INIT
 from sparsejax.models.transformer import ModelConfig, Transformer
 from sparsejax.sparsity.layout import merge_layout, split_layout
 
@@ -97,17 +99,18 @@ def test_block_sparse_model_computes_its_dense_twin():
 
 @pytest.mark.parametrize("init", ["random", "magnitude"])
 def test_layout_at_init(init):
-    """k distinct input blocks per column; 'magnitude' keeps the blocks of largest norm of
-    the dense draw, whose values are the stored ones."""
+    """k distinct input blocks per column, whose values are the blocks of the dense layer's
+    initial draw; 'magnitude' keeps the blocks of largest Frobenius norm in each column."""
     fmt = BlockSparse(block_in=8, block_out=16, density=0.4, init=init)
     values, idx = fmt.draw(jax.random.key(0), 40, 64, jnp.float32, None)
     assert idx.shape == (4, 2) and values.shape == (4, 2, 8, 16)
     assert all(len(set(row)) == 2 for row in np.asarray(idx).tolist())
+    kernel = DEFAULT_KERNEL_INIT(jax.random.split(jax.random.key(0))[0], (40, 64), jnp.float32)
+    np.testing.assert_array_equal(values, gather_blocks(kernel, idx, 8, 16))
     if init == "magnitude":
-        norms = np.sqrt(np.sum(np.asarray(values) ** 2, axis=(2, 3)))  # [ob, k]
-        kernel = jax.random.key(0)
-        del kernel
-        assert np.all(norms > 0)
+        norms = np.asarray(block_norms(kernel, 8, 16))  # [in_blocks, out_blocks]
+        for o, row in enumerate(np.asarray(idx)):
+            assert set(row) == set(np.argsort(-norms[:, o])[:2]), o
 
 
 def test_conversion_round_trips_exactly():
