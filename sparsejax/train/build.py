@@ -21,9 +21,8 @@ from sparsejax.parallel.rules import (LOGICAL_RULES, batch_sharding, logical_sha
                                       replicated, shardings_like)
 from sparsejax.sparsity.activation.regularizer import make_activation_regularizer
 from sparsejax.sparsity.method import CompactProjection, RunInfo, SparsityMethod, make_method
-from sparsejax.models.formats import is_layout_leaf
+from sparsejax.models.formats import convert, is_layout_leaf
 from sparsejax.sparsity.layout import LAYOUT, for_formats
-from sparsejax.sparsity.paths import named_leaves
 from sparsejax.sparsity.stacked import for_layout
 from sparsejax.train import optim
 from sparsejax.train.accumulate import check_microbatches
@@ -120,7 +119,7 @@ def build_run(cfg, model_config: ModelConfig | None = None,
     dummy = jnp.zeros((1, min(cfg.seq_len, model_config.max_seq_len)), jnp.int32)
     method = for_formats(for_layout(make_method().bind(RunInfo(
         num_steps=cfg.num_steps, valid=padded_params(model_config),
-        compact=compact_projections(model_config, dummy))), model_config), model_config)
+        compact=compact_projections(model_config))), model_config), model_config)
     act_regularizer = make_activation_regularizer().bind(cfg.num_steps)
     check_regularizer_mesh(act_regularizer, model_config, mesh)
 
@@ -177,28 +176,21 @@ def check_divisible(params: Any, shardings: Any) -> None:
                     f"block sizes for a compact format")
 
 
-def compact_projections(model_config: ModelConfig, tokens: jax.Array) -> dict:
+def compact_projections(model_config: ModelConfig) -> dict:
     """{projection path: CompactProjection} of the projections in a compact weight format,
-    per layer (RunInfo.compact): read from the abstract params of the unscanned model and of
-    its all-dense twin (no arrays are made). A projection is compact where the model's params
-    under the dense twin's projection path are other than a 'kernel' (and a 'bias')."""
+    per layer (RunInfo.compact): each one's dense shape (formats/convert.py finds them against
+    the all-dense twin) and the weight entries its format stores, from abstract params of
+    the unscanned model (no arrays are made)."""
     if model_config.formats().all_dense:
         return {}
     per_layer = dataclasses.replace(model_config, scan_layers=False)
-    twin = dataclasses.replace(per_layer, weight_format="dense", weight_format_overrides=None)
-
-    def named(cfg):
-        params = jax.eval_shape(lambda k: Transformer(cfg).init(k, tokens), jax.random.key(0))
-        return named_leaves(strip_boxes(params["params"]))
-
-    # a dense projection is a 'kernel' param of its module or (attention) a param itself
-    dense = {path.removesuffix("/kernel"): x.shape for path, x in named(twin)}
-    stored: dict[str, int] = {}
-    for path, x in named(per_layer):
-        owner, leaf = path.rsplit("/", 1)
-        if owner in dense and leaf not in ("kernel", "bias") and not is_layout_leaf(x):
-            stored[owner] = stored.get(owner, 0) + x.size
-    return {p: CompactProjection(*dense[p], n) for p, n in stored.items()}
+    flat = convert.abstract_params(per_layer)
+    out = {}
+    for owner, proj in convert.compact_projections(per_layer).items():
+        stored = sum(flat[f"{owner}/{name}"].size for name in proj.own
+                     if not is_layout_leaf(flat[f"{owner}/{name}"]))
+        out[owner] = CompactProjection(*proj.shape[-2:], stored)
+    return out
 
 
 def check_regularizer_mesh(regularizer: Any, model_config: ModelConfig, mesh) -> None:

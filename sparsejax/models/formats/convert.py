@@ -50,7 +50,7 @@ def abstract_params(model_config: ModelConfig) -> dict[str, jax.ShapeDtypeStruct
 
 
 @dataclasses.dataclass(frozen=True)
-class CompactProjection:
+class FormattedProjection:
     """A projection in a format other than dense: its module path (`owner`), the format, and
     where (`target`) and with what shape ([..., in, out]; a scanned model's stacked layers
     lead) the dense twin keeps its kernel."""
@@ -66,8 +66,8 @@ class CompactProjection:
         return WEIGHT_FORMATS.get(self.format).param_names
 
 
-def compact_projections(model_config: ModelConfig) -> dict[str, CompactProjection]:
-    """{module path: CompactProjection} of the model's projections in a non-dense format
+def compact_projections(model_config: ModelConfig) -> dict[str, FormattedProjection]:
+    """{module path: FormattedProjection} of the model's projections in a non-dense format
     (empty when all are dense), in the model's own layout: where the model's params under a
     dense projection's path of the twin are another registered format's."""
     if model_config.formats().all_dense:
@@ -82,7 +82,7 @@ def compact_projections(model_config: ModelConfig) -> dict[str, CompactProjectio
             node = node.get(part) if isinstance(node, dict) else None
         name = format_of(node)
         if name not in (None, "dense"):
-            out[owner] = CompactProjection(owner, name, path, tuple(x.shape))
+            out[owner] = FormattedProjection(owner, name, path, tuple(x.shape))
     return out
 
 
