@@ -27,9 +27,21 @@ def _unblocks(a: jax.Array) -> jax.Array:
     return a.transpose(1, 0, 2).reshape(a.shape[1], -1)
 
 
+# Up to this many tokens (a decode step) the forward gathers x's blocks token-major and
+# skips the block-major layout: measured 4.56x dense decode at batch 1 against 4.12-4.22x
+# with the block-major path (embed 1024, mlp 4096, 4 layers, density 0.1, 128-blocks).
+FEW_TOKENS = 16
+
+
 def forward(x: jax.Array, values: jax.Array, indices: jax.Array, *, out_dtype) -> jax.Array:
     """x [tokens, in] -> [tokens, out_blocks * block_out]."""
-    xg = _blocks(x, values.shape[2])[indices]  # [ob, k, tokens, bi]
+    ob, k, bi, bo = values.shape
+    if x.shape[0] <= FEW_TOKENS:  # (in float32: XLA:CPU has no bf16 x bf16 -> f32 here)
+        xg = x.reshape(x.shape[0], -1, bi)[:, indices].reshape(x.shape[0], ob, k * bi)
+        y = jnp.einsum("toc,ocd->tod", xg.astype(jnp.float32),
+                       values.reshape(ob, k * bi, bo).astype(jnp.float32))
+        return y.reshape(x.shape[0], ob * bo).astype(out_dtype)
+    xg = _blocks(x, bi)[indices]  # [ob, k, tokens, bi]
     y = jnp.einsum("oktb,okbd->otd", xg, values.astype(x.dtype),
                    preferred_element_type=jnp.float32)
     return _unblocks(y.astype(out_dtype))
