@@ -12,8 +12,6 @@ from safetensors.numpy import load_file, save_file
 from sparsejax import cli
 from sparsejax.train.checkpoint import restore_state_numpy
 
-TEXT = ["def add(a, b):\n    return a + b\n", "class Point:\n    x: int = 0\n    y: int = 0\n",
-        "import os\nprint(os.getcwd())\n", "for i in range(10):\n    total += i * i\n"]
 RUN = ["--gin.TrainConfig.global_batch_size=8", "--gin.TrainConfig.seq_len=32",
        "--gin.TrainConfig.log_every=2", "--gin.TrainConfig.eval_every=4",
        "--gin.TrainConfig.eval_tokens=512", "--gin.TrainConfig.checkpoint_every=4",
@@ -22,42 +20,7 @@ PRUNE = ["--calibration_samples=8", "--quiet"]
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(60):
-        (root / f"doc_{i:02d}.txt").write_text(TEXT[i % 4] * (1 + i % 3))
-    return f"--gin.TrainConfig.dataset='files:{root}/*.txt'"
-
-
-def make_source(workdir, *bindings):
-    """A workdir holding a run's step-0 checkpoint and config (what `train` writes at its
-    first checkpoint), made without compiling a train step."""
-    import flax.linen as nn
-    import jax
-    from sparsejax import config as config_lib
-    from sparsejax.data.sharded import ShardedIteratorSave, ShardedTrainIterator
-    from sparsejax.parallel.rules import LOGICAL_RULES
-    from sparsejax.train import trainer, workdir as workdir_lib
-    from sparsejax.train.build import build_run
-    from sparsejax.train.checkpoint import Checkpointer
-    config_lib.parse_gin(["tiny.gin"], [b[len("--gin."):] for b in bindings])
-    cfg = trainer.TrainConfig()
-    run = build_run(cfg)
-    data = ShardedTrainIterator(global_batch_size=cfg.global_batch_size, seq_len=cfg.seq_len,
-                                dataset=cfg.dataset)
-    with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        state = run.init_state()
-    os.makedirs(workdir)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    ckpt.save(0, state, ShardedIteratorSave(data),
-              {"step": 0, "bindings": config_lib.operative_bindings()}, force=True)
-    ckpt.close()
-    workdir_lib.write_config(workdir, config_lib.operative_config_text())
-    return str(workdir)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, corpus):
+def trained(tmp_path_factory, corpus, make_source):
     return make_source(tmp_path_factory.mktemp("src") / "w", *RUN, corpus)
 
 
@@ -102,7 +65,7 @@ def test_pruned_workdir_and_recovery_fine_tune(trained, tmp_path, capsys):
     assert np.all(tq[~mq] == 0) and not np.array_equal(tq[mq], q[mq])
 
 
-def test_scanned_model_is_pruned_in_its_own_layout(tmp_path, corpus, capsys):
+def test_scanned_model_is_pruned_in_its_own_layout(tmp_path, corpus, make_source, capsys):
     """A scan_layers run is calibrated block by block (unscanned), written back stacked, and
     its recovery fine-tune keeps the stacked masks."""
     src = make_source(tmp_path / "scanned", *RUN, corpus, "--gin.ModelConfig.scan_layers=True")
@@ -131,7 +94,7 @@ def test_scanned_model_is_pruned_in_its_own_layout(tmp_path, corpus, capsys):
     assert np.all(tuned["params"]["layers"]["block_0"]["attn"]["query"][~mq] == 0)
 
 
-def test_merged_experts_make_a_smaller_moe_checkpoint(tmp_path, corpus, capsys):
+def test_merged_experts_make_a_smaller_moe_checkpoint(tmp_path, corpus, make_source, capsys):
     moe = ["--gin.ModelConfig.mlp_kinds=('dense', 'moe')", "--gin.MoeMlp.num_experts=4",
            "--gin.MoeMlp.top_k=2", "--gin.MoeMlp.mlp_dim=32", "--gin.MoeMlp.dispatch='onehot'"]
     src = make_source(tmp_path / "moe", *RUN, corpus, *moe)

@@ -6,26 +6,18 @@ structure is refused."""
 import json
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from sparsejax import cli
-from sparsejax import config as config_lib
-from sparsejax.data.sharded import ShardedIteratorSave, ShardedTrainIterator
 from sparsejax.models.formats.block_sparse import block_mask
-from sparsejax.parallel.rules import LOGICAL_RULES
 from sparsejax.sparsity.structures import BlockStructure
 from sparsejax.train import trainer
-from sparsejax.train import workdir as workdir_lib
-from sparsejax.train.build import build_run
-from sparsejax.train.checkpoint import Checkpointer, restore_state_numpy
+from sparsejax.train.checkpoint import restore_state_numpy
 from sparsejax.train.commands import parse_workdir_config
 
-TEXT = ["def add(a, b):\n    return a + b\n", "class Point:\n    x: int = 0\n    y: int = 0\n",
-        "import os\nprint(os.getcwd())\n", "for i in range(10):\n    total += i * i\n"]
 RUN = ["TrainConfig.global_batch_size=8", "TrainConfig.seq_len=32", "TrainConfig.log_every=1",
        "TrainConfig.eval_tokens=512", "TrainConfig.progress_bar=False",
        "TrainConfig.async_checkpoints=False"]
@@ -36,29 +28,10 @@ PROJECTIONS = [("attn", n) for n in ("query", "key", "value", "out")] + \
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
+def source(tmp_path_factory, corpus, make_source):
     """A dense tiny workdir: a run's step-0 checkpoint and config (no train step compiled)."""
-    root = tmp_path_factory.mktemp("prune_compact")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(60):
-        (corpus / f"doc_{i:02d}.txt").write_text(TEXT[i % 4] * (1 + i % 3))
-    dataset = f"TrainConfig.dataset='files:{corpus}/*.txt'"
-    config_lib.parse_gin(["tiny.gin"], [*RUN, dataset])
-    cfg = trainer.TrainConfig()
-    run = build_run(cfg)
-    data = ShardedTrainIterator(global_batch_size=cfg.global_batch_size, seq_len=cfg.seq_len,
-                                dataset=cfg.dataset)
-    with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        state = run.init_state()
-    workdir = str(root / "dense")
-    os.makedirs(workdir)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    ckpt.save(0, state, ShardedIteratorSave(data),
-              {"step": 0, "bindings": config_lib.operative_bindings()}, force=True)
-    ckpt.close()
-    workdir_lib.write_config(workdir, config_lib.operative_config_text())
-    return workdir
+    return make_source(tmp_path_factory.mktemp("prune_compact") / "dense", corpus,
+                       *[f"--gin.{b}" for b in RUN])
 
 
 def model_params(workdir):
