@@ -110,12 +110,14 @@ class BlockDSTMethod(SparsityMethod):
     def is_update_step(self, step: int) -> bool:
         return self.schedule.is_update_step(step)
 
-    def _projections(self, sparsity):
-        """[(path of the projection's values, indices path, in_blocks)]."""
+    def _projections(self, flat_params, flat_layout):
+        """[(values path, indices path, in_blocks)] of the block-sparse projections."""
         out = []
-        for lpath, idx in _flat(sparsity[LAYOUT]).items():
+        for lpath in flat_layout:
             owner = lpath.rsplit("/", 1)[0]
-            out.append((f"{owner}/values", lpath, owner))
+            vpath = f"{owner}/values"
+            block_in = flat_params[vpath].shape[2]
+            out.append((vpath, lpath, self.run.compact[owner].in_features // block_in))
         return out
 
     def grad_view(self, params, sparsity):
@@ -124,9 +126,8 @@ class BlockDSTMethod(SparsityMethod):
         if self.grow != "gradient":
             return params, sparsity
         flat_p, flat_l = _flat(params), _flat(sparsity[LAYOUT])
-        for vpath, lpath, owner in self._projections(sparsity):
+        for vpath, lpath, ib in self._projections(flat_p, flat_l):
             values, idx = flat_p[vpath], flat_l[lpath]
-            ib = self.run.compact[owner].in_features // values.shape[2]
             flat_p[vpath] = full_blocks(values, idx, ib)
             flat_l[lpath] = jnp.broadcast_to(jnp.arange(ib, dtype=idx.dtype), (idx.shape[0], ib))
         return _unflat(flat_p), {**sparsity, LAYOUT: _unflat(flat_l)}
@@ -137,9 +138,8 @@ class BlockDSTMethod(SparsityMethod):
         flat_g = None if grads is None else _flat(grads)
         changed = {path: None for path in flat_p}
         moved = total = 0
-        for i, (vpath, lpath, owner) in enumerate(self._projections(sparsity)):
+        for i, (vpath, lpath, ib) in enumerate(self._projections(flat_p, flat_l)):
             values, idx = flat_p[vpath], flat_l[lpath]
-            ib = self.run.compact[owner].in_features // values.shape[2]
             if self.grow == "gradient":
                 scores = block_norms(flat_g[vpath])  # full view: [ob, in_blocks]
             else:
