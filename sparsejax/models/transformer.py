@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from sparsejax.config import check_field_types
 from sparsejax.models.activations import check_activation
-from sparsejax.models.formats import FormatSpec, format_spec
+from sparsejax.models.formats import FormatSpec, Projection, format_spec, module_path
 from sparsejax.models.attention import ATTENTION_KINDS, Attention
 from sparsejax.models.layer_stack import (check_scan_layers, layer_period, scanned_blocks,
                                           stack_layers)
@@ -146,10 +146,12 @@ def _check_kinds(name, kinds, valid):
 class Block(nn.Module):
     config: ModelConfig
     layer: int
+    formats: FormatSpec | None = None  # the model's planned formats (None: config.formats())
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, deterministic: bool, decode: bool = False):
         cfg = self.config
+        formats = self.formats or cfg.formats()
         dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
         eps = float(cfg.norm_epsilon)
         h = RMSNorm(eps, dtype=dtype, param_dtype=pdtype, name="attn_norm")(x)
@@ -157,7 +159,7 @@ class Block(nn.Module):
                       kind=cfg.attention_kind(self.layer), sparse_mask=cfg.sparse_attention_mask,
                       qkv_bias=cfg.qkv_bias, window=int(cfg.sliding_window),
                       rope_scaling=cfg.rope_scaling, dtype=dtype, param_dtype=pdtype,
-                      formats=cfg.formats(), name="attn")(h, positions, segment_ids, decode)
+                      formats=formats, name="attn")(h, positions, segment_ids, decode)
         x = x + h
         h = RMSNorm(eps, dtype=dtype, param_dtype=pdtype, name="mlp_norm")(x)
         if cfg.mlp_kind(self.layer) == "moe":
@@ -169,7 +171,7 @@ class Block(nn.Module):
             mlp = GatedMlp(cfg.embed_dim, cfg.mlp_dim, dtype=dtype, param_dtype=pdtype,
                            activation=cfg.mlp_activation,
                            activation_threshold=float(cfg.activation_threshold),
-                           formats=cfg.formats(), name="mlp")
+                           formats=formats, name="mlp")
         if isinstance(mlp, GatedMlp):  # (its decode step may skip inactive neurons)
             x = x + mlp(h, deterministic=deterministic, decode=decode)
         else:
@@ -177,13 +179,39 @@ class Block(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "seq", "embed"))
 
 
+def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """{module path: (in, out)} of every `Projection` of the unscanned model (paths as
+    `layer_0/mlp/wi_gate`), from tracing its init without arrays: what a format's `plan`
+    spreads its settings over."""
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, Projection) and context.method_name == "__call__":
+            seen[module_path(context.module)] = (int(args[0].shape[-1]),
+                                                 int(context.module.features))
+        return next_fun(*args, **kwargs)
+
+    flat = Transformer(dataclasses.replace(cfg, scan_layers=False), formats=cfg.formats())
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    key = jax.random.key(0)
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda t: flat.init({"params": key, "router": key, "dropout": key}, t),
+                       tokens)
+    return seen
+
+
 class Transformer(nn.Module):
     """tokens [batch, seq] -> logits [batch, seq, vocab] (float32).
 
     Initialization does not depend on the layout: with `scan_layers` the unscanned model is
-    initialized and its per-layer variables stacked (`init_with_output`)."""
+    initialized and its per-layer variables stacked (`init_with_output`).
+
+    `formats`: the projections' formats with their plans (`FormatSpec.planned`); None means
+    `config.formats()`, planned at init where a format asks for it (a block-sparse fan-in
+    spread over the layers). After init the params carry every planned shape."""
 
     config: ModelConfig
+    formats: FormatSpec | None = None
 
     @nn.nowrap
     def init_with_output(self, rngs, *args, **kwargs):
@@ -193,9 +221,14 @@ class Transformer(nn.Module):
         layouts. Flax derives a param's key from the rng and the param's whole module path
         (`layer_3/attn/...` unscanned, `layers/block_1/attn/...` in a scan step), so keys
         drawn inside the scan cannot reproduce the unscanned ones."""
+        spec = self.formats or self.config.formats()
+        if self.formats is None and spec.needs_plan:
+            planned = spec.planned(projection_shapes(self.config))
+            return self.clone(parent=None, formats=planned).init_with_output(rngs, *args,
+                                                                             **kwargs)
         if not self.config.scan_layers:
             return super().init_with_output(rngs, *args, **kwargs)
-        flat = self.clone(parent=None,
+        flat = self.clone(parent=None, formats=spec,
                           config=dataclasses.replace(self.config, scan_layers=False))
         out, variables = flat.init_with_output(rngs, *args, **kwargs)
         return out, stack_layers(variables, layer_period(self.config))
@@ -207,6 +240,7 @@ class Transformer(nn.Module):
         """`decode=True` reads and extends the KV cache in the 'cache' collection
         (sparsejax.infer); positions are then required."""
         cfg = self.config
+        formats = self.formats or cfg.formats()
         dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
         if decode and positions is None:
             raise ValueError("decode=True needs the tokens' positions")
@@ -228,8 +262,8 @@ class Transformer(nn.Module):
         else:
             block_cls = remat_module(Block, cfg.remat_policy, static_argnums=(4, 5))
             for i in range(cfg.num_layers):
-                x = block_cls(cfg, i, name=f"layer_{i}")(x, positions, segment_ids,
-                                                         deterministic, decode)
+                x = block_cls(cfg, i, formats, name=f"layer_{i}")(x, positions, segment_ids,
+                                                                  deterministic, decode)
         x = RMSNorm(float(cfg.norm_epsilon), dtype=dtype, param_dtype=pdtype, name="final_norm")(x)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
@@ -237,5 +271,5 @@ class Transformer(nn.Module):
                 logits = logits / jnp.sqrt(cfg.embed_dim).astype(dtype)
         else:
             logits = dense(cfg.padded_vocab_size, ("embed", "vocab"), "lm_head", dtype,
-                           pdtype, real_features=cfg.vocab_size, formats=cfg.formats())(as_tokens(x)).reshape(x.shape[:-1] + (-1,))
+                           pdtype, real_features=cfg.vocab_size, formats=formats)(as_tokens(x)).reshape(x.shape[:-1] + (-1,))
         return logits[..., :cfg.vocab_size].astype(jnp.float32)

@@ -140,7 +140,7 @@ def _block_sparse_from_dense(fmt: Any, kernel: np.ndarray, template: dict) -> di
             return out
     except ValueError:
         pass
-    return fmt.from_dense(kernel, project=True)
+    return fmt.at(template["values"].shape[-3]).from_dense(kernel, project=True)
 
 
 def _flat(tree):

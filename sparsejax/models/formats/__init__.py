@@ -37,11 +37,25 @@ class WeightFormat:
     are the params it creates besides the bias (how a warm start recognizes it)."""
 
     param_names: tuple[str, ...] = ()
+    plans_layers: bool = False  # does `plan` return settings (under the current gin bindings)?
 
     def __call__(self, module: nn.Module, x: jax.Array, *, features: int,
                  axes: tuple[str, str], dtype: Dtype, param_dtype: Dtype,
                  real_features: int | None) -> jax.Array:
         raise NotImplementedError
+
+    def plan(self, shapes: Mapping[str, tuple[int, int]]) -> dict[str, Any]:
+        """{projection path: setting} for settings that depend on the whole model (a
+        block-sparse fan-in spread over the layers by a distribution such as ERK), given the
+        dense shapes (in, out) of every projection stored in this format, one entry per layer
+        (paths of the unscanned model). The model passes each projection its setting through
+        `at` when it initializes. Nothing by default."""
+        return {}
+
+    def at(self, setting: Any) -> "WeightFormat":
+        """This format with a projection's planned `setting` (from `plan`); itself by
+        default."""
+        return self
 
     def check_mesh(self, mesh_shape: Mapping[str, int]) -> None:
         """A ValueError naming the format's setting when its params cannot be split over a
@@ -59,16 +73,41 @@ WEIGHT_FORMATS: Registry[type[WeightFormat]] = Registry("weight format")
 
 @dataclasses.dataclass(frozen=True)
 class FormatSpec:
-    """The run's choice of formats: `default` and (regex, format) `overrides` in order."""
+    """The run's choice of formats: `default` and (regex, format) `overrides` in order, and
+    the formats' per-projection `plans` ((path, setting) pairs, `WeightFormat.plan`) once the
+    model has made them at init."""
 
     default: str = "dense"
     overrides: tuple[tuple[str, str], ...] = ()
+    plans: tuple[tuple[str, Any], ...] = ()
 
     def format_at(self, path: str) -> str:
         for rx, name in self.overrides:
             if re.search(rx, path):
                 return name
         return "dense" if path.split("/")[-1] == "lm_head" else self.default
+
+    def format(self, path: str) -> WeightFormat:
+        """The format (with its gin settings and its plan for `path`) of the projection at
+        module path `path`."""
+        fmt = WEIGHT_FORMATS.get(self.format_at(path), setting="ModelConfig.weight_format")()
+        setting = dict(self.plans).get(path)
+        return fmt if setting is None else fmt.at(setting)
+
+    def planned(self, shapes: Mapping[str, tuple[int, int]]) -> "FormatSpec":
+        """This spec with the plans of its formats for a model whose projections (module
+        paths of the unscanned model) have dense shapes `shapes` {path: (in, out)}."""
+        plans = {}
+        for name in self.names:
+            mine = {p: s for p, s in shapes.items() if self.format_at(p) == name}
+            if mine:
+                plans.update(WEIGHT_FORMATS.get(name)().plan(mine))
+        return dataclasses.replace(self, plans=tuple(sorted(plans.items())))
+
+    @property
+    def needs_plan(self) -> bool:
+        """Does some format of this spec plan its projections over the whole model?"""
+        return any(WEIGHT_FORMATS.get(n)().plans_layers for n in self.names)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -119,8 +158,7 @@ class Projection(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        name = self.formats.format_at(module_path(self))
-        fmt = WEIGHT_FORMATS.get(name, setting="ModelConfig.weight_format")()
+        fmt = self.formats.format(module_path(self))
         y = fmt(self, x, features=self.features, axes=self.axes, dtype=self.dtype,
                 param_dtype=self.param_dtype, real_features=self.real_features)
         if self.use_bias:

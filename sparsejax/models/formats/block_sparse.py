@@ -5,14 +5,19 @@ Params of a projection [in, out] with blocks (block_in, block_out):
   indices [out_blocks, k] int32                  (the input block of each stored block; the
                                                   run keeps it beside the masks)
 and x @ W runs through `pallas_kernels.block_sparse_matmul` (FLOPs, bytes and optimizer
-state scale with k / in_blocks). `k = max(1, round(density * in_blocks))`, the same for every
-projection; the layout at init holds `k` distinct input blocks per column chosen at random or
+state scale with k / in_blocks). With `distribution='uniform'` (the default) every projection
+stores the same fraction, `k = max(1, round(density * in_blocks))`; another distribution of
+sparsity/distributions.py ('erk', 'erdos_renyi') spreads `density` over the model's
+block-sparse projections (`fan_in`: the stored fraction of all of them together is `density`
+up to rounding, and a projection that needs at least one block per column takes it out of the
+others' share). The layout at init holds `k` distinct input blocks per column chosen at random or
 by the Frobenius norm of the dense layer's initial draw (`init`). Values are the blocks of
 that dense draw (the dense layer's distribution), so a compact layer and its masked-dense
 twin start from the same weights.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -25,6 +30,7 @@ from pallas_kernels.block_sparse_matmul import block_sparse_matmul, check_indice
 from pallas_kernels.block_sparse_matmul.reference import to_dense
 from sparsejax.models.formats import WEIGHT_FORMATS, WeightFormat
 from sparsejax.models.init import DEFAULT_KERNEL_INIT, zero_padding
+from sparsejax.sparsity.distributions import DISTRIBUTIONS, layer_densities
 
 INITS = ("random", "magnitude")
 
@@ -51,6 +57,50 @@ def gather_blocks(kernel: jax.Array, indices: jax.Array, block_in: int,
     return jnp.take_along_axis(b, indices[:, :, None, None], axis=1)
 
 
+def fan_in(shapes: Mapping[str, tuple[int, int]], density: float, distribution: str,
+           block_in: int, block_out: int) -> dict[str, int]:
+    """{path: k} for projections of dense shapes {path: (in, out)}: the fan-in in blocks of
+    each when `distribution` spreads `density` over them, every k in [1, in_blocks].
+
+    A projection whose share would round to no block keeps one, and the others share what is
+    left (repeated until none falls below one block). Projections of one shape get one k (the
+    layers of a scanned model are stacked): each shape's share is rounded down, then rounded
+    up, largest remainders first, wherever that brings the stored total nearer `density` of
+    all the weights."""
+    in_blocks = {p: i // block_in for p, (i, _) in shapes.items()}
+    size = {p: i * o for p, (i, o) in shapes.items()}
+    floor: set[str] = set()
+    while True:
+        free = {p: shapes[p] for p in shapes if p not in floor}
+        left = density * sum(size.values()) - sum(size[p] / in_blocks[p] for p in floor)
+        if not free or left <= 0:
+            floor.update(free)
+            free = {}
+            break
+        dens = layer_densities(free, min(1.0, left / sum(size[p] for p in free)), distribution)
+        low = {p for p in free if dens[p] * in_blocks[p] < 0.5}
+        if not low:
+            break
+        floor |= low
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    for p in free:
+        by_shape.setdefault(shapes[p], []).append(p)
+    share = {s: dens[m[0]] * in_blocks[m[0]] for s, m in by_shape.items()}  # exact, in blocks
+    k = {s: int(min(in_blocks[m[0]], max(1, np.floor(share[s])))) for s, m in by_shape.items()}
+    block_cost = {s: len(m) * s[1] * block_in for s, m in by_shape.items()}  # one more block
+    total = (sum(k[s] * block_cost[s] for s in by_shape)
+             + sum(size[p] / in_blocks[p] for p in floor))
+    target = density * sum(size.values())
+    for s in sorted(by_shape, key=lambda s: (-(share[s] - np.floor(share[s])), s)):
+        if k[s] < in_blocks[by_shape[s][0]] and abs(total + block_cost[s] - target) < abs(
+                total - target):
+            k[s] += 1
+            total += block_cost[s]
+    out = {p: 1 for p in floor}
+    out.update({p: k[s] for s, members in by_shape.items() for p in members})
+    return {p: out[p] for p in shapes}
+
+
 def block_mask(indices: jax.Array, in_features: int, block_in: int,
                block_out: int) -> jax.Array:
     """The bool [in, out] mask of a layout: True inside the stored blocks."""
@@ -67,7 +117,8 @@ class BlockSparse(WeightFormat):
     param_names = ("values", "indices")
 
     def __init__(self, block_in: int = 32, block_out: int = 32, density: float = 0.1,
-                 init: str = "random", backend: str | None = None):
+                 init: str = "random", backend: str | None = None,
+                 distribution: str = "uniform"):
         for name, b in (("block_in", block_in), ("block_out", block_out)):
             if not isinstance(b, int) or b < 1:
                 raise ValueError(f"BlockSparse.{name}={b!r} must be a positive int")
@@ -75,17 +126,40 @@ class BlockSparse(WeightFormat):
             raise ValueError(f"BlockSparse.density={density!r} must be in (0, 1]")
         if init not in INITS:
             raise ValueError(f"BlockSparse.init={init!r} is not valid; valid: {INITS}")
+        DISTRIBUTIONS.get(distribution, "BlockSparse.distribution")
         self.block_in, self.block_out = block_in, block_out
         self.density, self.init, self.backend = float(density), init, backend
+        self.distribution = distribution
+        self.k: int | None = None  # this projection's planned fan-in (`at`)
+
+    @property
+    def plans_layers(self) -> bool:
+        return self.distribution != "uniform"
+
+    def plan(self, shapes):
+        """{path: k} spread by `distribution` over the model's block-sparse projections
+        (`fan_in`); none under 'uniform', where each projection keeps `density` itself."""
+        if not self.plans_layers:
+            return {}
+        for i, o in shapes.values():
+            self.blocks(i, o)  # block sizes that do not divide are refused by name
+        return fan_in(shapes, self.density, self.distribution, self.block_in, self.block_out)
+
+    def at(self, setting):
+        fmt = copy.copy(self)
+        fmt.k = int(setting)
+        return fmt
 
     def blocks(self, in_features: int, features: int) -> tuple[int, int, int]:
-        """(in_blocks, out_blocks, k) of a [in_features, features] projection."""
+        """(in_blocks, out_blocks, k) of a [in_features, features] projection: k planned for
+        this projection (`at`), or `density` of its input blocks."""
         for name, n, b in (("in", in_features, self.block_in), ("out", features, self.block_out)):
             if n % b:
                 raise ValueError(f"BlockSparse.block_{name}={b} does not divide the "
                                  f"projection's {name}_features={n}")
         ib, ob = in_features // self.block_in, features // self.block_out
-        return ib, ob, max(1, min(ib, round(self.density * ib)))
+        k = self.k if self.k is not None else round(self.density * ib)
+        return ib, ob, max(1, min(ib, k))
 
     def draw(self, key: jax.Array, in_features: int, features: int, dtype: Any,
              real_features: int | None) -> tuple[jax.Array, jax.Array]:
