@@ -61,6 +61,7 @@ Notes:
     kept and never counted in densities or parameter counts.
 """
 from sparsejax.sparsity.block_dst import BlockDSTMethod
+from sparsejax.sparsity.block_gmp import BlockGMPMethod
 from sparsejax.sparsity.criteria import CRITERIA, Criterion
 from sparsejax.sparsity.distributions import (DISTRIBUTIONS, erdos_renyi_densities, layer_densities,
                                               mean_density)
@@ -82,7 +83,7 @@ from sparsejax.sparsity.schedules import (SCHEDULES, AverageDensitySchedule, Con
 from sparsejax.sparsity.structures import STRUCTURES, BlockStructure, NMStructure, Structure
 
 __all__ = [
-    "AverageDensitySchedule", "BlockDSTMethod", "BlockStructure", "CRITERIA", "ConstantSchedule", "Criterion",
+    "AverageDensitySchedule", "BlockDSTMethod", "BlockGMPMethod", "BlockStructure", "CRITERIA", "ConstantSchedule", "Criterion",
     "DEFAULT_EXCLUDE", "DISTRIBUTIONS", "DenseMethod", "DenseSchedule", "DropGrowSchedule",
     "LOGITS_KEY", "LearnedNMMethod", "METHODS", "MaskedPruningMethod", "NMStructure",
     "OneShotSchedule", "PolynomialSchedule", "RunInfo", "SCHEDULES", "SRSTEMethod", "STRUCTURES",

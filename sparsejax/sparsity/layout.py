@@ -79,7 +79,7 @@ class FormatLayoutMethod(MethodWrapper):
         p, o, s, m = self.inner.update(params, opt_state, sparsity, step=step, rng=rng,
                                        grads=grads)
         s = {**s, LAYOUT: s.get(LAYOUT, sparsity[LAYOUT])}
-        if s.get("masks") is None:
+        if s.get("masks") is None and not self.inner.resizes:
             m = {**m, "sparsity/density": jnp.float32(
                 stored_density(self.run.compact))}
         return p, o, s, m
@@ -87,9 +87,10 @@ class FormatLayoutMethod(MethodWrapper):
     def metrics(self, params, sparsity):
         """The inner method's metrics; where it keeps no masks, `sparsity/density` (and its
         running average) is the stored fraction of the compact projections' dense entries
-        (the fan-in is constant, so it never changes)."""
+        (the fan-in is constant, so it never changes; a method that shrinks the layout reports
+        its own)."""
         out = self.inner.metrics(params, sparsity)
-        if sparsity.get("masks") is None:
+        if sparsity.get("masks") is None and not self.inner.resizes:
             out["sparsity/density"] = out["sparsity/avg_density"] = jnp.float32(
                 stored_density(self.run.compact))
         return out

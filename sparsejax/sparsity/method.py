@@ -54,6 +54,9 @@ class SparsityMethod:
 
     needs_dense_grads: bool = False
     run: RunInfo | None = None
+    # names of param leaves whose dimensions the method's updates shrink (with their optimizer
+    # slots and layouts): a checkpoint may hold them smaller than the model inits them
+    resizes: tuple[str, ...] = ()
 
     def bind(self, run: RunInfo) -> "SparsityMethod":
         """Resolves run-relative settings (fractions of the run) before ``init``."""
@@ -146,6 +149,10 @@ class MethodWrapper(SparsityMethod):
         if name == "inner":  # not set yet (e.g. while unpickling)
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+    @property
+    def resizes(self) -> tuple[str, ...]:
+        return self.inner.resizes
 
     @property
     def needs_dense_grads(self) -> bool:

@@ -7,7 +7,8 @@ weights (sparse fine-tuning) keep their value. It reads the masks from the metho
 passed as an extra argument, ``tx.update(grads, opt_state, params, sparsity=state)``: the
 masks live only in the TrainState's ``sparsity`` field, never in the optimizer state.
 
-``reset_slots`` zeroes the optimizer slots of entries whose mask changed (pruned or grown).
+``reset_slots`` zeroes the optimizer slots of entries whose mask changed (pruned or grown);
+``take_slots`` keeps the slots of the entries a compact layout keeps.
 ``scale_by_adam_per_entry`` is Adam with one step count per entry, which ``reset_slots``
 zeroes with the moments, so a grown weight's bias correction restarts as at step 1.
 """
@@ -41,9 +42,9 @@ def masked_optimizer(tx: optax.GradientTransformation) -> optax.GradientTransfor
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
-def reset_slots(opt_state: PyTree, params: PyTree, changed: PyTree) -> PyTree:
-    """Zeroes, in every params-shaped subtree of ``opt_state`` (e.g. Adam's mu and nu),
-    the entries where ``changed`` (bool tree mirroring the masks) is True."""
+def map_slots(opt_state: PyTree, params: PyTree, fn) -> PyTree:
+    """``opt_state`` with ``fn(subtree)`` in place of every subtree shaped like ``params``
+    (e.g. Adam's mu and nu, a per-entry count)."""
     pdef = jax.tree.structure(params)
     pshapes = [jnp.shape(p) for p in jax.tree.leaves(params)]
 
@@ -53,15 +54,24 @@ def reset_slots(opt_state: PyTree, params: PyTree, changed: PyTree) -> PyTree:
         leaves, tdef = jax.tree.flatten(x)
         return tdef == pdef and [jnp.shape(v) for v in leaves] == pshapes
 
-    def fix(x: Any) -> Any:
-        if not params_like(x):
-            return x
-        return jax.tree.map(
-            lambda c, s: s if c is None else jnp.where(c, jnp.zeros_like(s), s),
-            changed, x, is_leaf=masks_lib.is_none,
-        )
+    return jax.tree.map(lambda x: fn(x) if params_like(x) else x, opt_state,
+                        is_leaf=params_like)
 
-    return jax.tree.map(fix, opt_state, is_leaf=params_like)
+
+def reset_slots(opt_state: PyTree, params: PyTree, changed: PyTree) -> PyTree:
+    """Zeroes, in every params-shaped subtree of ``opt_state`` (e.g. Adam's mu and nu),
+    the entries where ``changed`` (bool tree mirroring the masks) is True."""
+    return map_slots(opt_state, params, lambda x: jax.tree.map(
+        lambda c, s: s if c is None else jnp.where(c, jnp.zeros_like(s), s),
+        changed, x, is_leaf=masks_lib.is_none))
+
+
+def take_slots(opt_state: PyTree, params: PyTree, index: PyTree, take) -> PyTree:
+    """In every params-shaped subtree of ``opt_state``, ``take(slot, i)`` for each entry
+    whose ``index`` (a tree mirroring params, None where unchanged) is not None: the optimizer
+    state of a layout that keeps some of its entries (compact GMP)."""
+    return map_slots(opt_state, params, lambda x: jax.tree.map(
+        lambda i, s: s if i is None else take(s, i), index, x, is_leaf=masks_lib.is_none))
 
 
 class PerEntryAdamState(NamedTuple):

@@ -53,13 +53,14 @@ class Run:
         return self._init(model_params)
 
     def sparsity_update_fn(self):
-        """Jitted (state, batch) -> (state, metrics) for mask updates."""
+        """Jitted (state, batch) -> (state, metrics) for mask updates (the state is donated
+        unless the method shrinks layouts: a buffer of another shape cannot be reused)."""
         from sparsejax.train.step import make_sparsity_update
         return jax.jit(make_sparsity_update(self.model, self.sparsity_method,
                                             self.cfg.microbatches, self.act_regularizer),
                        in_shardings=(self.state_shardings, batch_sharding(self.mesh)),
                        out_shardings=(self.state_shardings, replicated(self.mesh)),
-                       donate_argnums=(0,))
+                       donate_argnums=() if self.sparsity_method.resizes else (0,))
 
     def layer_density_fn(self):
         """Jitted state -> overall and per-layer mask densities ('sparsity/density/<path>'),

@@ -44,23 +44,31 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
-    def check_compatible(self, abstract_state: Any) -> None:
+    def _saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        """{state path: shape} of the checkpoint at `step` (from its metadata)."""
+        meta = ocp.StandardCheckpointer().metadata(
+            os.path.join(self.directory, str(step), "state"))
+        return {path_str(p): tuple(x.shape) for p, x in
+                jax.tree_util.tree_leaves_with_path(getattr(meta, "item_metadata", meta))}
+
+    def check_compatible(self, abstract_state: Any, resizes: tuple[str, ...] = ()) -> None:
         """Raises ValueError if the newest checkpoint holds arrays of other shapes (a different
-        model or sparsity/MoE setup), before anything is compiled."""
+        model or sparsity/MoE setup), before anything is compiled. Leaves named in `resizes`
+        (a method that shrinks layouts: `SparsityMethod.resizes`) may be saved smaller along
+        any axis."""
         step = self.manager.latest_step()
         if step is None:
             return
         try:
-            meta = ocp.StandardCheckpointer().metadata(
-                os.path.join(self.directory, str(step), "state"))
-            have = {path_str(p): tuple(x.shape) for p, x in
-                    jax.tree_util.tree_leaves_with_path(getattr(meta, "item_metadata", meta))}
+            have = self._saved_shapes(step)
         except Exception:  # unreadable metadata: restore_latest's fallback handles it
             return
         if not have:
             return
         want = {path_str(p): tuple(x.shape) for p, x in
                 jax.tree_util.tree_leaves_with_path(abstract_state)}
+        have = {k: want[k] if k in want and _shrunk(k, v, want[k], resizes) else v
+                for k, v in have.items()}
         problems = [f"{k}: checkpoint {have.get(k, 'missing')} vs model {v}"
                     for k, v in want.items() if k.startswith("params/") and have.get(k) != v]
         problems += [f"{k}: in the checkpoint, not in the model" for k in have
@@ -73,20 +81,25 @@ class Checkpointer:
                 f"a different model shape ({'; '.join(problems[:3])}); use a new --workdir or "
                 f"the config that wrote it")
 
-    def restore_latest(self, abstract_state: Any, data_args_fn) -> tuple[int, Any, dict] | None:
+    def restore_latest(self, abstract_state: Any, data_args_fn,
+                       resizes: tuple[str, ...] = ()) -> tuple[int, Any, dict] | None:
         """Restores the newest readable checkpoint into `abstract_state` (ShapeDtypeStructs with
         shardings). `data_args_fn()` gives the data-iterator restore args (or None).
         Returns (step, state, config item) or None if there is no checkpoint (the data
-        iterator given by `data_args_fn` is moved to the saved position in place)."""
+        iterator given by `data_args_fn` is moved to the saved position in place). Leaves
+        named in `resizes` are restored at the (smaller) shapes they were saved with."""
         for step in sorted(self.manager.all_steps(), reverse=True):
-            items = {"state": ocp.args.StandardRestore(abstract_state),
-                     "config": ocp.args.JsonRestore()}
+            target = abstract_state
             data_args = data_args_fn()
-            if data_args is not None:
-                items["data"] = data_args
             try:
+                if resizes:
+                    target = _resized(abstract_state, self._saved_shapes(step), resizes)
+                items = {"state": ocp.args.StandardRestore(target),
+                         "config": ocp.args.JsonRestore()}
+                if data_args is not None:
+                    items["data"] = data_args
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-                _check_shapes(restored["state"], abstract_state)
+                _check_shapes(restored["state"], target)
                 return step, restored["state"], restored["config"]
             except Exception as e:  # corrupt or half-written: move aside, try the previous one
                 log.warning("checkpoint at step %d in %s is unreadable (%s: %s); moving it aside "
@@ -105,6 +118,24 @@ class Checkpointer:
                 dest = os.path.join(self.directory, f"corrupt.{step}.{n}")
             shutil.move(path, dest)
         self.manager.reload()
+
+
+def _shrunk(path: str, saved: tuple[int, ...], model: tuple[int, ...],
+            resizes: tuple[str, ...]) -> bool:
+    """Is the saved leaf at `path` a layout the run's method shrank from the model's shape?"""
+    return (path.rsplit("/", 1)[-1] in resizes and len(saved) == len(model)
+            and all(a <= b for a, b in zip(saved, model)))
+
+
+def _resized(abstract_state: Any, saved: dict[str, tuple[int, ...]],
+             resizes: tuple[str, ...]) -> Any:
+    """`abstract_state` with the saved shapes of the leaves a method shrank."""
+    def fix(path, x):
+        p = path_str(path)
+        if p in saved and saved[p] != tuple(x.shape) and _shrunk(p, saved[p], x.shape, resizes):
+            return jax.ShapeDtypeStruct(saved[p], x.dtype, sharding=x.sharding)
+        return x
+    return jax.tree_util.tree_map_with_path(fix, abstract_state)
 
 
 def _check_shapes(state: Any, abstract_state: Any) -> None:

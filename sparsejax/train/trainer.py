@@ -154,7 +154,7 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "",
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
                         async_save=cfg.async_checkpoints)
-    ckpt.check_compatible(run.abstract_state)
+    ckpt.check_compatible(run.abstract_state, method.resizes)
     data_it = ShardedTrainIterator(global_batch_size=cfg.global_batch_size, seq_len=cfg.seq_len,
                                    seed=cfg.seed, dataset=cfg.dataset, data_dir=cfg.data_dir,
                                    num_shards=cfg.data_shards)
@@ -163,7 +163,7 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "",
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         restored = ckpt.restore_latest(run.abstract_state,
-                                       lambda: ShardedIteratorRestore(data_it))
+                                       lambda: ShardedIteratorRestore(data_it), method.resizes)
         if restored is None:
             state = warm_start(init_from_pretrained(run, workdir), run.state_shardings.params,
                                resumed=False)
@@ -231,8 +231,13 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "",
             for step in range(start, cfg.num_steps):
                 batch = global_batch(next(data_it), bsharding)
                 if method.is_update_step(step):
+                    shapes = jax.tree.map(np.shape, state.params)
                     state, mask_metrics = update_fn(state, batch)
                     writer.write(step, mask_metrics)
+                    if jax.tree.map(np.shape, state.params) != shapes:
+                        log.info("step %d: the sparsity update changed the param shapes "
+                                 "(stored fraction %.4f); the train step compiles again", step,
+                                 float(mask_metrics.get("sparsity/density", float("nan"))))
                 with profiler.step(step):
                     state, metrics = step_fn(state, batch)
                 profiler.after(step, metrics)
@@ -299,9 +304,10 @@ def load_state_for_eval(workdir: str, cfg: TrainConfig):
     """Restores the latest checkpoint of `workdir` (for `sparsejax eval`)."""
     run = build_run(cfg)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    ckpt.check_compatible(run.abstract_state)
+    resizes = run.sparsity_method.resizes
+    ckpt.check_compatible(run.abstract_state, resizes)
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        restored = ckpt.restore_latest(run.abstract_state, lambda: None)
+        restored = ckpt.restore_latest(run.abstract_state, lambda: None, resizes)
         if restored is None and has_pretrained(workdir):  # an import-hf workdir, not trained
             restored = (0, init_from_pretrained(run, workdir), None)
     ckpt.close()

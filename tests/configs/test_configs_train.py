@@ -41,6 +41,7 @@ SKIP = {"upcycle.gin"}  # needs a dense run's checkpoint to start from (tests/tr
 # What each preset promises, in fractions of the run: the final kept fraction of the prunable
 # params, when its mask updates run, and what the checkpoint must show.
 #   updates: "none" | "drop_grow" (>= 3, with churn) | "gradual" (>= 3, monotone) |
+#            "stages" (compact GMP: >= 1 in the trained run, density falling at each) |
 #            ("at", fraction) (exactly one update there)
 # Monarch at nblocks 4 on tiny's projections [in, out] with middle width m = min(in, out):
 # (in*m + m*out) / 4 stored of in*out (q, o: 64x64; k, v: 64x32; gate, up: 64x128; wo: 128x64)
@@ -70,6 +71,9 @@ SPARSITY = {
     "block_static.gin": dict(density=2 / 9, updates="none", ckpt="compact"),
     "block_set.gin": dict(density=2 / 9, updates="drop_grow", ckpt="compact"),
     "block_rigl.gin": dict(density=2 / 9, updates="drop_grow", ckpt="compact"),
+    # from every block to the same one-block floor, the fan-in shrinking in stages (the
+    # stages are planned from the params at init: none are known before)
+    "block_gmp.gin": dict(density=2 / 9, updates="stages", ckpt="compact"),
     # nblocks 4: two factors of 4 blocks each, (in*m + m*out) / 4 entries of in*out
     "monarch.gin": dict(density=MONARCH_TINY, updates="none"),
 }
@@ -111,6 +115,8 @@ def abstract_params(model_config: ModelConfig):
 def check_update_steps(kind, steps: list[int], n: int, name: str) -> None:
     if kind == "none":
         assert steps == [], (name, steps)
+    elif kind == "stages":
+        assert all(0 <= t < n for t in steps), (name, n, steps)
     elif kind in ("drop_grow", "gradual"):
         assert len(steps) >= 3 and all(0 <= t < n for t in steps), (name, n, steps)
     else:
@@ -280,6 +286,10 @@ def test_sparsity_config_trains(name, tmp_path):
     if exp["updates"] == "drop_grow":
         assert all(r["sparsity/churn"] > 0 for r in updates.values()), name
         assert len({round(r["sparsity/density"], 6) for r in updates.values()}) == 1
+    if exp["updates"] == "stages":
+        densities = [logged[0]["sparsity/density"]] + [
+            updates[t]["sparsity/density"] for t in sorted(updates)]
+        assert len(densities) >= 2 and all(b < a for a, b in zip(densities, densities[1:]))
     if exp["updates"] == "gradual":
         densities = [updates[t]["sparsity/density"] for t in sorted(updates)]
         assert all(b <= a + 1e-9 for a, b in zip(densities, densities[1:])), densities

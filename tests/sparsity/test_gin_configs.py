@@ -39,6 +39,7 @@ EXPECTED = {  # config -> (method class, {attribute: value or type})
     "block_set.gin": (sp.BlockDSTMethod, {"grow": "random", "schedule": S.DropGrowSchedule,
                                           "needs_dense_grads": False}),
     "monarch.gin": (sp.DenseMethod, {}),  # the structure is the format's
+    "block_gmp.gin": (sp.BlockGMPMethod, {"density": 0.1, "schedule": S.PolynomialSchedule}),
     "block_rigl.gin": (sp.BlockDSTMethod, {"grow": "gradient", "schedule": S.DropGrowSchedule,
                                            "needs_dense_grads": True}),
 }

@@ -107,9 +107,10 @@ def restore(run, workdir: str) -> tuple[int, Any]:
     from sparsejax.train.checkpoint import Checkpointer
     from sparsejax.train.warm_start import init_from_pretrained
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    ckpt.check_compatible(run.abstract_state)
+    ckpt.check_compatible(run.abstract_state, run.sparsity_method.resizes)
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        restored = ckpt.restore_latest(run.abstract_state, lambda: None)
+        restored = ckpt.restore_latest(run.abstract_state, lambda: None,
+                                       run.sparsity_method.resizes)
         if restored is None:
             restored = (0, init_from_pretrained(run, workdir), None)
     ckpt.close()
