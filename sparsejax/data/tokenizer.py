@@ -41,6 +41,10 @@ class ByteTokenizer:
             out[-1] = self.eos_id
         return out
 
+    def encode_text(self, text: str) -> np.ndarray:
+        """int32 ids of a document: its bytes after the BOS, as training rows start."""
+        return self.encode(text, add_bos=True)
+
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Returns the text of the byte ids in `ids`; special ids are dropped, bad UTF-8 replaced."""
         arr = np.asarray(ids)
@@ -90,6 +94,11 @@ class HFTokenizer:
         if add_eos and self.eos_id is not None:
             ids = ids + [self.eos_id]
         return np.asarray(ids, np.int32)
+
+    def encode_text(self, text: str) -> np.ndarray:
+        """int32 ids of a document as the tokenizer itself encodes it (its own special tokens,
+        as `tokenizer(text)` in transformers)."""
+        return np.asarray(self._tok.encode(text, add_special_tokens=True).ids, np.int32)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         arr = np.asarray(ids)

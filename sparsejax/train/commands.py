@@ -33,6 +33,19 @@ def add_parsers(sub) -> None:
         s = sub.add_parser(name, help=help_)
         add_run_flags(s)
         s.set_defaults(handler=fn)
+        if name == "eval":
+            g = s.add_argument_group(
+                "a text under the papers' perplexity protocols instead of the eval sample "
+                "(train/text_eval.py)")
+            g.add_argument("--text_file", action="append", default=[],
+                           help="text to score (repeatable: joined with a blank line)")
+            g.add_argument("--dataset", help="'files:GLOB': score these files' text")
+            g.add_argument("--protocol", choices=("concat", "sliding"), default="concat",
+                           help="concat: non-overlapping windows (SparseGPT/Wanda); sliding: "
+                                "windows every --stride tokens (HF perplexity guide)")
+            g.add_argument("--stride", type=int, help="sliding: tokens between window starts")
+            g.add_argument("--seq_len", type=int,
+                           help="window in tokens (default: ModelConfig.max_seq_len)")
         if name == "train":
             s.add_argument("--allow_config_change", action="store_true",
                            help="resume even though bindings differ from the checkpoint's "
@@ -109,7 +122,16 @@ def run_train(args: argparse.Namespace, bindings: Sequence[str]) -> int:
 
 def run_eval(args: argparse.Namespace, bindings: Sequence[str]) -> int:
     def go():
+        # (imported here, as the trainer below: commands load with the CLI, which starts fast)
+        from sparsejax.train.text_eval import TextEval
+        text = None
+        if args.text_file or args.dataset:
+            text = TextEval(tuple(args.text_file), args.dataset, args.protocol, args.stride,
+                            args.seq_len)
+        elif args.stride is not None or args.seq_len is not None or args.protocol != "concat":
+            raise ValueError("--protocol, --stride and --seq_len apply to a text: give "
+                             "--text_file or --dataset=files:GLOB")
         start_run(args, bindings)
         from sparsejax.train import trainer
-        return trainer.evaluate_checkpoint(args.workdir)
+        return trainer.evaluate_checkpoint(args.workdir, text=text)
     return guarded(go)

@@ -30,6 +30,7 @@ from sparsejax.train.flops import FlopsMeter
 from sparsejax.train.metrics import IntervalLoss, MetricsWriter, truncate_metrics
 from sparsejax.train.profiling import StepProfiler, resolve_profile_steps
 from sparsejax.train.step import make_train_step
+from sparsejax.train.text_eval import TextEval
 from sparsejax.train.warm_start import init_from_pretrained, warm_start
 from sparsejax.train.workdir import has_pretrained
 
@@ -317,22 +318,27 @@ def load_state_for_eval(workdir: str, cfg: TrainConfig):
     return run, step, state
 
 
-@gin.configurable(denylist=["workdir"])
+@gin.configurable(denylist=["workdir", "text"])
 def evaluate_checkpoint(workdir: str, config: TrainConfig | None = None,
-                        eval_tokens: int | None = None) -> dict[str, Any]:
+                        eval_tokens: int | None = None,
+                        text: TextEval | None = None) -> dict[str, Any]:
     """Loss (with its standard error) and perplexity of the latest checkpoint on the eval sample
     that training uses (`eval_tokens=None`: TrainConfig.eval_tokens), or on one of
-    `eval_tokens` tokens; logs the sample's size."""
+    `eval_tokens` tokens, or on a text under a papers' protocol (`text`, train/text_eval.py);
+    logs the sample's size."""
     cfg = config or TrainConfig()
     n = cfg.eval_tokens if eval_tokens is None else eval_tokens
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if text is None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"evaluate_checkpoint.eval_tokens={n!r} (or TrainConfig.eval_tokens) must "
                          "be an int >= 1")
     from sparsejax.sparsity.activation.evaluate import ActivationEval
     # thresholding / PPL-p% settings, checked against the model before anything is built
     act_eval = ActivationEval(ModelConfig())
+    if text is not None:  # read and tokenized before the run is built: bad input fails fast
+        eval_set, info = text.eval_set(workdir, cfg.global_batch_size)
     run, step, state = load_state_for_eval(workdir, cfg)
-    eval_set = evaluation.eval_set_for(cfg, n)
+    if text is None:
+        eval_set, info = evaluation.eval_set_for(cfg, n), {}
     config_lib.check_unused_bindings()
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
         bsharding = batch_sharding(run.mesh)
@@ -344,4 +350,5 @@ def evaluate_checkpoint(workdir: str, config: TrainConfig | None = None,
     log.info("eval of step %d: loss %.4f ± %.4f (standard error over rows) on %s", step,
              out["eval_loss"], out["eval_loss_stderr"] or float("nan"), eval_set.describe())
     out["step"] = step
+    out.update(info)
     return out

@@ -26,20 +26,8 @@ FAST = ["--gin.TrainConfig.global_batch_size=8", "--gin.TrainConfig.seq_len=32",
         "--gin.TrainConfig.progress_bar=False", "--gin.TrainConfig.async_checkpoints=False"]
 
 
-def byte_level_bpe(path, vocab_size=300):
-    """A small byte-level BPE tokenizer.json trained here (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TEXT * 20, trainer)
-    tok.save(str(path))
-
-
 @pytest.fixture(scope="module")
-def imported(tmp_path_factory):
+def imported(tmp_path_factory, bpe_tokenizer):
     root = tmp_path_factory.mktemp("imported")
     src = root / "src"
     src.mkdir()
@@ -56,7 +44,7 @@ def imported(tmp_path_factory):
     save_file({k: (rng.standard_normal(s) * 0.3).astype(np.float32) for k, s in t.items()},
               str(src / "model.safetensors"))
     (src / "config.json").write_text(json.dumps(CFG))
-    byte_level_bpe(src / "tokenizer.json")
+    bpe_tokenizer(src / "tokenizer.json")
     data = root / "data"
     data.mkdir()
     for i in range(60):
