@@ -21,7 +21,7 @@ def _step(v: str) -> int | float:
 
 FLAGS = {"method": _opt_str, "sparsity": float, "nm": _opt_str, "structure": _opt_str,
          "allocation": str, "calibration_samples": int, "calibration_seed": int,
-         "calibration_split": str, "calibration": str, "calibration_batch_size": int,
+         "calibration_split": str, "calibration_data": str, "calibration": str, "calibration_batch_size": int,
          "experts": _opt_str, "num_experts": int, "finetune_steps": _step, "eval_tokens": int}
 
 
@@ -49,6 +49,9 @@ def add_parsers(sub) -> None:
     for name in ("calibration_samples", "calibration_seed", "calibration_split",
                  "calibration_batch_size"):
         g.add_argument(f"--{name}")
+    g.add_argument("--calibration_data", help="files:GLOB: random windows of these files' "
+                                              "text (the papers' calibration set; default: "
+                                              "the run's dataset)")
     g.add_argument("--calibration", help="sequential (default) | parallel")
     g.add_argument("--experts", help="frequency | reconstruction | merge (MoE)")
     g.add_argument("--num_experts", help="experts each MoE layer keeps")

@@ -44,6 +44,9 @@ class PruneConfig:
       (uniform, owl). dsnot: refine every mask with DSnoT.
     calibration_samples / calibration_seed / calibration_split: the calibration sequences
       (TrainConfig.seq_len tokens each) drawn from the run's dataset with its tokenizer.
+      calibration_data: 'files:GLOB' draws them as the SparseGPT / Wanda papers do instead:
+      random windows (seed calibration_seed) of the files' text joined with a blank line and
+      tokenized once (train/text_eval.py); None (default): the run's dataset.
       calibration: 'sequential' (block l calibrates on the outputs of the pruned blocks before
       it) or 'parallel' (every block on the dense model's activations).
       calibration_batch_size: sequences per forward (None: TrainConfig.global_batch_size).
@@ -72,6 +75,7 @@ class PruneConfig:
     calibration_samples: int = 128
     calibration_seed: int = 0
     calibration_split: str = "train"
+    calibration_data: str | None = None
     calibration: str = "sequential"
     calibration_batch_size: int | None = None
     include: tuple = ()
@@ -128,6 +132,10 @@ class PruneConfig:
         if self.calibration_split not in ("train", "validation"):
             raise ValueError(f"{P}.calibration_split={self.calibration_split!r}; valid: "
                              f"['train', 'validation']")
+        if self.calibration_data is not None and not str(self.calibration_data).startswith(
+                "files:"):
+            raise ValueError(f"{P}.calibration_data={self.calibration_data!r}; valid: None (the "
+                             f"run's dataset) or 'files:GLOB'")
         if self.calibration not in CALIBRATION_MODES:
             raise ValueError(f"{P}.calibration={self.calibration!r}; valid: "
                              f"{list(CALIBRATION_MODES)}")

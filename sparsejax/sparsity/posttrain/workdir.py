@@ -45,6 +45,7 @@ import numpy as np
 
 from sparsejax import config as config_lib
 from sparsejax.data import pipeline
+from sparsejax.data.tokenizer import make_tokenizer
 from sparsejax.models import layer_stack
 from sparsejax.models.formats.convert import compact_projections, from_dense_params
 from sparsejax.sparsity import paths as paths_lib
@@ -54,6 +55,7 @@ from sparsejax.sparsity.posttrain.config import PruneConfig
 from sparsejax.sparsity.posttrain.driver import CalibrationSet, PruneResult, prune_model
 from sparsejax.sparsity.posttrain.plan import build_plan
 from sparsejax.train import workdir as workdir_lib
+from sparsejax.train.text_eval import read_texts
 
 log = logging.getLogger(__name__)
 REPORT = "prune_report.json"
@@ -87,7 +89,10 @@ def check_bindings(bindings: Sequence[str], pc_experts: bool = True) -> None:
 
 def calibration_set(cfg: Any, pc: PruneConfig) -> CalibrationSet:
     """`pc.calibration_samples` rows of `pc.calibration_split` in the order a single-process
-    reader with seed `pc.calibration_seed` reads them (the run's dataset and tokenizer)."""
+    reader with seed `pc.calibration_seed` reads them (the run's dataset and tokenizer), or
+    with `pc.calibration_data`, windows of that text (`text_calibration_set`)."""
+    if pc.calibration_data is not None:
+        return text_calibration_set(cfg, pc)
     plan = pipeline.row_plan(pc.calibration_split, seq_len=cfg.seq_len,
                              seed=pc.calibration_seed, dataset=cfg.dataset, data_dir=cfg.data_dir)
     n, rows = pc.calibration_samples, len(plan.index)
@@ -100,6 +105,25 @@ def calibration_set(cfg: Any, pc: PruneConfig) -> CalibrationSet:
     b = pipeline._to_training_batch(batch, slice(None), plan.reader.tokenizer.pad_id)
     return CalibrationSet(b["inputs"], b["targets"], b["loss_mask"], b["positions"],
                           b["segment_ids"], seed=pc.calibration_seed, split=pc.calibration_split)
+
+
+def text_calibration_set(cfg: Any, pc: PruneConfig) -> CalibrationSet:
+    """The papers' calibration set: `pc.calibration_samples` windows of seq_len + 1 tokens at
+    random starts (seed `pc.calibration_seed`) in the text of `pc.calibration_data`, tokenized
+    once (inputs: a window but its last token; targets: but its first)."""
+    ids = make_tokenizer().encode_text(read_texts(dataset=pc.calibration_data))
+    span = cfg.seq_len + 1
+    if len(ids) < span:
+        raise ValueError(f"--calibration_data={pc.calibration_data!r} has {len(ids)} tokens, "
+                         f"fewer than one window of TrainConfig.seq_len + 1 = {span}")
+    starts = np.random.default_rng(pc.calibration_seed).integers(
+        0, len(ids) - span + 1, size=pc.calibration_samples)
+    win = np.stack([ids[s:s + span] for s in starts]).astype(np.int32)
+    n, seq = win.shape[0], cfg.seq_len
+    return CalibrationSet(win[:, :-1], win[:, 1:], np.ones((n, seq), np.int32),
+                          np.broadcast_to(np.arange(seq, dtype=np.int32), (n, seq)).copy(),
+                          np.ones((n, seq), np.int32), seed=pc.calibration_seed,
+                          split=pc.calibration_data)
 
 
 def restore(run, workdir: str) -> tuple[int, Any]:
