@@ -66,10 +66,14 @@ REPRODUCTIONS = {
 }
 
 
-# Reproductions with their own runner and results page (experiments/activation_results.py).
+# Reproductions with their own runner and results page (experiments/activation_results.py,
+# experiments/block_sparse.py).
 CUSTOM = {
     "activation": "SiLU vs ReLU vs ReLU² vs ProSparse: eval loss and activation sparsity",
     "training_free": "Training-free activation sparsity: TEAL vs CATS vs WINA",
+    "block_sparse": "Block-sparse vs dense at equal steps and at equal wall-clock: unstructured "
+                    "RigL, block RigL (16/32/64 blocks), block static and a 2x wider "
+                    "block-sparse model (densities 0.2 and 0.1)",
 }
 
 
@@ -88,18 +92,38 @@ def _splice(md: str, title: str, block: str) -> str:
 
 def run_custom(name: str, out: str, parallel: int) -> int:
     import activation_results as ar
+    import block_sparse as bs
+    if name == "block_sparse":
+        return bs.run(out, parallel)
     if name == "activation":
         return sum(run_grid(g, out, parallel) for g in ar.GRIDS)
     ar.run_training_free(out)
     return 0
 
 
-def write_custom(name: str, out: str, results_dir: str = RESULTS) -> dict:
+def write_custom(name: str, out: str, results_dir: str = RESULTS,
+                 allow_mixed_corpora: bool = False) -> dict:
     """Writes results_dir/<name>.md (between the markers) and <name>.png."""
     import activation_results as ar
+    import block_sparse as bs
     os.makedirs(results_dir, exist_ok=True)
     png = os.path.join(results_dir, f"{name}.png")
-    if name == "activation":
+    if name == "block_sparse":
+        equal, timed, cal = bs.results(out, allow_mixed_corpora=allow_mixed_corpora)
+        table = bs.markdown(equal, timed, cal)
+        png = bs.plot(equal, timed, cal, png)
+        how = (f"Command: `{command(name)}` (grids: "
+               + ", ".join(f"[{g}](../grids/{g}.grid)" for g in bs.GRIDS) + "; the equal "
+               "wall-clock runs are those grid points with `TrainConfig.num_steps` set from the "
+               "calibration). Loss in nats/token, mean ± sample std over seeds; Δ: difference "
+               f"to `{bs.BASELINE}` run with the same seed (same data order); eval stderr: the "
+               "final eval's standard error over its fixed sample's rows (mean over seeds); "
+               "params: weights that can be nonzero at the end (embeddings and LM head "
+               "included); final density: the stored (block) or kept (RigL) fraction of the "
+               "attention and MLP projections (`sparsity/density`); tokens/s: as measured "
+               "while `--parallel` trials shared the machine; calibrated tokens/s: one trial at "
+               "a time, eval off; speed vs dense: its ratio to dense's.")
+    elif name == "activation":
         rows, curves = ar.activation_rows(out)
         table = ar.activation_markdown(rows)
         png = ar.activation_plot(curves, png) if curves else None
@@ -199,13 +223,14 @@ def main(argv=None) -> int:
               f"{', '.join(list(REPRODUCTIONS) + list(CUSTOM))}", file=sys.stderr)
         return 2
     failed = 0
-    sys.path.insert(0, HERE)  # activation_results.py
+    sys.path.insert(0, HERE)  # activation_results.py, block_sparse.py
     try:
         for name in names:
             if name in CUSTOM:
                 if not args.report_only:
                     failed += run_custom(name, args.out, args.parallel)
-                print(json.dumps(write_custom(name, args.out, args.results_dir)), flush=True)
+                print(json.dumps(write_custom(name, args.out, args.results_dir,
+                                              args.allow_mixed_corpora)), flush=True)
                 continue
             if not args.report_only:
                 for g in REPRODUCTIONS[name].grids:

@@ -135,14 +135,18 @@ def compare_rows(variants: Sequence[Variant], baseline: str | None = None) -> li
     return rows
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The comparison table; density / expert-load columns only when some variant has them."""
+def markdown_table(rows: Sequence[dict[str, Any]],
+                   extra_columns: Sequence[tuple[str, str]] = ()) -> str:
+    """The comparison table; density / expert-load columns only when some variant has them;
+    `extra_columns` [(header, row key)] come last, each cell the row's value as text (blank
+    where the row has none)."""
     has_density = any(r["density"] is not None for r in rows)
     has_skew = any(r["expert_load_skew"] is not None for r in rows)
     cols = ["variant", "seeds", "final eval loss", "eval stderr", "per seed",
             "Δ vs baseline (same seed)",
             "best eval loss", "params", "avg params", "FLOPs/token", "tokens/s"]
     cols += ["final density"] * has_density + ["expert load max/mean"] * has_skew
+    cols += [header for header, _ in extra_columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         dm = r["delta_vs_baseline_mean"]
@@ -157,6 +161,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             cells.append(_fmt(r["density"], 3))
         if has_skew:
             cells.append(_fmt(r["expert_load_skew"], 2))
+        cells += ["" if r.get(key) is None else str(r[key]) for _, key in extra_columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
