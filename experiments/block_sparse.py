@@ -6,7 +6,8 @@ block-sparse model (or a wider block-sparse model) beat the dense one?
 
 Variants, each a grid point of one of GRIDS (configs/experiments/small.gin, 3 seeds, paired by
 seed with dense): dense (dense_small, shared with the other reproductions), unstructured RigL
-(block_sparse_rigl), block RigL with 16/32/64 blocks (block_sparse_block_rigl), block static
+(block_sparse_rigl), block RigL with 16/32 blocks (block_sparse_block_rigl) and 64 blocks
+(block_sparse_block_rigl64: at 0.2 only, the one-block floor), block static
 with 32 blocks (block_sparse_block_static) and a 2x wider model under block RigL at density
 0.25 (block_sparse_wide). Three passes, in this order:
 
@@ -47,7 +48,7 @@ from sparsejax.train.metrics import read_metrics
 HERE = os.path.dirname(os.path.abspath(__file__))
 GRIDS_DIR = os.path.join(HERE, "grids")
 GRIDS = ("dense_small", "block_sparse_rigl", "block_sparse_block_rigl",
-         "block_sparse_block_static", "block_sparse_wide")
+         "block_sparse_block_rigl64", "block_sparse_block_static", "block_sparse_wide")
 BASELINE = "dense_small: name=dense"
 STEPS = 300  # small.gin's run length: the equal-steps runs, and dense's time budget
 CALIBRATION_STEPS, CALIBRATION_LOG_EVERY = 60, 20

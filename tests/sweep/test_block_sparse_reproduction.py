@@ -111,7 +111,7 @@ def test_shipped_grids_parse_and_the_page_is_registered(tmp_path):
     for spec in specs.values():
         runner.validate_spec(spec)
     labels = [a.label for a in bs.arms(specs)]
-    assert bs.BASELINE in labels and len(labels) == 12
+    assert bs.BASELINE in labels and len(labels) == 11
     assert "block_sparse_block_rigl: block=64,density=0.1" in labels
     small = (REPO / "configs" / "experiments" / "small.gin").read_text()
     warmup = int(re.search(r"warmup_steps = (\d+)", small).group(1))
