@@ -23,7 +23,9 @@ def sample_workdir(workdir: str, prompts: Sequence[str], *, max_new_tokens: int 
         raise ValueError("give at least one --prompt or a --prompt_file")
     check_thresholding(ModelConfig())  # before anything is built or restored
     tok = make_tokenizer()
-    ids = [list(tok.encode(p, add_bos=True)) for p in prompts]
+    # as the tokenizer itself encodes a text (a Hugging Face tokenizer adds its own specials,
+    # if any, as transformers does; the byte tokenizer starts with BOS as training rows do)
+    ids = [list(tok.encode_text(p)) for p in prompts]
     cfg = trainer.TrainConfig()
     run, step, state = trainer.load_state_for_eval(workdir, cfg)
     params = state.params

@@ -102,3 +102,21 @@ def test_sliding_protocol_equals_the_reference(setup, capsys, stride):
     if stride < WINDOW:  # every token after the first scored once
         assert n_tokens == setup["ids"].numel() - 1
     assert out["eval_perplexity"] == pytest.approx(ref, rel=1e-4)
+
+
+def test_sample_continues_the_tokenizers_own_encoding(setup, capsys):
+    """`sample` encodes a prompt as the tokenizer does (this tokenizer adds no BOS, although
+    config.json names one), so its greedy continuation is transformers' `generate`'s."""
+    prompt = "def f3(a, b):\n    return"
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(
+        setup["text"]).replace("text.txt", "hf/tokenizer.json"))
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    assert ids[0, 0].item() != CFG["bos_token_id"]
+    with torch.no_grad():
+        want = setup["model"].generate(ids, max_new_tokens=6, do_sample=False,
+                                       pad_token_id=0)[0, ids.shape[1]:].tolist()
+    capsys.readouterr()
+    assert cli.main(["sample", f"--workdir={setup['w']}", f"--prompt={prompt}",
+                     "--max_new_tokens=6"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["tokens"][0] == want
