@@ -172,6 +172,11 @@ class BlockGMPMethod(SparsityMethod):
         return new_params, opt_state, sparsity, metrics
 
     def metrics(self, params, sparsity):
+        """The stored fraction now and its running average; the average param count counts
+        the block-sparse projections at that average (their stored entries over the run)."""
         out = super().metrics(params, sparsity)
         out["sparsity/density"] = sparsity["density"]
+        dense = sum(i * o for (i, o, _, _) in self._projections(_flat(params)).values())
+        out["sparsity/avg_param_count"] = out["sparsity/param_count"] + (
+            sparsity["avg_density"] - sparsity["density"]) * dense
         return out

@@ -133,6 +133,9 @@ def test_the_run_shrinks_in_stages_and_resumes_across_them(runs, tmp_path):
     recs = records(runs["ref"])
     stages = [r for r in recs if "sparsity/churn" in r]
     assert len(stages) >= 2
+    last = [r for r in recs if "sparsity/avg_param_count" in r][-1]
+    assert last["sparsity/avg_density"] > last["sparsity/density"]  # it started with all blocks
+    assert last["sparsity/avg_param_count"] > last["sparsity/param_count"]
     _, state = restore_state_numpy(runs["ref"])
     wo = state["params"]["layer_0"]["mlp"]["wo"]["values"]
     assert wo.shape == (4, 1, 16, 16)  # 1 of wo's 8 input blocks at the end (of 8 at init)
