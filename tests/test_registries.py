@@ -93,9 +93,10 @@ def test_distribution_meets_the_mean_density(name):
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_method_builds_binds_and_inits(name):
-    if name == "block_dst":  # moves the blocks of compact weights: a block-sparse layer
-        run = RunInfo(num_steps=50, compact={"layer": CompactProjection(16, 8, 64)})
-        params = {"layer": {"values": jax.random.normal(KEY, (2, 1, 8, 4))}}
+    if name in ("block_dst", "block_gmp"):  # compact weights: a block-sparse layer holding
+        # both of its input blocks per column (block GMP shrinks it, block DST moves them)
+        run = RunInfo(num_steps=50, compact={"layer": CompactProjection(16, 8, 128)})
+        params = {"layer": {"values": jax.random.normal(KEY, (2, 2, 8, 4))}}
     else:
         run = RunInfo(num_steps=50)
         params = {"layer": {"kernel": jax.random.normal(KEY, (16, 8))}}
