@@ -20,7 +20,7 @@ COMMAND_MODULES = (
     "sparsejax.train.commands",   # train, eval
     "sparsejax.sweep.cli",        # sweep, report
     "sparsejax.listing",          # list
-    "sparsejax.interop.commands",  # import-hf, export-hf
+    "sparsejax.interop.commands",  # import-hf, export-hf, lm-eval
     "sparsejax.infer.commands",    # sample
     "sparsejax.sparsity.posttrain.commands",  # prune
     "sparsejax.sparsity.activation.commands",  # act-curves

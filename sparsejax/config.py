@@ -36,9 +36,15 @@ def shipped_configs() -> list[str]:
 _REGISTERED = False
 
 
+# Modules that register no configurable or plug-in and import an optional extra: left out of
+# register_configurables, so that no command needs (or waits for) that extra.
+OPTIONAL_MODULES = ("sparsejax.interop.lm_eval_model",)  # lm_eval ([eval])
+
+
 def register_configurables() -> None:
-    """Imports every module of sparsejax and pallas_kernels, so that every gin configurable
-    and every registered plug-in exists before any binding is parsed."""
+    """Imports every module of sparsejax and pallas_kernels (but OPTIONAL_MODULES), so that
+    every gin configurable and every registered plug-in exists before any binding is
+    parsed."""
     global _REGISTERED
     if _REGISTERED:
         return
@@ -46,7 +52,8 @@ def register_configurables() -> None:
     import sparsejax
     for pkg in (sparsejax, pallas_kernels):
         for mod in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
-            importlib.import_module(mod.name)
+            if mod.name not in OPTIONAL_MODULES:
+                importlib.import_module(mod.name)
     _REGISTERED = True
 
 

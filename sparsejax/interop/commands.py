@@ -1,8 +1,12 @@
-"""`sparsejax import-hf` and `sparsejax export-hf` (wired into sparsejax/cli.py)."""
+"""`sparsejax import-hf`, `sparsejax export-hf` and `sparsejax lm-eval` (wired into
+sparsejax/cli.py)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Sequence
+
+from sparsejax.train.commands import error_text
 
 
 def add_parsers(sub) -> None:
@@ -23,6 +27,12 @@ def add_parsers(sub) -> None:
     e.add_argument("--max_shard_gb", type=float, default=5.0,
                    help="safetensors files are sharded above this size")
     e.set_defaults(handler=run_export)
+    m = sub.add_parser("lm-eval", add_help=False, prefix_chars="\0",
+                       help="lm-evaluation-harness with the `sparsejax` model: lm_eval's own "
+                            "flags, e.g. --model_args workdir=W --tasks T (needs the [eval] "
+                            "extra)")
+    m.add_argument("lm_eval_args", nargs="*")  # (no options of its own: all go to lm_eval)
+    m.set_defaults(handler=run_lm_eval)
 
 
 def run_import(args: argparse.Namespace, bindings: Sequence[str]) -> int:
@@ -47,3 +57,18 @@ def run_export(args: argparse.Namespace, bindings: Sequence[str]) -> int:
         return export_hf(args.workdir, args.out, dtype=args.dtype,
                          max_shard_bytes=int(args.max_shard_gb * 2**30))
     return guarded(go)
+
+
+def run_lm_eval(args: argparse.Namespace, bindings: Sequence[str]) -> int:
+    # imported here: lm_eval is an optional extra, and slow to import
+    try:
+        from sparsejax.interop import lm_eval_model
+    except ImportError as e:
+        print(f"error: sparsejax lm-eval needs lm_eval ({e}); pip install 'sparsejax[eval]'",
+              file=sys.stderr)
+        return 2
+    try:
+        return lm_eval_model.main(args.lm_eval_args, bindings)
+    except ValueError as e:
+        print(f"error: {error_text(e)}", file=sys.stderr)
+        return 2
