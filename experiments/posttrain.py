@@ -3,6 +3,7 @@ and without DSnoT; uniform vs OWL allocation; then a short sparse recovery fine-
 
     python experiments/posttrain.py                 # trains the source if needed, then the grid
     python experiments/posttrain.py --report_only   # redraw results/posttrain.md and .png
+    python experiments/posttrain.py --papers_only   # only the papers' protocols (below)
 
 The source is configs/base.gin trained for 600 steps (`--source` takes an existing workdir).
 Every grid point prunes the source with `prune_model` (the library behind `sparsejax prune`)
@@ -11,6 +12,13 @@ seed s, and scores the result on the run's fixed eval sample (512 validation row
 are appended to OUT/results.jsonl as they finish (a rerun skips finished points). The
 fine-tunes run the CLI: `sparsejax prune ... --finetune_steps=N`, then `sparsejax train` on
 the pruned workdir (masks fixed).
+
+The papers' numbers (`run_papers`, PAPERS: each method at 50% and 2:4, calibration seed 0,
+through the CLI as a researcher runs it): `sparsejax prune` into a workdir, its perplexity
+under the SparseGPT/Wanda protocol on the held-out text (the corpus's validation files joined
+with a blank line, non-overlapping windows of 256 tokens: `sparsejax eval --text_file
+--protocol=concat`), and zero-shot accuracy through the lm-evaluation-harness model on the
+local multiple-choice tasks of experiments/tasks/ (`sparsejax lm-eval`).
 """
 from __future__ import annotations
 
@@ -31,6 +39,10 @@ SOURCE_FLAGS = ["--gin_file=base.gin", "--gin.TrainConfig.num_steps=600",
                 "--gin.TrainConfig.progress_bar=False", "--gin.learning_rate_schedule.warmup_steps=40"]
 METHODS = ("magnitude", "wanda", "sparsegpt")
 LEVELS = ("0.5", "0.6", "0.7", "2:4")
+PAPERS = tuple(itertools.product(METHODS, ("0.5", "2:4")))
+TASKS_DIR = os.path.join(HERE, "tasks")
+TASKS = ("sj_next_line", "sj_next_token")
+WINDOW = 256
 
 
 def grid(seeds: list[int]) -> list[dict]:
@@ -148,6 +160,68 @@ def run_finetunes(source: str, out: str, steps: int, samples: int) -> None:
         print(f"fine-tune {k}: {rec['pruned']:.4f} -> {rec['finetuned']:.4f}", flush=True)
 
 
+def heldout_text(out: str) -> str:
+    """OUT/heldout.txt: the corpus's validation files joined with a blank line (written once)."""
+    from sparsejax.data.sources import text_source
+    path = os.path.join(out, "heldout.txt")
+    if not os.path.exists(path):
+        src = text_source("stdlib", "validation")
+        with open(path, "w") as f:
+            f.write("\n\n".join(src[i].decode("utf-8", errors="replace")
+                                  for i in range(len(src))))
+    return path
+
+
+def _cli_json(args: list[str], env: dict) -> dict:
+    res = subprocess.run([sys.executable, "-m", "sparsejax.cli", *args], check=True, env=env,
+                         cwd=ROOT, capture_output=True, text=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_papers(source: str, out: str, samples: int, limit: int | None = None,
+               window: int = WINDOW) -> None:
+    """The dense source and PAPERS pruned (`sparsejax prune`), each scored under the papers'
+    perplexity protocol and on the zero-shot tasks; appended to OUT/papers.jsonl."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    path = os.path.join(out, "papers.jsonl")
+    done = {json.loads(l)["key"] for l in open(path)} if os.path.exists(path) else set()
+    text = heldout_text(out)
+    for method, level in (("dense", None),) + PAPERS:
+        k = "dense" if level is None else f"{method}|{level}"
+        if k in done:
+            continue
+        w = source
+        if level is not None:
+            w = os.path.join(out, "papers", f"{method}_{level.replace(':', 'of')}")
+            if not os.path.exists(os.path.join(w, "prune_report.json")):
+                flag = f"--nm={level}" if ":" in level else f"--sparsity={level}"
+                subprocess.run([sys.executable, "-m", "sparsejax.cli", "prune",
+                                f"--workdir={source}", f"--out={w}", f"--method={method}", flag,
+                                "--quiet", f"--calibration_samples={samples}"],
+                               check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+        ppl = _cli_json(["eval", f"--workdir={w}", f"--text_file={text}", "--protocol=concat",
+                         f"--seq_len={window}", "--quiet"], env)
+        results = os.path.join(w, "lm_eval")
+        subprocess.run([sys.executable, "-m", "sparsejax.cli", "lm-eval", "--model_args",
+                        f"workdir={w},batch_size=16", "--tasks", ",".join(TASKS),
+                        "--include_path", TASKS_DIR, "--output_path", results,
+                        *(["--limit", str(limit)] if limit else [])],
+                       check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+        found = sorted(os.path.join(d, f) for d, _, fs in os.walk(results) for f in fs
+                       if f.startswith("results") and f.endswith(".json"))
+        acc = json.load(open(found[-1]))["results"]
+        rec = {"key": k, "method": method, "level": level, "window": window,
+               "perplexity": ppl["eval_perplexity"], "loss": ppl["eval_loss"],
+               "loss_stderr": ppl["eval_loss_stderr"], "tokens": ppl["eval_tokens"],
+               "windows": ppl["windows"],
+               **{f"{t}/acc": acc[t]["acc,none"] for t in TASKS},
+               **{f"{t}/acc_stderr": acc[t]["acc_stderr,none"] for t in TASKS}}
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(f"papers {k}: ppl {rec['perplexity']:.3f}, "
+              + ", ".join(f"{t} {rec[t + '/acc']:.3f}" for t in TASKS), flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--source", help="a trained workdir (default: OUT/base, trained if missing)")
@@ -156,6 +230,10 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--finetune_steps", type=int, default=100)
     p.add_argument("--skip_finetune", action="store_true")
+    p.add_argument("--papers_only", action="store_true",
+                   help="only the papers' perplexity protocol and zero-shot tasks")
+    p.add_argument("--task_limit", type=int, help="examples per task (default: all)")
+    p.add_argument("--window", type=int, default=WINDOW, help="perplexity window in tokens")
     p.add_argument("--report_only", action="store_true")
     p.add_argument("--methods", nargs="+", default=list(METHODS), help=argparse.SUPPRESS)
     p.add_argument("--results_dir", default=RESULTS, help=argparse.SUPPRESS)
@@ -166,9 +244,11 @@ def main(argv=None) -> int:
         if args.source is None and not os.path.isdir(os.path.join(source, "checkpoints")):
             subprocess.run([sys.executable, "-m", "sparsejax.cli", "train", f"--workdir={source}",
                             "--quiet", *SOURCE_FLAGS], check=True, cwd=ROOT)
-        run_grid(source, args.out, args.seeds, args.samples, args.methods)
-        if not args.skip_finetune:
-            run_finetunes(source, args.out, args.finetune_steps, args.samples)
+        if not args.papers_only:
+            run_grid(source, args.out, args.seeds, args.samples, args.methods)
+            if not args.skip_finetune:
+                run_finetunes(source, args.out, args.finetune_steps, args.samples)
+        run_papers(source, args.out, args.samples, args.task_limit, args.window)
     sys.path.insert(0, HERE)
     from posttrain_report import write_report
     print(json.dumps(write_report(args.out, args.results_dir, source)))

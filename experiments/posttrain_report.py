@@ -132,12 +132,40 @@ def plot(records: list[dict], path: str) -> str | None:
     return path
 
 
+PAPER_TASKS = ("sj_next_line", "sj_next_token")
+
+
+def papers_table(papers: list[dict]) -> str:
+    """The papers' numbers: perplexity under the concat protocol on the held-out text and
+    zero-shot accuracy through the lm-evaluation-harness model (calibration seed 0)."""
+    if not papers:
+        return ""
+    window = papers[0]["window"]
+    lines = [f"**The papers' numbers** (`--papers_only`; calibration seed 0): perplexity under "
+             f"the SparseGPT/Wanda protocol on the held-out text (the corpus's validation files "
+             f"joined with a blank line, {papers[0]['windows']} non-overlapping windows of "
+             f"{window} tokens; ± is exp of the loss ± its standard error over windows, as a "
+             f"range) and zero-shot accuracy (± standard error) on the local 4-choice tasks of "
+             f"experiments/tasks/ through `sparsejax lm-eval`:", "",
+             "| model | perplexity | " + " | ".join(PAPER_TASKS) + " |",
+             "|---|---|" + "---|" * len(PAPER_TASKS)]
+    for r in papers:
+        name = "dense" if r["level"] is None else f"{r['method']} {LABEL[r['level']]}"
+        lo, hi = (math.exp(r["loss"] - r["loss_stderr"]), math.exp(r["loss"] + r["loss_stderr"]))
+        accs = " | ".join(f"{r[t + '/acc']:.3f} ± {r[t + '/acc_stderr']:.3f}"
+                          for t in PAPER_TASKS)
+        lines.append(f"| {name} | {r['perplexity']:.3f} ({lo:.3f}-{hi:.3f}) | {accs} |")
+    return "\n".join(lines)
+
+
 def write_report(out: str, results_dir: str, source: str) -> dict:
     records = _read(os.path.join(out, "results.jsonl"))
     finetunes = _read(os.path.join(out, "finetune.jsonl"))
+    papers = _read(os.path.join(out, "papers.jsonl"))
     os.makedirs(results_dir, exist_ok=True)
     png = plot(records, os.path.join(results_dir, "posttrain.png"))
     text, _ = tables(records, finetunes)
+    text = text + ("\n\n" + papers_table(papers) if papers else "")
     block = "\n".join([BEGIN, "Command: `python experiments/posttrain.py` (source: `" +
                        " ".join(["sparsejax train"] + ["--gin_file=base.gin",
                                                        "--gin.TrainConfig.num_steps=600"]) +

@@ -138,7 +138,12 @@ class TextEval:
             raise ValueError(f"--workdir={workdir!r} holds an imported model without a "
                              f"tokenizer (its checkpoint had no tokenizer.json), so text cannot "
                              f"be tokenized for it; import it with its tokenizer.json")
-        window = ModelConfig().max_seq_len if self.window is None else self.window
+        max_len = ModelConfig().max_seq_len
+        window = max_len if self.window is None else self.window
+        if isinstance(window, int) and window - 1 > max_len:
+            raise ValueError(f"--seq_len={window}: a window feeds the model {window - 1} tokens, "
+                             f"more than ModelConfig.max_seq_len={max_len}; use --seq_len <= "
+                             f"{max_len + 1}")
         ids = tok.encode_text(read_texts(self.text_files, self.dataset))
         eval_set = text_eval_set(ids, window, self.protocol, self.stride, global_batch_size)
         return eval_set, {"protocol": self.protocol, "window": window, "stride": self.stride,

@@ -99,13 +99,14 @@ def test_eval_scores_a_text_file(trained, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, match", [
     (["--stride=4"], "apply to a text"),
-    (["--text_file={text}", "--seq_len=1000"], "fewer than one window"),
+    (["--text_file={text}", "--seq_len=1000"], "more than ModelConfig.max_seq_len"),
+    (["--text_file={text}", "--seq_len=128"], "fewer than one window"),
     (["--text_file={text}", "--protocol=sliding", "--stride=100", "--seq_len=64"],
      "--stride=100 is larger"),
 ])
 def test_bad_text_input_is_one_line(trained, tmp_path, capsys, args, match):
     text = tmp_path / "t.txt"
-    text.write_text("abc" * 100)
+    text.write_text("abc" * 40)
     capsys.readouterr()
     rc = cli.main(["eval", f"--workdir={trained}", *[a.format(text=text) for a in args]])
     err = capsys.readouterr().err.strip()
