@@ -1,4 +1,5 @@
-"""`sparsejax list`: the shipped configs and every registered plug-in, one line each."""
+"""`sparsejax list`: the shipped configs, every registered plug-in and the Hugging Face families
+of import-hf / export-hf, one line each."""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +7,9 @@ from typing import Sequence
 
 
 def add_parsers(sub) -> None:
-    s = sub.add_parser("list", help="shipped configs and registered methods, criteria, "
-                                    "schedules, routers, ... with one line each")
+    s = sub.add_parser("list", help="shipped configs, registered methods, criteria, "
+                                    "schedules, routers, ... and Hugging Face families, with "
+                                    "one line each")
     s.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import MODULE first, so its plug-ins are listed too")
     s.set_defaults(handler=run)
@@ -16,6 +18,7 @@ def add_parsers(sub) -> None:
 def listing(imports: Sequence[str] = ()) -> str:
     """The text `sparsejax list` prints."""
     from sparsejax import config
+    from sparsejax.interop.families import FAMILIES
     from sparsejax.registry import REGISTRIES
     config.register_configurables()
     config.import_plugins(imports)
@@ -26,6 +29,9 @@ def listing(imports: Sequence[str] = ()) -> str:
         lines.append(f"\n{kind} ({len(reg)}):")
         for name, doc in reg.describe().items():
             lines.append(f"  {name:<34} {doc}")
+    lines.append(f"\nhugging face family (import-hf, export-hf) ({len(FAMILIES)}):")
+    for name, doc in FAMILIES.items():
+        lines.append(f"  {name:<34} {doc}")
     return "\n".join(lines)
 
 

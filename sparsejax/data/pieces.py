@@ -1,6 +1,7 @@
 """The row index: documents cut into pieces of one row's length, short pieces packed, for random access.
 
-A document of `L` tokens (`[bos, tokens..., eos]`) is cut at offsets 0, P, 2P, ...
+A document of `L` tokens (`tokenizer.encode_document`: `[bos, bytes..., eos]` under the byte
+tokenizer; under a tokenizer.json its own encoding, then EOS) is cut at offsets 0, P, 2P, ...
 (`P = row_len = seq_len + 1`): its `L // P` full pieces are rows of their own,
 and its short tail (or the whole document, if `L < P`) joins the other short
 pieces, which are shuffled with the seed and packed concat-then-split into
@@ -54,12 +55,11 @@ class RowIndex:
 
 
 def token_lengths(docs: Sequence[bytes], doc_ids: np.ndarray, tokenizer: Any) -> np.ndarray:
-    """Tokens (with bos and eos) of documents `doc_ids`: bytes + 2 under the byte tokenizer
-    (no document is read in full), else the length of each tokenized document."""
+    """Tokens of documents `doc_ids` as rows hold them (`encode_document`): bytes + 2 under the
+    byte tokenizer (no document is read in full), else the length of each encoded document."""
     if isinstance(tokenizer, ByteTokenizer):
         return (np.asarray(sources.byte_lengths(docs), np.int64) + 2)[doc_ids]
-    return np.array([len(tokenizer.encode(docs[int(d)], add_bos=True, add_eos=True))
-                     for d in doc_ids], np.int64)
+    return np.array([len(tokenizer.encode_document(docs[int(d)])) for d in doc_ids], np.int64)
 
 
 def build_row_index(doc_ids: np.ndarray, lengths: np.ndarray, row_len: int,
@@ -120,7 +120,7 @@ class RowReader:
         self.tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
         self._bytes = isinstance(self.tokenizer, ByteTokenizer)
         self._tokens = functools.lru_cache(maxsize=64)(
-            lambda doc: self.tokenizer.encode(self.docs[doc], add_bos=True, add_eos=True))
+            lambda doc: self.tokenizer.encode_document(self.docs[doc]))
 
     def __len__(self) -> int:
         return len(self.index)
@@ -141,8 +141,8 @@ class RowReader:
         return {KEY: tokens, f"{KEY}_segment_ids": segs, f"{KEY}_positions": pos}
 
     def _piece(self, doc: int, start: int, length: int) -> np.ndarray:
-        """Tokens [start, start + length) of `[bos, tokens..., eos]`; under the byte tokenizer
-        without tokenizing the whole document (token t is byte t - 1)."""
+        """Tokens [start, start + length) of the encoded document; under the byte tokenizer
+        (`[bos, bytes..., eos]`) without tokenizing the whole document (token t is byte t - 1)."""
         end = start + length
         if not self._bytes:
             tokens = self._tokens(doc)

@@ -7,15 +7,20 @@ Every batch is a dict of numpy arrays, each [local_batch, seq_len]:
   segment_ids int32    1-based document piece within the row; 0 on padding
   positions   int32    position within the document's piece in this row (restarts at 0 per row)
 
-Documents are tokenized as [bos, tokens..., eos] (the gin-configured
-`make_tokenizer`: bytes by default, or a tokenizer.json) and cut into rows of
-`seq_len + 1` tokens by a row index (`pieces.py`: full pieces of one
-document, and rows packing the short pieces concat-then-split), so a row's
-inputs and targets are its first and last `seq_len` tokens. Training rows
+Documents are tokenized as the gin-configured `make_tokenizer` encodes them
+(`encode_document`: [bos, bytes..., eos] by default; a tokenizer.json's own
+encoding, then EOS) and cut into rows of `seq_len + 1` tokens by a row index
+(`pieces.py`: full pieces of one document, and rows packing the short pieces
+concat-then-split), so a row's inputs and targets are its first and last
+`seq_len` tokens. Training rows
 are read in an order shuffled over the whole index (grain random access,
 a new permutation every epoch), so consecutive rows, and the rows of one
 batch, are near-independent draws from the corpus. Padding appears only in
 the last packed row and in the padded last batch of a validation pass.
+Documents of fewer than 2 tokens have nothing to predict (the loss never
+crosses documents) and are skipped: an empty file under a tokenizer.json
+that adds no BOS and a config without EOS encodes to no tokens at all. Runs
+record how many (`RowPlan.skipped`, train/run_info.py).
 """
 from __future__ import annotations
 
@@ -80,13 +85,15 @@ def _seed(seed: int, split: str, shard: int, purpose: int) -> int:
 class RowPlan:
     """Which rows a split (or one document shard of it) reads, and in which order.
 
-    `order[i]` is the row index of the i-th row read; `reader[r]` reads row r.
+    `order[i]` is the row index of the i-th row read; `reader[r]` reads row r. `skipped`:
+    the documents left out, with fewer than 2 tokens (indices into `reader.docs`).
     """
 
     index: pieces.RowIndex
     reader: pieces.RowReader
     order: grain.MapDataset
     num_documents: int
+    skipped: np.ndarray
 
     def distinct_docs(self, batch_rows: int, num_batches: int) -> np.ndarray:
         """Distinct source documents in each of the first `num_batches` batches of `batch_rows` rows."""
@@ -110,11 +117,18 @@ def row_plan(split: str, *, seq_len: int, seed: int = 0, dataset: str = "stdlib"
                          f"the {num_shards} document shards")
     tokenizer = make_tokenizer()
     lengths = pieces.token_lengths(docs, doc_ids, tokenizer)
+    short = lengths < 2  # nothing to predict (module docstring)
+    if short.all():
+        raise ValueError(
+            f"dataset {dataset!r} split {split!r}: all {doc_ids.size} documents"
+            f"{f' of document shard {shard_index}' if num_shards > 1 else ''} encode to fewer "
+            f"than 2 tokens (e.g. {sources.document_name(docs, int(doc_ids[0]))}), so there is "
+            f"nothing to train on; check the files, or the tokenizer (make_tokenizer.path)")
     rng = np.random.default_rng(_seed(seed, split, shard_index, 1))
-    index = pieces.build_row_index(doc_ids, lengths, seq_len + 1, rng)
+    index = pieces.build_row_index(doc_ids[~short], lengths[~short], seq_len + 1, rng)
     order = grain.MapDataset.range(len(index)).shuffle(seed=_seed(seed, split, shard_index, 0))
     return RowPlan(index, pieces.RowReader(index, docs, tokenizer), order.repeat(num_epochs),
-                   len(doc_ids))
+                   len(doc_ids), doc_ids[short])
 
 
 def _check_args(split: str, seq_len: int, global_batch_size: int, seed: int, num_epochs: int | None) -> None:

@@ -10,6 +10,7 @@ rows are drawn in a seeded random order over the shard's whole row index (`pipel
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any
 
@@ -18,7 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from sparsejax.data.pipeline import make_iterator, mean_distinct_docs, row_plan
+from sparsejax.data.pipeline import RowPlan, make_iterator, mean_distinct_docs, row_plan
+from sparsejax.data.sources import document_name
 
 
 class ShardedTrainIterator:
@@ -55,11 +57,20 @@ class ShardedTrainIterator:
         parts = [next(self._its[s]) for s in self.shard_ids]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
+    @functools.cached_property
+    def plans(self) -> list[RowPlan]:
+        """The row plans of this process's document shards."""
+        return [row_plan("train", shard_index=s, **self._plan_args) for s in self.shard_ids]
+
     def distinct_docs_per_batch(self, num_batches: int = 100) -> float:
         """Mean distinct source documents in this process's rows of the first `num_batches` batches
         (computed from the row index and read order, without reading any text)."""
-        plans = [row_plan("train", shard_index=s, **self._plan_args) for s in self.shard_ids]
-        return mean_distinct_docs(plans, self.rows_per_shard, num_batches)
+        return mean_distinct_docs(self.plans, self.rows_per_shard, num_batches)
+
+    def skipped_documents(self) -> list[str]:
+        """The documents of this process's shards left out for having fewer than 2 tokens
+        (pipeline.py), named as messages name them."""
+        return [document_name(p.reader.docs, int(d)) for p in self.plans for d in p.skipped]
 
     def get_state(self) -> dict[str, Any]:
         return {str(s): it.get_state() for s, it in self._its.items()}

@@ -206,6 +206,11 @@ def byte_lengths(docs: Sequence[bytes]) -> np.ndarray:
     return np.fromiter((len(docs[i]) for i in range(len(docs))), np.int64, len(docs))
 
 
+def document_name(docs: Sequence[bytes], index: int) -> str:
+    """How a message names document `index` of a source: its path, if it is a file."""
+    return repr(docs.paths[index]) if isinstance(docs, TextFiles) else f"document {index}"
+
+
 def corpus_summary(dataset: str, data_dir: str | None = None) -> dict[str, Any]:
     """`{'corpus_fingerprint': 16 hex digits, 'corpus_documents': {split: n}}` of `dataset`.
 

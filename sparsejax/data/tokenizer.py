@@ -45,6 +45,10 @@ class ByteTokenizer:
         """int32 ids of a document: its bytes after the BOS, as training rows start."""
         return self.encode(text, add_bos=True)
 
+    def encode_document(self, text: str | bytes) -> np.ndarray:
+        """int32 ids of a document as training rows hold it: [bos, bytes..., eos]."""
+        return self.encode(text, add_bos=True, add_eos=True)
+
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Returns the text of the byte ids in `ids`; special ids are dropped, bad UTF-8 replaced."""
         arr = np.asarray(ids)
@@ -58,8 +62,12 @@ class ByteTokenizer:
 class HFTokenizer:
     """A Hugging Face `tokenizer.json` through the `tokenizers` library (no transformers).
 
-    Special ids come from the checkpoint's config (None: not used); padding uses `pad_id`,
-    else `eos_id`, else 0 (padded positions are masked out of every loss).
+    Text is encoded as transformers' `tokenizer(text)` encodes it: the specials its own
+    post-processor adds (a BOS for Llama's, none for Qwen's), never a BOS inferred from
+    config.json. `bos_id` / `eos_id` / `pad_id` come from the checkpoint's config (None: not
+    defined): EOS separates the documents packed into training rows (`encode_document`);
+    padding uses `pad_id`, else `eos_id`, else 0 (padded positions are masked out of every
+    loss).
     """
 
     def __init__(self, path: str, bos_id: int | None = None, eos_id: int | None = None,
@@ -99,6 +107,17 @@ class HFTokenizer:
         """int32 ids of a document as the tokenizer itself encodes it (its own special tokens,
         as `tokenizer(text)` in transformers)."""
         return np.asarray(self._tok.encode(text, add_special_tokens=True).ids, np.int32)
+
+    def encode_document(self, text: str | bytes) -> np.ndarray:
+        """int32 ids of a document as training rows hold it: `encode_text`, then EOS (the
+        separator between packed documents) when the config defines one and the tokenizer
+        did not end with it. An empty text may come out with no ids at all."""
+        if isinstance(text, (bytes, bytearray, memoryview)):
+            text = bytes(text).decode("utf-8", errors="replace")
+        ids = self.encode_text(text)
+        if self.eos_id is not None and (ids.size == 0 or ids[-1] != self.eos_id):
+            ids = np.append(ids, np.int32(self.eos_id))
+        return ids
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         arr = np.asarray(ids)

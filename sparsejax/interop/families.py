@@ -10,11 +10,25 @@ from typing import Any, Mapping
 
 from sparsejax.models.activations import FROM_HF_ACT, HF_ACT
 
-FAMILIES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
-MOE_FAMILIES = ("mixtral", "qwen2_moe")
+# family -> what it is (`sparsejax list`)
+FAMILIES = {
+    "llama": "Llama 1-3 (Llama-3.x 'llama3' RoPE scaling, tied embeddings)",
+    "mistral": "Mistral (sliding-window attention)",
+    "qwen2": "Qwen2 / Qwen2.5 (q/k/v bias)",
+    "qwen3": "Qwen3 (RMSNorm of each head's q and k: ModelConfig.qk_norm='head')",
+    "mixtral": "Mixtral (softmax top-k MoE on every layer)",
+    "qwen2_moe": "Qwen2-MoE (sigmoid-gated shared expert, mlp_only_layers, decoder_sparse_step)",
+    "qwen3_moe": "Qwen3-MoE (qk_norm='head'; norm_topk_prob, mlp_only_layers, "
+                 "decoder_sparse_step; no shared expert)",
+    "olmoe": "OLMoE (q/k RMSNorm over the whole projection: qk_norm='projection'; clip_qkv; "
+             "MoE on every layer)",
+}
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
-                 "qwen2_moe": "Qwen2MoeForCausalLM"}
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "projection"}  # else 'none'
 _WHY_NOT = {"deepseek_v2": "multi-head latent attention (MLA)",
             "deepseek_v3": "multi-head latent attention (MLA)"}
 
@@ -51,7 +65,12 @@ def _rope(cfg: Mapping[str, Any]) -> tuple[float, dict | None]:
 def _sliding(cfg: Mapping[str, Any], family: str, num_layers: int) -> int:
     if family in ("mistral", "mixtral"):
         return int(cfg.get("sliding_window") or 0)
-    if family in ("qwen2", "qwen2_moe"):
+    if family == "qwen3_moe":  # every layer when use_sliding_window (no layer_types)
+        return int(_need(cfg, "sliding_window")) if cfg.get("use_sliding_window") else 0
+    if family == "olmoe" and cfg.get("sliding_window") is not None:
+        raise ValueError(f"config.json sliding_window={cfg['sliding_window']} is not supported "
+                         f"for olmoe (transformers' OLMoE builds a full causal mask)")
+    if family in ("qwen2", "qwen2_moe", "qwen3"):
         types = cfg.get("layer_types")
         if not cfg.get("use_sliding_window"):
             return 0
@@ -85,6 +104,8 @@ def from_hf_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"config.json {key}=true is not supported (no output/MLP biases)")
     hidden, heads = int(_need(cfg, "hidden_size")), int(_need(cfg, "num_attention_heads"))
     layers = int(_need(cfg, "num_hidden_layers"))
+    if family == "olmoe":
+        _check_olmoe_heads(cfg, hidden, heads)
     theta, scaling = _rope(cfg)
     b: dict[str, Any] = {
         "ModelConfig.vocab_size": int(_need(cfg, "vocab_size")),
@@ -103,12 +124,41 @@ def from_hf_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "ModelConfig.qkv_bias": family == "qwen2" or (family == "qwen2_moe"
                                                       and bool(cfg.get("qkv_bias", True))),
         "ModelConfig.sliding_window": _sliding(cfg, family, layers),
+        "ModelConfig.qk_norm": QK_NORM.get(family, "none"),
+        "ModelConfig.clip_qkv": _clip_qkv(cfg) if family == "olmoe" else 0.0,
         "ModelConfig.mlp_kinds": ("dense",),
         "ModelConfig.mlp_activation": FROM_HF_ACT[act],
     }
     if family in MOE_FAMILIES:
         b.update(_moe_bindings(cfg, family, layers))
     return b
+
+
+def _check_olmoe_heads(cfg: Mapping[str, Any], hidden: int, heads: int) -> None:
+    """OLMoE's q norm spans hidden_size and its k norm (hidden_size // heads) * kv heads, so
+    its heads are hidden_size // heads wide."""
+    head_dim = cfg.get("head_dim")
+    if hidden % heads or (head_dim is not None and int(head_dim) != hidden // heads):
+        raise ValueError(f"config.json head_dim={head_dim}, hidden_size={hidden}, "
+                         f"num_attention_heads={heads} is not supported for olmoe (its q/k "
+                         f"norms need heads of hidden_size // num_attention_heads)")
+
+
+def _clip_qkv(cfg: Mapping[str, Any]) -> float:
+    clip = cfg.get("clip_qkv")
+    if clip is None:
+        return 0.0
+    if not float(clip) > 0:
+        raise ValueError(f"config.json clip_qkv={clip} is not supported; valid: null or > 0")
+    return float(clip)
+
+
+def _num_experts(cfg: Mapping[str, Any]) -> int:
+    """num_experts (transformers 5 writes Qwen3-MoE's as num_local_experts)."""
+    for key in ("num_experts", "num_local_experts"):
+        if cfg.get(key) is not None:
+            return int(cfg[key])
+    return int(_need(cfg, "num_experts"))
 
 
 def _moe_bindings(cfg: Mapping[str, Any], family: str, layers: int) -> dict[str, Any]:
@@ -123,8 +173,16 @@ def _moe_bindings(cfg: Mapping[str, Any], family: str, layers: int) -> dict[str,
                   "SoftmaxTopKRouter.renormalize": True, "MoeMlp.num_shared_experts": 0,
                   "MoeMlp.shared_expert_gate": False, "ModelConfig.mlp_kinds": ("moe",)})
         return b
-    experts, f = int(_need(cfg, "num_experts")), int(_need(cfg, "moe_intermediate_size"))
-    shared = int(cfg.get("shared_expert_intermediate_size") or 0)
+    if family == "olmoe":
+        b.update({"MoeMlp.num_experts": _num_experts(cfg),
+                  "MoeMlp.mlp_dim": int(_need(cfg, "intermediate_size")),
+                  "SoftmaxTopKRouter.renormalize": bool(cfg.get("norm_topk_prob", False)),
+                  "MoeMlp.num_shared_experts": 0, "MoeMlp.shared_expert_gate": False,
+                  "ModelConfig.mlp_kinds": ("moe",)})
+        return b
+    # qwen2_moe, qwen3_moe: MoE layers chosen by mlp_only_layers and decoder_sparse_step
+    experts, f = _num_experts(cfg), int(_need(cfg, "moe_intermediate_size"))
+    shared = int(cfg.get("shared_expert_intermediate_size") or 0) if family == "qwen2_moe" else 0
     if shared % f:
         raise ValueError(f"config.json shared_expert_intermediate_size={shared} must be a "
                          f"multiple of moe_intermediate_size={f}")
@@ -161,9 +219,15 @@ def to_hf_config(model: Any, moe: Any | None, prefer: str | None = None,
     if any(model.attention_kind(i) != "dense" for i in range(model.num_layers)):
         raise _refuse("ModelConfig.attention_kinds", model.attention_kinds,
                       "block-sparse attention")
-    has_moe = "moe" in kinds
-    if has_moe:
+    if "moe" in kinds:
         family = _moe_family(model, moe, kinds)
+    elif model.qk_norm == "projection":
+        raise _refuse("ModelConfig.qk_norm", "projection",
+                      "OLMoE's q/k norms, and OLMoE is MoE on every layer")
+    elif model.clip_qkv:
+        raise _refuse("ModelConfig.clip_qkv", model.clip_qkv, "OLMoE's, an MoE on every layer")
+    elif model.qk_norm == "head":
+        family = _qwen3(model, "qwen3")
     elif model.qkv_bias:
         family = "qwen2"
     elif model.sliding_window:
@@ -185,9 +249,14 @@ def to_hf_config(model: Any, moe: Any | None, prefer: str | None = None,
     })
     if family in ("llama", "mistral"):
         cfg.update(attention_bias=False, mlp_bias=False)
+    if family in ("qwen3", "qwen3_moe", "olmoe"):
+        cfg["attention_bias"] = False
     if family in ("mistral", "mixtral"):
         cfg["sliding_window"] = model.sliding_window or None
-    if family in ("qwen2", "qwen2_moe"):
+    if family == "qwen3_moe":
+        cfg.update(use_sliding_window=bool(model.sliding_window),
+                   sliding_window=model.sliding_window or None)
+    if family in ("qwen2", "qwen2_moe", "qwen3"):
         w = model.sliding_window
         cfg.update(use_sliding_window=bool(w), sliding_window=w or None, max_window_layers=0,
                    layer_types=[("sliding_attention" if w else "full_attention")] *
@@ -196,12 +265,19 @@ def to_hf_config(model: Any, moe: Any | None, prefer: str | None = None,
         cfg.update(num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
                    intermediate_size=moe.mlp_dim, router_jitter_noise=0.0,
                    router_aux_loss_coef=moe.load_balance_weight, output_router_logits=False)
-    if family == "qwen2_moe":
+    if family in ("qwen2_moe", "qwen3_moe"):
         cfg.update(num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
                    moe_intermediate_size=moe.mlp_dim, norm_topk_prob=_router(moe).renormalize,
-                   shared_expert_intermediate_size=moe.mlp_dim * moe.num_shared_experts,
-                   decoder_sparse_step=1, qkv_bias=model.qkv_bias,
+                   decoder_sparse_step=1,
                    mlp_only_layers=[i for i, k in enumerate(kinds) if k == "dense"],
+                   router_aux_loss_coef=moe.load_balance_weight, output_router_logits=False)
+    if family == "qwen2_moe":
+        cfg.update(shared_expert_intermediate_size=moe.mlp_dim * moe.num_shared_experts,
+                   qkv_bias=model.qkv_bias)
+    if family == "olmoe":
+        cfg.update(num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
+                   intermediate_size=moe.mlp_dim, norm_topk_prob=_router(moe).renormalize,
+                   clip_qkv=float(model.clip_qkv) or None,
                    router_aux_loss_coef=moe.load_balance_weight, output_router_logits=False)
     return cfg
 
@@ -222,6 +298,16 @@ def _moe_family(model: Any, moe: Any, kinds: list[str]) -> str:
                       "DeepSeek-style routing")
     if moe.bias_update_rate > 0:
         raise _refuse("MoeMlp.bias_update_rate", moe.bias_update_rate, "a selection bias")
+    if model.qk_norm == "projection":
+        return _olmoe(model, moe, kinds)
+    if model.clip_qkv:
+        raise _refuse("ModelConfig.clip_qkv", model.clip_qkv,
+                      "only OLMoE clips q, k and v, and its q/k norms are qk_norm='projection'")
+    if model.qk_norm == "head":
+        if moe.num_shared_experts:
+            raise _refuse("MoeMlp.num_shared_experts", moe.num_shared_experts,
+                          "Qwen3-MoE has no shared expert")
+        return _qwen3(model, "qwen3_moe")
     if moe.num_shared_experts:
         if not moe.shared_expert_gate:
             raise _refuse("MoeMlp.shared_expert_gate", False,
@@ -236,6 +322,34 @@ def _moe_family(model: Any, moe: Any, kinds: list[str]) -> str:
     if model.qkv_bias:
         raise _refuse("ModelConfig.qkv_bias", True, "Mixtral has no q/k/v bias")
     return "mixtral"
+
+
+def _qwen3(model: Any, family: str) -> str:
+    if model.qkv_bias:
+        raise _refuse("ModelConfig.qkv_bias", True, "Qwen3's attention_bias also adds an "
+                      "output bias, which sparsejax does not have")
+    return family
+
+
+def _olmoe(model: Any, moe: Any, kinds: list[str]) -> str:
+    """OLMoE: MoE on every layer, no shared expert, no q/k/v bias, no sliding window, heads of
+    embed_dim // num_heads (its q/k norms span the projections)."""
+    if moe.num_shared_experts:
+        raise _refuse("MoeMlp.num_shared_experts", moe.num_shared_experts,
+                      "OLMoE has no shared expert")
+    if "dense" in kinds:
+        raise _refuse("ModelConfig.mlp_kinds", model.mlp_kinds, "OLMoE is MoE on every layer")
+    if model.qkv_bias:
+        raise _refuse("ModelConfig.qkv_bias", True, "OLMoE's attention_bias also adds an "
+                      "output bias, which sparsejax does not have")
+    if model.sliding_window:
+        raise _refuse("ModelConfig.sliding_window", model.sliding_window,
+                      "OLMoE attends to the whole context")
+    if model.num_heads * model.head_dim != model.embed_dim:
+        raise _refuse("ModelConfig.head_dim", model.head_dim,
+                      f"OLMoE's heads are embed_dim // num_heads = "
+                      f"{model.embed_dim // model.num_heads} wide")
+    return "olmoe"
 
 
 def _rope_out(model: Any) -> dict[str, Any]:

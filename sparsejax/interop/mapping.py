@@ -30,6 +30,7 @@ class Source:
 
 
 _ATTN = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "out": "o_proj"}
+_QK_NORM = {"query_norm": "q_norm", "key_norm": "k_norm"}  # ModelConfig.qk_norm (Qwen3, OLMoE)
 _MLP = {"wi_gate": "gate_proj", "wi_up": "up_proj", "wo": "down_proj"}
 _MIXTRAL_EXPERT = {"wi_gate": "w1", "wi_up": "w3", "wo": "w2"}
 
@@ -51,6 +52,8 @@ def hf_names(path: str, family: str) -> tuple[tuple[str, ...] | str, bool]:
         return p + "input_layernorm.weight", False
     if rest == "mlp_norm/scale":
         return p + "post_attention_layernorm.weight", False
+    if parts[0] == "attn" and len(parts) == 3 and parts[1] in _QK_NORM and parts[2] == "scale":
+        return p + f"self_attn.{_QK_NORM[parts[1]]}.weight", False
     if parts[0] == "attn" and len(parts) == 2:
         name = parts[1]
         if name.endswith("_bias") and name[:-5] in _ATTN:

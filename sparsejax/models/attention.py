@@ -5,6 +5,10 @@ optionally within a causal sliding window (`window` > 0: query i sees keys i - w
 Mistral's definition); `kind="block_sparse"` calls the Pallas block-sparse attention op with a
 gin-chosen mask.
 
+Before RoPE, q and k may be RMS-normalized (`qk_norm`: 'head' normalizes each head's q and k
+over head_dim, Qwen3; 'projection' the whole q and k projections, OLMoE) and q, k, v clipped
+to [-clip_qkv, clip_qkv] after the norms (OLMoE).
+
 With `decode=True` the layer reads and appends to a KV cache in the 'cache' collection (made
 by `sparsejax.infer.cache.init_cache`): key/value [batch, cache_len, kv_heads, head_dim], the
 position of each slot (-1: empty or padding) and the next free slot. Queries attend to the
@@ -19,11 +23,13 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.models.formats import FormatSpec, Projection, module_path
-from sparsejax.models.layers import DEFAULT_KERNEL_INIT, Dtype, as_tokens, rotary_embedding
+from sparsejax.models.layers import (DEFAULT_KERNEL_INIT, Dtype, RMSNorm, as_tokens,
+                                     rotary_embedding)
 from sparsejax.models.remat import tag
 from sparsejax.models.thresholds import apply_site
 
 ATTENTION_KINDS = ("dense", "block_sparse")
+QK_NORMS = ("none", "head", "projection")
 
 
 def causal_segment_mask(segment_ids: jax.Array, window: int = 0) -> jax.Array:
@@ -66,6 +72,9 @@ class Attention(nn.Module):
     qkv_bias: bool = False
     window: int = 0  # dense sliding window (0: full causal)
     rope_scaling: Any = None  # a ModelConfig.rope_scaling dict
+    qk_norm: str = "none"  # one of QK_NORMS (module docstring)
+    clip_qkv: float = 0.0  # > 0: q, k, v clipped to [-clip_qkv, clip_qkv]
+    norm_epsilon: float = 1e-6  # of the q/k norms
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     formats: FormatSpec = FormatSpec()
@@ -101,6 +110,27 @@ class Attention(nn.Module):
             y = y + bias.astype(self.dtype)
         return y.reshape(*x.shape[:-1], heads, self.head_dim)
 
+    def _normalized(self, q, k, v):
+        """q, k, v [b, s, heads, head_dim] after the q/k norms of `qk_norm` and the clipping of
+        `clip_qkv`."""
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"Attention.qk_norm={self.qk_norm!r} is unknown; valid: {QK_NORMS}")
+        if self.qk_norm != "none":
+            q, k = self._qk_norm(q, "query_norm"), self._qk_norm(k, "key_norm")
+        if self.clip_qkv > 0:
+            q, k, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        return q, k, v
+
+    def _qk_norm(self, x, name):
+        """RMSNorm `name` of x [b, s, heads, head_dim]: over head_dim with one scale shared by
+        the heads ('head'), or over heads * head_dim ('projection')."""
+        if self.qk_norm == "head":
+            return RMSNorm(self.norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                           axis_name="kv", name=name)(x)
+        y = RMSNorm(self.norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                    axis_name="heads", name=name)(x.reshape(*x.shape[:-2], -1))
+        return y.reshape(x.shape)
+
     def _sited_matmul(self, name, x, kernel, decode, slots=None):
         """x [tokens, in] @ kernel through the site `name` (thresholds: models/thresholds.py;
         at a decode step, the sparse path of models/sparse_mlp.py reads only kept rows)."""
@@ -129,6 +159,7 @@ class Attention(nn.Module):
         q = self._proj(x, self.num_heads, "query", decode, slots)  # [b, s, h, d]
         k = self._proj(x, self.num_kv_heads, "key", decode, slots)  # [b, s, kv_h, d]
         v = self._proj(x, self.num_kv_heads, "value", decode, slots)
+        q, k, v = self._normalized(q, k, v)
         q = tag(rotary_embedding(q, positions, self.rope_theta, self.rope_scaling), "query_proj")
         k = tag(rotary_embedding(k, positions, self.rope_theta, self.rope_scaling), "key_proj")
         v = tag(v, "value_proj")

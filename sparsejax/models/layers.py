@@ -27,16 +27,18 @@ def dtype_from_name(name: str | Dtype) -> Dtype:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm, computed in float32."""
+    """Root-mean-square layer norm over the last axis, computed in float32. `axis_name`: the
+    logical axis of its scale ('embed' for the residual stream)."""
 
     epsilon: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    axis_name: str = "embed"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
             (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)

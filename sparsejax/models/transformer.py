@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from sparsejax.config import check_field_types
 from sparsejax.models.activations import check_activation
 from sparsejax.models.formats import FormatSpec, Projection, format_spec, module_path
-from sparsejax.models.attention import ATTENTION_KINDS, Attention
+from sparsejax.models.attention import ATTENTION_KINDS, QK_NORMS, Attention
 from sparsejax.models.layer_stack import (check_scan_layers, layer_period, scanned_blocks,
                                           stack_layers)
 from sparsejax.models.layers import Embed, GatedMlp, RMSNorm, as_tokens, dense, dtype_from_name
@@ -39,7 +39,9 @@ class ModelConfig:
     (RMSNorm), `scale_embeddings` (multiply embeddings by sqrt(embed_dim) and divide tied
     logits by it; Llama-family models do neither), `qkv_bias` (Qwen2), `rope_scaling` (None or
     a dict, see models/rope.py), `sliding_window` (> 0: dense attention sees that many tokens,
-    itself included; Mistral).
+    itself included; Mistral), `qk_norm` ('none'; 'head': RMSNorm of each head's q and k
+    before RoPE, Qwen3; 'projection': of the whole q and k projections, OLMoE), `clip_qkv`
+    (> 0: q, k and v clipped to [-clip_qkv, clip_qkv] after the q/k norms, OLMoE; 0: off).
 
     `weight_format` (default 'dense') stores every attention and MLP projection in a
     registered weight format (models/formats/: 'dense', 'block_sparse', 'monarch');
@@ -74,6 +76,8 @@ class ModelConfig:
     qkv_bias: bool = False
     rope_scaling: Any = None
     sliding_window: int = 0
+    qk_norm: str = "none"
+    clip_qkv: float = 0.0
     mlp_activation: str = "silu"
     activation_threshold: float = 0.0
     weight_format: str = "dense"
@@ -98,6 +102,12 @@ class ModelConfig:
         if int(self.sliding_window) < 0:
             raise ValueError(f"ModelConfig.sliding_window={self.sliding_window} must be >= 0 "
                              f"(0: full causal attention)")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"ModelConfig.qk_norm={self.qk_norm!r} is unknown; valid: "
+                             f"{QK_NORMS}")
+        if not 0 <= float(self.clip_qkv) < float("inf"):
+            raise ValueError(f"ModelConfig.clip_qkv={self.clip_qkv} must be a finite number >= 0 "
+                             f"(0: no clipping)")
         for name in ("scale_embeddings", "qkv_bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} must be True or "
@@ -158,8 +168,10 @@ class Block(nn.Module):
         h = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
                       kind=cfg.attention_kind(self.layer), sparse_mask=cfg.sparse_attention_mask,
                       qkv_bias=cfg.qkv_bias, window=int(cfg.sliding_window),
-                      rope_scaling=cfg.rope_scaling, dtype=dtype, param_dtype=pdtype,
-                      formats=formats, name="attn")(h, positions, segment_ids, decode)
+                      rope_scaling=cfg.rope_scaling, qk_norm=cfg.qk_norm,
+                      clip_qkv=float(cfg.clip_qkv), norm_epsilon=eps, dtype=dtype,
+                      param_dtype=pdtype, formats=formats,
+                      name="attn")(h, positions, segment_ids, decode)
         x = x + h
         h = RMSNorm(eps, dtype=dtype, param_dtype=pdtype, name="mlp_norm")(x)
         if cfg.mlp_kind(self.layer) == "moe":

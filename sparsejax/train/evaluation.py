@@ -51,11 +51,14 @@ class EvalSet:
     seq_len: int
     seed: int
     split_rows: int      # rows in the whole validation split
+    skipped_documents: int = 0  # validation documents of fewer than 2 tokens (data/pipeline.py)
 
     def describe(self) -> str:
+        skipped = (f", {self.skipped_documents} documents of fewer than 2 tokens skipped"
+                   if self.skipped_documents else "")
         return (f"{self.rows} validation rows x {self.seq_len} tokens ({self.rows * self.seq_len:,} "
-                f"tokens, of {self.split_rows} rows in the split; sample seed {self.seed}) in "
-                f"{len(self.batches)} batches of {self.batch_size}")
+                f"tokens, of {self.split_rows} rows in the split{skipped}; sample seed "
+                f"{self.seed}) in {len(self.batches)} batches of {self.batch_size}")
 
 
 @gin.configurable(denylist=["eval_tokens", "global_batch_size", "seq_len", "dataset", "data_dir"])
@@ -73,8 +76,9 @@ def make_eval_set(*, eval_tokens: int, global_batch_size: int, seq_len: int, dat
         raise ValueError(f"make_eval_set.batch_multiple={batch_multiple!r} must be an int >= 1")
     if not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ValueError(f"make_eval_set.seed={seed!r} must be an int in [0, 2**32)")
-    split_rows = len(pipeline.row_plan("validation", seq_len=seq_len, seed=seed, dataset=dataset,
-                                       data_dir=data_dir).index)
+    plan = pipeline.row_plan("validation", seq_len=seq_len, seed=seed, dataset=dataset,
+                             data_dir=data_dir)
+    split_rows = len(plan.index)
     rows = -(-eval_tokens // seq_len)
     if rows > split_rows:
         log.warning("TrainConfig.eval_tokens=%d asks for %d rows of %d tokens, but the validation split "
@@ -83,7 +87,7 @@ def make_eval_set(*, eval_tokens: int, global_batch_size: int, seq_len: int, dat
     batch_size = global_batch_size * batch_multiple
     batches = tuple(pipeline.make_dataset("validation", global_batch_size=batch_size, seq_len=seq_len,
                                           seed=seed, dataset=dataset, data_dir=data_dir, num_rows=rows))
-    return EvalSet(batches, rows, batch_size, seq_len, seed, split_rows)
+    return EvalSet(batches, rows, batch_size, seq_len, seed, split_rows, len(plan.skipped))
 
 
 def eval_set_for(cfg: Any, eval_tokens: int | None = None) -> EvalSet | None:

@@ -1,6 +1,7 @@
 """The record a run's metrics.jsonl starts with (step 0): which corpus it trains on (its
-fingerprint), how diverse its training batches are, and which eval sample it uses; logged as
-INFO lines too. A resumed run whose corpus changed (another Python, edited files) says so."""
+fingerprint), how diverse its training batches are, how many documents the tokenizer left
+with nothing to predict (skipped), and which eval sample it uses; logged as INFO lines too. A
+resumed run whose corpus changed (another Python, edited files) says so."""
 from __future__ import annotations
 
 import logging
@@ -14,7 +15,8 @@ log = logging.getLogger(__name__)
 
 
 def start_record(cfg: Any, data_it: Any, eval_set: Any) -> dict[str, Any]:
-    """Corpus fingerprint and size, distinct documents per batch, eval sample size (step 0)."""
+    """Corpus fingerprint and size, distinct documents per batch, skipped training documents
+    (this process's shards) and validation documents, eval sample size (step 0)."""
     corpus = corpus_summary(cfg.dataset, cfg.data_dir)
     distinct = data_it.distinct_docs_per_batch()
     rows = len(data_it.shard_ids) * data_it.rows_per_shard
@@ -22,10 +24,16 @@ def start_record(cfg: Any, data_it: Any, eval_set: Any) -> dict[str, Any]:
              "random order: %.2f distinct documents per batch of %d rows (mean over the first 100 "
              "batches)", cfg.dataset, corpus["corpus_documents"], corpus[FINGERPRINT],
              cfg.seq_len + 1, distinct, rows)
-    record = {**corpus, "data_distinct_docs_per_batch": distinct, "data_rows_per_batch": rows}
+    skipped = data_it.skipped_documents()
+    if skipped:
+        log.warning("data: %d training documents encode to fewer than 2 tokens (nothing to "
+                    "predict) and are skipped, e.g. %s", len(skipped), ", ".join(skipped[:3]))
+    record = {**corpus, "data_distinct_docs_per_batch": distinct, "data_rows_per_batch": rows,
+              "data_skipped_documents": len(skipped)}
     if eval_set is not None:
         log.info("eval: %s", eval_set.describe())
-        record.update(eval_sample_rows=eval_set.rows, eval_sample_seed=eval_set.seed)
+        record.update(eval_sample_rows=eval_set.rows, eval_sample_seed=eval_set.seed,
+                      eval_skipped_documents=eval_set.skipped_documents)
     return record
 
 

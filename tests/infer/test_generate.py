@@ -1,5 +1,6 @@
 """KV-cache decoding equals full recomputation (greedy and seeded sampling), for dense, MoE,
-sliding-window and block-sparse models, with batched prompts of different lengths."""
+sliding-window, block-sparse and q/k-normed (Qwen3, OLMoE) models, with batched prompts of
+different lengths."""
 import flax.linen as nn
 import gin
 import jax
@@ -27,6 +28,8 @@ def model_and_params(**kw):
 
 
 CASES = {"dense": {}, "window": dict(sliding_window=4), "qkv_bias": dict(qkv_bias=True),
+         "qk_norm_head": dict(qk_norm="head"),
+         "olmoe_like": dict(qk_norm="projection", clip_qkv=1.0, mlp_kinds=("moe",)),
          "moe": dict(mlp_kinds=("dense", "moe")),
          "block_sparse": dict(attention_kinds=("block_sparse", "dense"), sparse_attention_mask={
              "kind": "sliding_window", "window": 6, "block_size": 4})}

@@ -1,4 +1,5 @@
-"""Shared by the interop tests: a small byte-level BPE tokenizer.json trained here."""
+"""Shared by the interop tests: a small byte-level BPE tokenizer.json trained here, and tiny
+transformers models with random weights (for the tests that need transformers and torch)."""
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -21,3 +22,26 @@ def byte_level_bpe(path, vocab_size=300, text=TEXT):
 def bpe_tokenizer():
     """byte_level_bpe(path, vocab_size=300, text=TEXT)."""
     return byte_level_bpe
+
+
+def random_hf_model(config_cls, model_cls, directory, config, **save_kw):
+    """A transformers model of `config_cls(**config)` in float32 with random weights (norm
+    scales near 1, everything else N(0, 0.2)), saved to `directory`. transformers and torch are
+    imported by the tests that call it (skipped without them)."""
+    import torch
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**config)).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.2)
+    model.save_pretrained(directory, **save_kw)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_random_model():
+    """random_hf_model(config_cls, model_cls, directory, config, **save_kw)."""
+    return random_hf_model

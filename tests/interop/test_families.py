@@ -25,13 +25,16 @@ def moe(router_settings=None, **kw):
     (dict(mlp_kinds=("moe",)), moe(), "mixtral"),  # e.g. an upcycled dense model
     (dict(mlp_kinds=("dense", "moe")), moe(num_shared_experts=2, shared_expert_gate=True),
      "qwen2_moe"),
+    (dict(qk_norm="head", head_dim=16), None, "qwen3"),
+    (dict(qk_norm="head", mlp_kinds=("dense", "moe")), moe(), "qwen3_moe"),
+    (dict(qk_norm="projection", clip_qkv=2.5, mlp_kinds=("moe",)), moe(), "olmoe"),
 ])
 def test_family_of_an_architecture(model, layer, family):
-    cfg = to_hf_config(ModelConfig(**HF, **model), layer)
+    cfg = to_hf_config(ModelConfig(**{**HF, **model}), layer)
     assert cfg["model_type"] == family
     back = from_hf_config(cfg)  # and the bindings it reimports as are the same architecture
     for key, value in {**HF, **model}.items():
-        if not (family == "mixtral" and key == "mlp_dim"):  # unused: every layer is MoE
+        if not (family in ("mixtral", "olmoe") and key == "mlp_dim"):  # every layer is MoE
             assert back[f"ModelConfig.{key}"] == value, key
     if layer is not None:
         for key in ("num_experts", "top_k", "mlp_dim", "num_shared_experts"):
@@ -49,6 +52,17 @@ def test_family_of_an_architecture(model, layer, family):
     (dict(mlp_kinds=("dense", "moe")), dict(), "ModelConfig.mlp_kinds"),
     (dict(mlp_kinds=("moe",)), dict(router_settings={"renormalize": False}),
      "SoftmaxTopKRouter.renormalize=False"),
+    (dict(qk_norm="projection"), None, "ModelConfig.qk_norm='projection'"),
+    (dict(clip_qkv=1.0), None, "ModelConfig.clip_qkv=1.0"),
+    (dict(qk_norm="head", qkv_bias=True), None, "ModelConfig.qkv_bias=True"),
+    (dict(mlp_kinds=("moe",), clip_qkv=1.0), dict(), "ModelConfig.clip_qkv=1.0"),
+    (dict(mlp_kinds=("moe",), qk_norm="head"), dict(num_shared_experts=1, shared_expert_gate=True),
+     "MoeMlp.num_shared_experts=1"),
+    (dict(mlp_kinds=("dense", "moe"), qk_norm="projection"), dict(), "ModelConfig.mlp_kinds"),
+    (dict(mlp_kinds=("moe",), qk_norm="projection", head_dim=16), dict(),
+     "ModelConfig.head_dim=16"),
+    (dict(mlp_kinds=("moe",), qk_norm="projection", sliding_window=8), dict(),
+     "ModelConfig.sliding_window=8"),
 ])
 def test_options_without_hf_equivalent_are_refused(model, layer, needle):
     layer = None if layer is None else moe(**layer)

@@ -28,6 +28,10 @@ QWEN2_MOE = dict(LLAMA, model_type="qwen2_moe", num_experts=4, num_experts_per_t
                  moe_intermediate_size=16, shared_expert_intermediate_size=32,
                  norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1],
                  qkv_bias=True)
+QWEN3_MOE = dict(LLAMA, model_type="qwen3_moe", head_dim=16, num_experts=4,
+                 num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
+                 decoder_sparse_step=1, mlp_only_layers=[0])
+OLMOE = dict(LLAMA, model_type="olmoe", num_experts=4, num_experts_per_tok=2, clip_qkv=8.0)
 
 
 def hf_tensors(cfg, rng):
@@ -44,24 +48,30 @@ def hf_tensors(cfg, rng):
                   p + "self_attn.k_proj.weight": (kv * hd, d),
                   p + "self_attn.v_proj.weight": (kv * hd, d),
                   p + "self_attn.o_proj.weight": (d, h * hd)})
-        if cfg["model_type"] == "qwen2_moe":
+        fam = cfg["model_type"]
+        if fam == "qwen2_moe":
             t.update({p + "self_attn.q_proj.bias": (h * hd,), p + "self_attn.k_proj.bias": (kv * hd,),
                       p + "self_attn.v_proj.bias": (kv * hd,)})
-        moe_layer = cfg["model_type"] == "mixtral" or (
-            cfg["model_type"] == "qwen2_moe" and i not in cfg["mlp_only_layers"])
-        if cfg["model_type"] == "mixtral":
+        if fam in ("qwen3_moe", "olmoe"):  # per head / over the whole projection
+            qn, kn = (hd, hd) if fam == "qwen3_moe" else (h * hd, kv * hd)
+            t.update({p + "self_attn.q_norm.weight": (qn,), p + "self_attn.k_norm.weight": (kn,)})
+        moe_layer = fam in ("mixtral", "olmoe") or (
+            fam in ("qwen2_moe", "qwen3_moe") and i not in cfg["mlp_only_layers"])
+        if fam == "mixtral":
             e = cfg["num_local_experts"]
             t[p + "block_sparse_moe.gate.weight"] = (e, d)
             for j in range(e):
                 q = p + f"block_sparse_moe.experts.{j}."
                 t.update({q + "w1.weight": (f, d), q + "w3.weight": (f, d), q + "w2.weight": (d, f)})
         elif moe_layer:
-            e, fe, fs = cfg["num_experts"], cfg["moe_intermediate_size"], \
-                cfg["shared_expert_intermediate_size"]
-            t.update({p + "mlp.gate.weight": (e, d), p + "mlp.shared_expert_gate.weight": (1, d),
-                      p + "mlp.shared_expert.gate_proj.weight": (fs, d),
-                      p + "mlp.shared_expert.up_proj.weight": (fs, d),
-                      p + "mlp.shared_expert.down_proj.weight": (d, fs)})
+            e, fe = cfg["num_experts"], cfg.get("moe_intermediate_size", f)
+            t[p + "mlp.gate.weight"] = (e, d)
+            if fam == "qwen2_moe":
+                fs = cfg["shared_expert_intermediate_size"]
+                t.update({p + "mlp.shared_expert_gate.weight": (1, d),
+                          p + "mlp.shared_expert.gate_proj.weight": (fs, d),
+                          p + "mlp.shared_expert.up_proj.weight": (fs, d),
+                          p + "mlp.shared_expert.down_proj.weight": (d, fs)})
             for j in range(e):
                 q = p + f"mlp.experts.{j}."
                 t.update({q + "gate_proj.weight": (fe, d), q + "up_proj.weight": (fe, d),
@@ -109,8 +119,11 @@ def imported_params(workdir, *bindings):
 
 @pytest.mark.parametrize("cfg, dtype, shards", [(LLAMA, ml_dtypes.bfloat16, 3),
                                                 (MIXTRAL, np.float16, 1),
-                                                (QWEN2_MOE, np.float32, 2)],
-                         ids=["llama-bf16-sharded", "mixtral-fp16", "qwen2_moe-fp32-sharded"])
+                                                (QWEN2_MOE, np.float32, 2),
+                                                (QWEN3_MOE, ml_dtypes.bfloat16, 1),
+                                                (OLMOE, np.float32, 2)],
+                         ids=["llama-bf16-sharded", "mixtral-fp16", "qwen2_moe-fp32-sharded",
+                              "qwen3_moe-bf16", "olmoe-fp32-sharded"])
 def test_import_maps_every_tensor_and_export_round_trips_bit_exact(tmp_path, cfg, dtype, shards):
     src, w, out = tmp_path / "src", str(tmp_path / "w"), str(tmp_path / "out")
     tensors = write_checkpoint(src, cfg, dtype, shards)
@@ -132,6 +145,14 @@ def test_import_maps_every_tensor_and_export_round_trips_bit_exact(tmp_path, cfg
                                       f32["model.layers.0.mlp.shared_expert_gate.weight"].T)
         np.testing.assert_array_equal(params["layer_0"]["attn"]["key_bias"],
                                       f32["model.layers.0.self_attn.k_proj.bias"])
+    if cfg["model_type"] in ("qwen3_moe", "olmoe"):
+        assert mc.qk_norm == {"qwen3_moe": "head", "olmoe": "projection"}[cfg["model_type"]]
+        assert mc.clip_qkv == cfg.get("clip_qkv", 0.0)
+        assert mc.mlp_kinds == (("dense", "moe") if cfg["model_type"] == "qwen3_moe" else ("moe",))
+        np.testing.assert_array_equal(params["layer_1"]["attn"]["key_norm"]["scale"],
+                                      f32["model.layers.1.self_attn.k_norm.weight"])
+        np.testing.assert_array_equal(params["layer_1"]["moe"]["experts"]["wi_up"][2],
+                                      f32["model.layers.1.mlp.experts.2.up_proj.weight"].T)
     gin.clear_config()
     dt = {ml_dtypes.bfloat16: "bfloat16", np.float16: "float16", np.float32: "float32"}[dtype]
     assert cli.main(["export-hf", f"--workdir={w}", f"--out={out}", f"--dtype={dt}"]) == 0
@@ -259,6 +280,16 @@ def test_bad_input_one_line_errors(tmp_path, capsys):
     write_checkpoint(d, dict(LLAMA, rope_scaling={"type": "longrope", "factor": 2.0}),
                      tensors=tensors)
     cases.append((d, "rope type 'longrope'"))
+    # options of the new families that sparsejax does not compute
+    for name, cfg, needle in [
+            ("olmoe_heads", dict(OLMOE, head_dim=16), "head_dim=16, hidden_size=32"),
+            ("olmoe_window", dict(OLMOE, sliding_window=8), "sliding_window=8"),
+            ("olmoe_clip", dict(OLMOE, clip_qkv=0), "clip_qkv=0"),
+            ("qwen3_bias", dict(QWEN3_MOE, model_type="qwen3", attention_bias=True),
+             "attention_bias=true")]:
+        d = tmp_path / name
+        write_checkpoint(d, cfg, tensors=tensors)
+        cases.append((d, needle))
     cases.append((tmp_path / "nothing", "has no config.json"))
     for i, (d, needle) in enumerate(cases):
         assert import_cli(d, str(tmp_path / f"w{i}")) == 2, needle

@@ -1,8 +1,8 @@
 """Live equality with Hugging Face transformers (skipped unless `transformers` and `torch` are
 installed: `pip install -e '.[test,hf]'`). For every supported family a tiny random model is
 built with transformers, imported, compared logit by logit (float32, max |diff| <= 1e-4) and by
-greedy continuation (`generate` vs our KV-cache decode), exported and loaded back by
-transformers (same logits, tensors identical to the original)."""
+greedy continuation (`generate` vs our KV-cache decode, which equals our full recomputation),
+exported and loaded back by transformers (same logits, tensors identical to the original)."""
 import json
 import os
 
@@ -43,22 +43,24 @@ FAMILIES = {
         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
         shared_expert_intermediate_size=32, norm_topk_prob=False, mlp_only_layers=[1],
         rope_parameters={"rope_theta": 10000.0, "rope_type": "linear", "factor": 2.0})),
+    # per-head q/k norms; heads wider than hidden_size // num_attention_heads
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(
+        head_dim=16, tie_word_embeddings=True)),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, dict(
+        head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        norm_topk_prob=True, decoder_sparse_step=2)),  # layer 0 dense, layer 1 MoE
+    # q/k norms over the whole projections; |q|, |k|, |v| clipped at 1 (a third of v is)
+    "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM, dict(
+        num_experts=4, num_experts_per_tok=2, clip_qkv=1.0, norm_topk_prob=False,
+        eos_token_id=None)),
 }
 TOKENS = np.random.default_rng(0).integers(0, 300, (2, 24))
 
 
-def hf_model(family, directory):
+def hf_model(make, family, directory):
     config_cls, model_cls, extra = FAMILIES[family]
-    torch.manual_seed(0)
-    model = model_cls(config_cls(**COMMON, **extra)).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0, 0.2)
-    model.save_pretrained(directory, max_shard_size="60KB" if family == "mixtral" else "1GB")
-    return model
+    return make(config_cls, model_cls, directory, {**COMMON, **extra},
+                max_shard_size="60KB" if family == "mixtral" else "1GB")
 
 
 def hf_logits(model, tokens):
@@ -76,9 +78,9 @@ def ours(workdir):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_import_logits_generate_export(family, tmp_path):
+def test_import_logits_generate_export(family, tmp_path, hf_random_model):
     src, w, out = str(tmp_path / "hf"), str(tmp_path / "w"), str(tmp_path / "out")
-    model = hf_model(family, src)
+    model = hf_model(hf_random_model, family, src)
     if family == "mixtral":
         assert os.path.exists(os.path.join(src, "model.safetensors.index.json"))
     assert cli.main(["import-hf", f"--src={src}", f"--workdir={w}"]) == 0
@@ -94,6 +96,8 @@ def test_import_logits_generate_export(family, tmp_path):
             pad_token_id=0).numpy()[:, 6:]
     our_out = generate(ours_model, params, prompts.tolist(), max_new_tokens=10)["tokens"]
     assert our_out == hf_out.tolist()
+    assert generate(ours_model, params, prompts.tolist(), max_new_tokens=10,
+                    use_cache=False)["tokens"] == our_out
 
     gin.clear_config()
     assert cli.main(["export-hf", f"--workdir={w}", f"--out={out}"]) == 0

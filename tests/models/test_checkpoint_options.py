@@ -1,5 +1,6 @@
 """Architecture options of released checkpoints (norm epsilon, embedding scaling, q/k/v bias,
-RoPE scaling, sliding window), each checked against an independent numpy forward pass."""
+RoPE scaling, sliding window, q/k norms, q/k/v clipping), each checked against an independent
+numpy forward pass."""
 import math
 
 import flax.linen as nn
@@ -45,9 +46,17 @@ def np_attention(x, p, cfg, inv_freq, mult):
     h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     proj = {n: x @ p[n] + (p[f"{n}_bias"] if cfg.qkv_bias else 0)
             for n in ("query", "key", "value")}
+    eps = cfg.norm_epsilon
+    if cfg.qk_norm == "projection":  # OLMoE: over heads * head_dim
+        for n in ("query", "key"):
+            proj[n] = np_rms(proj[n], p[f"{n}_norm"]["scale"], eps)
     q = proj["query"].reshape(s, h, d)
     k = proj["key"].reshape(s, kvh, d)
     v = proj["value"].reshape(s, kvh, d)
+    if cfg.qk_norm == "head":  # Qwen3: each head over head_dim, one scale for all heads
+        q, k = np_rms(q, p["query_norm"]["scale"], eps), np_rms(k, p["key_norm"]["scale"], eps)
+    if cfg.clip_qkv:
+        q, k, v = (np.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
     pos = np.arange(s, dtype=np.float64)
     q, k = np_rope(q, pos, inv_freq, mult), np_rope(k, pos, inv_freq, mult)
     out = np.zeros((s, h, d))
@@ -100,6 +109,8 @@ OPTIONS = {
                                       "original_max_position_embeddings": 8}),
     "rope_yarn": dict(rope_scaling={"type": "yarn", "factor": 4.0,
                                     "original_max_position_embeddings": 16}),
+    "qwen3_qk_norm": dict(qk_norm="head", scale_embeddings=False),
+    "olmoe_qk_norm_clip": dict(qk_norm="projection", clip_qkv=0.5, scale_embeddings=False),
 }
 
 
@@ -127,6 +138,19 @@ def test_each_option_changes_the_output():
         p = params if cfg.qkv_bias else without_bias(params)
         out = Transformer(cfg).apply({"params": p}, TOKENS)
         assert not np.allclose(out, ref, atol=1e-4), name
+
+
+def test_qk_norm_and_clipping_change_the_output():
+    for kw in (dict(qk_norm="head"), dict(qk_norm="projection")):
+        params = random_params(ModelConfig(**BASE, **kw))
+        plain = {k: {**v, "attn": {n: w for n, w in v["attn"].items() if "_norm" not in n}}
+                 if k.startswith("layer_") else v for k, v in params.items()}
+        out = Transformer(ModelConfig(**BASE, **kw)).apply({"params": params}, TOKENS)
+        ref = Transformer(ModelConfig(**BASE)).apply({"params": plain}, TOKENS)
+        assert not np.allclose(out, ref, atol=1e-4), kw
+        clipped = Transformer(ModelConfig(**BASE, **kw, clip_qkv=0.5)).apply(
+            {"params": params}, TOKENS)
+        assert not np.allclose(out, clipped, atol=1e-4), kw
 
 
 def test_rope_frequencies_by_hand():
@@ -181,6 +205,9 @@ def test_rope_frequencies_match_transformers():
     (dict(rope_scaling={"type": "linear"}), "rope_scaling"),
     (dict(rope_scaling={"type": "linear", "factor": 2.0, "alpha": 1}), "rope_scaling"),
     (dict(rope_scaling={"type": "linear", "factor": -1.0}), "rope_scaling"),
+    (dict(qk_norm="per_head"), "ModelConfig.qk_norm='per_head' is unknown"),
+    (dict(clip_qkv=-1.0), "ModelConfig.clip_qkv=-1.0"),
+    (dict(clip_qkv=float("nan")), "ModelConfig.clip_qkv=nan"),
 ])
 def test_bad_values_name_the_setting(kwargs, needle):
     with pytest.raises(ValueError, match=needle):

@@ -219,6 +219,10 @@ def test_list_prints_configs_and_every_registry(capsys):
         for name, doc in reg.describe().items():
             assert name in out and doc, (kind, name)
     assert "sparsity/rigl.gin" in out and "RigL:" in out
+    from sparsejax.interop.families import FAMILIES
+    assert f"\nhugging face family (import-hf, export-hf) ({len(FAMILIES)}):" in out
+    for name in ("llama", "qwen3", "qwen3_moe", "olmoe"):
+        assert f"  {name:<34} {FAMILIES[name]}" in out
     for kind in ("criterion", "router", "schedule", "structure", "sparsity method",
                  "distribution"):
         assert kind in REGISTRIES

@@ -81,6 +81,7 @@ def test_logged_loss_is_the_interval_mean_and_the_run_starts_with_its_corpus(run
     assert start["step"] == 0
     assert start["corpus_fingerprint"] == corpus_summary("stdlib")["corpus_fingerprint"]
     assert start["data_rows_per_batch"] == 8 and start["data_distinct_docs_per_batch"] >= 0.9 * 8
+    assert start["data_skipped_documents"] == 0  # an empty file is [bos, eos] in bytes
     logged = [r.message for r in caplog.records if "distinct documents per batch" in r.message]
     assert logged and f"{start['data_distinct_docs_per_batch']:.2f} distinct documents" in logged[-1]
 

@@ -1,0 +1,133 @@
+"""qwen3, qwen3_moe and olmoe through the CLI (skipped without transformers and torch): a tiny
+random checkpoint with a tokenizer.json and a config.json that defines neither BOS nor EOS is
+imported; `sample` continues a prompt as transformers' `generate` does; `train` fine-tunes it on
+a corpus holding empty files (skipped and counted, not an error); the fine-tuned model exports
+and transformers loads it with our logits. The MoE families are also pruned with Wanda, their
+experts merged, and the smaller model exported and loaded with our logits."""
+import json
+import os
+import shutil
+
+import gin
+import numpy as np
+import pytest
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+from sparsejax import cli  # noqa: E402
+from sparsejax.data.stdlib_corpus import is_validation  # noqa: E402
+from sparsejax.models.transformer import ModelConfig, Transformer  # noqa: E402
+from sparsejax.train.checkpoint import restore_state_numpy  # noqa: E402
+from sparsejax.train.commands import parse_workdir_config  # noqa: E402
+from sparsejax.train.metrics import read_metrics  # noqa: E402
+
+TOL = 1e-4
+COMMON = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+              bos_token_id=None, eos_token_id=None)
+FAMILIES = {
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=16)),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, dict(
+        head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        norm_topk_prob=True, mlp_only_layers=[0])),
+    "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM, dict(
+        num_experts=4, num_experts_per_tok=2, clip_qkv=1.0)),
+}
+FAST = ["--gin.TrainConfig.global_batch_size=8", "--gin.TrainConfig.seq_len=32",
+        "--gin.TrainConfig.log_every=1", "--gin.TrainConfig.eval_every=2",
+        "--gin.TrainConfig.eval_tokens=256", "--gin.TrainConfig.checkpoint_every=2",
+        "--gin.TrainConfig.progress_bar=False", "--gin.TrainConfig.async_checkpoints=False"]
+TOKENS = np.random.default_rng(0).integers(0, 300, (2, 16))
+DOCS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n",
+        "for i in range(10):\n    total += i * i\n"]
+EMPTY = [f"empty_{i}.txt" for i in range(4)]  # three fall in the train split, one in validation
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """`files:` documents, some of them empty files."""
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(40):
+        (root / f"doc_{i:02d}.txt").write_text(DOCS[i % 3] * (1 + i % 4))
+    for name in EMPTY:
+        (root / name).write_text("")
+    return root
+
+
+def our_logits(workdir):
+    """Logits of TOKENS by the workdir's latest checkpoint (params with exact zeros)."""
+    gin.clear_config()
+    parse_workdir_config(workdir, [], [])
+    _, state = restore_state_numpy(workdir)
+    return np.asarray(Transformer(ModelConfig()).apply({"params": state["params"]}, TOKENS))
+
+
+def exported(workdir, out, model):
+    """export-hf of `workdir`, loaded by transformers as the class of `model`."""
+    gin.clear_config()
+    assert cli.main(["export-hf", f"--workdir={workdir}", f"--out={out}"]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    assert type(back) is type(model)
+    return back
+
+
+def hf_logits(model):
+    with torch.no_grad():
+        return model(torch.from_numpy(TOKENS)).logits.numpy()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_import_sample_finetune_prune_export(family, tmp_path, corpus, bpe_tokenizer,
+                                             hf_random_model, capsys):
+    config_cls, model_cls, extra = FAMILIES[family]
+    src, w = tmp_path / "hf", str(tmp_path / "w")
+    model = hf_random_model(config_cls, model_cls, str(src), {**COMMON, **extra})
+    bpe_tokenizer(src / "tokenizer.json")
+    data = f"--gin.TrainConfig.dataset='files:{corpus}/*.txt'"
+    assert cli.main(["import-hf", f"--src={src}", f"--workdir={w}"]) == 0
+
+    # sample: the prompt encoded as the tokenizer does (no BOS), greedy as transformers'
+    prompt = "def add(a, b):"
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(src / "tokenizer.json"))
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                              do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    capsys.readouterr()
+    gin.clear_config()
+    assert cli.main(["sample", f"--workdir={w}", f"--prompt={prompt}",
+                     "--max_new_tokens=5"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"][0] == want
+
+    # fine-tune on a corpus with empty files: they encode to no tokens, and are skipped
+    tuned = str(tmp_path / "tuned")
+    shutil.copytree(w, tuned)
+    gin.clear_config()
+    assert cli.main(["train", f"--workdir={tuned}", "--quiet", data, *FAST,
+                     "--gin.TrainConfig.num_steps=2", "--gin.learning_rate_schedule.peak_lr=1e-2",
+                     "--gin.learning_rate_schedule.warmup_steps=0"]) == 0
+    start = read_metrics(os.path.join(tuned, "metrics.jsonl"))[0]
+    assert start["data_skipped_documents"] == sum(not is_validation(n, 5) for n in EMPTY) > 0
+    assert start["eval_skipped_documents"] == sum(is_validation(n, 5) for n in EMPTY)
+    back = exported(tuned, str(tmp_path / "tuned_hf"), model)
+    np.testing.assert_allclose(hf_logits(back), our_logits(tuned), atol=TOL, rtol=0)
+    assert not torch.equal(back.state_dict()["model.layers.0.self_attn.q_norm.weight"],
+                           model.state_dict()["model.layers.0.self_attn.q_norm.weight"])
+    if family == "qwen3":
+        return
+
+    # Wanda at 50% and the 4 experts of each MoE layer merged into 2, exported
+    pruned = str(tmp_path / "pruned")
+    gin.clear_config()
+    assert cli.main(["prune", f"--workdir={w}", f"--out={pruned}", "--method=wanda",
+                     "--sparsity=0.5", "--experts=merge", "--num_experts=2",
+                     "--calibration_samples=8", "--quiet", data, *FAST[:2],
+                     "--gin.TrainConfig.eval_tokens=256"]) == 0
+    back = exported(pruned, str(tmp_path / "pruned_hf"), model)
+    assert back.config.num_experts == 2
+    layer = back.model.layers[1]  # an MoE layer in both families
+    assert layer.mlp.gate.weight.shape[0] == 2
+    q = layer.self_attn.q_proj.weight.detach().numpy()
+    assert (q == 0).mean() == pytest.approx(0.5)
+    np.testing.assert_allclose(hf_logits(back), our_logits(pruned), atol=TOL, rtol=0)
