@@ -37,6 +37,9 @@ import jax
 import jax.numpy as jnp
 
 PyTree = Any
+# float32 matmuls in full precision on every backend (no TF32 or bf16 passes on GPU / TPU), as
+# the reference code runs with TF32 off
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def dead_inputs(hessian: jax.Array) -> jax.Array:
@@ -64,15 +67,16 @@ def hessian_inverse_factor(hessian: jax.Array, dampening: float) -> jax.Array:
 
 def _upper_inverse(a: jax.Array, base: int = 512) -> jax.Array:
     """The inverse of an upper triangular [n, n] matrix by 2 x 2 blocks down to `base`
-    (d³/3 multiply-adds, mostly in matmuls; a triangular solve against I costs d³/2: 1.6x
-    the time at 2048², one core), exact zeros below. A smaller base is a little faster
-    and compiles slower."""
+    (d³/3 multiply-adds, mostly in matmuls; a triangular solve against I costs d³/2 and
+    took 1.8x the time at 2048² on one core), exact zeros below. A smaller base is a little
+    faster and compiles slower."""
     n = a.shape[0]
     if n <= base:
         return jax.scipy.linalg.solve_triangular(a, jnp.eye(n, dtype=a.dtype), lower=False)
     h = n // 2
     a11, a22 = _upper_inverse(a[:h, :h], base), _upper_inverse(a[h:, h:], base)
-    a12 = -(a11 @ a[:h, h:]) @ a22
+    mm = lambda x, y: jnp.matmul(x, y, precision=HIGHEST)
+    a12 = -mm(mm(a11, a[:h, h:]), a22)
     return jnp.block([[a11, a12], [jnp.zeros((n - h, h), a.dtype), a22]])
 
 
@@ -142,7 +146,7 @@ def _columns(wg, ug, prune, n, m):
 
 def _dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
     """aᵀ b for a [k, p], b [k, q]."""
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())))
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=HIGHEST)
 
 
 def _span(w, u, prune, sizes, n, m):
