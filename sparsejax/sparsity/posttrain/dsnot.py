@@ -6,7 +6,8 @@ the calibration input means μ_j and variances σ²_j, the expected output error
 ε = Σ_j δ_j μ_j. Every cycle a row proposes one swap, as the paper does:
 
 * grow the pruned weight i whose restoration moves ε towards zero the most, ranked by
-  sign(ε) · δ_i μ_i / σ_i^(2·pow_of_var) (the restored weight takes its dense value);
+  sign(ε) · δ_i μ_i / σ_i^(2·pow_of_var) (the restored weight takes its dense value; a
+  weight of a dead input, ‖X_i‖ = 0, is never grown: it cannot change the output);
 * prune the kept weight p with the smallest Wanda score |w_p|·‖X_p‖₂ whose contribution
   w_p μ_p has the sign opposite to ε (any kept weight if none has); with N:M, p is the
   kept weight of i's group with the smallest score, so the N:M pattern stays exact.
@@ -68,6 +69,7 @@ def _refine(w, wt, keep, h, mu, var, *, max_cycles, threshold, pow_of_var, same_
     h = h.astype(jnp.float32)
     hd = jnp.diagonal(h)
     norms = jnp.sqrt(hd)
+    dead = hd == 0  # inputs calibration never saw: their weights are never grown
     inv_var = 1.0 / jnp.maximum(var, 1e-12) ** pow_of_var
     ridx = jnp.arange(rows)
     delta = w - wt
@@ -82,7 +84,8 @@ def _refine(w, wt, keep, h, mu, var, *, max_cycles, threshold, pow_of_var, same_
         wt, keep, g, eps, active, swaps, cyc = st
         delta = w - wt
         sgn = jnp.where(eps >= 0, 1.0, -1.0)[:, None]
-        grow_rank = jnp.where(keep, _NEG, sgn * delta * mu[None, :] * inv_var[None, :])
+        grow_rank = jnp.where(keep | dead[None, :], _NEG,
+                              sgn * delta * mu[None, :] * inv_var[None, :])
         i = jnp.argmax(grow_rank, axis=-1)
         has_grow = jnp.isfinite(jnp.max(grow_rank, axis=-1))
         wanda = jnp.abs(wt) * norms[None, :]

@@ -14,11 +14,22 @@ weights a block prunes is chosen when the block starts, from the updated weights
 * N:M: in every group of M consecutive inputs of every output unit, the M - N smallest;
 * a fixed mask: given (the solver then only re-fits the kept weights).
 
-Everything is jittable and batched over rows, so a layer's solve splits over devices by
-output units (rows) when W is sharded that way; `solve` takes a leading expert axis too.
+Dead inputs (H_jj = 0: a dead ReLU unit feeding a down projection, a feature the tokens
+routed to an expert never carry) are handled as the reference code handles them: H_jj = 1
+and their weights zeroed before the solve, so they are pruned (first, at no cost) and count
+toward the block's pruned fraction; with N:M their zero scores put them first among the
+M - N pruned of their group.
+
+The solve is a scan over blocks; a block's columns go in nested chunks (16, then 4: the
+in-block updates of a chunk are one matmul) and the lazy update touches only the columns
+after the block, so the work is the reference's. The unstructured selection finds the
+block's k-th lowest score by bisection on its float bits (no sort). Everything is jittable
+and batched over output units, so a layer's solve splits over devices by output units when
+W is sharded that way; `solve_kernel` takes a leading expert axis too.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import gin
@@ -26,116 +37,224 @@ import jax
 import jax.numpy as jnp
 
 PyTree = Any
+# float32 matmuls in full precision on every backend (no TF32 or bf16 passes on GPU / TPU), as
+# the reference code runs with TF32 off
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def dead_inputs(hessian: jax.Array) -> jax.Array:
+    """Inputs calibration never saw (H_jj = 0: a dead ReLU unit, an expert no token reached
+    with that feature): [..., in, in] -> bool [..., in]."""
+    return jnp.diagonal(hessian, axis1=-2, axis2=-1) == 0
 
 
 def hessian_inverse_factor(hessian: jax.Array, dampening: float) -> jax.Array:
-    """U, the upper Cholesky factor of (H + λI)⁻¹ (λ = dampening * mean diag H; inputs
-    never seen in calibration, H_jj = 0, get H_jj = 1). hessian: [in, in] -> [in, in].
+    """U, the upper Cholesky factor of (H + λI)⁻¹ (λ = dampening * mean diag H; dead inputs,
+    H_jj = 0, get H_jj = 1 first, as the reference code does). hessian: [in, in] -> [in, in].
 
     With J the reversal permutation and JHJ = LLᵀ, H = ŨŨᵀ for the upper triangular
     Ũ = JLJ, so H⁻¹ = Ũ⁻ᵀŨ⁻¹ and U = Ũ⁻¹: one Cholesky and one triangular inverse (the
-    reference code's Cholesky, inverse and second Cholesky give the same U)."""
+    reference code's Cholesky, inverse and second Cholesky give the same U). U's strictly
+    lower triangle is exactly zero (the solve relies on it)."""
     h = hessian.astype(jnp.float32)
     n = h.shape[-1]
-    diag = jnp.diagonal(h)
-    h = h + jnp.diag(jnp.where(diag == 0, 1.0, 0.0))
+    h = h + jnp.diag(jnp.where(dead_inputs(h), 1.0, 0.0))
     damp = dampening * jnp.mean(jnp.diagonal(h))
     h = h + damp * jnp.eye(n, dtype=h.dtype)
     flip = lambda a: jnp.flip(a, (0, 1))
-    upper = flip(jnp.linalg.cholesky(flip(h)))
-    return jax.scipy.linalg.solve_triangular(upper, jnp.eye(n, dtype=h.dtype), lower=False)
+    return _upper_inverse(flip(jnp.linalg.cholesky(flip(h))))
 
 
-def _block_scores(w1: jax.Array, u1: jax.Array) -> jax.Array:
-    return w1 ** 2 / jnp.diagonal(u1)[None, :] ** 2
+def _upper_inverse(a: jax.Array, base: int = 512) -> jax.Array:
+    """The inverse of an upper triangular [n, n] matrix by 2 x 2 blocks down to `base`
+    (d³/3 multiply-adds, mostly in matmuls; a triangular solve against I costs d³/2 and
+    took 1.8x the time at 2048² on one core), exact zeros below. A smaller base is a little
+    faster and compiles slower."""
+    n = a.shape[0]
+    if n <= base:
+        return jax.scipy.linalg.solve_triangular(a, jnp.eye(n, dtype=a.dtype), lower=False)
+    h = n // 2
+    a11, a22 = _upper_inverse(a[:h, :h], base), _upper_inverse(a[h:, h:], base)
+    mm = lambda x, y: jnp.matmul(x, y, precision=HIGHEST)
+    a12 = -mm(mm(a11, a[:h, h:]), a22)
+    return jnp.block([[a11, a12], [jnp.zeros((n - h, h), a.dtype), a22]])
 
 
-def _rank_lowest(scores: jax.Array, k: jax.Array) -> jax.Array:
-    """Bool mask of the k lowest entries of `scores` (any shape; ties by flat index)."""
-    flat = scores.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    return jnp.zeros(flat.size, bool).at[order].set(jnp.arange(flat.size) < k).reshape(
-        scores.shape)
+def _lowest(scores: jax.Array, k: jax.Array) -> jax.Array:
+    """Bool mask of the k lowest entries of `scores` [cols, rows] (>= 0; k may be traced),
+    ties broken by row then column (a stable sort of the block in row layout). The k-th
+    lowest value is found by bisection on its float bits (31 counting passes, no sort);
+    only when it is tied does a second bisection pick the tied entries by position."""
+    bits = jax.lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.int32)
+    cols, rows = scores.shape
+    t = _bisect(bits, k, None, 31)
+    below, tied = bits < t, bits == t
+    need = k - _count(below)
+
+    def by_position(_):
+        order = jnp.arange(rows)[None, :] * cols + jnp.arange(cols)[:, None]
+        last = _bisect(order, need, tied, max(1, (rows * cols - 1).bit_length()))
+        return tied & (order <= last) & (need > 0)
+
+    return below | jax.lax.cond(_count(tied) == need, lambda _: tied, by_position, None)
+
+
+def _count(mask: jax.Array) -> jax.Array:
+    """True entries of a [cols, rows] mask (float partial sums per row: vectorized)."""
+    return jnp.sum(jnp.sum(mask.astype(jnp.float32), 0).astype(jnp.int32))
+
+
+def _bisect(key: jax.Array, need: jax.Array, within: jax.Array | None, nbits: int
+            ) -> jax.Array:
+    """The largest t < 2**nbits with fewer than `need` entries (of `within`) below t (key:
+    int32 >= 0): the need-th smallest key there, bit by bit from the top."""
+    def step(b, t):
+        trial = t | jnp.left_shift(jnp.int32(1), nbits - 1 - b)
+        below = key < trial
+        return jnp.where(_count(below if within is None else below & within) < need, trial, t)
+
+    return jax.lax.fori_loop(0, nbits, step, jnp.int32(0))
 
 
 def _nm_prune(scores: jax.Array, n: int, m: int) -> jax.Array:
-    """[rows, m] scores -> bool mask pruning the m - n lowest of each row."""
-    order = jnp.argsort(scores, axis=-1, stable=True)
-    ranks = jnp.argsort(order, axis=-1)
-    return ranks < (m - n)
+    """[m, rows] scores -> bool mask pruning the m - n lowest of each column (ties by
+    position, as a stable sort)."""
+    rank = [sum(((scores[j] < scores[i]) | ((scores[j] == scores[i]) & (j < i)))
+                .astype(jnp.int32) for j in range(m) if j != i) for i in range(m)]
+    return jnp.stack([jnp.asarray(r) < (m - n) for r in rank])
 
 
-def solve_rows(w: jax.Array, u: jax.Array, *, sparsity: jax.Array | float = 0.5,
-               n: int = 0, m: int = 0, block_size: int = 128,
-               keep: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """The SparseGPT solve of one layer in row layout.
+def _columns(wg, ug, prune, n, m):
+    """A few columns visited one by one (the OBS step of each, unrolled). wg [g, rows]: their
+    weights with every earlier update applied; ug: U's [g, g] diagonal block; prune [g, rows]
+    or None (N:M: chosen per group of m from the updated weights). Returns (errors
+    (w_j - q_j) / U_jj [g, rows], prune)."""
+    g = wg.shape[0]
+    d = jnp.diagonal(ug)
+    cur = [wg[i] for i in range(g)]
+    errs, masks = [], []
+    for i in range(g):
+        if prune is None and i % m == 0:
+            masks.append(_nm_prune(jnp.stack(cur[i:i + m]) ** 2 / d[i:i + m, None] ** 2, n, m))
+        p = prune[i] if prune is not None else masks[-1][i % m]
+        e = jnp.where(p, cur[i], 0.0) / d[i]
+        for r in range(i + 1, g):
+            cur[r] = cur[r] - ug[i, r] * e
+        errs.append(e)
+    return jnp.stack(errs), prune if prune is not None else jnp.concatenate(masks)
 
-    w: [rows (outputs), cols (inputs)]; u: `hessian_inverse_factor` [cols, cols];
-    sparsity: pruned fraction of each block (unstructured; may be traced); n, m > 0: N:M
-    along the inputs instead; keep: a fixed bool mask [rows, cols] (True = kept) instead.
-    Returns (pruned weights [rows, cols] float32 with exact zeros, keep mask)."""
-    rows, cols = w.shape
+
+def _dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
+    """aᵀ b for a [k, p], b [k, q]."""
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=HIGHEST)
+
+
+def _span(w, u, prune, sizes, n, m):
+    """Columns [c, rows] in chunks of sizes[0] (a loop): each chunk solved recursively with
+    sizes[1:] (the last level column by column), then one lazy update (a matmul) of the
+    whole span by the chunk's errors. U is upper triangular with exact zeros below, so the
+    columns before the chunk are untouched and the chunk's own rows become its
+    updated weights (pruned ones ~0, zeroed by the caller). Returns (w, errors, prune)."""
+    if not sizes:
+        e, prune = _columns(w, u, prune, n, m)
+        return w - _dot_t(u, e), e, prune
+    c, rows = w.shape
+    s = sizes[0]
+
+    def body(j, carry):
+        w, err, pr = carry
+        i = j * s
+        ws = jax.lax.dynamic_slice(w, (i, 0), (s, rows))
+        us = jax.lax.dynamic_slice(u, (i, i), (s, s))
+        ps = None if prune is None else jax.lax.dynamic_slice(prune, (i, 0), (s, rows))
+        _, e, ps = _span(ws, us, ps, sizes[1:], n, m)
+        w = w - _dot_t(jax.lax.dynamic_slice(u, (i, 0), (s, c)), e)
+        return (w, jax.lax.dynamic_update_slice(err, e, (i, 0)),
+                jax.lax.dynamic_update_slice(pr, ps, (i, 0)))
+
+    return jax.lax.fori_loop(0, c // s, body,
+                             (w, jnp.zeros_like(w), jnp.zeros(w.shape, bool)))
+
+
+def _levels(bsz: int, m: int, sizes: tuple[int, ...]) -> tuple[int, ...]:
+    """The in-block chunk sizes: each divides the one above (the block first) and, with
+    N:M, is a multiple of M (groups never straddle chunks); 1-column levels dropped."""
+    out, top = [], bsz
+    for s in sizes:
+        s = math.gcd(top, -(-s // m) * m if m else s)
+        if 1 < s < top and s >= m:
+            out.append(s)
+            top = s
+    return tuple(out)
+
+
+def solve(w: jax.Array, u: jax.Array, *, sparsity: jax.Array | float = 0.5, n: int = 0,
+          m: int = 0, block_size: int = 128, keep: jax.Array | None = None,
+          dead: jax.Array | None = None, chunks: tuple[int, ...] = (16, 4)
+          ) -> tuple[jax.Array, jax.Array]:
+    """The SparseGPT solve of one layer in the kernel's layout.
+
+    w: [in, out]; u: `hessian_inverse_factor` [in, in] (upper triangular, exact zeros
+    below: the chunked updates rely on them); sparsity: pruned fraction of each
+    block (unstructured; may be traced); n, m > 0: N:M along the inputs instead; keep: a
+    fixed bool mask [in, out] (True = kept) instead; dead: bool [in], inputs whose weights
+    are zero and always pruned (unstructured; with N:M their zero scores put them first in
+    their group). Returns (pruned weights [in, out] float32 with exact zeros, keep mask).
+
+    A scan over column blocks: the mask of the block (unstructured), its columns in nested
+    chunks of `chunks` sizes (the in-block updates as matmuls, so the column-by-column steps
+    touch a few rows), then the lazy update of the columns after the block only (a loop
+    over the remaining blocks: the reference's work, no more). The order of the updates is
+    the reference's up to float rounding."""
+    cols, rows = w.shape
     bsz = min(int(block_size), cols)
-    if n:
-        if cols % m or bsz % m:
-            raise ValueError(f"SparseGPT N:M: M={m} must divide the input dim {cols} and the "
-                             f"block size {bsz}")
+    if n and (cols % m or bsz % m):
+        raise ValueError(f"SparseGPT N:M: M={m} must divide the input dim {cols} and the "
+                         f"block size {bsz}")
     pad = (-cols) % bsz
-    w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, pad)))
+    w = jnp.pad(w.astype(jnp.float32), ((0, pad), (0, 0)))
     u = jnp.pad(u.astype(jnp.float32), ((0, pad), (0, pad)))
     if pad:
         u = u + jnp.diag(jnp.concatenate([jnp.zeros(cols), jnp.ones(pad)]))
-    real = jnp.arange(cols + pad) < cols
-    fixed = None if keep is None else jnp.pad(keep, ((0, 0), (0, pad)), constant_values=True)
     nblocks = (cols + pad) // bsz
+    real = jnp.arange(cols + pad) < cols
+    fixed = None if keep is None else jnp.pad(~keep, ((0, pad), (0, 0)))
+    dead = None if dead is None else jnp.pad(dead, (0, pad))
     sparsity = jnp.asarray(sparsity, jnp.float32)
-    col_ids = jnp.arange(cols + pad)
+    sizes = _levels(bsz, m if n else 0, chunks)
 
     def block(carry, b):
         wcur, prune_all = carry
         i1 = b * bsz
-        w1 = jax.lax.dynamic_slice(wcur, (0, i1), (rows, bsz))
+        w1 = jax.lax.dynamic_slice(wcur, (i1, 0), (bsz, rows))
         u1 = jax.lax.dynamic_slice(u, (i1, i1), (bsz, bsz))
-        real1 = jax.lax.dynamic_slice(real, (i1,), (bsz,))
         if fixed is not None:
-            prune1 = ~jax.lax.dynamic_slice(fixed, (0, i1), (rows, bsz))
+            prune1 = jax.lax.dynamic_slice(fixed, (i1, 0), (bsz, rows))
         elif n:
-            prune1 = jnp.zeros((rows, bsz), bool)
+            prune1 = None
         else:
-            scores = jnp.where(real1[None, :], _block_scores(w1, u1), jnp.inf)
-            k = jnp.round(sparsity * rows * jnp.sum(real1)).astype(jnp.int32)
-            prune1 = _rank_lowest(scores, k)
+            real1 = jax.lax.dynamic_slice(real, (i1,), (bsz,))
+            scores = jnp.where(real1[:, None], w1 ** 2 / jnp.diagonal(u1)[:, None] ** 2,
+                               jnp.inf)
+            prune1 = _lowest(scores, jnp.round(sparsity * rows * jnp.sum(real1))
+                             .astype(jnp.int32))
+            if dead is not None:
+                prune1 = prune1 | jax.lax.dynamic_slice(dead, (i1,), (bsz,))[:, None]
+        q1, err1, prune1 = _span(w1, u1, prune1, sizes, n, m)
+        wcur = jax.lax.dynamic_update_slice(wcur, jnp.where(prune1, 0.0, q1), (i1, 0))
 
-        def column(i, c):
-            w1, prune1, err1 = c
-            if n and fixed is None:
-                def choose(p):
-                    grp = jax.lax.dynamic_slice(w1, (0, i), (rows, m))
-                    ug = jax.lax.dynamic_slice(jnp.diagonal(u1), (i,), (m,))
-                    return jax.lax.dynamic_update_slice(
-                        p, _nm_prune(grp ** 2 / ug[None, :] ** 2, n, m), (0, i))
-                prune1 = jax.lax.cond(i % m == 0, choose, lambda p: p, prune1)
-            col = jax.lax.dynamic_slice(w1, (0, i), (rows, 1))[:, 0]
-            d = u1[i, i]
-            q = jnp.where(jax.lax.dynamic_slice(prune1, (0, i), (rows, 1))[:, 0], 0.0, col)
-            e = (col - q) / d
-            w1 = w1 - e[:, None] * u1[i][None, :]
-            err1 = jax.lax.dynamic_update_slice(err1, e[:, None], (0, i))
-            return w1, prune1, err1
+        def later(j, wcur):  # the lazy update, one later block at a time
+            i = j * bsz
+            wj = jax.lax.dynamic_slice(wcur, (i, 0), (bsz, rows))
+            uj = jax.lax.dynamic_slice(u, (i1, i), (bsz, bsz))
+            return jax.lax.dynamic_update_slice(wcur, wj - _dot_t(uj, err1), (i, 0))
 
-        w1, prune1, err1 = jax.lax.fori_loop(
-            0, bsz, column, (w1, prune1, jnp.zeros((rows, bsz), jnp.float32)))
-        q1 = jnp.where(prune1, 0.0, w1)
-        urows = jax.lax.dynamic_slice(u, (i1, 0), (bsz, cols + pad))
-        later = col_ids >= i1 + bsz
-        wcur = wcur - jnp.where(later[None, :], err1 @ urows, 0.0)
-        wcur = jax.lax.dynamic_update_slice(wcur, q1, (0, i1))
-        prune_all = jax.lax.dynamic_update_slice(prune_all, prune1, (0, i1))
-        return (wcur, prune_all), None
+        wcur = jax.lax.fori_loop(b + 1, nblocks, later, wcur)
+        return (wcur, jax.lax.dynamic_update_slice(prune_all, prune1, (i1, 0))), None
 
     (w, prune), _ = jax.lax.scan(block, (w, jnp.zeros(w.shape, bool)), jnp.arange(nblocks))
-    w, keep_out = w[:, :cols], ~prune[:, :cols]
-    return jnp.where(keep_out, w, 0.0), keep_out
+    keep_out = ~prune[:cols]
+    return jnp.where(keep_out, w[:cols], 0.0), keep_out
 
 
 @gin.configurable
@@ -162,7 +281,9 @@ def solve_kernel(kernel: jax.Array, hessian: jax.Array, *, dampening: float, blo
                                            sparsity=sparsity, n=n, m=m, keep=kp)
         return jax.vmap(fn)(kernel, hessian, keep) if keep is not None else \
             jax.vmap(lambda k, h: fn(k, h, None))(kernel, hessian)
+    dead = dead_inputs(hessian)
     u = hessian_inverse_factor(hessian, dampening)
-    w, kp = solve_rows(kernel.T, u, sparsity=sparsity, n=n, m=m, block_size=block_size,
-                       keep=None if keep is None else keep.T)
-    return w.T.astype(kernel.dtype), kp.T
+    w = jnp.where(dead[:, None], 0.0, kernel.astype(jnp.float32))
+    w, kp = solve(w, u, sparsity=sparsity, n=n, m=m, block_size=block_size, keep=keep,
+                  dead=dead)
+    return w.astype(kernel.dtype), kp

@@ -1,6 +1,8 @@
 """Wanda and GBLM scores against hand computations, their per-output selection against a
-numpy sort, DSnoT against the reconstruction error it must never increase, OWL's
-allocation against its definition, and the refusal of calibrated criteria in training."""
+numpy sort and the reference's per-row count (the floor of in x sparsity), dead inputs
+pruned first, DSnoT against the reconstruction error it must never increase (and never
+growing a dead input), OWL's allocation against its definition, and the refusal of
+calibrated criteria in training."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -127,3 +129,58 @@ def test_outlier_ratio_is_the_fraction_above_m_times_the_mean():
     scores = [jnp.asarray([1.0, 1.0, 1.0, 1.0]), jnp.asarray([1.0, 1.0, 1.0, 1.0, 1.0, 21.0])]
     # mean = 30 / 10 = 3; entries above 5 * 3 = 15: one of ten
     assert allocation.outlier_ratio(scores, 5.0) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("din,sparsity", [(10, 0.55), (10, 0.45), (100, 0.29), (12, 0.5)])
+def test_wanda_prunes_the_floor_of_in_times_sparsity_per_output_unit(din, sparsity):
+    x, w = data(5, din=din)
+    _, keep = solvers.PRUNERS.get("wanda")().prune(
+        jnp.asarray(w), calib(x), density=1.0 - sparsity,
+        structure=solvers.make_structure("per_output"))
+    pruned = int(w.T.shape[1] * sparsity)  # the reference: int(W.shape[1] * sparsity_ratio)
+    assert np.all((~np.asarray(keep)).sum(0) == pruned)
+
+
+def test_wanda_per_output_count_counts_real_inputs_of_a_padded_kernel():
+    x, w = data(6, din=12)
+    valid = np.zeros(w.shape, bool)
+    valid[:10, :4] = True  # 10 real inputs, 4 real outputs
+    _, keep = solvers.PRUNERS.get("wanda")().prune(
+        jnp.asarray(w), calib(x), density=0.45, structure=solvers.make_structure("per_output"),
+        valid=jnp.asarray(valid))
+    keep = np.asarray(keep)
+    assert not keep[~valid].any()
+    assert np.all(keep[:10, :4].sum(0) == 10 - int(10 * 0.55))
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_dead_inputs_are_pruned_first(method):
+    """Wanda's score |w|·‖X_j‖₂ is 0 on an input calibration never saw; SparseGPT zeroes
+    those weights before its solve (as its reference code does)."""
+    x, w = data(7, tokens=400, din=32, dout=16)
+    dead = [3, 11, 20, 21]
+    x[:, dead] = 0.0
+    structure = solvers.make_structure(solvers.PRUNERS.get(method).default_structure)
+    pruned, keep = solvers.PRUNERS.get(method)().prune(jnp.asarray(w), calib(x), density=0.5,
+                                                       structure=structure)
+    assert not np.asarray(keep)[dead].any() and np.all(np.asarray(pruned)[dead] == 0.0)
+
+
+def test_dsnot_never_grows_a_dead_input():
+    """A row whose pruned weights are a dead input's (growth rank 0) and one whose rank is
+    negative, and a kept weight moved far off (pruning it lowers the error): the swap must
+    grow the live weight, not restore the dead one (which cannot change the output)."""
+    rng = np.random.default_rng(0)
+    mu = np.array([0, 1, 1, 1, 1, 2, 1, 1], np.float32)
+    x = (rng.standard_normal((64, 8)) * 0.3 + mu).astype(np.float32)
+    x[:, 0] = 0.0
+    w = np.array([[1.0], [0.5], [-1], [-1], [-1], [0.5], [-1], [-1]], np.float32)
+    keep = np.ones((8, 1), bool)
+    keep[[0, 1]] = False
+    pruned = np.where(keep, w, 0.0)
+    pruned[5] += 10.0
+    out, keep2, swaps = dsnot.DSnoT(max_cycles=1, update_threshold=0.0).refine(
+        jnp.asarray(w), jnp.asarray(pruned), jnp.asarray(keep), calib(x))
+    assert int(swaps.sum()) == 1
+    np.testing.assert_array_equal(np.asarray(keep2).ravel(), [0, 1, 1, 1, 1, 0, 1, 1])
+    assert float(np.asarray(out)[0, 0]) == 0.0

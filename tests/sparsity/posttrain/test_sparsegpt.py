@@ -3,7 +3,13 @@ whose pruned inputs precede the kept ones in every output unit (and a full-width
 the damped least-squares re-fit of each unit's kept weights (numpy lstsq on the calibration
 inputs); with any mask and any block size it is the sequential OBS re-fit that defines it;
 its own masks are exact per block and exactly N:M; a row-sharded solve on 8 devices equals
-the single-device one."""
+the single-device one; dead inputs (never active in calibration) are pruned at no cost and
+count toward the pruned fraction, so the layer solves as if they were not there; with
+SPARSEGPT_REFERENCE naming a checkout of the reference code (and torch installed) masks and
+weights equal the reference's."""
+import os
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,11 +29,16 @@ def layer(seed=0, tokens=300, din=16, dout=6):
     return x.astype(np.float64), w.astype(np.float64)
 
 
-def solve(w, x, **kw):
+def solve(w, x, dampening=DAMP, **kw):
     h = x.T @ x
     out, keep = sg.solve_kernel(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32),
-                                dampening=DAMP, **kw)
+                                dampening=dampening, **kw)
     return np.asarray(out, np.float64), np.asarray(keep)
+
+
+def error(w, v, x):
+    d = (x @ (w - v))
+    return float(np.sum(d * d))
 
 
 def test_full_block_fixed_mask_is_the_least_squares_refit():
@@ -120,3 +131,96 @@ def test_inputs_never_seen_keep_a_solvable_hessian():
     x[:, 3] = 0.0  # an input feature that calibration never activates
     got, keep = solve(w, x, block_size=16, sparsity=0.5)
     assert np.all(np.isfinite(got))
+
+
+def dead_layer(seed, dead, dout):
+    """A layer whose `dead` inputs are zero in calibration. Its activations are small (H_jj
+    below 1, the value the dead inputs' H_jj is set to), so a solve that scored the dead
+    weights with their own values would keep many of them."""
+    x, w = layer(seed, din=16, dout=dout)
+    x = x * 0.01
+    x[:, dead] = 0.0
+    return x, w
+
+
+def without(w, x, dead):
+    """The layer with its dead inputs removed, and the dampening giving the same λ (the
+    full layer's mean diagonal counts each dead input as H_jj = 1)."""
+    alive = np.setdiff1d(np.arange(w.shape[0]), dead)
+    diag = np.diag(x.T @ x)
+    lam = DAMP * (diag.sum() + len(dead)) / len(diag)
+    return w[alive], x[:, alive], lam / diag[alive].mean(), alive
+
+
+@pytest.mark.parametrize("dead,block", [([3, 9, 10], 16),      # one block, anywhere
+                                        ([6, 7, 14, 15], 8)])  # the same place in each block
+def test_dead_inputs_unstructured_solve_as_the_layer_without_them(dead, block):
+    x, w = dead_layer(8, dead, 8)
+    got, keep = solve(w, x, block_size=block, sparsity=0.5)
+    assert np.all(got[dead] == 0.0) and not keep[dead].any()
+    # the reference's accounting: the dead weights are part of each block's 50%
+    per_block = len(dead) // (16 // block)
+    sparsity = (block / 2 - per_block) / (block - per_block)
+    w2, x2, damp2, alive = without(w, x, dead)
+    ref, ref_keep = solve(w2, x2, damp2, block_size=block - per_block, sparsity=sparsity)
+    np.testing.assert_array_equal(keep[alive], ref_keep)
+    assert keep.sum() == w.size // 2
+    np.testing.assert_allclose(got[alive], ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(error(w, got, x), error(w2, ref, x2), rtol=1e-4)
+
+
+def test_dead_inputs_nm_solve_as_the_layer_without_them():
+    dead = [4, 5, 6, 7]  # a whole group of 4: its 2:4 prunes two zeros, keeps two zeros
+    x, w = dead_layer(9, dead, 6)
+    got, keep = solve(w, x, block_size=8, n=2, m=4)
+    assert np.all(keep.reshape(4, 4, -1).sum(1) == 2) and np.all(got[dead] == 0.0)
+    w2, x2, damp2, alive = without(w, x, dead)
+    ref, ref_keep = solve(w2, x2, damp2, block_size=12, n=2, m=4)
+    np.testing.assert_array_equal(keep[alive], ref_keep)
+    np.testing.assert_allclose(got[alive], ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(error(w, got, x), error(w2, ref, x2), rtol=1e-4)
+
+
+def test_dead_inputs_nm_are_pruned_first_in_their_group():
+    dead = [1, 9, 10]  # one in group 0, two in group 2: the group's two pruned
+    x, w = dead_layer(10, dead, 6)
+    got, keep = solve(w, x, block_size=8, n=2, m=4)
+    assert np.all(keep.reshape(4, 4, -1).sum(1) == 2)
+    assert not keep[dead].any() and np.all(got[dead] == 0.0)
+    # the other inputs are re-fitted as in the layer without the dead ones, same mask
+    w2, x2, damp2, alive = without(w, x, dead)
+    ref, _ = solve(w2, x2, damp2, block_size=13, keep=jnp.asarray(keep[alive]))
+    np.testing.assert_allclose(got[alive], ref, rtol=1e-4, atol=1e-5)
+
+
+REFERENCE = os.environ.get("SPARSEGPT_REFERENCE")
+
+
+@pytest.mark.skipif(not REFERENCE, reason="SPARSEGPT_REFERENCE is not set (the directory of "
+                                          "a checkout of github.com/IST-DASLab/sparsegpt)")
+@pytest.mark.parametrize("n,m", [(0, 0), (2, 4)])
+def test_masks_and_weights_equal_the_reference_code(n, m, monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[3] / "benchmarks"))
+    import prune as bench  # benchmarks/prune.py: load_reference, reference_phases
+    ref_cls = bench.load_reference(REFERENCE)
+    x, w = layer(11, tokens=600, din=256, dout=32)
+    x = x * 0.01  # small activations: see dead_layer
+    dead = [5, 130, 200]  # in different groups of 4
+    x[:, dead] = 0.0
+    got, keep = solve(w, x, block_size=128, sparsity=0.5, n=n, m=m)
+    lin = torch.nn.Linear(256, 32, bias=False)
+    lin.weight.data = torch.tensor(w.T, dtype=torch.float32)
+    g = ref_cls(lin)
+    g.add_batch(torch.tensor(x, dtype=torch.float32)[None], None)
+    # the reference prunes the scores <= its threshold, the sorted block's entry at
+    # int(numel * sparsity): one more than that index; ask it for exactly half of each block
+    numel = 32 * 128
+    sparsity = (numel // 2 - 0.5) / numel
+    with bench.reference_phases({}):
+        g.fasterprune(sparsity, prunen=n, prunem=m, blocksize=128, percdamp=DAMP)
+    ref = lin.weight.data.numpy().T.astype(np.float64)
+    np.testing.assert_array_equal(keep, ref != 0)
+    # float32 factorizations done differently (here one Cholesky and a triangular inverse)
+    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(error(w, got, x), error(w, ref, x), rtol=1e-4)
