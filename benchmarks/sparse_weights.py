@@ -213,6 +213,10 @@ def part_decode(args) -> dict[str, Any]:
     t = timed_together(cases, args.rounds)
     steps = {f: (t[f"{f}_n"] - t[f"{f}_1"]) / (args.new_tokens - 1)
              for f in ("dense", "block_sparse")}
+    if min(steps.values()) <= 0:  # the two generations' times differ by less than their noise
+        raise RuntimeError(f"decode: a step time below the timing noise ({steps}); the machine "
+                           f"is busy or --new_tokens={args.new_tokens} / --rounds={args.rounds} "
+                           f"too few: use more")
     ratio = steps["dense"] / steps["block_sparse"]
     print(f"decode step at batch 1 (embed {args.embed}, mlp {args.mlp}, {args.layers} layers): "
           f"dense {1e3 * steps['dense']:.2f} ms, block-sparse at {args.step_density:g} "
@@ -248,7 +252,7 @@ def main(argv=None) -> dict[str, Any]:
         args.blocks, args.densities, args.nblocks = [32], [0.5, 0.25], [4]
         args.embed, args.mlp, args.layers, args.heads = 128, 256, 2, 4
         args.seq, args.batch, args.step_block, args.step_density = 64, 2, 32, 0.25
-        args.new_tokens, args.rounds = 5, 2
+        args.new_tokens, args.rounds = 17, 5
     if args.new_tokens < 2:
         raise ValueError(f"--new_tokens={args.new_tokens} must be >= 2 (the decode step is "
                          f"the difference of two generations)")

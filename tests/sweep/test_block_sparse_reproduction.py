@@ -112,7 +112,8 @@ def test_shipped_grids_parse_and_the_page_is_registered(tmp_path):
         runner.validate_spec(spec)
     labels = [a.label for a in bs.arms(specs)]
     assert bs.BASELINE in labels and len(labels) == 11
-    assert "block_sparse_block_rigl: block=64,density=0.1" in labels
+    assert "block_sparse_block_rigl64: block=64,density=0.2" in labels
+    assert "block_sparse_block_rigl: block=64,density=0.1" not in labels  # the floor: 0.2's twin
     small = (REPO / "configs" / "experiments" / "small.gin").read_text()
     warmup = int(re.search(r"warmup_steps = (\d+)", small).group(1))
     assert warmup / bs.STEPS == bs.WARMUP and f"num_steps = {bs.STEPS}" in small
