@@ -57,3 +57,41 @@ def _fresh_gin_config():
     gin.clear_config()
     yield
     gin.clear_config()
+
+
+# --- a run's step-0 workdir, made without compiling a train step ---------------------------
+import flax.linen as nn  # noqa: E402
+
+from sparsejax import config as config_lib  # noqa: E402
+from sparsejax.data.sharded import ShardedIteratorSave, ShardedTrainIterator  # noqa: E402
+from sparsejax.parallel.rules import LOGICAL_RULES  # noqa: E402
+from sparsejax.train import trainer  # noqa: E402
+from sparsejax.train import workdir as workdir_lib  # noqa: E402
+from sparsejax.train.build import build_run  # noqa: E402
+from sparsejax.train.checkpoint import Checkpointer  # noqa: E402
+
+
+def write_source(workdir, *bindings, gin_files=("tiny.gin",)):
+    """A workdir holding a run's step-0 checkpoint and config (what `train` writes at its
+    first checkpoint) for `gin_files` plus `bindings` ('--gin.X=V'), made without compiling a
+    train step."""
+    config_lib.parse_gin(list(gin_files), [b[len("--gin."):] for b in bindings])
+    cfg = trainer.TrainConfig()
+    run = build_run(cfg)
+    data = ShardedTrainIterator(global_batch_size=cfg.global_batch_size, seq_len=cfg.seq_len,
+                                dataset=cfg.dataset)
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        state = run.init_state()
+    os.makedirs(workdir)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    ckpt.save(0, state, ShardedIteratorSave(data),
+              {"step": 0, "bindings": config_lib.operative_bindings()}, force=True)
+    ckpt.close()
+    workdir_lib.write_config(workdir, config_lib.operative_config_text())
+    return str(workdir)
+
+
+@pytest.fixture(scope="session")
+def make_source():
+    """`make_source(workdir, *bindings)`: see `write_source`."""
+    return write_source

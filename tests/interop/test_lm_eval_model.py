@@ -23,9 +23,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import flax.linen as nn  # noqa: E402
 import gin  # noqa: E402
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -38,16 +36,10 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 
 from sparsejax import cli  # noqa: E402
-from sparsejax import config as config_lib  # noqa: E402
-from sparsejax.data.sharded import ShardedIteratorSave, ShardedTrainIterator  # noqa: E402
 from sparsejax.infer.workdir import sample_workdir  # noqa: E402
 from sparsejax.interop.lm_eval_model import SparsejaxLM  # noqa: E402
 from sparsejax.models.transformer import ModelConfig, Transformer  # noqa: E402
-from sparsejax.parallel.rules import LOGICAL_RULES  # noqa: E402
-from sparsejax.train import trainer  # noqa: E402
-from sparsejax.train import workdir as workdir_lib  # noqa: E402
-from sparsejax.train.build import build_run  # noqa: E402
-from sparsejax.train.checkpoint import Checkpointer, restore_state_numpy  # noqa: E402
+from sparsejax.train.checkpoint import restore_state_numpy  # noqa: E402
 from sparsejax.train.commands import parse_workdir_config  # noqa: E402
 
 TASKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_eval_tasks")
@@ -212,24 +204,6 @@ def test_compact_pruned_workdir_matches_the_hf_model_of_its_export(root, llama):
                 tasks)
 
 
-def step0_run(workdir, gin_files, bindings):
-    """A run's step-0 checkpoint and config, what `train` writes first, made without compiling
-    a train step (as tests/sparsity/posttrain/conftest.py makes its source run)."""
-    config_lib.parse_gin(gin_files, bindings)
-    cfg = trainer.TrainConfig()
-    run = build_run(cfg)
-    data = ShardedTrainIterator(global_batch_size=cfg.global_batch_size, seq_len=cfg.seq_len,
-                                dataset=cfg.dataset)
-    with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        state = run.init_state()
-    os.makedirs(workdir)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    ckpt.save(0, state, ShardedIteratorSave(data),
-              {"step": 0, "bindings": config_lib.operative_bindings()}, force=True)
-    ckpt.close()
-    workdir_lib.write_config(workdir, config_lib.operative_config_text())
-
-
 def masked(params, masks):
     if masks is None:
         return params
@@ -238,13 +212,14 @@ def masked(params, masks):
     return params * masks
 
 
-def test_sparse_run_with_the_byte_tokenizer_scores_as_its_masked_params(root):
+def test_sparse_run_with_the_byte_tokenizer_scores_as_its_masked_params(root, make_source):
     """tiny.gin with static magnitude masks (10% kept) at step 0: the byte tokenizer puts its
     BOS first, as the run's training documents start, and a document longer than the
     128-token context gets the rolling log-likelihood of the masked params, computed here
     window by window from the checkpoint."""
     w = str(root / "static")
-    step0_run(w, ["tiny.gin", "sparsity/static_magnitude.gin"], [dataset(root)])
+    make_source(w, f"--gin.{dataset(root)}",
+                gin_files=("tiny.gin", "sparsity/static_magnitude.gin"))
     lm = SparsejaxLM(workdir=w, batch_size=8)
     doc = TEXT[0] * 6
     ids = [257] + list(doc.encode())
