@@ -22,28 +22,19 @@ from typing import Any
 import gin
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
 # the module, not its names: models/formats/block_sparse.py imports sparsejax.sparsity
 # (distributions), whose package imports this module while block_sparse is still loading
 from sparsejax.models.formats import block_sparse as block_format
 from sparsejax.sparsity import optim
 from sparsejax.sparsity import schedules as sched_lib
-from sparsejax.sparsity.block_dst import block_norms
+from sparsejax.sparsity.block_dst import _flat, _unflat, block_norms
 from sparsejax.sparsity.distributions import check_density
 from sparsejax.sparsity.layout import LAYOUT
 from sparsejax.sparsity.method import METHODS, SparsityMethod, new_stats_state, track_density
 
 PyTree = Any
 log = logging.getLogger(__name__)
-
-
-def _flat(tree: PyTree) -> dict[str, Any]:
-    return traverse_util.flatten_dict(tree, sep="/")
-
-
-def _unflat(flat: dict[str, Any]) -> PyTree:
-    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def keep_slots(values: jax.Array, k: int) -> jax.Array:
@@ -101,9 +92,8 @@ class BlockGMPMethod(SparsityMethod):
                              "'block_sparse' (or an override)")
         fmt = block_format.BlockSparse()
         shapes = {p: (i, o) for p, (i, o, _, _) in projs.items()}
-        size = sum(i * o for i, o in shapes.values())
         k = {p: kk for p, (_, _, kk, _) in projs.items()}
-        d0 = sum(kk * o * bi for (_, o, kk, bi) in projs.values()) / size
+        d0 = self.stored_fraction(flat_params)
         if self.density >= d0:
             raise ValueError(f"BlockGMPMethod.density={self.density} must be below the stored "
                              f"fraction at init ({d0:.4f}, BlockSparse.density="

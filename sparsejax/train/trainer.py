@@ -232,10 +232,10 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "",
             for step in range(start, cfg.num_steps):
                 batch = global_batch(next(data_it), bsharding)
                 if method.is_update_step(step):
-                    shapes = jax.tree.map(np.shape, state.params)
+                    shapes = jax.tree.map(np.shape, state.params) if method.resizes else None
                     state, mask_metrics = update_fn(state, batch)
                     writer.write(step, mask_metrics)
-                    if jax.tree.map(np.shape, state.params) != shapes:
+                    if method.resizes and jax.tree.map(np.shape, state.params) != shapes:
                         log.info("step %d: the sparsity update changed the param shapes "
                                  "(stored fraction %.4f); the train step compiles again", step,
                                  float(mask_metrics.get("sparsity/density", float("nan"))))
