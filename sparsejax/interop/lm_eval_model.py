@@ -38,6 +38,7 @@ import json
 import sys
 from typing import Any, Sequence
 
+import datasets
 import gin
 import numpy as np
 from lm_eval import utils as lm_utils
@@ -344,3 +345,11 @@ def main(argv: Sequence[str] | None = None, bindings: Sequence[str] = ()) -> int
     finally:
         sys.argv = saved
     return 0
+
+
+def jsonl_dataset(path: str) -> datasets.DatasetDict:
+    """A local task's data: the rows of the jsonl file at `path` as the 'test' split (for a
+    task YAML's `custom_dataset: !function`, so that nothing is downloaded)."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})

@@ -1,25 +1,18 @@
 """Datasets of the test tasks: the jsonl files beside this module (no download)."""
-import json
 import os
 
-import datasets
+from sparsejax.interop.lm_eval_model import jsonl_dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _load(name):
-    with open(os.path.join(HERE, f"{name}.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
-
-
 def choice(**_):
-    return _load("sj_choice")
+    return jsonl_dataset(os.path.join(HERE, "sj_choice.jsonl"))
 
 
 def text(**_):
-    return _load("sj_text")
+    return jsonl_dataset(os.path.join(HERE, "sj_text.jsonl"))
 
 
 def complete(**_):
-    return _load("sj_complete")
+    return jsonl_dataset(os.path.join(HERE, "sj_complete.jsonl"))
