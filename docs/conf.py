@@ -1,6 +1,7 @@
 """Sphinx configuration of the sparsejax docs site (`make -C docs html`)."""
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -55,7 +56,12 @@ html_theme_options = {
 
 
 def _skip_mocked(app, what, name, obj, skip, options):
-    """Members that only exist through a mocked import (lm_eval's decorators) are left out."""
+    """Members that only exist through a mocked import (lm_eval's base class and decorators:
+    a mock, or a function whose `__wrapped__` chain a mock makes endless) are left out."""
+    try:
+        inspect.unwrap(obj)
+    except ValueError:  # wrapper loop
+        return True
     return True if ismock(obj) else None
 
 
