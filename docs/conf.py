@@ -31,6 +31,7 @@ extensions = [
 exclude_patterns = ["_build", "**.ipynb_checkpoints", "README.md"]
 templates_path = ["_templates"]
 default_role = "code"  # `x` in docstrings is code, as it is in Markdown
+smartquotes = False  # commands in the text keep their -- and quotes
 
 myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3
