@@ -1,18 +1,16 @@
 """Sphinx configuration of the sparsejax docs site (`make -C docs html`)."""
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 from pathlib import Path
-
-from sphinx.ext.autodoc.mock import ismock
 
 # the build imports the package (autodoc, generated pages) on the CPU, whatever the machine has
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).parent / "_ext"))  # this site's own extensions
 
 from generated_pages import repository_url  # noqa: E402  (found through the path above)
+from sparsejax.config import OPTIONAL_MODULES  # noqa: E402
 
 project = "sparsejax"
 author = "the sparsejax authors"
@@ -42,9 +40,10 @@ autosummary_generate = True
 autodoc_default_options = {"members": True, "show-inheritance": True, "ignore-module-all": True}
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
-# lm_eval (and the datasets package it imports) is the optional [eval] extra: its model
-# module is documented without it
-autodoc_mock_imports = ["lm_eval", "datasets"]
+# modules that import an optional extra (sparsejax.config.OPTIONAL_MODULES: lm_eval's model)
+# are left out of the API pages (_templates/autosummary/module.rst): the build installs only
+# [docs], and a mocked lm_eval makes their classes undocumentable
+autosummary_context = {"optional_modules": OPTIONAL_MODULES}
 
 html_theme = "sphinx_book_theme"
 html_title = "sparsejax"
@@ -55,16 +54,3 @@ html_theme_options = {
     "navigation_with_keys": False,
 }
 
-
-def _skip_mocked(app, what, name, obj, skip, options):
-    """Members that only exist through a mocked import (lm_eval's base class and decorators:
-    a mock, or a function whose `__wrapped__` chain a mock makes endless) are left out."""
-    try:
-        inspect.unwrap(obj)
-    except ValueError:  # wrapper loop
-        return True
-    return True if ismock(obj) else None
-
-
-def setup(app):
-    app.connect("autodoc-skip-member", _skip_mocked)
