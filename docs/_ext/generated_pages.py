@@ -110,7 +110,9 @@ def opening_comment(path: Path) -> str:
     for line in path.read_text().splitlines():
         if not line.startswith("#"):
             break
-        lines.append(line.lstrip("#").strip())
+        text = line.lstrip("#").strip()
+        indented = line.startswith("#  ")  # an example command: shown as code
+        lines.append(f"`{text.replace('`', '')}`" if indented and text else text)
     return " ".join(lines) or first_comment(path)
 
 
