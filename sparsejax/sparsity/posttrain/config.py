@@ -31,6 +31,25 @@ def parse_nm(value: Any) -> tuple[int, int] | None:
     return n, m
 
 
+def check_calibration(config: Any, owner: str) -> None:
+    """The calibration settings of `config` (calibration_samples, _seed, _split, _data,
+    _batch_size: PruneConfig's, or another command's of the same names) for its class
+    `owner`; a ValueError names the first bad one."""
+    for name, lo in (("calibration_samples", 1), ("calibration_seed", 0)):
+        if getattr(config, name) < lo:
+            raise ValueError(f"{owner}.{name}={getattr(config, name)!r} must be >= {lo}")
+    if config.calibration_split not in ("train", "validation"):
+        raise ValueError(f"{owner}.calibration_split={config.calibration_split!r}; valid: "
+                         f"['train', 'validation']")
+    if config.calibration_data is not None and not str(config.calibration_data).startswith(
+            "files:"):
+        raise ValueError(f"{owner}.calibration_data={config.calibration_data!r}; valid: None "
+                         f"(the run's dataset) or 'files:GLOB'")
+    if config.calibration_batch_size is not None and config.calibration_batch_size < 1:
+        raise ValueError(f"{owner}.calibration_batch_size={config.calibration_batch_size!r} "
+                         f"must be >= 1 (or None)")
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class PruneConfig:
@@ -132,22 +151,10 @@ class PruneConfig:
         if self.dsnot and (self.method is None or self.structure_name == "block"):
             raise ValueError(f"{P}.dsnot=True refines a weight mask row by row; it needs a "
                              f"method and a structure other than 'block'")
-        for name, lo in (("calibration_samples", 1), ("calibration_seed", 0)):
-            if getattr(self, name) < lo:
-                raise ValueError(f"{P}.{name}={getattr(self, name)!r} must be >= {lo}")
-        if self.calibration_split not in ("train", "validation"):
-            raise ValueError(f"{P}.calibration_split={self.calibration_split!r}; valid: "
-                             f"['train', 'validation']")
-        if self.calibration_data is not None and not str(self.calibration_data).startswith(
-                "files:"):
-            raise ValueError(f"{P}.calibration_data={self.calibration_data!r}; valid: None (the "
-                             f"run's dataset) or 'files:GLOB'")
+        check_calibration(self, P)
         if self.calibration not in CALIBRATION_MODES:
             raise ValueError(f"{P}.calibration={self.calibration!r}; valid: "
                              f"{list(CALIBRATION_MODES)}")
-        if self.calibration_batch_size is not None and self.calibration_batch_size < 1:
-            raise ValueError(f"{P}.calibration_batch_size={self.calibration_batch_size!r} "
-                             f"must be >= 1 (or None)")
         if (self.experts is None) != (self.num_experts is None):
             raise ValueError(f"{P}.experts={self.experts!r} and {P}.num_experts="
                              f"{self.num_experts!r} go together (a reduction and the experts "

@@ -84,7 +84,7 @@ class PruneResult:
     report: dict[str, Any]
 
 
-class _Batches:
+class CalibrationBatches:
     """The calibration set in batches, sharded over the data-parallel axes of `mesh`;
     the last batch padded with weight-0 copies of the first rows."""
 
@@ -92,7 +92,7 @@ class _Batches:
         n = calib.num_samples
         idx = np.concatenate([np.arange(n), np.arange((-n) % batch) % n])
         w = calib.token_weights.copy()
-        w = np.concatenate([w, np.zeros_like(w[: (-n) % batch])])
+        w = np.concatenate([w, np.zeros(((-n) % batch,) + w.shape[1:], w.dtype)])
         self.mesh = mesh
         axes = ("data", "fsdp", "expert")
         self.spec2 = NamedSharding(mesh, P(axes, None))
@@ -112,7 +112,7 @@ class _BlockProgram:
     kinds share one program (`program`), so each compiles once."""
 
     def __init__(self, cfg: ModelConfig, layer: int, keep: frozenset, num_experts: int | None,
-                 batches: _Batches, with_stats: bool, expert_outputs: bool = False):
+                 batches: CalibrationBatches, with_stats: bool, expert_outputs: bool = False):
         self.cfg, self.layer, self.keep, self.num_experts = cfg, layer, keep, num_experts
         self.expert_outputs = expert_outputs
         self.groups: dict[str, str] = {}
@@ -144,7 +144,7 @@ class _BlockProgram:
 
 
 def program(cache: dict, cfg: ModelConfig, layer: int, keep, num_experts: int | None,
-            batches: _Batches, with_stats: bool = True, expert_outputs: bool = False
+            batches: CalibrationBatches, with_stats: bool = True, expert_outputs: bool = False
             ) -> _BlockProgram:
     """The program of block `layer`'s kind, from `cache` (one per prune_model call, since
     programs read gin-configured MoE settings when they are traced); `expert_outputs`: MoE
@@ -157,7 +157,7 @@ def program(cache: dict, cfg: ModelConfig, layer: int, keep, num_experts: int | 
     return cache[key]
 
 
-def _accumulate(program: _BlockProgram, bp, ms, xs, batches: _Batches):
+def _accumulate(program: _BlockProgram, bp, ms, xs, batches: CalibrationBatches):
     """Runs the program over every calibration batch: (outputs per batch, summed stats)."""
     ys, total = [], None
     for x, b in zip(xs, batches.items):
@@ -173,7 +173,7 @@ def _sq_sums(y, r, w):
     return jnp.sum(w * (y - r) ** 2), jnp.sum(w * r ** 2)
 
 
-def _output_error(ys, refs, batches: _Batches) -> float:
+def _output_error(ys, refs, batches: CalibrationBatches) -> float:
     """Σ‖y - r‖² / Σ‖r‖² over the calibration tokens (block outputs, pruned vs dense)."""
     num = den = 0.0
     for y, r, b in zip(ys, refs, batches.items):
@@ -238,7 +238,7 @@ def _run(plan: Plan, params, moe_state, calib, mesh, t_start) -> PruneResult:
         plan.set_grads(plan.loss_fn, params, calib.rows())
         log.info("calibration gradients of %d sequences: %.1f s", calib.num_samples,
                  time.perf_counter() - t0)
-    batches = _Batches(calib, plan.batch_size, mesh)
+    batches = CalibrationBatches(calib, plan.batch_size, mesh)
     embed = jax.jit(lambda p, t: capture.embed(cfg, p, t), out_shardings=batches.spec3)
     xs0 = [embed(params, b["tokens"]) for b in batches.items]
     ratios = None

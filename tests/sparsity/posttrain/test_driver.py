@@ -264,3 +264,15 @@ def test_super_experts_are_kept_by_default_and_drop_experts_are_dropped():
     dropped = run(cfg, v, c, drop_experts=(f"1:{keep[0]}",), protect_super_experts=False,
                   **kw).report["experts"][0]
     assert dropped["dropped"] == [keep[0]] and [keep[0]] not in dropped["groups"]
+
+
+def test_fewer_calibration_samples_than_half_a_batch():
+    """The last batch is padded with weight-0 rows, also when it needs more than N of them."""
+    cfg = tiny(2)
+    v, c = setup(cfg)
+    few = CalibrationSet(*(a[:2] for a in (c.inputs, c.targets, c.loss_mask, c.positions,
+                                           c.segment_ids)))
+    r = prune_model(cfg, v["params"], None, few, PruneConfig(method="wanda"),
+                    mesh=make_mesh(num_devices=8), valid=padded_params(cfg), batch_size=8)
+    assert r.report["calibration"]["tokens"] == 2 * S
+    assert r.report["density"] == pytest.approx(0.5, abs=0.01)
