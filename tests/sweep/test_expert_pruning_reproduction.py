@@ -78,3 +78,21 @@ def test_harness_end_to_end_on_a_shrunk_setup(tmp_path):
     text = page.read_text()
     assert text.startswith("# E\n\nClaim: x.\n\n") and text.endswith("\n\nWe see: y.\n")
     assert "| 2 | merge | 2 |" in text and "expert_pruning.png" in text
+
+
+def test_shipped_source_and_points():
+    from sparsejax import config as config_lib
+    from sparsejax.models.moe.layer import MoeMlp
+    from sparsejax.models.transformer import ModelConfig
+    ep = load("expert_pruning")
+    files = [f.split("=", 1)[1] for f in ep.SOURCE_FLAGS if f.startswith("--gin_file=")]
+    config_lib.parse_gin(files, [f[len("--gin."):] for f in ep.SOURCE_FLAGS
+                                 if f.startswith("--gin.")])
+    mc = ModelConfig()
+    moe = MoeMlp(embed_dim=mc.embed_dim)
+    assert moe.num_experts == ep.NUM_EXPERTS == 16 and moe.top_k == 2
+    assert [mc.mlp_kind(i) for i in range(mc.num_layers)].count("moe") == 2
+    pts = ep.points(ep.METHODS, ep.FRACTIONS, ep.SEEDS, ep.NUM_EXPERTS)
+    assert len(pts) == 24 and {p["num_experts"] for p in pts} == {12, 8}
+    assert set(ep.METHODS) == {"frequency", "reconstruction", "merge", "reap"}
+    assert ep.REFERENCE in ep.METHODS

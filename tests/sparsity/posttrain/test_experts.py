@@ -195,3 +195,15 @@ def test_bad_expert_settings(kw, match):
         PruneConfig(method=None, experts="reap", num_experts=2, **kw)
     with pytest.raises(ValueError, match="has no effect without PruneConfig.experts"):
         PruneConfig(protect_super_experts=False)
+
+
+def test_batches_combine_by_sum_and_output_peaks_by_max():
+    from sparsejax.sparsity.posttrain import stats as st
+    a = {"moe": {"counts": jnp.array([1.0, 2.0]), "output_max": jnp.array([5.0, 1.0]),
+                 "gate_norm_sum": jnp.array([1.0, 1.0])}}
+    b = {"moe": {"counts": jnp.array([3.0, 0.0]), "output_max": jnp.array([2.0, 4.0]),
+                 "gate_norm_sum": jnp.array([0.5, 0.0])}}
+    c = st.add_stats(a, b)["moe"]
+    np.testing.assert_array_equal(c["counts"], [4.0, 2.0])
+    np.testing.assert_array_equal(c["output_max"], [5.0, 4.0])
+    np.testing.assert_array_equal(c["gate_norm_sum"], [1.5, 1.0])
