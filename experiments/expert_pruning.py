@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from typing import Any, Sequence
 
@@ -83,7 +84,6 @@ def run_point(src: str, out: str, p: dict, finetune_steps: int,
     report_path = os.path.join(dst, "prune_report.json")
     if not os.path.isfile(report_path):
         if os.path.isdir(dst):  # a prune cut short: start it again
-            import shutil
             shutil.rmtree(dst)
         _cli(["prune", f"--workdir={src}", f"--out={dst}", "--method=none", "--quiet",
               f"--experts={p['method']}", f"--num_experts={p['num_experts']}",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 from typing import Any, Sequence
 
@@ -72,7 +73,6 @@ class MoeReport:
     name: str = "moe_report"
 
     def __post_init__(self):
-        import re
         check_calibration(self, "MoeReport")
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise ValueError(f"MoeReport.name={self.name!r} must be a file name stem (letters, "

@@ -18,6 +18,7 @@ A routing is a boolean array [T, E]: token t (in sequence order) is routed to ex
 """
 from __future__ import annotations
 
+import heapq
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -61,13 +62,19 @@ def optimal_hits(reqs: Sequence[int], capacity: int) -> int:
         nxt[i] = last.get(reqs[i], n + 1)
         last[reqs[i]] = i
     cache: dict[int, int] = {}  # expert -> index of its next request
+    heap: list[tuple[int, int]] = []  # (-next request, expert), stale entries skipped
     hits = 0
     for i, r in enumerate(reqs):
         if r in cache:
             hits += 1
         elif len(cache) >= capacity:
-            del cache[max(cache, key=cache.__getitem__)]
+            while True:
+                neg, e = heapq.heappop(heap)
+                if cache.get(e) == -neg:
+                    del cache[e]
+                    break
         cache[r] = nxt[i]
+        heapq.heappush(heap, (-nxt[i], r))
     return hits
 
 
