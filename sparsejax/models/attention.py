@@ -12,7 +12,9 @@ to [-clip_qkv, clip_qkv] after the norms (OLMoE).
 With `decode=True` the layer reads and appends to a KV cache in the 'cache' collection (made
 by `sparsejax.infer.cache.init_cache`): key/value [batch, cache_len, kv_heads, head_dim], the
 position of each slot (-1: empty or padding) and the next free slot. Queries attend to the
-filled slots whose position is not after theirs, so left-padded batched prompts work.
+filled slots whose position is not after theirs, so left-padded batched prompts work. A cache
+with page bounds (Quest, models/quest.py) makes each single-token decode step attend over the
+query-chosen pages only.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ import jax.numpy as jnp
 from sparsejax.models.formats import FormatSpec, Projection, module_path
 from sparsejax.models.layers import (DEFAULT_KERNEL_INIT, Dtype, RMSNorm, as_tokens,
                                      rotary_embedding)
+from sparsejax.models.quest import (QuestDecode, page_scores, paged_attention, select_pages,
+                                    update_pages)
 from sparsejax.models.remat import tag
 from sparsejax.models.thresholds import apply_site
 
@@ -211,6 +215,19 @@ class Attention(nn.Module):
         cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, idx, 0, 0))
         cpos.value = jax.lax.dynamic_update_slice(cpos.value, slot_pos, (0, idx))
         cidx.value = idx + s
+        if self.has_variable("cache", "page_min"):  # Quest decoding (models/quest.py)
+            quest = QuestDecode()
+            quest.check_cache(ck.value.shape[1])
+            pmin, pmax = self.variable("cache", "page_min"), self.variable("cache", "page_max")
+            pmin.value, pmax.value = update_pages(pmin.value, pmax.value, k, slot_pos, idx,
+                                                  quest.page_size)
+            if s == 1:  # a decode step: the chosen pages only
+                b, kvh = q.shape[0], ck.value.shape[2]
+                qg = q[:, 0].reshape(b, kvh, q.shape[2] // kvh, q.shape[3])
+                chosen = select_pages(page_scores(qg, pmin.value, pmax.value),
+                                      idx // quest.page_size, quest)
+                return paged_attention(q, ck.value, cv.value, cpos.value, chosen, positions,
+                                       quest.page_size, self.window, rule, q_slot=idx)
         mask = cache_mask(idx + jnp.arange(s), cpos.value, positions, self.window, rule)
         return jax.nn.dot_product_attention(q, ck.value.astype(q.dtype),
                                             cv.value.astype(q.dtype), mask=mask)
