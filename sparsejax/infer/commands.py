@@ -1,4 +1,4 @@
-"""`sparsejax sample` and `sparsejax longeval` (wired into sparsejax/cli.py)."""
+"""`sparsejax sample`, `longeval` and `streaming-heads` (wired into sparsejax/cli.py)."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +37,21 @@ def add_parsers(sub) -> None:
                    help="gin files of the run (an import-hf or trained workdir needs none)")
     e.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
     e.set_defaults(handler=run_longeval)
+
+    c = sub.add_parser("streaming-heads", help="label KV heads retrieval or streaming "
+                                               "(DuoAttention) on retrieval prompts")
+    c.add_argument("--workdir", required=True)
+    c.add_argument("--fraction", type=float, required=True,
+                   help="share of the KV heads made streaming (lowest Λ-mask error first)")
+    c.add_argument("--length", type=int, default=None,
+                   help="calibration prompt length (default: the model's limit)")
+    c.add_argument("--num_rows", type=int, default=4)
+    c.add_argument("--sink_tokens", type=int, default=4)
+    c.add_argument("--recent_tokens", type=int, default=64)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--gin_file", action="append", default=[])
+    c.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
+    c.set_defaults(handler=run_streaming_heads)
 
 
 def run_sample(args: argparse.Namespace, bindings: Sequence[str]) -> int:
@@ -81,4 +96,18 @@ def run_longeval(args: argparse.Namespace, bindings: Sequence[str]) -> int:
         return longeval_workdir(args.workdir, tasks=tasks, lengths=args.lengths,
                                 num_samples=args.num_samples, seed=args.seed,
                                 batch_size=args.batch_size, out_dir=args.out)
+    return guarded(go)
+
+
+def run_streaming_heads(args: argparse.Namespace, bindings: Sequence[str]) -> int:
+    from sparsejax import cli
+    from sparsejax.train.commands import guarded, parse_workdir_config
+
+    def go():
+        cli.quiet_logging()
+        parse_workdir_config(args.workdir, args.gin_file, bindings, args.imports)
+        from sparsejax.infer.streaming_calibration import calibrate_workdir
+        return calibrate_workdir(args.workdir, fraction=args.fraction, length=args.length,
+                                 num_rows=args.num_rows, sink_tokens=args.sink_tokens,
+                                 recent_tokens=args.recent_tokens, seed=args.seed)
     return guarded(go)
