@@ -13,10 +13,13 @@ def run(capsys, *args):
     return rc, out.out.strip().splitlines()[-1] if out.out.strip() else "", out.err
 
 
+ONE_DEVICE = "--gin.make_mesh.num_devices=1"  # compiling for 8 simulated devices costs more
+
+
 def test_streaming_heads_command(make_source, tmp_path, capsys):
     w = make_source(tmp_path / "w", "--gin.ModelConfig.max_seq_len=1024")
     rc, out, err = run(capsys, "streaming-heads", f"--workdir={w}", "--fraction=0.5",
-                       "--num_rows=2", "--length=768", "--recent_tokens=32")
+                       "--num_rows=2", "--length=768", "--recent_tokens=32", ONE_DEVICE)
     assert rc == 0, err
     res = json.loads(out)
     assert res["streaming_kv_heads"] == 2 and res["kv_heads"] == 4  # tiny: 2 layers x 2
@@ -27,7 +30,8 @@ def test_streaming_heads_command(make_source, tmp_path, capsys):
     chosen = [res["errors"][i][h] for i, hs in enumerate(res["heads"]) for h in hs]
     assert sorted(chosen) == flat[:2]
     heads = tuple(tuple(h) for h in res["heads"])
-    sample = ["sample", f"--workdir={w}", "--prompt=def f(x):", "--max_new_tokens=12"]
+    sample = ["sample", f"--workdir={w}", "--prompt=def f(x):", "--max_new_tokens=8",
+              ONE_DEVICE]
     rc, dense, err = run(capsys, *sample)
     assert rc == 0, err
     rc, full, err = run(capsys, *sample, f"--gin.StreamingHeads.heads={heads!r}",
