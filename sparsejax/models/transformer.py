@@ -170,7 +170,7 @@ class Block(nn.Module):
                       qkv_bias=cfg.qkv_bias, window=int(cfg.sliding_window),
                       rope_scaling=cfg.rope_scaling, qk_norm=cfg.qk_norm,
                       clip_qkv=float(cfg.clip_qkv), norm_epsilon=eps, dtype=dtype,
-                      param_dtype=pdtype, formats=formats,
+                      param_dtype=pdtype, formats=formats, layer=self.layer,
                       name="attn")(h, positions, segment_ids, decode)
         x = x + h
         h = RMSNorm(eps, dtype=dtype, param_dtype=pdtype, name="mlp_norm")(x)
