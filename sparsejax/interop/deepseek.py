@@ -114,11 +114,10 @@ def family_of(model: Any, moe: Any, kinds: list[str], router: Any, prefer: str |
                       "DeepSeek configs with MLA are exported with SwiGLU only")
     if moe is None:
         return prefer if prefer in ("deepseek_v2", "deepseek_v3") else "deepseek_v3"
-    if not moe.num_shared_experts or moe.shared_expert_gate:
-        raise refuse("MoeMlp.num_shared_experts" if not moe.num_shared_experts
-                     else "MoeMlp.shared_expert_gate",
-                     moe.num_shared_experts or moe.shared_expert_gate,
-                     "DeepSeek has >= 1 ungated shared experts")
+    if not moe.num_shared_experts:
+        raise refuse("MoeMlp.num_shared_experts", 0, "DeepSeek has >= 1 shared experts")
+    if moe.shared_expert_gate:
+        raise refuse("MoeMlp.shared_expert_gate", True, "DeepSeek's shared experts are ungated")
     if moe.router == "sigmoid_topk":
         return "deepseek_v3"
     if moe.router != "softmax_topk":
