@@ -12,9 +12,9 @@ two best experts of a group, `norm_topk_prob`, `routed_scaling_factor`; `rope_in
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from sparsejax.interop.families import _need, _refuse as refuse
+from sparsejax.interop.config_json import need as _need
 
 _FIRST_DENSE = {"deepseek_v2": 0, "deepseek_v3": 3}  # transformers' defaults
 
@@ -102,9 +102,10 @@ def _moe_bindings(cfg: Mapping[str, Any], family: str) -> dict[str, Any]:
     return b
 
 
-def family_of(model: Any, moe: Any, kinds: list[str], router: Any, prefer: str | None) -> str:
-    """deepseek_v2 or deepseek_v3 for a model with MLA (an option neither expresses is
-    refused by name)."""
+def family_of(model: Any, moe: Any, kinds: list[str], router: Any, prefer: str | None,
+              refuse: Callable[[str, Any, str], ValueError]) -> str:
+    """deepseek_v2 or deepseek_v3 for a model with MLA; an option neither expresses raises
+    `refuse(setting, value, why)` (families._refuse)."""
     first = kinds.index("moe") if "moe" in kinds else len(kinds)
     if any(k != "moe" for k in kinds[first:]):
         raise refuse("ModelConfig.mlp_kinds", model.mlp_kinds,

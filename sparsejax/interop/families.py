@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from sparsejax.interop import deepseek
+from sparsejax.interop.config_json import need as _need
 from sparsejax.models.activations import FROM_HF_ACT, HF_ACT
 
 # family -> what it is (`sparsejax list`)
@@ -42,12 +44,6 @@ _WHY_NOT: dict[str, str] = {}  # model_type -> what sparsejax lacks to run it
 # config.json keys of multi-head latent attention: refused for the families without it
 MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
             "v_head_dim", "rope_interleave")
-
-
-def _need(cfg: Mapping[str, Any], key: str) -> Any:
-    if cfg.get(key) is None:
-        raise ValueError(f"config.json (model_type {cfg.get('model_type')!r}) lacks {key!r}")
-    return cfg[key]
 
 
 def _rope(cfg: Mapping[str, Any]) -> tuple[float, dict | None]:
@@ -147,7 +143,6 @@ def from_hf_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if family in MOE_FAMILIES:
         b.update(_moe_bindings(cfg, family, layers))
     if family in DEEPSEEK:
-        from sparsejax.interop import deepseek  # it imports this module's helpers: a cycle
         b.update(deepseek.from_hf_config(cfg, layers))
     return b
 
@@ -238,9 +233,8 @@ def to_hf_config(model: Any, moe: Any | None, prefer: str | None = None,
         raise _refuse("ModelConfig.attention_kinds", model.attention_kinds,
                       "block-sparse attention")
     if model.kv_lora_rank:
-        from sparsejax.interop import deepseek  # it imports this module's helpers: a cycle
         router = _router(moe) if moe is not None else None
-        family = deepseek.family_of(model, moe, kinds, router, prefer)
+        family = deepseek.family_of(model, moe, kinds, router, prefer, _refuse)
     elif "moe" in kinds:
         family = _moe_family(model, moe, kinds)
     elif model.qk_norm == "projection":
