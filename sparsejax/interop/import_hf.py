@@ -176,7 +176,7 @@ def check_workdir(workdir: str, bindings: Mapping[str, Any]) -> None:
         with open(record) as f:
             old = json.load(f).get("bindings", {})
         model_keys = {k for k in set(old) | set(bindings) if k.startswith(
-            ("ModelConfig.", "MoeMlp.", "SoftmaxTopKRouter."))}
+            ("ModelConfig.", "MoeMlp.", "SoftmaxTopKRouter.", "SigmoidTopKRouter."))}
         diff = sorted(k for k in model_keys if old.get(k) != _jsonable(bindings.get(k)))
         if diff:
             raise ValueError(f"--workdir={workdir!r} already holds a different imported model "
