@@ -28,6 +28,11 @@ def from_hf_config(cfg: Mapping[str, Any], layers: int) -> dict[str, Any]:
     """The bindings of a deepseek_v2 / deepseek_v3 config.json that differ from (or add to)
     the common ones of families.from_hf_config."""
     family = cfg["model_type"]
+    quant = cfg.get("quantization_config")
+    if quant:  # DeepSeek-V3 / R1 publish FP8 blocks with weight_scale_inv tensors
+        raise ValueError(f"config.json quantization_config (quant_method "
+                         f"{quant.get('quant_method')!r}) is not supported for {family}; "
+                         f"import a bf16 / fp32 checkpoint (dequantize it first)")
     heads = int(_need(cfg, "num_attention_heads"))
     if int(cfg.get("num_key_value_heads") or heads) != heads:
         raise _bad(cfg, "num_key_value_heads", f"null or num_attention_heads={heads} (MLA "

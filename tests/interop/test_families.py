@@ -114,6 +114,8 @@ def test_mla_exports_as_deepseek(router, settings, family, q_lora_rank):
     (dict(n_shared_experts=0), "n_shared_experts=0"),
     (dict(moe_layer_freq=2), "moe_layer_freq=2"),
     (dict(model_type="deepseek_v3", scoring_func="softmax"), "scoring_func='softmax'"),
+    (dict(model_type="deepseek_v3", quantization_config={"quant_method": "fp8"}),
+     "quantization_config (quant_method 'fp8')"),
 ])
 def test_unsupported_deepseek_options_are_refused(cfg, needle):
     """One line naming the option."""
