@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "sparsejax.infer.commands",    # sample
     "sparsejax.sparsity.posttrain.commands",  # prune
     "sparsejax.sparsity.activation.commands",  # act-curves
+    "sparsejax.analysis.commands",  # moe-report
 )
 
 

@@ -10,6 +10,7 @@ the logical-axis rules), so a checkpoint never sits whole in host memory.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import numpy as np
 from sparsejax.interop import mapping
 from sparsejax.interop.families import from_hf_config
 from sparsejax.interop.safetensors_io import SafetensorsCheckpoint, expect_names
+from sparsejax.models.transformer import Transformer
 from sparsejax.parallel.rules import LOGICAL_RULES, logical_shardings, path_str
 from sparsejax.train.workdir import PRETRAINED_CONFIG, PRETRAINED_DIR as PRETRAINED
 
@@ -77,8 +79,6 @@ def train_bindings(arch: Mapping[str, Any]) -> dict[str, Any]:
 def abstract_params(model_config, mesh) -> tuple[dict, dict]:
     """({path: ShapeDtypeStruct with sharding}, {path: sharding}) of the model's params, per
     layer (an import is stored unscanned; a run with scanned layers stacks it on start)."""
-    import dataclasses
-    from sparsejax.models.transformer import Transformer
     from sparsejax.train.build import strip_boxes
     model = Transformer(dataclasses.replace(model_config, scan_layers=False))
     dummy = jnp.zeros((1, 8), jnp.int32)
@@ -95,8 +95,6 @@ def abstract_params(model_config, mesh) -> tuple[dict, dict]:
 def abstract_moe_state(model_config) -> dict[str, Any]:
     """{path: ShapeDtypeStruct} of the model's MoE state ('layer_3/moe/bias'), per layer;
     empty when it keeps none."""
-    import dataclasses
-    from sparsejax.models.transformer import Transformer
     model = Transformer(dataclasses.replace(model_config, scan_layers=False))
     dummy = jnp.zeros((1, 8), jnp.int32)
     with nn.logical_axis_rules(LOGICAL_RULES):
