@@ -1,7 +1,9 @@
 """The KV cache: one {cached_key, cached_value, pos, index} entry per attention layer (and
 page_min / page_max under Quest decoding, models/quest.py), in the
 'cache' collection that `Attention(decode=True)` reads and extends. (Named apart from the
-projections: a compact weight format makes 'key' and 'value' submodules of the layer.)"""
+projections: a compact weight format makes 'key' and 'value' submodules of the layer.) With
+multi-head latent attention (`ModelConfig.kv_lora_rank` > 0) an entry holds the compressed
+{cached_latent, cached_rope_key} instead (models/mla.py states the memory ratio)."""
 from __future__ import annotations
 
 from typing import Any
@@ -32,8 +34,20 @@ def init_cache(model_config: Any, batch: int, length: int, dtype: Any = None,
     streaming.check_model(model_config)
     dtype = dtype_from_name(dtype or model_config.dtype)
     hd = model_config.head_dim
+    rank = int(getattr(model_config, "kv_lora_rank", 0))
+    if rank and (quest.enabled or streaming.heads):
+        raise ValueError("QuestDecode.budget_pages and StreamingHeads.heads select cached keys "
+                         "per KV head; multi-head latent attention (ModelConfig.kv_lora_rank="
+                         f"{rank}) caches one shared latent: leave them unset")
 
     def layer(i):
+        if rank:  # the latent (after its norm) and the rotary key, shared by the heads
+            return {"attn": {
+                "cached_latent": jnp.zeros((batch, length, rank), dtype),
+                "cached_rope_key": jnp.zeros((batch, length, model_config.qk_rope_head_dim),
+                                             dtype),
+                "pos": jnp.full((batch, length), -1, jnp.int32),
+                "index": jnp.zeros((), jnp.int32)}}
         stream = streaming.of_layer(i)
         kvh = model_config.num_kv_heads - len(stream)  # the full cache's heads
         shape = (batch, length, kvh, hd)

@@ -38,6 +38,23 @@ def moe_settings(model_config) -> Any:
     return MoeMlp(embed_dim=model_config.embed_dim)
 
 
+def state_tensors(moe_state: Any, model_config, family: str) -> dict[str, np.ndarray]:
+    """The HF tensors of the MoE state the family stores (DeepSeek-V3's
+    e_score_correction_bias of each MoE layer; zeros where the model keeps no bias)."""
+    flat = {}
+    if moe_state:
+        flat = {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(
+            unstack_layers(jax.device_get(moe_state)))}
+    moe = moe_settings(model_config)
+    out = {}
+    for i in range(model_config.num_layers):
+        path = f"layer_{i}/moe/bias"
+        name = mapping.state_name(path, family)
+        if name is not None and model_config.mlp_kind(i) == "moe":
+            out[name] = flat.get(path, np.zeros((moe.num_experts,), np.float32))
+    return out
+
+
 def export_hf(workdir: str, out: str, *, dtype: str = "float32",
               max_shard_bytes: int = 5 * 2**30) -> dict[str, Any]:
     """Exports the latest checkpoint of `workdir` (or its imported params) to `out`. Gin must
@@ -73,9 +90,9 @@ def export_hf(workdir: str, out: str, *, dtype: str = "float32",
     flat = {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
     np_dtype = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16,
                 "float16": np.float16}[dtype]
-    tensors = {k: v.astype(np_dtype) for k, v in
-               mapping.to_hf_tensors(flat, hf_config["model_type"],
-                                     model_config.vocab_size).items()}
+    tensors = mapping.to_hf_tensors(flat, hf_config["model_type"], model_config.vocab_size)
+    tensors.update(state_tensors(state.moe_state, model_config, hf_config["model_type"]))
+    tensors = {k: v.astype(np_dtype) for k, v in tensors.items()}
     os.makedirs(out, exist_ok=True)
     files = write_safetensors(tensors, out, max_shard_bytes=max_shard_bytes)
     with open(os.path.join(out, "config.json"), "w") as f:

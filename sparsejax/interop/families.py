@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from sparsejax.interop import deepseek
+from sparsejax.interop.config_json import need as _need
 from sparsejax.models.activations import FROM_HF_ACT, HF_ACT
 
 # family -> what it is (`sparsejax list`)
@@ -22,21 +24,26 @@ FAMILIES = {
                  "decoder_sparse_step; no shared expert)",
     "olmoe": "OLMoE (q/k RMSNorm over the whole projection: qk_norm='projection'; clip_qkv; "
              "MoE on every layer)",
+    "deepseek_v2": "DeepSeek-V2 / V2-Lite (multi-head latent attention: kv_lora_rank, "
+                   "q_lora_rank, decoupled interleaved RoPE; first_k_dense_replace; softmax "
+                   "top-k greedy or group_limited_greedy, routed_scaling_factor, shared experts)",
+    "deepseek_v3": "DeepSeek-V3 / R1 (MLA with rope_interleave; sigmoid routing with "
+                   "e_score_correction_bias, n_group / topk_group, norm_topk_prob, "
+                   "routed_scaling_factor, shared experts; multi-token-prediction layers "
+                   "dropped on import)",
 }
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+DEEPSEEK = ("deepseek_v2", "deepseek_v3")  # interop/deepseek.py
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+                 "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "projection"}  # else 'none'
-_WHY_NOT = {"deepseek_v2": "multi-head latent attention (MLA)",
-            "deepseek_v3": "multi-head latent attention (MLA)"}
-
-
-def _need(cfg: Mapping[str, Any], key: str) -> Any:
-    if cfg.get(key) is None:
-        raise ValueError(f"config.json (model_type {cfg.get('model_type')!r}) lacks {key!r}")
-    return cfg[key]
+_WHY_NOT: dict[str, str] = {}  # model_type -> what sparsejax lacks to run it
+# config.json keys of multi-head latent attention: refused for the families without it
+MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
+            "v_head_dim", "rope_interleave")
 
 
 def _rope(cfg: Mapping[str, Any]) -> tuple[float, dict | None]:
@@ -102,6 +109,10 @@ def from_hf_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):
             raise ValueError(f"config.json {key}=true is not supported (no output/MLP biases)")
+    for key in MLA_KEYS if family not in DEEPSEEK else ():
+        if cfg.get(key) is not None:
+            raise ValueError(f"config.json {key}={cfg[key]!r} is not supported for {family} "
+                             f"(multi-head latent attention is deepseek_v2 / deepseek_v3's)")
     hidden, heads = int(_need(cfg, "hidden_size")), int(_need(cfg, "num_attention_heads"))
     layers = int(_need(cfg, "num_hidden_layers"))
     if family == "olmoe":
@@ -131,6 +142,8 @@ def from_hf_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     }
     if family in MOE_FAMILIES:
         b.update(_moe_bindings(cfg, family, layers))
+    if family in DEEPSEEK:
+        b.update(deepseek.from_hf_config(cfg, layers))
     return b
 
 
@@ -219,7 +232,10 @@ def to_hf_config(model: Any, moe: Any | None, prefer: str | None = None,
     if any(model.attention_kind(i) != "dense" for i in range(model.num_layers)):
         raise _refuse("ModelConfig.attention_kinds", model.attention_kinds,
                       "block-sparse attention")
-    if "moe" in kinds:
+    if model.kv_lora_rank:
+        router = _router(moe) if moe is not None else None
+        family = deepseek.family_of(model, moe, kinds, router, prefer, _refuse)
+    elif "moe" in kinds:
         family = _moe_family(model, moe, kinds)
     elif model.qk_norm == "projection":
         raise _refuse("ModelConfig.qk_norm", "projection",
@@ -274,6 +290,8 @@ def to_hf_config(model: Any, moe: Any | None, prefer: str | None = None,
     if family == "qwen2_moe":
         cfg.update(shared_expert_intermediate_size=moe.mlp_dim * moe.num_shared_experts,
                    qkv_bias=model.qkv_bias)
+    if family in DEEPSEEK:
+        cfg.update(deepseek.to_hf_fields(model, moe, kinds, router, family))
     if family == "olmoe":
         cfg.update(num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
                    intermediate_size=moe.mlp_dim, norm_topk_prob=_router(moe).renormalize,

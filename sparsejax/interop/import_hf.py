@@ -10,7 +10,9 @@ the logical-axis rules), so a checkpoint never sits whole in host memory.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import shutil
 from typing import Any, Mapping, Sequence
@@ -23,9 +25,11 @@ import numpy as np
 from sparsejax.interop import mapping
 from sparsejax.interop.families import from_hf_config
 from sparsejax.interop.safetensors_io import SafetensorsCheckpoint, expect_names
+from sparsejax.models.transformer import Transformer
 from sparsejax.parallel.rules import LOGICAL_RULES, logical_shardings, path_str
 from sparsejax.train.workdir import PRETRAINED_CONFIG, PRETRAINED_DIR as PRETRAINED
 
+log = logging.getLogger(__name__)
 RECORD = "hf_import.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
@@ -75,8 +79,6 @@ def train_bindings(arch: Mapping[str, Any]) -> dict[str, Any]:
 def abstract_params(model_config, mesh) -> tuple[dict, dict]:
     """({path: ShapeDtypeStruct with sharding}, {path: sharding}) of the model's params, per
     layer (an import is stored unscanned; a run with scanned layers stacks it on start)."""
-    import dataclasses
-    from sparsejax.models.transformer import Transformer
     from sparsejax.train.build import strip_boxes
     model = Transformer(dataclasses.replace(model_config, scan_layers=False))
     dummy = jnp.zeros((1, 8), jnp.int32)
@@ -90,11 +92,33 @@ def abstract_params(model_config, mesh) -> tuple[dict, dict]:
     return flat, flat_sh
 
 
+def abstract_moe_state(model_config) -> dict[str, Any]:
+    """{path: ShapeDtypeStruct} of the model's MoE state ('layer_3/moe/bias'), per layer;
+    empty when it keeps none."""
+    model = Transformer(dataclasses.replace(model_config, scan_layers=False))
+    dummy = jnp.zeros((1, 8), jnp.int32)
+    with nn.logical_axis_rules(LOGICAL_RULES):
+        out = jax.eval_shape(lambda k: model.init({"params": k, "router": k, "dropout": k},
+                                                  dummy), jax.random.key(0))
+    return {path_str(p): x for p, x in
+            jax.tree_util.tree_leaves_with_path(out.get("moe_state", {}))}
+
+
+def state_sources(state_shapes: Mapping[str, Any], family: str) -> dict[str, str]:
+    """{our MoE state path: HF tensor} for the entries the family stores (DeepSeek-V3's
+    e_score_correction_bias); entries it lacks keep their initial value."""
+    return {p: n for p in state_shapes if (n := mapping.state_name(p, family)) is not None}
+
+
 def check_checkpoint(ckpt: SafetensorsCheckpoint, sources: Mapping[str, mapping.Source],
-                     src: str) -> None:
-    """Missing/unexpected tensors and shape mismatches against config.json, named."""
+                     src: str, states: Mapping[str, tuple[int, ...]] | None = None,
+                     dropped: Sequence[str] = ()) -> None:
+    """Missing/unexpected tensors and shape mismatches against config.json, named. `states`:
+    {HF tensor: shape} of MoE state entries; `dropped`: tensors deliberately not imported."""
     want = {n: s.hf_shape for s in sources.values() for n in s.names}
-    have = [n for n in ckpt.names if not mapping.IGNORED.match(n)]
+    want.update(states or {})
+    skip = set(dropped)
+    have = [n for n in ckpt.names if not mapping.IGNORED.match(n) and n not in skip]
     if "lm_head.weight" not in want and "lm_head.weight" in have:
         have.remove("lm_head.weight")  # tied models sometimes store the tied copy
     expect_names(have, want, src)
@@ -150,7 +174,7 @@ def check_workdir(workdir: str, bindings: Mapping[str, Any]) -> None:
         with open(record) as f:
             old = json.load(f).get("bindings", {})
         model_keys = {k for k in set(old) | set(bindings) if k.startswith(
-            ("ModelConfig.", "MoeMlp.", "SoftmaxTopKRouter."))}
+            ("ModelConfig.", "MoeMlp.", "SoftmaxTopKRouter.", "SigmoidTopKRouter."))}
         diff = sorted(k for k in model_keys if old.get(k) != _jsonable(bindings.get(k)))
         if diff:
             raise ValueError(f"--workdir={workdir!r} already holds a different imported model "
@@ -173,6 +197,14 @@ def import_hf(src: str, workdir: str, bindings: Sequence[str] = (),
     cfg = read_config(src)
     arch = from_hf_config(cfg)  # unknown family / option -> ValueError, before any read
     ckpt = SafetensorsCheckpoint(src)
+    dropped = mapping.extra_layers(ckpt.names, arch["ModelConfig.num_layers"])
+    if dropped:
+        extra = sorted({int(n.split(".")[2]) for n in dropped})
+        log.warning("import-hf: dropping %d tensors of layers %s past num_hidden_layers=%d "
+                    "(multi-token-prediction layers, num_nextn_predict_layers=%s): sparsejax "
+                    "does not run them, and export-hf writes the model without them",
+                    len(dropped), extra, arch["ModelConfig.num_layers"],
+                    cfg.get("num_nextn_predict_layers"))
     arch_and_tok = {**arch, **tokenizer_bindings(src, workdir, cfg), **train_bindings(arch)}
     check_workdir(workdir, arch_and_tok)
     os.makedirs(workdir, exist_ok=True)
@@ -188,7 +220,10 @@ def import_hf(src: str, workdir: str, bindings: Sequence[str] = (),
         shapes, shardings = abstract_params(model_config, mesh)
         sources = mapping.plan({k: tuple(v.shape) for k, v in shapes.items()}, cfg["model_type"],
                                model_config.vocab_size)
-        check_checkpoint(ckpt, sources, src)
+        state_shapes = abstract_moe_state(model_config)
+        states = state_sources(state_shapes, cfg["model_type"])
+        check_checkpoint(ckpt, sources, src, {n: tuple(state_shapes[p].shape)
+                                              for p, n in states.items()}, dropped)
     except Exception:
         os.remove(tmp)
         raise
@@ -198,13 +233,18 @@ def import_hf(src: str, workdir: str, bindings: Sequence[str] = (),
             shutil.copyfile(os.path.join(src, name), os.path.join(workdir, name))
     with jax.set_mesh(mesh):
         params = unflatten(load_params(ckpt, sources, shapes, shardings))
+        saved = {"params": params}
+        if state_shapes:  # the family's stored entries, the rest as the model inits them
+            saved["moe_state"] = unflatten({
+                p: (np.asarray(ckpt.read(states[p]), np.dtype(x.dtype))
+                    if p in states else np.zeros(x.shape, x.dtype))
+                for p, x in state_shapes.items()})
         with ocp.StandardCheckpointer() as saver:
-            saver.save(os.path.join(os.path.abspath(workdir), PRETRAINED), {"params": params},
-                       force=True)
+            saver.save(os.path.join(os.path.abspath(workdir), PRETRAINED), saved, force=True)
     ckpt.close()
     with open(os.path.join(workdir, RECORD), "w") as f:
         json.dump({"source": os.path.abspath(src), "model_type": cfg["model_type"],
                    "config": cfg, "bindings": _jsonable(arch_and_tok)}, f, indent=1)
     n = sum(int(np.prod(s.shape)) for s in shapes.values())
     return {"workdir": workdir, "model_type": cfg["model_type"], "params": n,
-            "checkpoint_bytes": ckpt.nbytes()}
+            "checkpoint_bytes": ckpt.nbytes(), "dropped_tensors": len(dropped)}

@@ -33,6 +33,13 @@ _ATTN = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "out": "o_proj"}
 _QK_NORM = {"query_norm": "q_norm", "key_norm": "k_norm"}  # ModelConfig.qk_norm (Qwen3, OLMoE)
 _MLP = {"wi_gate": "gate_proj", "wi_up": "up_proj", "wo": "down_proj"}
 _MIXTRAL_EXPERT = {"wi_gate": "w1", "wi_up": "w3", "wo": "w2"}
+# multi-head latent attention (DeepSeek): projections (`Projection` modules) and norms
+_MLA = {"query": "q_proj", "query_a": "q_a_proj", "query_b": "q_b_proj",
+        "kv_a": "kv_a_proj_with_mqa", "kv_b": "kv_b_proj", "out": "o_proj"}
+_MLA_NORM = {"query_a_norm": "q_a_layernorm", "kv_a_norm": "kv_a_layernorm"}
+DEEPSEEK = ("deepseek_v2", "deepseek_v3")
+# MoE state (not params) that a family stores: DeepSeek-V3's selection bias
+_STATE = {"deepseek_v3": {"moe/bias": "mlp.gate.e_score_correction_bias"}}
 
 
 def hf_names(path: str, family: str) -> tuple[tuple[str, ...] | str, bool]:
@@ -54,6 +61,11 @@ def hf_names(path: str, family: str) -> tuple[tuple[str, ...] | str, bool]:
         return p + "post_attention_layernorm.weight", False
     if parts[0] == "attn" and len(parts) == 3 and parts[1] in _QK_NORM and parts[2] == "scale":
         return p + f"self_attn.{_QK_NORM[parts[1]]}.weight", False
+    if family in DEEPSEEK and parts[0] == "attn" and len(parts) == 3:
+        if parts[1] in _MLA and parts[2] == "kernel":
+            return p + f"self_attn.{_MLA[parts[1]]}.weight", True
+        if parts[1] in _MLA_NORM and parts[2] == "scale":
+            return p + f"self_attn.{_MLA_NORM[parts[1]]}.weight", False
     if parts[0] == "attn" and len(parts) == 2:
         name = parts[1]
         if name.endswith("_bias") and name[:-5] in _ATTN:
@@ -73,8 +85,28 @@ def hf_names(path: str, family: str) -> tuple[tuple[str, ...] | str, bool]:
                 return moe + f"experts.{{e}}.{_MIXTRAL_EXPERT[parts[2]]}.weight", True
             return moe + f"experts.{{e}}.{_MLP[parts[2]]}.weight", True
         if len(parts) == 3 and parts[1] == "shared_experts":
-            return moe + f"shared_expert.{_MLP[parts[2]]}.weight", True
+            shared = "shared_experts" if family in DEEPSEEK else "shared_expert"
+            return moe + f"{shared}.{_MLP[parts[2]]}.weight", True
     raise ValueError(f"param {path} has no Hugging Face counterpart in family {family!r}")
+
+
+def state_name(path: str, family: str) -> str | None:
+    """The HF tensor of our MoE state entry `path` ('layer_3/moe/bias'), or None when the
+    family stores no such tensor."""
+    m = re.fullmatch(r"layer_(\d+)/(.+)", path)
+    name = _STATE.get(family, {}).get(m.group(2)) if m else None
+    return None if name is None else f"model.layers.{m.group(1)}.{name}"
+
+
+def extra_layers(names, num_layers: int) -> list[str]:
+    """The tensors of layers past `num_layers` (DeepSeek-V3's multi-token-prediction layers,
+    `num_nextn_predict_layers`, stored as model.layers.<num_layers + i>.*)."""
+    out = []
+    for name in names:
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        if m and int(m.group(1)) >= num_layers:
+            out.append(name)
+    return out
 
 
 def plan(shapes: Mapping[str, tuple[int, ...]], family: str, vocab_size: int

@@ -10,6 +10,8 @@
   'beta_slow': 1, 'mscale': ..., 'mscale_all_dim': ..., 'attention_factor': ...,
   'truncate': True}``: YaRN — a linear ramp between interpolated and original frequencies
   over the dimensions, and cos/sin multiplied by an attention factor (0.1 ln F + 1 by default).
+  Multi-head latent attention also scales its softmax by mscale(F, mscale_all_dim) ** 2
+  (models/mla.py `softmax_scale`).
 
 The math is numpy over the `head_dim / 2` frequencies; `rotary_embedding` applies them.
 """

@@ -17,6 +17,7 @@ from sparsejax.models.attention import ATTENTION_KINDS, QK_NORMS, Attention
 from sparsejax.models.layer_stack import (check_scan_layers, layer_period, scanned_blocks,
                                           stack_layers)
 from sparsejax.models.layers import Embed, GatedMlp, RMSNorm, as_tokens, dense, dtype_from_name
+from sparsejax.models.mla import LatentAttention, check_latent_attention
 from sparsejax.models.remat import check_remat_policy, remat_module
 from sparsejax.models.rope import check_rope_scaling
 
@@ -42,6 +43,13 @@ class ModelConfig:
     itself included; Mistral), `qk_norm` ('none'; 'head': RMSNorm of each head's q and k
     before RoPE, Qwen3; 'projection': of the whole q and k projections, OLMoE), `clip_qkv`
     (> 0: q, k and v clipped to [-clip_qkv, clip_qkv] after the q/k norms, OLMoE; 0: off).
+
+    Multi-head latent attention (DeepSeek-V2 / V3, models/mla.py) on every layer when
+    `kv_lora_rank` > 0 (0: standard attention): keys and values expanded from a latent of
+    that rank, `q_lora_rank` (> 0: low-rank queries), `qk_rope_head_dim` (the rotary part of
+    `head_dim`, which is then qk_nope_head_dim + qk_rope_head_dim), `v_head_dim`,
+    `rope_interleave` (DeepSeek's interleaved rotary pairs). The KV cache then stores the
+    latent and the rotary key only.
 
     `weight_format` (default 'dense') stores every attention and MLP projection in a
     registered weight format (models/formats/: 'dense', 'block_sparse', 'monarch');
@@ -82,6 +90,11 @@ class ModelConfig:
     activation_threshold: float = 0.0
     weight_format: str = "dense"
     weight_format_overrides: Any = None
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
 
     def __post_init__(self):
         check_field_types(self)
@@ -116,6 +129,7 @@ class ModelConfig:
         check_remat_policy(self.remat_policy)
         check_scan_layers(self)
         check_activation(self.mlp_activation, self.activation_threshold)
+        check_latent_attention(self)
         self.formats()
 
     def formats(self) -> FormatSpec:
@@ -165,13 +179,21 @@ class Block(nn.Module):
         dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
         eps = float(cfg.norm_epsilon)
         h = RMSNorm(eps, dtype=dtype, param_dtype=pdtype, name="attn_norm")(x)
-        h = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
-                      kind=cfg.attention_kind(self.layer), sparse_mask=cfg.sparse_attention_mask,
-                      qkv_bias=cfg.qkv_bias, window=int(cfg.sliding_window),
-                      rope_scaling=cfg.rope_scaling, qk_norm=cfg.qk_norm,
-                      clip_qkv=float(cfg.clip_qkv), norm_epsilon=eps, dtype=dtype,
-                      param_dtype=pdtype, formats=formats, layer=self.layer,
-                      name="attn")(h, positions, segment_ids, decode)
+        if cfg.kv_lora_rank:
+            attn = LatentAttention(cfg.num_heads, cfg.head_dim, cfg.qk_rope_head_dim,
+                                   cfg.v_head_dim, cfg.kv_lora_rank, cfg.q_lora_rank,
+                                   cfg.rope_interleave, cfg.rope_theta, cfg.rope_scaling,
+                                   norm_epsilon=eps, dtype=dtype, param_dtype=pdtype,
+                                   formats=formats, name="attn")
+        else:
+            attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
+                             kind=cfg.attention_kind(self.layer),
+                             sparse_mask=cfg.sparse_attention_mask, qkv_bias=cfg.qkv_bias,
+                             window=int(cfg.sliding_window), rope_scaling=cfg.rope_scaling,
+                             qk_norm=cfg.qk_norm, clip_qkv=float(cfg.clip_qkv),
+                             norm_epsilon=eps, dtype=dtype, param_dtype=pdtype,
+                             formats=formats, layer=self.layer, name="attn")
+        h = attn(h, positions, segment_ids, decode)
         x = x + h
         h = RMSNorm(eps, dtype=dtype, param_dtype=pdtype, name="mlp_norm")(x)
         if cfg.mlp_kind(self.layer) == "moe":

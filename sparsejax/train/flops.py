@@ -4,8 +4,9 @@ Training FLOPs per token = 3 x forward (the backward costs two forwards), remate
 not counted (MFU, not hardware FLOPs utilization):
 
 * matmuls: 2 x (kernel entries a token meets) per forward; embeddings are lookups (0);
-* attention: 2 x 2 x heads x head_dim x (keys a query attends to) per layer per forward,
-  with causal masking (mean (seq + 1) / 2 keys, or fewer within a sliding window; a
+* attention: 2 x 2 x heads x head_dim x (keys a query attends to) per layer per forward
+  (multi-head latent attention: 2 x heads x (head_dim + v_head_dim) x keys, its expansion of
+  the latent counted with the matmuls), with causal masking (mean (seq + 1) / 2 keys, or fewer within a sliding window; a
   block-sparse mask is counted as dense causal, an upper bound).
 
 Three counts are logged: `flops_per_token/dense` (every expert for every token),
@@ -89,7 +90,8 @@ def attention_flops_per_token(model_config: Any, seq_len: int) -> float:
     """Training FLOPs per token of the attention scores and values, all layers."""
     w = int(model_config.sliding_window)
     keys = np.minimum(np.arange(1, seq_len + 1), w if w > 0 else seq_len).mean()
-    per_layer = 2 * 2 * model_config.num_heads * model_config.head_dim * keys
+    v_dim = model_config.v_head_dim if model_config.kv_lora_rank else model_config.head_dim
+    per_layer = 2 * model_config.num_heads * (model_config.head_dim + v_dim) * keys
     return 3.0 * per_layer * model_config.num_layers
 
 

@@ -154,11 +154,25 @@ def restore_pretrained(workdir: str, abstract_params: Any) -> Any:
     """The imported params of `workdir`, restored straight into their shardings (each process
     reads its own slices). Shape mismatches with the configured model name the param.
     Imports hold per-layer params; a model with scanned layers gets them stacked."""
+    return restore_pretrained_state(workdir, abstract_params)[0]
+
+
+def restore_pretrained_state(workdir: str, abstract_params: Any,
+                             abstract_moe_state: Any = None) -> tuple[Any, Any]:
+    """(params, MoE state) of the import in `workdir` (`restore_pretrained`); the MoE state
+    (DeepSeek-V3's selection biases) is None when the import holds none, and is restored into
+    `abstract_moe_state`'s shardings when given (else as host arrays)."""
     if stacked_period(abstract_params) is not None:
-        per_layer = restore_pretrained(workdir, unstack_abstract(abstract_params))
+        per_layer, state = restore_pretrained_state(
+            workdir, unstack_abstract(abstract_params),
+            None if abstract_moe_state is None else unstack_abstract(abstract_moe_state))
         shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
-        return jax.jit(lambda p: layout_like(p, abstract_params), out_shardings=shardings)(
+        params = jax.jit(lambda p: layout_like(p, abstract_params), out_shardings=shardings)(
             per_layer)
+        if state is not None and abstract_moe_state is not None:
+            state = jax.jit(lambda s: layout_like(s, abstract_moe_state), out_shardings=jax.tree.map(
+                lambda x: x.sharding, abstract_moe_state))(state)
+        return params, state
     path = os.path.join(os.path.abspath(workdir), PRETRAINED_DIR)
     with ocp.StandardCheckpointer() as ckptr:
         meta = ckptr.metadata(path)
@@ -174,13 +188,21 @@ def restore_pretrained(workdir: str, abstract_params: Any) -> Any:
             raise ValueError(f"workdir {workdir!r} holds imported params of another model "
                              f"({'; '.join(bad[:3])}); keep the bindings of its "
                              f"{PRETRAINED_CONFIG}")
-        return ckptr.restore(path, {"params": abstract_params})["params"]
+        target = {"params": abstract_params}
+        if "moe_state" in meta:
+            target["moe_state"] = abstract_moe_state if abstract_moe_state is not None else \
+                jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), meta["moe_state"])
+        out = ckptr.restore(path, target)
+        return out["params"], out.get("moe_state")
 
 
 def init_from_pretrained(run: Any, workdir: str) -> TrainState:
-    """A fresh TrainState whose params are the imported ones when `workdir` holds them (the
-    sparsity method's masks and the optimizer state are built from those params), else the
-    random init. Call under the run's mesh and logical-axis rules."""
+    """A fresh TrainState whose params (and MoE state, when the import holds one) are the
+    imported ones when `workdir` holds them (the sparsity method's masks and the optimizer
+    state are built from those params), else the random init. Call under the run's mesh and logical-axis rules."""
     if not has_pretrained(workdir):
         return run.init_state()
-    return run.init_state(restore_pretrained(workdir, run.abstract_model_params))
+    params, moe_state = restore_pretrained_state(workdir, run.abstract_model_params,
+                                                 run.abstract_state.moe_state)
+    state = run.init_state(params)
+    return state if moe_state is None else state.replace(moe_state=moe_state)

@@ -70,3 +70,73 @@ def test_options_without_hf_equivalent_are_refused(model, layer, needle):
     with pytest.raises(ValueError, match="no Hugging Face equivalent") as e:
         to_hf_config(ModelConfig(**hf, **model), layer)
     assert needle in str(e.value)
+
+
+MLA = dict(HF, num_kv_heads=4, head_dim=12, kv_lora_rank=16, qk_rope_head_dim=4, v_head_dim=6,
+           rope_interleave=True, mlp_kinds=("dense", "moe"))
+
+
+@pytest.mark.parametrize("router, settings, family", [
+    ("softmax_topk", {"renormalize": False, "routed_scaling": 1.5}, "deepseek_v2"),
+    ("softmax_topk", {"renormalize": False, "num_groups": 2, "top_groups": 1,
+                      "group_score": "max"}, "deepseek_v2"),
+    ("sigmoid_topk", {"routed_scaling": 2.5, "num_groups": 2, "top_groups": 1}, "deepseek_v3"),
+])
+@pytest.mark.parametrize("q_lora_rank", [0, 8])
+def test_mla_exports_as_deepseek(router, settings, family, q_lora_rank):
+    """A model with multi-head latent attention exports as the DeepSeek family of its router,
+    and the config.json reimports as the same architecture and routing."""
+    cls = "SoftmaxTopKRouter" if router == "softmax_topk" else "SigmoidTopKRouter"
+    for name, value in settings.items():
+        gin.bind_parameter(f"{cls}.{name}", value)
+    layer = MoeMlp(embed_dim=32, mlp_dim=16, num_experts=4, top_k=2, router=router,
+                   num_shared_experts=2, correction_bias=router == "sigmoid_topk")
+    cfg = to_hf_config(ModelConfig(**MLA, q_lora_rank=q_lora_rank), layer)
+    assert cfg["model_type"] == family
+    assert cfg["first_k_dense_replace"] == 1 and cfg["qk_nope_head_dim"] == 8
+    assert cfg["q_lora_rank"] == (q_lora_rank or None)
+    back = from_hf_config(cfg)
+    for key, value in {**MLA, "q_lora_rank": q_lora_rank}.items():
+        assert back[f"ModelConfig.{key}"] == value, key
+    for key in ("num_experts", "top_k", "mlp_dim", "num_shared_experts", "correction_bias"):
+        assert back.get(f"MoeMlp.{key}", False) == getattr(layer, key), key
+    for name, value in settings.items():
+        assert back[f"{cls}.{name}"] == value, name
+
+
+@pytest.mark.parametrize("cfg, needle", [
+    (dict(model_type="llama", q_lora_rank=8), "q_lora_rank=8 is not supported for llama"),
+    (dict(model_type="qwen2_moe", kv_lora_rank=8), "kv_lora_rank=8"),
+    (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0}), "rope type 'dynamic'"),
+    (dict(topk_method="noaux_tc"), "topk_method='noaux_tc'"),
+    (dict(norm_topk_prob=True), "norm_topk_prob=True"),
+    (dict(num_key_value_heads=2), "num_key_value_heads=2"),
+    (dict(n_shared_experts=0), "n_shared_experts=0"),
+    (dict(moe_layer_freq=2), "moe_layer_freq=2"),
+    (dict(model_type="deepseek_v3", scoring_func="softmax"), "scoring_func='softmax'"),
+    (dict(model_type="deepseek_v3", quantization_config={"quant_method": "fp8"}),
+     "quantization_config (quant_method 'fp8')"),
+])
+def test_unsupported_deepseek_options_are_refused(cfg, needle):
+    """One line naming the option."""
+    base = dict(model_type="deepseek_v2", vocab_size=300, hidden_size=32, num_hidden_layers=2,
+                num_attention_heads=4, intermediate_size=48, kv_lora_rank=16, q_lora_rank=None,
+                qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6, first_k_dense_replace=1,
+                n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                n_shared_experts=1)
+    with pytest.raises(ValueError, match="not supported") as e:
+        from_hf_config({**base, **cfg})
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("model, layer, needle", [
+    (dict(mlp_kinds=("moe", "dense")), dict(router="sigmoid_topk", num_shared_experts=1),
+     "ModelConfig.mlp_kinds"),
+    (dict(), dict(router="sigmoid_topk"), "MoeMlp.num_shared_experts=0"),
+    (dict(), dict(num_shared_experts=1), "SoftmaxTopKRouter.renormalize=True"),
+    (dict(), dict(router="relu", num_shared_experts=1), "MoeMlp.router='relu'"),
+])
+def test_mla_options_without_deepseek_equivalent_are_refused(model, layer, needle):
+    with pytest.raises(ValueError, match="no Hugging Face equivalent") as e:
+        to_hf_config(ModelConfig(**{**MLA, **model}), MoeMlp(embed_dim=32, **layer))
+    assert needle in str(e.value)

@@ -3,7 +3,10 @@ random checkpoint with a tokenizer.json and a config.json that defines neither B
 imported; `sample` continues a prompt as transformers' `generate` does; `train` fine-tunes it on
 a corpus holding empty files (skipped and counted, not an error); the fine-tuned model exports
 and transformers loads it with our logits. The MoE families are also pruned with Wanda, their
-experts merged, and the smaller model exported and loaded with our logits."""
+experts merged, and the smaller model exported and loaded with our logits. DeepSeek-V2 / V3
+(multi-head latent attention, a dense layer then an MoE layer) go the same way and are pruned
+with magnitude, Wanda or SparseGPT: every projection, the low-rank ones included, exports with
+its exact zeros."""
 import json
 import os
 import shutil
@@ -56,11 +59,15 @@ def corpus(tmp_path_factory):
 
 
 def our_logits(workdir):
-    """Logits of TOKENS by the workdir's latest checkpoint (params with exact zeros)."""
+    """Logits of TOKENS by the workdir's latest checkpoint (params with exact zeros; the MoE
+    state, DeepSeek-V3's selection bias, when it keeps one)."""
     gin.clear_config()
     parse_workdir_config(workdir, [], [])
     _, state = restore_state_numpy(workdir)
-    return np.asarray(Transformer(ModelConfig()).apply({"params": state["params"]}, TOKENS))
+    variables = {"params": state["params"]}
+    if state.get("moe_state"):
+        variables["moe_state"] = state["moe_state"]
+    return np.asarray(Transformer(ModelConfig()).apply(variables, TOKENS))
 
 
 def exported(workdir, out, model):
@@ -131,3 +138,76 @@ def test_import_sample_finetune_prune_export(family, tmp_path, corpus, bpe_token
     q = layer.self_attn.q_proj.weight.detach().numpy()
     assert (q == 0).mean() == pytest.approx(0.5)
     np.testing.assert_allclose(hf_logits(back), our_logits(pruned), atol=TOL, rtol=0)
+
+
+MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+           v_head_dim=6, first_k_dense_replace=1, n_shared_experts=1, moe_intermediate_size=16,
+           num_experts_per_tok=2)
+DEEPSEEK = {
+    "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM, dict(
+        MLA, q_lora_rank=None, n_routed_experts=4, routed_scaling_factor=1.5)),
+    "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, dict(
+        MLA, q_lora_rank=12, n_routed_experts=4, n_group=2, topk_group=1)),
+}
+# the projections of each attention layer, where pruning must leave its zeros
+MLA_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
+                   "o_proj")
+
+
+@pytest.mark.parametrize("family, methods", [("deepseek_v2", ("magnitude",)),
+                                             ("deepseek_v3", ("wanda", "sparsegpt"))])
+def test_deepseek_sample_finetune_prune_export(family, methods, tmp_path, corpus,
+                                               bpe_tokenizer, hf_random_model, capsys):
+    config_cls, model_cls, extra = DEEPSEEK[family]
+    src, w = tmp_path / "hf", str(tmp_path / "w")
+    model = hf_random_model(config_cls, model_cls, str(src), {**COMMON, **extra})
+    if family == "deepseek_v3":  # a selection bias that changes the routing
+        with torch.no_grad():
+            model.model.layers[1].mlp.gate.e_score_correction_bias.normal_(0, 0.5)
+        model.save_pretrained(str(src))
+    bpe_tokenizer(src / "tokenizer.json")
+    data = f"--gin.TrainConfig.dataset='files:{corpus}/*.txt'"
+    assert cli.main(["import-hf", f"--src={src}", f"--workdir={w}"]) == 0
+
+    prompt = "def add(a, b):"
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(src / "tokenizer.json"))
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                              do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    capsys.readouterr()
+    gin.clear_config()
+    assert cli.main(["sample", f"--workdir={w}", f"--prompt={prompt}",
+                     "--max_new_tokens=5"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"][0] == want
+
+    if family == "deepseek_v2":  # fine-tune: the latent projections change, export loads
+        tuned = str(tmp_path / "tuned")
+        shutil.copytree(w, tuned)
+        gin.clear_config()
+        assert cli.main(["train", f"--workdir={tuned}", "--quiet", data, *FAST,
+                         "--gin.TrainConfig.num_steps=2",
+                         "--gin.learning_rate_schedule.peak_lr=1e-2",
+                         "--gin.learning_rate_schedule.warmup_steps=0"]) == 0
+        back = exported(tuned, str(tmp_path / "tuned_hf"), model)
+        np.testing.assert_allclose(hf_logits(back), our_logits(tuned), atol=TOL, rtol=0)
+        name = "model.layers.1.self_attn.kv_b_proj.weight"
+        assert not torch.equal(back.state_dict()[name], model.state_dict()[name])
+
+    for method in methods:
+        pruned = str(tmp_path / f"pruned_{method}")
+        gin.clear_config()
+        assert cli.main(["prune", f"--workdir={w}", f"--out={pruned}", f"--method={method}",
+                         "--sparsity=0.5", "--calibration_samples=8", "--quiet", data,
+                         *FAST[:2], "--gin.TrainConfig.eval_tokens=256"]) == 0
+        back = exported(pruned, str(tmp_path / f"pruned_{method}_hf"), model)
+        for layer in back.model.layers:
+            for name in MLA_PROJECTIONS:
+                proj = getattr(layer.self_attn, name, None)
+                if proj is not None:
+                    weight = proj.weight.detach().numpy()
+                    assert (weight == 0).mean() == pytest.approx(0.5, abs=0.02), (method, name)
+        if family == "deepseek_v3":  # the selection bias comes back unchanged
+            assert torch.equal(back.model.layers[1].mlp.gate.e_score_correction_bias,
+                               model.model.layers[1].mlp.gate.e_score_correction_bias)
+        np.testing.assert_allclose(hf_logits(back), our_logits(pruned), atol=TOL, rtol=0)

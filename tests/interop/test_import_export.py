@@ -256,9 +256,9 @@ def test_bad_input_one_line_errors(tmp_path, capsys):
     d = tmp_path / "fam"
     write_checkpoint(d, dict(LLAMA, model_type="gpt2"), tensors=tensors)
     cases.append((d, "model_type='gpt2'"))
-    d = tmp_path / "ds"
-    write_checkpoint(d, dict(LLAMA, model_type="deepseek_v3"), tensors=tensors)
-    cases.append((d, "multi-head latent attention"))
+    d = tmp_path / "mla"  # an option of another family
+    write_checkpoint(d, dict(LLAMA, q_lora_rank=8), tensors=tensors)
+    cases.append((d, "q_lora_rank=8 is not supported for llama"))
     # missing / unexpected tensor, shape mismatch
     d = tmp_path / "missing"
     write_checkpoint(d, LLAMA, tensors={k: v for k, v in tensors.items()

@@ -2,7 +2,10 @@
 installed: `pip install -e '.[test,hf]'`). For every supported family a tiny random model is
 built with transformers, imported, compared logit by logit (float32, max |diff| <= 1e-4) and by
 greedy continuation (`generate` vs our KV-cache decode, which equals our full recomputation),
-exported and loaded back by transformers (same logits, tensors identical to the original)."""
+exported and loaded back by transformers (same logits, tensors identical to the original).
+DeepSeek-V2 / V3 (multi-head latent attention) run with dense and MoE layers, low-rank and plain
+queries, YaRN with its softmax-scale correction, and a random V3 correction bias; their
+greedy continuations use the compressed (latent) KV cache."""
 import json
 import os
 
@@ -20,7 +23,7 @@ from sparsejax.train.commands import parse_workdir_config  # noqa: E402
 from sparsejax.interop.import_hf import abstract_params, unflatten  # noqa: E402
 from sparsejax.models.transformer import ModelConfig, Transformer  # noqa: E402
 from sparsejax.parallel.mesh import make_mesh  # noqa: E402
-from sparsejax.train.warm_start import restore_pretrained  # noqa: E402
+from sparsejax.train.warm_start import restore_pretrained_state  # noqa: E402
 
 TOL = 1e-4
 COMMON = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -54,13 +57,41 @@ FAMILIES = {
         num_experts=4, num_experts_per_tok=2, clip_qkv=1.0, norm_topk_prob=False,
         eos_token_id=None)),
 }
+# MLA: layer 0 dense, layer 1 MoE (first_k_dense_replace=1); heads of 8 + 4 rotary dims
+MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+           v_head_dim=6, first_k_dense_replace=1, n_shared_experts=1, moe_intermediate_size=16,
+           num_experts_per_tok=2)
+YARN = {"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0,
+        "original_max_position_embeddings": 16, "mscale": 0.707, "mscale_all_dim": 0.707}
+FAMILIES.update({
+    # V2-Lite's layout: one query projection, greedy softmax routing, scaled weights
+    "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM, dict(
+        MLA, q_lora_rank=None, n_routed_experts=4, topk_method="greedy",
+        routed_scaling_factor=1.5)),
+    "deepseek_v2_groups": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM,
+                           dict(MLA, q_lora_rank=12, n_routed_experts=8, n_group=4, topk_group=2,
+                                topk_method="group_limited_greedy", rope_parameters=YARN)),
+    "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, dict(
+        MLA, q_lora_rank=12, n_routed_experts=8, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, rope_parameters=YARN)),
+    "deepseek_v3_plain": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM,
+                          dict(MLA, q_lora_rank=None, n_routed_experts=4, n_group=1,
+                               topk_group=1, norm_topk_prob=False, rope_interleave=False,
+                               eos_token_id=None)),
+})
 TOKENS = np.random.default_rng(0).integers(0, 300, (2, 24))
 
 
 def hf_model(make, family, directory):
     config_cls, model_cls, extra = FAMILIES[family]
-    return make(config_cls, model_cls, directory, {**COMMON, **extra},
-                max_shard_size="60KB" if family == "mixtral" else "1GB")
+    model = make(config_cls, model_cls, directory, {**COMMON, **extra},
+                 max_shard_size="60KB" if family == "mixtral" else "1GB")
+    if model.config.model_type == "deepseek_v3":  # a selection bias that changes the routing
+        with torch.no_grad():
+            for layer in model.model.layers[model.config.first_k_dense_replace:]:
+                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.5)
+        model.save_pretrained(directory)
+    return model
 
 
 def hf_logits(model, tokens):
@@ -69,12 +100,17 @@ def hf_logits(model, tokens):
 
 
 def ours(workdir):
+    """(model, params, MoE state or None) of an imported workdir."""
     parse_workdir_config(workdir, [], [])
     mc = ModelConfig()
     shapes, sh = abstract_params(mc, make_mesh())
     abstract = unflatten({k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k])
                           for k, v in shapes.items()})
-    return Transformer(mc), restore_pretrained(workdir, abstract)
+    return (Transformer(mc), *restore_pretrained_state(workdir, abstract))
+
+
+def variables(params, moe_state):
+    return {"params": params, **({"moe_state": moe_state} if moe_state else {})}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -84,9 +120,10 @@ def test_import_logits_generate_export(family, tmp_path, hf_random_model):
     if family == "mixtral":
         assert os.path.exists(os.path.join(src, "model.safetensors.index.json"))
     assert cli.main(["import-hf", f"--src={src}", f"--workdir={w}"]) == 0
-    ours_model, params = ours(w)
+    ours_model, params, moe_state = ours(w)
+    assert (moe_state is not None) == (model.config.model_type == "deepseek_v3")
     want = hf_logits(model, TOKENS)
-    got = np.asarray(ours_model.apply({"params": params}, TOKENS))
+    got = np.asarray(ours_model.apply(variables(params, moe_state), TOKENS))
     assert np.abs(got - want).max() <= TOL, np.abs(got - want).max()
 
     prompts = TOKENS[:, :6]
@@ -94,10 +131,11 @@ def test_import_logits_generate_export(family, tmp_path, hf_random_model):
         hf_out = model.generate(torch.from_numpy(prompts), attention_mask=torch.ones_like(
             torch.from_numpy(prompts)), max_new_tokens=10, do_sample=False,
             pad_token_id=0).numpy()[:, 6:]
-    our_out = generate(ours_model, params, prompts.tolist(), max_new_tokens=10)["tokens"]
+    our_out = generate(ours_model, params, prompts.tolist(), max_new_tokens=10,
+                       moe_state=moe_state)["tokens"]
     assert our_out == hf_out.tolist()
     assert generate(ours_model, params, prompts.tolist(), max_new_tokens=10,
-                    use_cache=False)["tokens"] == our_out
+                    moe_state=moe_state, use_cache=False)["tokens"] == our_out
 
     gin.clear_config()
     assert cli.main(["export-hf", f"--workdir={w}", f"--out={out}"]) == 0
@@ -108,4 +146,28 @@ def test_import_logits_generate_export(family, tmp_path, hf_random_model):
     assert sorted(original) == sorted(exported)
     for k in original:
         assert torch.equal(original[k], exported[k]), k
-    assert json.load(open(os.path.join(out, "config.json")))["model_type"] == family
+    assert json.load(open(os.path.join(out, "config.json")))["model_type"] == \
+        model.config.model_type
+
+
+def test_deepseek_v3_multi_token_prediction_layers_dropped(tmp_path, hf_random_model, caplog):
+    """A V3 checkpoint stores its multi-token-prediction layer as model.layers.<num_hidden_
+    layers>.*: the import drops it with a warning naming it, and computes transformers' logits
+    (transformers does not run it either)."""
+    from safetensors.numpy import load_file, save_file
+    src, w = tmp_path / "hf", str(tmp_path / "w")
+    model = hf_model(hf_random_model, "deepseek_v3", str(src))
+    tensors = load_file(src / "model.safetensors")
+    mtp = {"model.layers.2.enorm.weight": np.ones(32, np.float32),
+           "model.layers.2.eh_proj.weight": np.zeros((32, 64), np.float32),
+           "model.layers.2.self_attn.kv_b_proj.weight": np.zeros((56, 16), np.float32)}
+    save_file({**tensors, **mtp}, src / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.load(open(src / "config.json"))
+    json.dump({**cfg, "num_nextn_predict_layers": 1}, open(src / "config.json", "w"))
+    with caplog.at_level("WARNING"):
+        assert cli.main(["import-hf", f"--src={src}", f"--workdir={w}"]) == 0
+    assert "dropping 3 tensors of layers [2]" in caplog.text
+    assert "multi-token-prediction" in caplog.text
+    ours_model, params, moe_state = ours(w)
+    got = np.asarray(ours_model.apply(variables(params, moe_state), TOKENS))
+    np.testing.assert_allclose(got, hf_logits(model, TOKENS), atol=TOL, rtol=0)

@@ -60,45 +60,58 @@ def _token_major(idx: jax.Array, weight: jax.Array, mask: jax.Array, probs: jax.
         probs=probs, num_tokens=t, num_experts=probs.shape[-1], k=k)
 
 
-def group_limited(sel: jax.Array, num_groups: int, top_groups: int) -> jax.Array:
-    """DeepSeek-V3 group-limited (node-limited) routing: experts form `num_groups` equal
-    groups; a group's score is the sum of its two best selection scores (one if groups have a
-    single expert); only the `top_groups` best groups stay selectable, the others are set to
-    -inf. sel: [T, E] -> [T, E]."""
+GROUP_SCORES = ("top2", "max")
+
+
+def group_limited(sel: jax.Array, num_groups: int, top_groups: int,
+                  group_score: str = "top2") -> jax.Array:
+    """Group-limited (node-limited) routing: experts form `num_groups` equal groups; a group's
+    score is the sum of its two best selection scores (`group_score='top2'`, DeepSeek-V3; one
+    if groups have a single expert) or its best one ('max', DeepSeek-V2's
+    group_limited_greedy); only the `top_groups` best groups stay selectable, the others are
+    set to -inf. sel: [T, E] -> [T, E]."""
     t, e = sel.shape
     if num_groups <= 1:
         return sel
     if e % num_groups or not 1 <= top_groups <= num_groups:
         raise ValueError(f"MoeMlp.num_groups={num_groups} must divide num_experts={e} and "
                          f"MoeMlp.top_groups={top_groups} be in [1, {num_groups}]")
+    if group_score not in GROUP_SCORES:
+        raise ValueError(f"group_score={group_score!r} is unknown; valid: {GROUP_SCORES}")
     grouped = sel.reshape(t, num_groups, e // num_groups)
-    group_score = jnp.sum(jax.lax.top_k(grouped, min(2, e // num_groups))[0], axis=-1)  # [T, G]
-    keep_groups = jax.lax.top_k(group_score, top_groups)[1]  # [T, top_groups]
+    best = 2 if group_score == "top2" else 1
+    scores = jnp.sum(jax.lax.top_k(grouped, min(best, e // num_groups))[0], axis=-1)  # [T, G]
+    keep_groups = jax.lax.top_k(scores, top_groups)[1]  # [T, top_groups]
     keep = jnp.any(keep_groups[:, :, None] == jnp.arange(num_groups)[None, None], axis=1)
     return jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(t, e)
 
 
 def _select(scores: jax.Array, k: int, bias: jax.Array | None, num_groups: int = 1,
-            top_groups: int = 1) -> jax.Array:
+            top_groups: int = 1, group_score: str = "top2") -> jax.Array:
     """Top-k expert indices by `scores + bias` (within the best groups when num_groups > 1);
     the bias steers selection only."""
     sel = scores if bias is None else scores + jax.lax.stop_gradient(bias).astype(jnp.float32)
-    return jax.lax.top_k(group_limited(sel, num_groups, top_groups), k)[1]
+    return jax.lax.top_k(group_limited(sel, num_groups, top_groups, group_score), k)[1]
 
 
 def softmax_topk(logits: jax.Array, k: int, *, renormalize: bool = True,
                  bias: jax.Array | None = None, num_groups: int = 1,
-                 top_groups: int = 1) -> Routing:
-    """Softmax over experts, keep the top k (k=1: Switch; k=2 renormalized: Mixtral).
+                 top_groups: int = 1, routed_scaling: float = 1.0,
+                 group_score: str = "top2") -> Routing:
+    """Softmax over experts, keep the top k (k=1: Switch; k=2 renormalized: Mixtral;
+    DeepSeek-V2: not renormalized, times `routed_scaling`, groups scored by their best
+    expert).
 
     logits: [T, E]. Weights are the softmax probs of the chosen experts, renormalized to sum
-    to 1 per token when `renormalize`.
+    to 1 per token when `renormalize`, times `routed_scaling`.
     """
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    idx = _select(probs, k, bias, num_groups, top_groups)
+    idx = _select(probs, k, bias, num_groups, top_groups, group_score)
     w = jnp.take_along_axis(probs, idx, axis=-1)
     if renormalize:
         w = w / jnp.sum(w, axis=-1, keepdims=True)
+    if routed_scaling != 1.0:
+        w = w * routed_scaling
     return _token_major(idx, w, jnp.ones(idx.shape, bool), probs)
 
 
@@ -217,12 +230,25 @@ class _TopKRouter(Router):
 @gin.configurable
 @ROUTERS.register("softmax_topk")
 class SoftmaxTopKRouter(_TopKRouter):
-    """Softmax over experts, top-k (k=1: Switch; k=2 renormalized: Mixtral)."""
+    """Softmax over experts, top-k (k=1: Switch; k=2 renormalized: Mixtral). DeepSeek-V2:
+    `routed_scaling` multiplies the weights; `group_score='max'` scores an expert group by its
+    best expert (group_limited_greedy), 'top2' (default) by its two best."""
+
+    def __init__(self, renormalize: bool = True, num_groups: int = 1, top_groups: int = 1,
+                 routed_scaling: float = 1.0, group_score: str = "top2"):
+        super().__init__(renormalize, num_groups, top_groups)
+        if group_score not in GROUP_SCORES:
+            raise ValueError(f"SoftmaxTopKRouter.group_score={group_score!r} is unknown; "
+                             f"valid: {GROUP_SCORES}")
+        if not float(routed_scaling) > 0:
+            raise ValueError(f"SoftmaxTopKRouter.routed_scaling={routed_scaling!r} must be > 0")
+        self.routed_scaling, self.group_score = float(routed_scaling), group_score
 
     def route(self, logits, *, top_k, capacity, bias=None):
         self.check(logits.shape[-1], top_k)
         return softmax_topk(logits, top_k, renormalize=self.renormalize, bias=bias,
-                            num_groups=self.num_groups, top_groups=self.top_groups)
+                            num_groups=self.num_groups, top_groups=self.top_groups,
+                            routed_scaling=self.routed_scaling, group_score=self.group_score)
 
 
 @gin.configurable

@@ -52,6 +52,22 @@ def test_sigmoid_topk_deepseek():
     np.testing.assert_allclose(r.probs, s / s.sum(-1, keepdims=True), rtol=1e-6)
 
 
+def test_softmax_deepseek_v2_group_limited_greedy():
+    """Groups scored by their best expert (V2's group_limited_greedy), not by the sum of the
+    two best (V3), and the weights scaled, not renormalized."""
+    logits = np.array([[3.0, -5.0, 2.6, 2.6]], np.float32)  # groups {0, 1}, {2, 3}
+    p = _softmax(logits)[0]
+    best = R.softmax_topk(jnp.asarray(logits), 1, renormalize=False, num_groups=2,
+                          top_groups=1, routed_scaling=1.5, group_score="max")
+    assert int(best.expert_index[0]) == 0  # group 0 holds the best expert
+    np.testing.assert_allclose(best.weight, [1.5 * p[0]], rtol=1e-6)
+    top2 = R.softmax_topk(jnp.asarray(logits), 1, renormalize=False, num_groups=2,
+                          top_groups=1)
+    assert int(top2.expert_index[0]) == 2  # p2 + p3 > p0 + p1
+    with pytest.raises(ValueError, match="SoftmaxTopKRouter.group_score='sum'"):
+        R.SoftmaxTopKRouter(group_score="sum")
+
+
 def test_relu_router_masks_inactive():
     r = R.relu_topk(jnp.asarray(LOGITS), 4)
     m = np.asarray(r.mask).reshape(3, 4)
