@@ -53,6 +53,14 @@ FAMILIES = {
     "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM, dict(
         num_experts=4, num_experts_per_tok=2, clip_qkv=1.0, norm_topk_prob=False,
         eos_token_id=None)),
+    # sinks; a window of 5 on layer 0, full attention on layer 1; q/k/v/o, router and expert
+    # biases; the clamped SwiGLU with a limit that clamps; yarn without truncation
+    "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM, dict(
+        head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"], swiglu_limit=0.5,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0,
+                         "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                         "original_max_position_embeddings": 16})),
 }
 TOKENS = np.random.default_rng(0).integers(0, 300, (2, 24))
 
