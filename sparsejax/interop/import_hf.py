@@ -22,6 +22,7 @@ import numpy as np
 
 from sparsejax.interop import mapping
 from sparsejax.interop.families import from_hf_config
+from sparsejax.interop.mxfp4 import open_checkpoint
 from sparsejax.interop.safetensors_io import SafetensorsCheckpoint, expect_names
 from sparsejax.parallel.rules import LOGICAL_RULES, logical_shardings, path_str
 from sparsejax.train.workdir import PRETRAINED_CONFIG, PRETRAINED_DIR as PRETRAINED
@@ -172,7 +173,7 @@ def import_hf(src: str, workdir: str, bindings: Sequence[str] = (),
     import orbax.checkpoint as ocp
     cfg = read_config(src)
     arch = from_hf_config(cfg)  # unknown family / option -> ValueError, before any read
-    ckpt = SafetensorsCheckpoint(src)
+    ckpt = open_checkpoint(src, cfg)  # MXFP4 experts dequantized, other quantization refused
     arch_and_tok = {**arch, **tokenizer_bindings(src, workdir, cfg), **train_bindings(arch)}
     check_workdir(workdir, arch_and_tok)
     os.makedirs(workdir, exist_ok=True)

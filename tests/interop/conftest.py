@@ -45,3 +45,25 @@ def random_hf_model(config_cls, model_cls, directory, config, **save_kw):
 def hf_random_model():
     """random_hf_model(config_cls, model_cls, directory, config, **save_kw)."""
     return random_hf_model
+
+
+def imported_model(workdir):
+    """(Transformer, params) of an imported workdir (its gin config parsed)."""
+    import jax
+    from sparsejax.interop.import_hf import abstract_params, unflatten
+    from sparsejax.models.transformer import ModelConfig, Transformer
+    from sparsejax.parallel.mesh import make_mesh
+    from sparsejax.train.commands import parse_workdir_config
+    from sparsejax.train.warm_start import restore_pretrained
+    parse_workdir_config(workdir, [], [])
+    mc = ModelConfig()
+    shapes, sh = abstract_params(mc, make_mesh())
+    abstract = unflatten({k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k])
+                          for k, v in shapes.items()})
+    return Transformer(mc), restore_pretrained(workdir, abstract)
+
+
+@pytest.fixture(scope="session")
+def imported():
+    """imported_model(workdir) -> (Transformer, params)."""
+    return imported_model

@@ -7,7 +7,6 @@ import json
 import os
 
 import gin
-import jax
 import numpy as np
 import pytest
 
@@ -16,11 +15,6 @@ torch = pytest.importorskip("torch")
 
 from sparsejax import cli  # noqa: E402
 from sparsejax.infer.generate import generate  # noqa: E402
-from sparsejax.train.commands import parse_workdir_config  # noqa: E402
-from sparsejax.interop.import_hf import abstract_params, unflatten  # noqa: E402
-from sparsejax.models.transformer import ModelConfig, Transformer  # noqa: E402
-from sparsejax.parallel.mesh import make_mesh  # noqa: E402
-from sparsejax.train.warm_start import restore_pretrained  # noqa: E402
 
 TOL = 1e-4
 COMMON = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -76,23 +70,14 @@ def hf_logits(model, tokens):
         return model(torch.from_numpy(tokens)).logits.numpy()
 
 
-def ours(workdir):
-    parse_workdir_config(workdir, [], [])
-    mc = ModelConfig()
-    shapes, sh = abstract_params(mc, make_mesh())
-    abstract = unflatten({k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k])
-                          for k, v in shapes.items()})
-    return Transformer(mc), restore_pretrained(workdir, abstract)
-
-
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_import_logits_generate_export(family, tmp_path, hf_random_model):
+def test_import_logits_generate_export(family, tmp_path, hf_random_model, imported):
     src, w, out = str(tmp_path / "hf"), str(tmp_path / "w"), str(tmp_path / "out")
     model = hf_model(hf_random_model, family, src)
     if family == "mixtral":
         assert os.path.exists(os.path.join(src, "model.safetensors.index.json"))
     assert cli.main(["import-hf", f"--src={src}", f"--workdir={w}"]) == 0
-    ours_model, params = ours(w)
+    ours_model, params = imported(w)
     want = hf_logits(model, TOKENS)
     got = np.asarray(ours_model.apply({"params": params}, TOKENS))
     assert np.abs(got - want).max() <= TOL, np.abs(got - want).max()
