@@ -24,6 +24,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from sparsejax.models.activations import gated
 from sparsejax.models.moe.expert_parallel import buffer_capacity
 from sparsejax.models.moe.router import ROUTERS
 
@@ -109,6 +110,8 @@ def routing_weights(mod: nn.Module, moe_params: PyTree, moe_state: PyTree | None
     t, e, k = b * s, mod.num_experts, mod.top_k
     logits = x.reshape(t, d).astype(jnp.float32) @ moe_params["router_kernel"].astype(
         jnp.float32)
+    if "router_bias" in moe_params:  # MoeMlp.router_bias (gpt-oss)
+        logits = logits + moe_params["router_bias"].astype(jnp.float32)
     bias = None
     if (mod.bias_update_rate > 0 or mod.correction_bias) and moe_state is not None:
         bias = moe_state.get("bias")
@@ -139,20 +142,21 @@ def moe_stats(mod: nn.Module, moe_params: PyTree, moe_state: PyTree | None, x: j
     out: dict[str, Any] = {"counts": jnp.sum(a, 0),
                            "logit_gram": jnp.einsum("te,tf->ef", logits * w[:, None], logits)}
     ex = moe_params["experts"]
+    act = gated(mod.activation, mod.activation_threshold, *mod.swiglu)  # the layer's own
     if {f"{prefix}/experts/wi_gate", f"{prefix}/experts/wi_up"} & keep:
         out["experts/wi"] = expert_input_stats(xt, a)
     if f"{prefix}/experts/wo" in keep:
         dt = ex["wi_gate"].dtype
-        h = nn.silu(jnp.einsum("td,edf->tef", xt.astype(dt), ex["wi_gate"])) * jnp.einsum(
-            "td,edf->tef", xt.astype(dt), ex["wi_up"])
-        out["experts/wo"] = expert_input_stats(h, a)
+        proj = {n: jnp.einsum("td,edf->tef", xt.astype(dt), ex[n]) + (
+            ex[f"{n}_bias"][None].astype(dt) if f"{n}_bias" in ex else 0)  # MoeMlp.expert_bias
+            for n in ("wi_gate", "wi_up")}
+        out["experts/wo"] = expert_input_stats(act(proj["wi_gate"], proj["wi_up"])[1], a)
     if "shared_experts" in moe_params:
         sh = moe_params["shared_experts"]
         if {f"{prefix}/shared_experts/wi_gate", f"{prefix}/shared_experts/wi_up"} & keep:
             out["shared_experts/wi"] = input_stats(xt, w)
         if f"{prefix}/shared_experts/wo" in keep:
-            h = nn.silu(xt @ sh["wi_gate"].astype(jnp.float32)) * (
-                xt @ sh["wi_up"].astype(jnp.float32))
+            h = act(xt @ sh["wi_gate"].astype(jnp.float32), xt @ sh["wi_up"].astype(jnp.float32))[1]
             out["shared_experts/wo"] = input_stats(h, w)
     return out
 
