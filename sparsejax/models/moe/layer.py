@@ -268,8 +268,11 @@ class MoeMlp(nn.Module):
 
 
 def num_active_params(layer: MoeMlp) -> int:
-    """Parameters touched per token (router + k routed experts + shared experts)."""
+    """Parameters touched per token (router + k routed experts + shared experts, with the
+    router and expert biases when the layer has them)."""
     per_expert = 3 * layer.embed_dim * layer.mlp_dim
+    biases = (layer.num_experts if layer.router_bias else 0) + (
+        (2 * layer.mlp_dim + layer.embed_dim) * layer.top_k if layer.expert_bias else 0)
     return (layer.embed_dim * layer.num_experts + per_expert * layer.top_k
-            + per_expert * layer.num_shared_experts)
+            + per_expert * layer.num_shared_experts + biases)
 
