@@ -1,5 +1,7 @@
-"""The results page of experiments/posttrain.py: results/posttrain.md (tables between the
-markers; the text around them is kept) and results/posttrain.png."""
+"""The results page of experiments/posttrain.py: results/posttrain.md (the grid's tables and
+the papers' numbers each between their own markers, rewritten only when their records exist,
+so a `--papers_only` run keeps the grid; the text around them is kept) and
+results/posttrain.png."""
 from __future__ import annotations
 
 import json
@@ -8,6 +10,7 @@ import os
 from collections import defaultdict
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+PAPERS_BEGIN, PAPERS_END = "<!-- papers:begin -->", "<!-- papers:end -->"
 METHODS = ("magnitude", "wanda", "sparsegpt")
 LEVELS = ("0.5", "0.6", "0.7", "2:4")
 LABEL = {"0.5": "50%", "0.6": "60%", "0.7": "70%", "2:4": "2:4"}
@@ -158,29 +161,35 @@ def papers_table(papers: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _replace(page: str, begin: str, end: str, block: str) -> str:
+    """`page` with the text between `begin` and `end` replaced by `block` (appended, markers
+    included, when the page has no such markers)."""
+    if begin in page and end in page:
+        head, rest = page.split(begin, 1)
+        return head + begin + "\n" + block + "\n" + end + rest.split(end, 1)[1]
+    return page.rstrip() + "\n\n" + begin + "\n" + block + "\n" + end + "\n"
+
+
 def write_report(out: str, results_dir: str, source: str) -> dict:
     records = _read(os.path.join(out, "results.jsonl"))
     finetunes = _read(os.path.join(out, "finetune.jsonl"))
     papers = _read(os.path.join(out, "papers.jsonl"))
     os.makedirs(results_dir, exist_ok=True)
-    png = plot(records, os.path.join(results_dir, "posttrain.png"))
-    text, _ = tables(records, finetunes)
-    text = text + ("\n\n" + papers_table(papers) if papers else "")
-    block = "\n".join([BEGIN, "Command: `python experiments/posttrain.py` (source: `" +
-                       " ".join(["sparsejax train"] + ["--gin_file=base.gin",
-                                                       "--gin.TrainConfig.num_steps=600"]) +
-                       "`).", "", text, "", "![posttrain](posttrain.png)" if png else "", END])
     md = os.path.join(results_dir, "posttrain.md")
-    if os.path.isfile(md):
-        old = open(md).read()
-        if BEGIN in old and END in old:
-            head, rest = old.split(BEGIN, 1)
-            block = head + block + rest.split(END, 1)[1]
-        else:
-            block = old.rstrip() + "\n\n" + block + "\n"
-    else:
-        block = "# Post-training pruning: magnitude vs Wanda vs SparseGPT, DSnoT, OWL\n\n" + \
-                block + "\n"
+    page = (open(md).read() if os.path.isfile(md) else
+            "# Post-training pruning: magnitude vs Wanda vs SparseGPT, DSnoT, OWL\n")
+    png = None
+    if records:
+        png = plot(records, os.path.join(results_dir, "posttrain.png"))
+        text, _ = tables(records, finetunes)
+        command = " ".join(["sparsejax train", "--gin_file=base.gin",
+                            "--gin.TrainConfig.num_steps=600"])
+        page = _replace(page, BEGIN, END, "\n".join([
+            f"Command: `python experiments/posttrain.py` (source: `{command}`).", "", text, "",
+            "![posttrain](posttrain.png)" if png else ""]))
+    if papers:
+        page = _replace(page, PAPERS_BEGIN, PAPERS_END, papers_table(papers))
     with open(md, "w") as f:
-        f.write(block)
-    return {"markdown": md, "plot": png, "points": len(records) - 1, "finetunes": len(finetunes)}
+        f.write(page)
+    return {"markdown": md, "plot": png, "points": max(len(records) - 1, 0),
+            "finetunes": len(finetunes), "papers": len(papers)}

@@ -74,6 +74,9 @@ CUSTOM = {
     "block_sparse": "Block-sparse vs dense at equal steps and at equal wall-clock: unstructured "
                     "RigL, block RigL (16/32/64 blocks), block static and a 2x wider "
                     "block-sparse model (densities 0.2 and 0.1)",
+    "expert_pruning": "MoE expert pruning and merging: frequency, reconstruction, merge and "
+                      "REAP at 25% and 50% of 16 experts pruned, before and after a recovery "
+                      "fine-tune",
 }
 
 
@@ -93,8 +96,11 @@ def _splice(md: str, title: str, block: str) -> str:
 def run_custom(name: str, out: str, parallel: int) -> int:
     import activation_results as ar
     import block_sparse as bs
+    import expert_pruning as ep
     if name == "block_sparse":
         return bs.run(out, parallel)
+    if name == "expert_pruning":
+        return ep.run(out, parallel)
     if name == "activation":
         return sum(run_grid(g, out, parallel) for g in ar.GRIDS)
     ar.run_training_free(out)
@@ -106,9 +112,25 @@ def write_custom(name: str, out: str, results_dir: str = RESULTS,
     """Writes results_dir/<name>.md (between the markers) and <name>.png."""
     import activation_results as ar
     import block_sparse as bs
+    import expert_pruning as ep
     os.makedirs(results_dir, exist_ok=True)
     png = os.path.join(results_dir, f"{name}.png")
-    if name == "block_sparse":
+    if name == "expert_pruning":
+        records = ep.load_results(out)
+        table = ep.markdown(records)
+        png = ep.plot(records, png)
+        how = (f"Command: `{command(name)}` (experiments/expert_pruning.py). Source: "
+               "configs/experiments/small.gin + configs/moe/top2.gin with 16 experts of width "
+               f"128 (2 MoE layers, top-2), {ep.SOURCE_STEPS} steps. Each point: `sparsejax prune "
+               "--method=none --experts=R --num_experts=K` on 128 calibration rows of the "
+               "training split drawn with calibration seed 0, 1 or 2 (super experts protected, "
+               f"the default), then a {ep.FINETUNE_STEPS}-step recovery fine-tune (`sparsejax "
+               "train` on the pruned workdir). Loss in nats/token on the run's fixed eval sample "
+               "(1024 validation rows), mean ± standard error over calibration seeds; Δ: "
+               f"difference to {ep.REFERENCE} with the same calibration seed, mean ± standard "
+               "error of the paired differences; eval stderr: the eval's standard error over "
+               "its rows (mean over seeds); super experts kept: protected experts per point.")
+    elif name == "block_sparse":
         equal, timed, cal = bs.results(out, allow_mixed_corpora=allow_mixed_corpora)
         table = bs.markdown(equal, timed, cal)
         png = bs.plot(equal, timed, cal, png)
@@ -223,7 +245,7 @@ def main(argv=None) -> int:
               f"{', '.join(list(REPRODUCTIONS) + list(CUSTOM))}", file=sys.stderr)
         return 2
     failed = 0
-    sys.path.insert(0, HERE)  # activation_results.py, block_sparse.py
+    sys.path.insert(0, HERE)  # activation_results.py, block_sparse.py, expert_pruning.py
     try:
         for name in names:
             if name in CUSTOM:

@@ -1,6 +1,6 @@
 """Every registered plug-in honours its protocol: the tests iterate over the registries, so a
-new criterion, structure, schedule, distribution, method, router or dispatch strategy is
-checked the moment it registers itself."""
+new criterion, structure, schedule, distribution, method, router, dispatch strategy or expert
+reducer is checked the moment it registers itself."""
 from __future__ import annotations
 
 import jax
@@ -17,6 +17,7 @@ from sparsejax.sparsity import (CRITERIA, DISTRIBUTIONS, METHODS, SCHEDULES, STR
                                 make_method)
 from sparsejax.sparsity import masks as masks_lib
 from sparsejax.sparsity.method import CompactProjection
+from sparsejax.sparsity.posttrain.experts import EXPERT_REDUCERS, ExpertStats, constrained_plan
 
 config.register_configurables()  # every plug-in of the package, as `sparsejax list` sees them
 KEY = jax.random.PRNGKey(0)
@@ -134,3 +135,19 @@ def test_dispatch_matches_the_onehot_reference_without_drops(name):
     got, dropped = DISPATCHES.get(name)(x, r, w, t * k)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     assert float(dropped) == 0.0
+
+
+@pytest.mark.parametrize("name", EXPERT_REDUCERS.names())
+def test_expert_reducer_plans_k_experts_and_honours_protection(name):
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((30, 6))
+    stats = ExpertStats(rng.integers(0, 20, 6).astype(float), logits.T @ logits,
+                        gate_norm_sum=rng.random(6), output_max=rng.random(6))
+    error = lambda kept: float(6 - len(kept)) + 0.01 * sum(kept)
+    for protected in ((), (5,)):
+        plan = constrained_plan(EXPERT_REDUCERS.get(name)(), stats, 3, protected, (), error)
+        members = [e for g in plan.groups for e in g]
+        assert len(plan.groups) == 3 and len(members) == len(set(members))
+        assert all(0 <= e < 6 for e in members) and all(e in plan.kept for e in protected)
+        assert all(abs(sum(w) - 1) < 1e-9 and len(w) == len(g)
+                   for g, w in zip(plan.groups, plan.weights))

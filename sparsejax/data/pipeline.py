@@ -35,6 +35,7 @@ import numpy as np
 
 from sparsejax.data import pieces, sources
 from sparsejax.data.checkpoint import iterator_restore_args, iterator_save_args  # noqa: F401 (re-exported)
+from sparsejax.data.retrieval_mix import RetrievalMix
 from sparsejax.data.tokenizer import make_tokenizer
 
 _KEY = pieces.KEY
@@ -164,8 +165,9 @@ def make_dataset(
 
     train: documents are sharded by process (`docs[process_index::process_count]`,
     so each process reads only its own); their rows are read in a seeded random
-    order, a new permutation in each of `num_epochs` epochs (None: forever), and
-    batched to `global_batch_size // process_count` rows; incomplete last
+    order, a new permutation in each of `num_epochs` epochs (None: forever), with
+    `RetrievalMix.fraction` of them replaced by synthetic retrieval documents
+    (data/retrieval_mix.py; default none), and batched to `global_batch_size // process_count` rows; incomplete last
     batches are dropped.
 
     validation: every process reads the whole split's rows in one seeded random
@@ -186,7 +188,14 @@ def make_dataset(
     if split == "train":
         plan = row_plan(split, seq_len=seq_len, seed=seed, dataset=dataset, data_dir=data_dir,
                         shard_index=process_index, num_shards=process_count, num_epochs=num_epochs)
-        rows = plan.order.map(plan.reader.__getitem__)
+        mix = RetrievalMix()
+        if mix.fraction > 0:  # synthetic retrieval documents at fixed places of the stream
+            reader, row_len = plan.reader, seq_len + 1
+            rows = plan.order.map_with_index(
+                lambda i, r: mix.row(i, row_len, reader.tokenizer, process_index, process_count)
+                if mix.is_synthetic(i) else reader[r])
+        else:
+            rows = plan.order.map(plan.reader.__getitem__)
         batches = rows.batch(local_batch, drop_remainder=True)
         row_slice = slice(None)
     else:

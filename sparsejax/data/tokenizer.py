@@ -9,6 +9,7 @@ from typing import Sequence
 
 import gin
 import numpy as np
+from tokenizers import Tokenizer
 
 
 class ByteTokenizer:
@@ -64,19 +65,16 @@ class HFTokenizer:
 
     Text is encoded as transformers' `tokenizer(text)` encodes it: the specials its own
     post-processor adds (a BOS for Llama's, none for Qwen's), never a BOS inferred from
-    config.json. `bos_id` / `eos_id` / `pad_id` come from the checkpoint's config (None: not
-    defined): EOS separates the documents packed into training rows (`encode_document`);
+    config.json. `add_bos_token` / `add_eos_token` in tokenizer_config.json change nothing,
+    as in transformers 5, which encodes through the tokenizer.json's post-processor whatever
+    they say (tests/interop/test_tokenizer_config.py). `bos_id` / `eos_id` / `pad_id` come
+    from the checkpoint's config (None: not defined): EOS separates the documents packed into training rows (`encode_document`);
     padding uses `pad_id`, else `eos_id`, else 0 (padded positions are masked out of every
     loss).
     """
 
     def __init__(self, path: str, bos_id: int | None = None, eos_id: int | None = None,
                  pad_id: int | None = None):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise ValueError("make_tokenizer.kind='hf' needs the `tokenizers` package "
-                             "(pip install tokenizers)") from None
         if not path or not os.path.isfile(path):
             raise ValueError(f"make_tokenizer.path={path!r}: no tokenizer.json there")
         self._tok = Tokenizer.from_file(path)

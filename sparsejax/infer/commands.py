@@ -1,4 +1,4 @@
-"""`sparsejax sample` (wired into sparsejax/cli.py)."""
+"""`sparsejax sample`, `longeval` and `streaming-heads` (wired into sparsejax/cli.py)."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,39 @@ def add_parsers(sub) -> None:
                    help="gin files of the run (an import-hf or trained workdir needs none)")
     s.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
     s.set_defaults(handler=run_sample)
+
+    e = sub.add_parser("longeval", help="RULER-style retrieval accuracy (passkey, needles, "
+                                        "variable tracking) per task and context length")
+    e.add_argument("--workdir", required=True)
+    e.add_argument("--tasks", default=None,
+                   help="comma-separated (default: all): passkey, niah_single, niah_multikey, "
+                        "niah_multivalue, variable_tracking")
+    e.add_argument("--lengths", default=None,
+                   help="comma-separated lengths in tokens, e.g. 1K,2K,4K (default: powers of "
+                        "two from 1K up to the model's limit)")
+    e.add_argument("--num_samples", type=int, default=20, help="examples per task and length")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch_size", type=int, default=4)
+    e.add_argument("--out", default=None, help="output folder (default: WORKDIR/longeval)")
+    e.add_argument("--gin_file", action="append", default=[],
+                   help="gin files of the run (an import-hf or trained workdir needs none)")
+    e.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
+    e.set_defaults(handler=run_longeval)
+
+    c = sub.add_parser("streaming-heads", help="label KV heads retrieval or streaming "
+                                               "(DuoAttention) on retrieval prompts")
+    c.add_argument("--workdir", required=True)
+    c.add_argument("--fraction", type=float, required=True,
+                   help="share of the KV heads made streaming (lowest Λ-mask error first)")
+    c.add_argument("--length", type=int, default=None,
+                   help="calibration prompt length (default: the model's limit)")
+    c.add_argument("--num_rows", type=int, default=4)
+    c.add_argument("--sink_tokens", type=int, default=4)
+    c.add_argument("--recent_tokens", type=int, default=64)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--gin_file", action="append", default=[])
+    c.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
+    c.set_defaults(handler=run_streaming_heads)
 
 
 def run_sample(args: argparse.Namespace, bindings: Sequence[str]) -> int:
@@ -46,4 +79,35 @@ def run_sample(args: argparse.Namespace, bindings: Sequence[str]) -> int:
         if "sparse_decode" in out:  # threshold sites, and how many decode sparsely
             res["sparse_decode"] = out["sparse_decode"]
         return res
+    return guarded(go)
+
+
+def run_longeval(args: argparse.Namespace, bindings: Sequence[str]) -> int:
+    from sparsejax import cli
+    from sparsejax.train.commands import guarded, parse_workdir_config
+
+    def go():
+        cli.quiet_logging()
+        parse_workdir_config(args.workdir, args.gin_file, bindings, args.imports)
+        from sparsejax.data.retrieval_tasks import TASKS
+        from sparsejax.infer.longeval import longeval_workdir
+        tasks = TASKS if args.tasks is None else tuple(
+            t.strip() for t in args.tasks.split(",") if t.strip())
+        return longeval_workdir(args.workdir, tasks=tasks, lengths=args.lengths,
+                                num_samples=args.num_samples, seed=args.seed,
+                                batch_size=args.batch_size, out_dir=args.out)
+    return guarded(go)
+
+
+def run_streaming_heads(args: argparse.Namespace, bindings: Sequence[str]) -> int:
+    from sparsejax import cli
+    from sparsejax.train.commands import guarded, parse_workdir_config
+
+    def go():
+        cli.quiet_logging()
+        parse_workdir_config(args.workdir, args.gin_file, bindings, args.imports)
+        from sparsejax.infer.streaming_calibration import calibrate_workdir
+        return calibrate_workdir(args.workdir, fraction=args.fraction, length=args.length,
+                                 num_rows=args.num_rows, sink_tokens=args.sink_tokens,
+                                 recent_tokens=args.recent_tokens, seed=args.seed)
     return guarded(go)

@@ -16,7 +16,9 @@ nothing (gpt-oss's attention sinks): a query's weights then sum to less than one
 With `decode=True` the layer reads and appends to a KV cache in the 'cache' collection (made
 by `sparsejax.infer.cache.init_cache`): key/value [batch, cache_len, kv_heads, head_dim], the
 position of each slot (-1: empty or padding) and the next free slot. Queries attend to the
-filled slots whose position is not after theirs, so left-padded batched prompts work.
+filled slots whose position is not after theirs, so left-padded batched prompts work. A cache
+with page bounds (Quest, models/quest.py) makes each single-token decode step attend over the
+query-chosen pages only.
 """
 from __future__ import annotations
 
@@ -29,7 +31,12 @@ import jax.numpy as jnp
 from sparsejax.models.formats import FormatSpec, Projection, module_path
 from sparsejax.models.layers import (DEFAULT_KERNEL_INIT, Dtype, RMSNorm, as_tokens,
                                      rotary_embedding)
+from sparsejax.models.quest import (QuestDecode, page_scores, paged_attention, select_pages,
+                                    update_pages)
 from sparsejax.models.remat import tag
+from sparsejax.models.streaming_heads import COLLECTION as STREAMING_COLLECTION
+from sparsejax.models.streaming_heads import (StreamingHeads, query_heads, split_heads,
+                                              streaming_attention)
 from sparsejax.models.thresholds import apply_site
 
 ATTENTION_KINDS = ("dense", "block_sparse")
@@ -103,6 +110,7 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     formats: FormatSpec = FormatSpec()
+    layer: int = -1  # the layer's index (its streaming heads, models/streaming_heads.py)
 
     def _compact(self, name: str) -> bool:
         """Is projection `name` stored in a format other than dense (a `Projection` submodule
@@ -193,6 +201,8 @@ class Attention(nn.Module):
         if self.attention_sinks:
             sinks = self.param("sinks", nn.with_logical_partitioning(
                 nn.initializers.zeros, ("heads",)), (self.num_heads,), self.param_dtype)
+        if self.is_mutable_collection(STREAMING_COLLECTION):  # head calibration reads these
+            self.sow(STREAMING_COLLECTION, "qkv", (q, k, v))
         if decode:
             out = self._cached_attention(q, k, v, positions, segment_ids, sinks)
         elif self.kind == "dense" and sinks is not None:
@@ -230,10 +240,43 @@ class Attention(nn.Module):
         return y.reshape(shape)
 
     def _cached_attention(self, q, k, v, positions, segment_ids, sinks=None):
-        """Appends k/v at the cache's next free slot and attends over the whole cache."""
+        """Appends k/v to the cache and attends over it: the retrieval heads over the whole
+        cache (`_full_cache_attention`), the streaming heads of this layer, if any, over their
+        sink + recent ring (models/streaming_heads.py). `sinks` [heads]: learned sink logits
+        (gpt-oss), for the whole-cache attention only."""
         if not self.has_variable("cache", "cached_key"):
             raise ValueError("decode=True needs a KV cache in the 'cache' collection; build it "
                              "with sparsejax.infer.cache.init_cache")
+        if sinks is not None and (self.has_variable("cache", "stream_key")
+                                  or self.has_variable("cache", "page_min")):
+            raise ValueError("ModelConfig.attention_sinks=True is not supported with streaming "
+                             "heads or Quest decoding; decode with the full KV cache")
+        if not self.has_variable("cache", "stream_key"):
+            return self._full_cache_attention(q, k, v, positions, segment_ids, sinks)
+        settings = StreamingHeads()
+        group = self.num_heads // self.num_kv_heads
+        full, stream = split_heads(self.num_kv_heads, settings.of_layer(self.layer))
+        if len(stream) != self.get_variable("cache", "stream_key").shape[2]:
+            raise ValueError(f"the cache of layer {self.layer} was built for other streaming "
+                             f"heads than StreamingHeads.heads={settings.heads!r}")
+        idx = self.get_variable("cache", "index")
+        slot_pos = jnp.where(segment_ids != 0, positions, -1).astype(jnp.int32)
+        ring = {n: self.variable("cache", n) for n in
+                ("stream_key", "stream_value", "stream_pos", "stream_slot")}
+        out_s, new = streaming_attention(q[:, :, query_heads(stream, group)], k[:, :, stream],
+                                         v[:, :, stream], {n: r.value for n, r in ring.items()},
+                                         slot_pos, positions, idx, settings, self.window)
+        for n, r in ring.items():
+            r.value = new[n]
+        out_f = self._full_cache_attention(q[:, :, query_heads(full, group)], k[:, :, full],
+                                           v[:, :, full], positions, segment_ids)
+        order = query_heads(full, group) + query_heads(stream, group)
+        inverse = [order.index(h) for h in range(self.num_heads)]
+        return jnp.concatenate([out_f, out_s], axis=2)[:, :, inverse]
+
+    def _full_cache_attention(self, q, k, v, positions, segment_ids, sinks=None):
+        """Appends k/v at the cache's next free slot and attends over the whole cache (no
+        attention when every KV head of the layer streams); `sinks`: as `sink_attention`."""
         ck = self.variable("cache", "cached_key", None)
         cv = self.variable("cache", "cached_value", None)
         cpos, cidx = self.variable("cache", "pos", None), self.variable("cache", "index", None)
@@ -248,6 +291,21 @@ class Attention(nn.Module):
         cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, idx, 0, 0))
         cpos.value = jax.lax.dynamic_update_slice(cpos.value, slot_pos, (0, idx))
         cidx.value = idx + s
+        if k.shape[2] == 0:  # every KV head streams: only the slot bookkeeping above
+            return q
+        if self.has_variable("cache", "page_min"):  # Quest decoding (models/quest.py)
+            quest = QuestDecode()
+            quest.check_cache(ck.value.shape[1])
+            pmin, pmax = self.variable("cache", "page_min"), self.variable("cache", "page_max")
+            pmin.value, pmax.value = update_pages(pmin.value, pmax.value, k, slot_pos, idx,
+                                                  quest.page_size)
+            if s == 1:  # a decode step: the chosen pages only
+                b, kvh = q.shape[0], ck.value.shape[2]
+                qg = q[:, 0].reshape(b, kvh, q.shape[2] // kvh, q.shape[3])
+                chosen = select_pages(page_scores(qg, pmin.value, pmax.value),
+                                      idx // quest.page_size, quest)
+                return paged_attention(q, ck.value, cv.value, cpos.value, chosen, positions,
+                                       quest.page_size, self.window, rule, q_slot=idx)
         mask = cache_mask(idx + jnp.arange(s), cpos.value, positions, self.window, rule)
         if sinks is not None:
             return sink_attention(q, ck.value.astype(q.dtype), cv.value.astype(q.dtype), mask,

@@ -214,7 +214,7 @@ class Block(nn.Module):
                       rope_scaling=cfg.rope_scaling, qk_norm=cfg.qk_norm,
                       clip_qkv=float(cfg.clip_qkv), out_bias=cfg.out_bias,
                       attention_sinks=cfg.attention_sinks, norm_epsilon=eps, dtype=dtype,
-                      param_dtype=pdtype, formats=formats,
+                      param_dtype=pdtype, formats=formats, layer=self.layer,
                       name="attn")(h, positions, segment_ids, decode)
         x = x + h
         h = RMSNorm(eps, dtype=dtype, param_dtype=pdtype, name="mlp_norm")(x)

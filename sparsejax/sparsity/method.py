@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sparsejax import config
 from sparsejax.registry import Registry
 from sparsejax.sparsity import masks as masks_lib
 
@@ -228,7 +229,6 @@ def make_method(name: str = "dense") -> SparsityMethod:
     Presets (RigL, SET, GMP, ...) are gin files under configs/sparsity/ that bind a method
     and its parts (`--gin_file=sparsity/rigl.gin`)."""
     if name not in METHODS:
-        from sparsejax import config
         presets = [p[len("sparsity/"):-len(".gin")] for p in config.shipped_configs()
                    if p.startswith("sparsity/")]
         hint = (f"; {name!r} is a preset: use --gin_file=sparsity/{name}.gin"

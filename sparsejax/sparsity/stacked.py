@@ -14,6 +14,7 @@ from typing import Any
 import optax
 
 from sparsejax.models.layer_stack import stack_layers, unstack_layers
+from sparsejax.models.layer_stack import layer_period
 from sparsejax.sparsity.method import DenseMethod, MethodWrapper, SparsityMethod
 
 PyTree = Any
@@ -88,7 +89,6 @@ class LayerStackedMethod(MethodWrapper):
 def for_layout(method: SparsityMethod, model_config: Any) -> SparsityMethod:
     """`method` as the run drives it: wrapped for scanned layers, except the dense method,
     which never looks at a tensor's layout."""
-    from sparsejax.models.layer_stack import layer_period  # noqa: PLC0415
     if not getattr(model_config, "scan_layers", False) or type(method) is DenseMethod:
         return method
     return LayerStackedMethod(method, layer_period(model_config))

@@ -18,6 +18,7 @@ import re
 import textwrap
 from typing import Any, Sequence
 
+from matplotlib.figure import Figure
 import numpy as np
 
 from sparsejax.sweep.grid import point_name
@@ -193,7 +194,6 @@ def plot_comparison(variants: Sequence[Variant], path: str, title: str = "") -> 
     if any(skew_curve(m) for ms in recs.values() for m in ms):
         panels.append(("curve", skew_curve, "expert load max/mean (1 = balanced)"))
     panels.append(("final", None, "final eval loss"))
-    from matplotlib.figure import Figure
     fig = Figure(figsize=(5.2 * len(panels), 4.6))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (kind, fn, ylabel) in zip(axes, panels):

@@ -17,6 +17,7 @@ import math
 import os
 from typing import Any
 
+from matplotlib.figure import Figure
 import numpy as np
 
 from sparsejax.sweep.grid import SweepSpec, point_name, short_key
@@ -138,7 +139,6 @@ def write_table(out: str, spec: SweepSpec, rows: list[dict[str, Any]],
 
 def _figure(figsize):
     """A figure from matplotlib's object API: no pyplot, so the global backend is untouched."""
-    from matplotlib.figure import Figure
     fig = Figure(figsize=figsize)
     return fig, fig.subplots()
 

@@ -29,8 +29,12 @@ import sys
 import time
 from typing import IO, Sequence
 
+import gin
+
+from sparsejax.config import parse_gin
 from sparsejax.sweep.grid import SweepSpec, Trial, spec_diff
 from sparsejax.sweep.summary import RESULT_FILE, summarize_trial
+from sparsejax.train.trainer import unused_bindings_of_config
 
 SPEC_FILE = "sweep.json"
 LOG_FILE = "train.log"
@@ -64,10 +68,7 @@ def validate_spec(spec: SweepSpec) -> None:
     """Parses the gin files with every grid point's bindings and builds each point's run (as
     each trial will, without compiling), so an unknown configurable/parameter, a bad value,
     or a binding that takes effect in no grid point fails before anything is launched."""
-    import gin
 
-    from sparsejax.config import parse_gin
-    from sparsejax.train.trainer import unused_bindings_of_config
     unused_everywhere = None
     try:
         for trial in spec.trials()[::len(spec.seeds)]:  # one per grid point

@@ -2,13 +2,19 @@
 the trial's done marker (result.json)."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
 from typing import Any
 
+import jax
 import numpy as np
 
+from sparsejax.models.moe.layer import MoeMlp
+from sparsejax.sparsity import LOGITS_KEY, flops_per_token
+from sparsejax.sparsity.masks import DEFAULT_FLOP_MULTIPLIERS
+from sparsejax.train.checkpoint import restore_state_numpy
 from sparsejax.train.metrics import read_metrics, recorded_fingerprints
 
 RESULT_FILE = "result.json"
@@ -47,8 +53,6 @@ def flop_multipliers(workdir: str) -> dict[str, float]:
     """Per-path FLOP multipliers of a trial: embeddings cost none, and each routed expert
     kernel runs for top_k / num_experts of the tokens (read from the trial's config.gin, or
     MoeMlp's defaults). For the ReLU and expert-choice routers top_k is the nominal count."""
-    from sparsejax.models.moe.layer import MoeMlp
-    from sparsejax.sparsity.masks import DEFAULT_FLOP_MULTIPLIERS
 
     bound = {}
     path = os.path.join(workdir, "config.gin")
@@ -65,7 +69,6 @@ def effective_masks(params, stored_masks=None):
     """Which weights the exported model keeps: the nonzero ones, and, for methods that keep
     dense weights and mask them in the forward pass (SR-STE, learned N:M), only those inside
     the stored masks (a tree mirroring params, None where a param is not masked)."""
-    import jax
 
     masks = jax.tree.map(lambda p: np.asarray(p) != 0, params)
     if stored_masks is None:
@@ -79,12 +82,8 @@ def checkpoint_counts(workdir: str) -> dict[str, Any]:
     FLOPs count nonzero kernel entries (pruned weights are exactly zero under the masked
     optimizer), embeddings excluded and routed experts scaled by the fraction of tokens each
     sees (flop_multipliers)."""
-    import logging
 
-    import jax
 
-    from sparsejax.sparsity import LOGITS_KEY, flops_per_token
-    from sparsejax.train.checkpoint import restore_state_numpy
 
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax metadata notices
     _, state = restore_state_numpy(workdir)

@@ -16,6 +16,8 @@ import optax
 from sparsejax.data.sources import check_dataset
 from sparsejax.data.tokenizer import make_tokenizer
 from sparsejax.models.formats import WEIGHT_FORMATS
+from sparsejax.models.layer_stack import unstack_layers
+from sparsejax.models.moe.expert_parallel import expert_axis_size
 from sparsejax.models.transformer import ModelConfig, Transformer, padded_params
 from sparsejax.parallel import mesh as mesh_lib
 from sparsejax.parallel.rules import (LOGICAL_RULES, batch_sharding, logical_shardings,
@@ -24,10 +26,12 @@ from sparsejax.sparsity.activation.regularizer import make_activation_regularize
 from sparsejax.sparsity.method import CompactProjection, RunInfo, SparsityMethod, make_method
 from sparsejax.models.formats import convert, is_layout_leaf
 from sparsejax.sparsity.layout import LAYOUT, for_formats, stored_density
+from sparsejax.sparsity.method import density_metrics
 from sparsejax.sparsity.stacked import for_layout
 from sparsejax.train import optim
 from sparsejax.train.accumulate import check_microbatches
 from sparsejax.train.state import TrainState
+from sparsejax.train.step import make_sparsity_update
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,6 @@ class Run:
     def sparsity_update_fn(self):
         """Jitted (state, batch) -> (state, metrics) for mask updates (the state is donated
         unless the method shrinks layouts: a buffer of another shape cannot be reused)."""
-        from sparsejax.train.step import make_sparsity_update
         return jax.jit(make_sparsity_update(self.model, self.sparsity_method,
                                             self.cfg.microbatches, self.act_regularizer),
                        in_shardings=(self.state_shardings, batch_sharding(self.mesh)),
@@ -66,8 +69,6 @@ class Run:
         """Jitted state -> overall and per-layer mask densities ('sparsity/density/<path>'),
         replicated; logged at step 0 so density plots start at the first step. Compact
         weights without masks: the stored fraction (the method's 'sparsity/density')."""
-        from sparsejax.models.layer_stack import unstack_layers
-        from sparsejax.sparsity.method import density_metrics
         method = self.sparsity_method
 
         def densities(s):
@@ -204,7 +205,6 @@ def compact_projections(model_config: ModelConfig) -> dict:
 def check_regularizer_mesh(regularizer: Any, model_config: ModelConfig, mesh) -> None:
     """Expert-parallel MoE layers run their experts inside shard_map, where they cannot sow
     the activations an activation regularizer needs: refused rather than left out."""
-    from sparsejax.models.moe.expert_parallel import expert_axis_size
     moe = any(model_config.mlp_kind(i) == "moe" for i in range(model_config.num_layers))
     if regularizer.active and moe and expert_axis_size(mesh) > 1:
         raise ValueError(f"make_activation_regularizer.name={type(regularizer).__name__!r} needs "

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax.models.moe.layer import MoeMlp
+from sparsejax.models.moe.router import ROUTERS
 from sparsejax.sparsity import masks as masks_lib
 from sparsejax.sparsity import paths as paths_lib
 
@@ -93,7 +95,6 @@ def attention_flops_per_token(model_config: Any, seq_len: int) -> float:
 
 def experts_per_token(moe: Any) -> float:
     """Routed experts a token uses on average (see module docstring)."""
-    from sparsejax.models.moe.router import ROUTERS  # noqa: PLC0415
     if moe is None:
         return 0.0
     if not ROUTERS.get(moe.router, "MoeMlp.router").token_choice:
@@ -142,7 +143,6 @@ class FlopsMeter:
     """FLOPs per token of a run's model and its MFU at a given throughput."""
 
     def __init__(self, run: Any, seq_len: int, devices: list | None = None):
-        from sparsejax.models.moe.layer import MoeMlp  # noqa: PLC0415
         mc = run.model_config
         has_moe = "moe" in [mc.mlp_kind(i) for i in range(mc.num_layers)]
         moe = MoeMlp(embed_dim=mc.embed_dim) if has_moe else None  # its gin settings

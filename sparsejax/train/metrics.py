@@ -8,7 +8,9 @@ import math
 import os
 from typing import Any
 
+import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 
 
 def to_python(value: Any) -> Any:
@@ -35,7 +37,6 @@ class IntervalLoss:
         self._flags.append(metrics["nonfinite"])
 
     def pop(self) -> dict[str, Any]:
-        import jax
         losses = np.asarray(jax.device_get(self._losses), np.float64)
         flags = np.asarray(jax.device_get(self._flags), np.int64)
         self._losses, self._flags = [], []
@@ -56,7 +57,6 @@ class MetricsWriter:
         if enabled:
             os.makedirs(workdir, exist_ok=True)
             if tensorboard:
-                from tensorboardX import SummaryWriter
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:

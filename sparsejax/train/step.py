@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sparsejax.models.act_record import STATS
 from sparsejax.models.layer_stack import layer_period, unstack_layers
 from sparsejax.sparsity.method import SparsityMethod
 from sparsejax.train.accumulate import make_grad_fn
@@ -62,7 +63,6 @@ def make_loss_fn(model: nn.Module, method: SparsityMethod, act_regularizer: Any 
     gradient that RigL/SNIP use at update steps. An active `act_regularizer`
     (sparsity/activation/regularizer.py) adds its penalty on the sown MLP activations; its
     metrics join the model's ('model/act_reg/...')."""
-    from sparsejax.models.act_record import STATS
     regularize = act_regularizer is not None and act_regularizer.active
     mutable = MUTABLE + [STATS] if regularize else MUTABLE
 

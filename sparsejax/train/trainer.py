@@ -17,11 +17,13 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from sparsejax import config as config_lib
+from sparsejax.analysis.plots import write_run_plots
 from sparsejax.config import check_field_types
 from sparsejax.data.sharded import (ShardedIteratorRestore, ShardedIteratorSave,
                                     ShardedTrainIterator)
 from sparsejax.models.transformer import ModelConfig
 from sparsejax.parallel.rules import LOGICAL_RULES, batch_sharding, replicated
+from sparsejax.sparsity.activation.evaluate import ActivationEval
 from sparsejax.train import evaluation, run_info
 from sparsejax.train import workdir as workdir_lib
 from sparsejax.train.build import build_run
@@ -282,7 +284,6 @@ def train(workdir: str, config: TrainConfig | None = None, config_str: str = "",
         ckpt.close()
         writer.close()
     if is_main and status == "done":
-        from sparsejax.analysis.plots import write_run_plots
         write_run_plots(workdir)
     last["status"] = status
     return last
@@ -331,7 +332,6 @@ def evaluate_checkpoint(workdir: str, config: TrainConfig | None = None,
     if text is None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"evaluate_checkpoint.eval_tokens={n!r} (or TrainConfig.eval_tokens) must "
                          "be an int >= 1")
-    from sparsejax.sparsity.activation.evaluate import ActivationEval
     # thresholding / PPL-p% settings, checked against the model before anything is built
     act_eval = ActivationEval(ModelConfig())
     if text is not None:  # read and tokenized before the run is built: bad input fails fast

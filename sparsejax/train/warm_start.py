@@ -13,13 +13,17 @@ import logging
 import os
 from typing import Any
 
+from flax import traverse_util
 import gin
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from sparsejax.models.formats import WEIGHT_FORMATS, format_of
 from sparsejax.models.layer_stack import (layout_like, stacked_period, unstack_abstract,
                                           unstack_layers)
+from sparsejax.models.moe.upcycle import upcycle_params
+from sparsejax.parallel.rules import path_str
 from sparsejax.sparsity.layout import LAYOUT, merge_layout, split_layout
 from sparsejax.train.checkpoint import restore_numpy, restore_state_numpy
 from sparsejax.train.workdir import PRETRAINED_CONFIG, PRETRAINED_DIR, has_pretrained
@@ -79,7 +83,6 @@ def warm_start(state: TrainState, param_shardings: Any, from_workdir: str | None
             layout = jax.device_put(layout_like(layout, stacked_layout), shardings)
             sparsity = {**sparsity, LAYOUT: layout}
     if mode == "upcycle":
-        from sparsejax.models.moe.upcycle import upcycle_params
         # routers (and Drop-Upcycling's re-drawn dimensions) depend on the run's seed
         rng = jax.random.fold_in(jax.random.wrap_key_data(jax.device_get(state.rng)), 7)
         params = upcycle_params(source, template, rng)
@@ -144,7 +147,6 @@ def _block_sparse_from_dense(fmt: Any, kernel: np.ndarray, template: dict) -> di
 
 
 def _flat(tree):
-    from flax import traverse_util
     return traverse_util.flatten_dict(tree).items()
 
 
@@ -157,8 +159,6 @@ def restore_pretrained(workdir: str, abstract_params: Any) -> Any:
         shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
         return jax.jit(lambda p: layout_like(p, abstract_params), out_shardings=shardings)(
             per_layer)
-    import orbax.checkpoint as ocp
-    from sparsejax.parallel.rules import path_str
     path = os.path.join(os.path.abspath(workdir), PRETRAINED_DIR)
     with ocp.StandardCheckpointer() as ckptr:
         meta = ckptr.metadata(path)

@@ -1,5 +1,5 @@
 """Every shipped config under configs/sparsity, configs/moe and configs/attention does what
-its comment says, stacked the way the README shows.
+its comment says, stacked the way the docs guides show.
 
 * At the shipped lengths of tiny (60 steps), small (300) and base (200), each sparsity
   preset's schedule fires inside the run and reaches its target over the real model's shapes
@@ -357,7 +357,7 @@ def _leaves(tree) -> list:
 
 def test_scale_pod_config_trains(tmp_path):
     """scale/pod.gin stacked on tiny (and a top-2 MoE layer with global-batch balancing, as
-    the README shows): fsdp mesh, 4 micro-batches, scanned layers, the remat policy, bf16
+    the scaling guide shows): fsdp mesh, 4 micro-batches, scanned layers, the remat policy, bf16
     compute and the profile all take effect; the stacked checkpoint converts to per-layer."""
     from sparsejax.models.layer_stack import unstack_layers
     records = train(tmp_path, "scale/pod.gin", [

@@ -1,5 +1,5 @@
 """benchmarks/activation_sparsity.py runs end to end at tiny sizes (CPU) and reports every
-figure the README quotes; its sparsities are the stated ones."""
+figure the activation sparsity guide quotes; its sparsities are the stated ones."""
 import importlib
 import json
 import pathlib

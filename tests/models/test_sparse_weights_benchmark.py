@@ -1,6 +1,7 @@
 """benchmarks/sparse_weights.py runs end to end at small sizes and reports every figure the
-README quotes; the compact layers' params + optimizer state are their stored fraction of the
-dense layers' (a byte count, not a timing)."""
+compact weights guide (docs/guides/compact_weights.md) quotes; the compact layers' params +
+optimizer state are their stored fraction of the dense layers' (a byte count, not a
+timing)."""
 import importlib
 import json
 import pathlib

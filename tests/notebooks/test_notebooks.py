@@ -181,9 +181,14 @@ def test_pretrained(run_notebook):
     assert diff is None or float(diff.group(1)) < 1e-4, out
 
 
-def test_readme_badges_use_the_repository_url():
-    readme = (ROOT / "README.md").read_text()
-    badges = re.findall(r"https://colab\.research\.google\.com/github/[^)\s]+", readme)
+def test_notebook_badges_use_the_repository_url():
+    """docs/notebooks.md has one Colab badge per notebook; neither it nor the README nor any
+    other hand-written docs page names another GitHub URL than the repository's."""
+    page = (ROOT / "docs" / "notebooks.md").read_text()
+    badges = re.findall(r"https://colab\.research\.google\.com/github/[^)\s]+", page)
     assert sorted(badges) == sorted(colab_url(n) for n in NOTEBOOKS)
-    assert "github.com" not in readme.replace(repository_url(), "").replace(
-        "colab.research.google.com/github", "")
+    docs = [p for p in (ROOT / "docs").rglob("*") if p.suffix in (".md", ".py", ".yaml")
+            and not {"generated", "_build", "api"} & set(p.relative_to(ROOT / "docs").parts)]
+    for path in [ROOT / "README.md", ROOT / ".readthedocs.yaml", *docs]:
+        text = path.read_text().replace(repository_url(), "")
+        assert "github.com" not in text.replace("colab.research.google.com/github", ""), path

@@ -140,14 +140,17 @@ def test_blocks_that_do_not_split_over_the_mesh_are_refused_by_name():
 
 
 # the drop/grow configs update every 2 of the 6 steps; the others take no extra binding
+# (block_gmp shrinks its fan-in in stages instead of moving blocks)
 MOVES = {"sparsity/block_static.gin": False, "sparsity/block_set.gin": True,
-         "sparsity/block_rigl.gin": True, "sparsity/monarch.gin": False}
+         "sparsity/block_rigl.gin": True, "sparsity/block_gmp.gin": False,
+         "sparsity/monarch.gin": False}
 
 
 @pytest.mark.parametrize("config_file", sorted(MOVES))
 def test_shipped_compact_configs_train_through_the_cli_on_8_devices(config_file, tmp_path):
     """tiny + each compact config on the 8 simulated devices (data 4 x fsdp 2): the run
-    finishes with finite losses, drop/grow configs move blocks, and the checkpoint holds the
+    finishes with finite losses, drop/grow configs move blocks, block_gmp's stored fraction
+    falls from 1 (its resized params keep their shardings), and the checkpoint holds the
     compact params."""
     extra = ["--gin.DropGrowSchedule.frequency=2"] if MOVES[config_file] else []
     rc = cli.main(["train", "--gin_file=tiny.gin", f"--gin_file={config_file}",
@@ -162,6 +165,9 @@ def test_shipped_compact_configs_train_through_the_cli_on_8_devices(config_file,
     assert len(losses) == 3 and all(np.isfinite(losses))
     churn = [r["sparsity/churn"] for r in records if "sparsity/churn" in r]
     assert (len(churn) > 0 and all(c > 0 for c in churn)) == MOVES[config_file]
+    density = [r["sparsity/density"] for r in records if "sparsity/density" in r]
+    if "block_gmp" in config_file:
+        assert density[0] == 1.0 and density[-1] < 0.3
     _, state = restore_state_numpy(str(tmp_path))
     wo = state["params"]["layer_0"]["mlp"]["wo"]
     assert set(wo) == ({"blkdiag1", "blkdiag2"} if "monarch" in config_file else {"values"})

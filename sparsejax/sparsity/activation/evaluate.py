@@ -7,6 +7,12 @@ from typing import Any
 
 import jax
 
+from sparsejax.infer.sparse_decode import SparseDecode, neuron_major_weights, with_capacities
+from sparsejax.models.sparse_mlp import DECODE_WEIGHTS
+from sparsejax.models.thresholds import THRESHOLDS
+from sparsejax.sparsity.activation.calibrate import (ThresholdEval, WithVariables,
+                                                     calibration_batches, histograms)
+from sparsejax.sparsity.activation.metrics import ActivationMetrics
 from sparsejax.sparsity.activation.ppl_sparsity import PplSparsity, ppl_sparsity
 from sparsejax.sparsity.activation.thresholding import (Thresholding, check_model, make_sites,
                                                         site_layout)
@@ -21,7 +27,6 @@ def effective_params(run: Any, state: Any) -> Any:
 def calibrated_sites(run: Any, state: Any, cfg: Any, th: Thresholding, params: Any
                      ) -> tuple[dict, dict]:
     """(the 'act_sparsity' tree of `th` calibrated on training rows, the histograms)."""
-    from sparsejax.sparsity.activation.calibrate import calibration_batches, histograms
     host = jax.device_get(params)
     layout = site_layout(host, run.model_config, th.method, th.chosen_projections())
     hists = histograms(run, params, state.moe_state, layout,
@@ -50,8 +55,6 @@ class ActivationEval:
                  dense: dict[str, Any]) -> dict[str, Any]:
         """The eval record: `dense` (the plain eval), replaced by the thresholded eval when
         thresholding is on, plus PPL-p% entries."""
-        from sparsejax.sparsity.activation.calibrate import ThresholdEval, calibration_batches
-        from sparsejax.sparsity.activation.metrics import ActivationMetrics
         params = effective_params(run, state)
         out = dict(dense)
         th = self.thresholding
@@ -85,11 +88,6 @@ def thresholded_model(run: Any, state: Any, cfg: Any) -> tuple[Any, dict | None]
     th = Thresholding()
     if not th.active:
         return run.model, None
-    from sparsejax.infer.sparse_decode import (SparseDecode, neuron_major_weights,
-                                               with_capacities)
-    from sparsejax.models.sparse_mlp import DECODE_WEIGHTS
-    from sparsejax.models.thresholds import THRESHOLDS
-    from sparsejax.sparsity.activation.calibrate import WithVariables
     decode = SparseDecode()
     check_model(run.model_config, th.method, th.chosen_projections())
     params = effective_params(run, state)

@@ -19,6 +19,7 @@ from typing import Any
 import gin
 import numpy as np
 
+from sparsejax.sparsity.activation.calibrate import ThresholdEval, histograms
 from sparsejax.sparsity.activation.thresholding import make_sites, site_layout
 
 
@@ -71,7 +72,6 @@ def _key(p: float) -> str:
 def ppl_sparsity(settings: PplSparsity, run: Any, params: Any, moe_state: Any, host_params: Any,
                  calib: list, eval_batches: list) -> dict[str, float]:
     """The PPL-p% records for every p of `settings` (module docstring)."""
-    from sparsejax.sparsity.activation.calibrate import ThresholdEval, histograms
     layout = site_layout(host_params, run.model_config, "teal", ("down",))
     hists = histograms(run, params, moe_state, layout, calib)
     ev = ThresholdEval(run)

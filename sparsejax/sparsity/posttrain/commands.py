@@ -53,7 +53,9 @@ def add_parsers(sub) -> None:
                                               "text (the papers' calibration set; default: "
                                               "the run's dataset)")
     g.add_argument("--calibration", help="sequential (default) | parallel")
-    g.add_argument("--experts", help="frequency | reconstruction | merge (MoE)")
+    g.add_argument("--experts", help="frequency | reconstruction | merge | reap (MoE; super "
+                                     "experts are kept unless --gin.PruneConfig."
+                                     "protect_super_experts=False)")
     g.add_argument("--num_experts", help="experts each MoE layer keeps")
     g.add_argument("--finetune_steps", help="steps of the recovery fine-tune in --out (int, "
                                             "or a fraction of the source run; default 0.1)")

@@ -31,6 +31,25 @@ def parse_nm(value: Any) -> tuple[int, int] | None:
     return n, m
 
 
+def check_calibration(config: Any, owner: str) -> None:
+    """The calibration settings of `config` (calibration_samples, _seed, _split, _data,
+    _batch_size: PruneConfig's, or another command's of the same names) for its class
+    `owner`; a ValueError names the first bad one."""
+    for name, lo in (("calibration_samples", 1), ("calibration_seed", 0)):
+        if getattr(config, name) < lo:
+            raise ValueError(f"{owner}.{name}={getattr(config, name)!r} must be >= {lo}")
+    if config.calibration_split not in ("train", "validation"):
+        raise ValueError(f"{owner}.calibration_split={config.calibration_split!r}; valid: "
+                         f"['train', 'validation']")
+    if config.calibration_data is not None and not str(config.calibration_data).startswith(
+            "files:"):
+        raise ValueError(f"{owner}.calibration_data={config.calibration_data!r}; valid: None "
+                         f"(the run's dataset) or 'files:GLOB'")
+    if config.calibration_batch_size is not None and config.calibration_batch_size < 1:
+        raise ValueError(f"{owner}.calibration_batch_size={config.calibration_batch_size!r} "
+                         f"must be >= 1 (or None)")
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class PruneConfig:
@@ -53,8 +72,12 @@ class PruneConfig:
     include / exclude: regexes on param paths (after the defaults: embeddings, norms, biases
       and routers are never pruned). prune_head: prune the (untied) LM head too, calibrated
       on the final hidden states (the papers leave it dense).
-    experts / num_experts: an `EXPERT_REDUCERS` entry (frequency, reconstruction, merge) and
-      the experts every MoE layer keeps.
+    experts / num_experts: an `EXPERT_REDUCERS` entry (frequency, reconstruction, merge, reap)
+      and the experts every MoE layer keeps (at least MoeMlp.top_k, HF's num_experts_per_tok).
+      protect_super_experts: keep each layer's super experts (super_experts.py; settings
+      `SuperExperts.multiple`) whatever the reducer says (default True). drop_experts: experts
+      every reduction drops, as 'LAYER:EXPERT' strings ('3:5': expert 5 of layer 3); shared
+      experts are never dropped ('3:shared' is refused).
     finetune_steps: TrainConfig.num_steps of the sparse recovery fine-tune written to the
       output workdir (int: steps; float in [0, 1]: a fraction of the source run's num_steps).
     compact: write the output in the compact block-sparse weight format
@@ -83,6 +106,8 @@ class PruneConfig:
     prune_head: bool = False
     experts: str | None = None
     num_experts: int | None = None
+    protect_super_experts: bool = True
+    drop_experts: tuple = ()
     finetune_steps: int | float = 0.1
     eval_tokens: int | None = None
     compact: bool = False
@@ -126,22 +151,10 @@ class PruneConfig:
         if self.dsnot and (self.method is None or self.structure_name == "block"):
             raise ValueError(f"{P}.dsnot=True refines a weight mask row by row; it needs a "
                              f"method and a structure other than 'block'")
-        for name, lo in (("calibration_samples", 1), ("calibration_seed", 0)):
-            if getattr(self, name) < lo:
-                raise ValueError(f"{P}.{name}={getattr(self, name)!r} must be >= {lo}")
-        if self.calibration_split not in ("train", "validation"):
-            raise ValueError(f"{P}.calibration_split={self.calibration_split!r}; valid: "
-                             f"['train', 'validation']")
-        if self.calibration_data is not None and not str(self.calibration_data).startswith(
-                "files:"):
-            raise ValueError(f"{P}.calibration_data={self.calibration_data!r}; valid: None (the "
-                             f"run's dataset) or 'files:GLOB'")
+        check_calibration(self, P)
         if self.calibration not in CALIBRATION_MODES:
             raise ValueError(f"{P}.calibration={self.calibration!r}; valid: "
                              f"{list(CALIBRATION_MODES)}")
-        if self.calibration_batch_size is not None and self.calibration_batch_size < 1:
-            raise ValueError(f"{P}.calibration_batch_size={self.calibration_batch_size!r} "
-                             f"must be >= 1 (or None)")
         if (self.experts is None) != (self.num_experts is None):
             raise ValueError(f"{P}.experts={self.experts!r} and {P}.num_experts="
                              f"{self.num_experts!r} go together (a reduction and the experts "
@@ -150,6 +163,11 @@ class PruneConfig:
             EXPERT_REDUCERS.get(self.experts, f"{P}.experts")
             if self.num_experts < 1:
                 raise ValueError(f"{P}.num_experts={self.num_experts!r} must be >= 1")
+        self.dropped_experts()
+        if self.experts is None and (self.drop_experts or not self.protect_super_experts):
+            given = "drop_experts" if self.drop_experts else "protect_super_experts"
+            raise ValueError(f"{P}.{given}={getattr(self, given)!r} has no effect without "
+                             f"{P}.experts (an expert reduction)")
         check_step_spec(self.finetune_steps, f"{P}.finetune_steps", minimum=1)
         if self.compact:
             self._check_compact()
@@ -174,6 +192,30 @@ class PruneConfig:
             raise ValueError(f"{P}.compact=True (--compact) stores every attention and MLP "
                              f"projection compactly, so all of them and only them are pruned; "
                              f"{', '.join(changed)} changes that")
+
+    def dropped_experts(self) -> dict[int, list[int]]:
+        """PruneConfig.drop_experts as {layer: [experts]} (checked against the model in
+        plan.check_experts)."""
+        P = "PruneConfig.drop_experts"
+        if isinstance(self.drop_experts, str):
+            raise ValueError(f"{P}={self.drop_experts!r} must be a tuple of 'LAYER:EXPERT' "
+                             f"strings, e.g. ('3:5',)")
+        out: dict[int, list[int]] = {}
+        for item in self.drop_experts:
+            layer, _, expert = str(item).partition(":")
+            if expert.strip().lower() == "shared":
+                raise ValueError(f"{P} names {item!r}, a shared expert: shared experts "
+                                 f"(MoeMlp.num_shared_experts) process every token and are "
+                                 f"never dropped; name routed experts ('LAYER:EXPERT')")
+            try:
+                layer_i, expert_i = int(layer), int(expert)
+            except ValueError:
+                layer_i = expert_i = -1
+            if layer_i < 0 or expert_i < 0:
+                raise ValueError(f"{P} holds {item!r}; valid: 'LAYER:EXPERT' with integer "
+                                 f"indices >= 0, e.g. '3:5'")
+            out.setdefault(layer_i, []).append(expert_i)
+        return {k: sorted(set(v)) for k, v in out.items()}
 
     @property
     def nm_pair(self) -> tuple[int, int] | None:
@@ -200,5 +242,6 @@ class PruneConfig:
         """The config as JSON-able data (for prune_report.json)."""
         out = dataclasses.asdict(self)
         out.update(structure=self.structure_name, density=self.density,
-                   include=list(self.include), exclude=list(self.exclude))
+                   include=list(self.include), exclude=list(self.exclude),
+                   drop_experts=list(self.drop_experts))
         return out

@@ -41,6 +41,7 @@ from sparsejax.sparsity.posttrain.config import PruneConfig
 from sparsejax.sparsity.posttrain.kernel import expert_calibration, layer_record, prune_kernel
 from sparsejax.sparsity.posttrain.plan import Plan, build_plan, get_path, set_path
 from sparsejax.sparsity.posttrain.solvers import PRUNERS
+from sparsejax.sparsity.posttrain.super_experts import SuperExperts
 
 log = logging.getLogger(__name__)
 PyTree = Any
@@ -83,7 +84,7 @@ class PruneResult:
     report: dict[str, Any]
 
 
-class _Batches:
+class CalibrationBatches:
     """The calibration set in batches, sharded over the data-parallel axes of `mesh`;
     the last batch padded with weight-0 copies of the first rows."""
 
@@ -91,7 +92,7 @@ class _Batches:
         n = calib.num_samples
         idx = np.concatenate([np.arange(n), np.arange((-n) % batch) % n])
         w = calib.token_weights.copy()
-        w = np.concatenate([w, np.zeros_like(w[: (-n) % batch])])
+        w = np.concatenate([w, np.zeros(((-n) % batch,) + w.shape[1:], w.dtype)])
         self.mesh = mesh
         axes = ("data", "fsdp", "expert")
         self.spec2 = NamedSharding(mesh, P(axes, None))
@@ -111,8 +112,9 @@ class _BlockProgram:
     kinds share one program (`program`), so each compiles once."""
 
     def __init__(self, cfg: ModelConfig, layer: int, keep: frozenset, num_experts: int | None,
-                 batches: _Batches, with_stats: bool):
+                 batches: CalibrationBatches, with_stats: bool, expert_outputs: bool = False):
         self.cfg, self.layer, self.keep, self.num_experts = cfg, layer, keep, num_experts
+        self.expert_outputs = expert_outputs
         self.groups: dict[str, str] = {}
         self.moe_modules: dict[str, nn.Module] = {}
         rep = replicated(batches.mesh)
@@ -137,29 +139,31 @@ class _BlockProgram:
             self.moe_modules[path] = mod
             st = None if not ms else get_path(ms, path)
             moe[path] = stats_lib.moe_stats(mod, get_path(bp, path), st, xm, wf, path,
-                                            self.keep)
+                                            self.keep, outputs=self.expert_outputs)
         return y, dense, moe
 
 
 def program(cache: dict, cfg: ModelConfig, layer: int, keep, num_experts: int | None,
-            batches: _Batches, with_stats: bool = True) -> _BlockProgram:
+            batches: CalibrationBatches, with_stats: bool = True, expert_outputs: bool = False
+            ) -> _BlockProgram:
     """The program of block `layer`'s kind, from `cache` (one per prune_model call, since
-    programs read gin-configured MoE settings when they are traced)."""
+    programs read gin-configured MoE settings when they are traced); `expert_outputs`: MoE
+    statistics include the experts' outputs (stats.expert_outputs)."""
     key = (cfg.mlp_kind(layer), cfg.attention_kind(layer), frozenset(keep), num_experts,
-           with_stats)
+           with_stats, expert_outputs)
     if key not in cache:
         cache[key] = _BlockProgram(cfg, layer, frozenset(keep), num_experts, batches,
-                                   with_stats)
+                                   with_stats, expert_outputs)
     return cache[key]
 
 
-def _accumulate(program: _BlockProgram, bp, ms, xs, batches: _Batches):
+def _accumulate(program: _BlockProgram, bp, ms, xs, batches: CalibrationBatches):
     """Runs the program over every calibration batch: (outputs per batch, summed stats)."""
     ys, total = [], None
     for x, b in zip(xs, batches.items):
         y, dense, moe = program.fn(bp, ms, x, b["positions"], b["segment_ids"], b["weights"])
         ys.append(y)
-        total = (dense, moe) if total is None else jax.tree.map(jnp.add, total, (dense, moe))
+        total = (dense, moe) if total is None else stats_lib.add_stats(total, (dense, moe))
     return ys, total
 
 
@@ -169,7 +173,7 @@ def _sq_sums(y, r, w):
     return jnp.sum(w * (y - r) ** 2), jnp.sum(w * r ** 2)
 
 
-def _output_error(ys, refs, batches: _Batches) -> float:
+def _output_error(ys, refs, batches: CalibrationBatches) -> float:
     """Σ‖y - r‖² / Σ‖r‖² over the calibration tokens (block outputs, pruned vs dense)."""
     num = den = 0.0
     for y, r, b in zip(ys, refs, batches.items):
@@ -234,7 +238,7 @@ def _run(plan: Plan, params, moe_state, calib, mesh, t_start) -> PruneResult:
         plan.set_grads(plan.loss_fn, params, calib.rows())
         log.info("calibration gradients of %d sequences: %.1f s", calib.num_samples,
                  time.perf_counter() - t0)
-    batches = _Batches(calib, plan.batch_size, mesh)
+    batches = CalibrationBatches(calib, plan.batch_size, mesh)
     embed = jax.jit(lambda p, t: capture.embed(cfg, p, t), out_shardings=batches.spec3)
     xs0 = [embed(params, b["tokens"]) for b in batches.items]
     ratios = None
@@ -251,7 +255,8 @@ def _run(plan: Plan, params, moe_state, calib, mesh, t_start) -> PruneResult:
         name = capture.layer_name(layer)
         bp, ms = params[name], (moe_state or {}).get(name)
         keep_paths = plan.block_keep(layer)
-        prog = program(plan.programs, cfg, layer, keep_paths, None, batches)
+        prog = program(plan.programs, cfg, layer, keep_paths, None, batches,
+                       expert_outputs=plan.expert_outputs)
         ys, (dense, moe) = _accumulate(prog, bp, ms, xs, batches)
         block_k = None
         if plan.reducer is not None and moe:
@@ -328,14 +333,25 @@ def _reduce_experts(plan: Plan, layer: int, bp, ms, moe, prog: _BlockProgram, xs
         if plan.reducer.needs_outputs:
             error = _reconstruction_error_fn(mod, moe_params, moe_st, prog, bp, ms, path, xs,
                                              batches)
-        rplan = plan.reducer.plan(np.asarray(st["counts"]), np.asarray(st["logit_gram"]),
-                                  pc.num_experts, error)
+        stats = experts_lib.ExpertStats.from_stats(st)
+        protected, supers = [], None
+        if pc.protect_super_experts:
+            supers = SuperExperts().describe(stats.output_max, stats.counts)
+            protected = supers["candidates"]
+        dropped = pc.dropped_experts().get(layer, [])
+        rplan = experts_lib.constrained_plan(plan.reducer, stats, pc.num_experts, protected,
+                                             dropped, error)
         new_params, new_state = experts_lib.apply_plan(moe_params, moe_st, rplan)
         bp = set_path(bp, path, new_params)
         if ms is not None and new_state is not None:
             ms = set_path(ms, path, new_state)
-        infos.append({"layer": layer, "module": path,
-                      "routed_tokens": np.asarray(st["counts"]).tolist(), **rplan.describe()})
+        info = {"layer": layer, "module": path, "routed_tokens": stats.counts.tolist(),
+                **rplan.describe(), "protected": protected, "dropped": dropped}
+        if supers is not None:
+            info["super_experts"] = supers
+        if plan.reducer.needs_expert_outputs:
+            info["reap_saliency"] = experts_lib.reap_saliency(stats).tolist()
+        infos.append(info)
     return bp, ms, infos
 
 

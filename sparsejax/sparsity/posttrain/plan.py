@@ -22,6 +22,7 @@ from sparsejax.sparsity.posttrain.config import PruneConfig
 from sparsejax.sparsity.posttrain.dsnot import DSnoT
 from sparsejax.sparsity.posttrain.experts import EXPERT_REDUCERS, ExpertReducer
 from sparsejax.sparsity.posttrain.solvers import PRUNERS, Pruner, SparseGPTPruner, make_structure
+from sparsejax.sparsity.posttrain.super_experts import SuperExperts
 
 PyTree = Any
 HEAD = "lm_head/kernel"
@@ -62,6 +63,12 @@ class Plan:
     programs: dict = dataclasses.field(default_factory=dict)  # compiled block programs
     include: tuple = ()  # the regexes that chose `paths` (paths_lib.prunable_tree)
     exclude: tuple = ()
+
+    @property
+    def expert_outputs(self) -> bool:
+        """Whether calibration measures the experts' outputs (REAP, super experts)."""
+        return self.reducer is not None and (self.reducer.needs_expert_outputs
+                                             or self.config.protect_super_experts)
 
     @property
     def blocks(self) -> list[int]:
@@ -141,6 +148,8 @@ class Plan:
             out["sparsegpt"] = vars(self.pruner.settings)
         if self.config.dsnot:
             out["dsnot"] = vars(DSnoT())
+        if self.reducer is not None and self.config.protect_super_experts:
+            out["super_experts"] = vars(SuperExperts())
         if ALLOCATIONS.get(self.config.allocation).needs_outliers:
             out["owl"] = vars(ALLOCATIONS.get(self.config.allocation)())
         if self.pruner is not None and getattr(self.pruner, "criterion", None) == "gblm":
@@ -162,10 +171,24 @@ def check_experts(cfg: ModelConfig, pc: PruneConfig) -> None:
     if not layers:
         raise ValueError(f"PruneConfig.experts={pc.experts!r}: the model has no MoE layer "
                          f"(ModelConfig.mlp_kinds={tuple(cfg.mlp_kinds)})")
-    if not mod.top_k <= k < mod.num_experts:
-        raise ValueError(f"PruneConfig.num_experts={k} must be in [MoeMlp.top_k={mod.top_k}, "
-                         f"MoeMlp.num_experts={mod.num_experts}): the experts each MoE layer "
-                         f"keeps")
+    if k < mod.top_k:
+        raise ValueError(f"PruneConfig.num_experts={k} is below MoeMlp.top_k={mod.top_k} "
+                         f"(num_experts_per_tok): every token is routed to top_k experts, so a "
+                         f"layer keeps at least {mod.top_k}")
+    if k >= mod.num_experts:
+        raise ValueError(f"PruneConfig.num_experts={k} must be below MoeMlp.num_experts="
+                         f"{mod.num_experts}: the experts each MoE layer keeps")
+    for layer, experts in pc.dropped_experts().items():
+        if layer not in layers:
+            raise ValueError(f"PruneConfig.drop_experts names layer {layer}, which is not an "
+                             f"MoE layer; MoE layers: {layers}")
+        bad = [e for e in experts if e >= mod.num_experts]
+        if bad:
+            raise ValueError(f"PruneConfig.drop_experts names expert {bad[0]} of layer {layer}; "
+                             f"valid: 0..{mod.num_experts - 1} (MoeMlp.num_experts)")
+        if mod.num_experts - len(experts) < k:
+            raise ValueError(f"PruneConfig.drop_experts drops {len(experts)} experts of layer "
+                             f"{layer}, leaving fewer than PruneConfig.num_experts={k}")
     from sparsejax.models.moe.router import ROUTERS
     router = ROUTERS.get(mod.router, "MoeMlp.router")()
     groups = getattr(router, "num_groups", 1)
@@ -228,6 +251,8 @@ def build_plan(cfg: ModelConfig, params: PyTree, moe_state: PyTree | None, pc: P
     if pc.experts is not None:
         check_experts(cfg, pc)
         reducer = EXPERT_REDUCERS.get(pc.experts)()
+        if pc.protect_super_experts:
+            SuperExperts()  # its settings are checked (and used) now
     if pc.dsnot:
         DSnoT()  # its settings are checked (and used) now
     if ALLOCATIONS.get(pc.allocation).needs_outliers:

@@ -102,9 +102,10 @@ def group_inputs(inputs: dict[str, jax.Array], keep: set[str]) -> tuple[dict[str
 
 
 def routing_weights(mod: nn.Module, moe_params: PyTree, moe_state: PyTree | None,
-                    x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(router logits [T, E] float32, routed assignments [T, E] in {0, 1}) of an MoeMlp
-    `mod` (its gin-configured settings) on x [b, s, embed], as the layer routes them
+                    x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(router logits [T, E] float32, routed assignments [T, E] in {0, 1}, gate weights
+    [T, E]: the weight each routed expert's output is combined with, 0 where not routed) of
+    an MoeMlp `mod` (its gin-configured settings) on x [b, s, embed], as the layer routes them
     (assignments past an expert's capacity are dropped when its dispatch is 'onehot')."""
     b, s, d = x.shape
     t, e, k = b * s, mod.num_experts, mod.top_k
@@ -126,21 +127,50 @@ def routing_weights(mod: nn.Module, moe_params: PyTree, moe_state: PyTree | None
         mask = (mask.reshape(t, k) & (pos < capacity)).reshape(-1)
     a = jnp.zeros((t, e), jnp.float32).at[routing.token_index, routing.expert_index].add(
         mask.astype(jnp.float32))
-    return logits, jnp.minimum(a, 1.0)
+    g = jnp.zeros((t, e), jnp.float32).at[routing.token_index, routing.expert_index].add(
+        jnp.where(mask, routing.weight, 0.0))
+    return logits, jnp.minimum(a, 1.0), g
+
+
+def expert_outputs(mod: nn.Module, moe_params: PyTree, xt: jax.Array, a: jax.Array,
+                   g: jax.Array) -> dict[str, jax.Array]:
+    """What REAP and super-expert detection read from the experts' outputs y_e = f_e(x) (the
+    down projection's output, before the gate weight) on the tokens routed to them:
+    {'gate_norm_sum': Σ_t a_te g_te ‖y_e(x_t)‖₂ [E], 'output_max': max over routed tokens
+    and features of |y_e(x_t)| [E]}. xt [T, embed]; a, g [T, E] from `routing_weights`
+    (a holds token weights: 0 for padding). One expert at a time (memory T x embed)."""
+    act = gated(mod.activation, mod.activation_threshold)
+    ex = moe_params["experts"]
+    xt = jnp.where(jnp.any(a > 0, axis=1, keepdims=True), xt.astype(jnp.float32), 0.0)
+
+    def one(args):
+        wg, wu, wo, ae, ge = args
+        _, h = act(xt @ wg.astype(jnp.float32), xt @ wu.astype(jnp.float32))
+        y = h @ wo.astype(jnp.float32)  # [T, embed]
+        norm = jnp.sqrt(jnp.sum(y * y, axis=-1))
+        peak = jnp.max(jnp.where(ae[:, None] > 0, jnp.abs(y), 0.0))
+        return jnp.sum(ae * ge * norm), peak
+
+    s, peak = jax.lax.map(one, (ex["wi_gate"], ex["wi_up"], ex["wo"], a.T, g.T))
+    return {"gate_norm_sum": s, "output_max": peak}
 
 
 def moe_stats(mod: nn.Module, moe_params: PyTree, moe_state: PyTree | None, x: jax.Array,
-              w: jax.Array, prefix: str, keep: set[str]) -> dict[str, Any]:
+              w: jax.Array, prefix: str, keep: set[str], outputs: bool = False
+              ) -> dict[str, Any]:
     """Statistics of one MoE layer on x [b, s, embed] with token weights w [b*s]:
     {'<prefix>/experts/wi': per-expert input stats (gate and up), '.../wo': per-expert stats
     of the down projection's input, shared experts like dense layers, 'counts': routed tokens
-    per expert [E], 'logit_gram': Lᵀ L of the router logits [E, E]}. Kernels outside `keep`
-    are skipped."""
-    logits, a = routing_weights(mod, moe_params, moe_state, x)
+    per expert [E], 'logit_gram': Lᵀ L of the router logits [E, E]}, and with `outputs` the
+    values of `expert_outputs` ('gate_norm_sum', 'output_max'; batches combine with
+    `add_stats`, which takes the max of 'output_max'). Kernels outside `keep` are skipped."""
+    logits, a, g = routing_weights(mod, moe_params, moe_state, x)
     a = a * w[:, None]
     xt = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     out: dict[str, Any] = {"counts": jnp.sum(a, 0),
                            "logit_gram": jnp.einsum("te,tf->ef", logits * w[:, None], logits)}
+    if outputs:
+        out.update(expert_outputs(mod, moe_params, xt, a, g))
     ex = moe_params["experts"]
     act = gated(mod.activation, mod.activation_threshold, *mod.swiglu)  # the layer's own
     if {f"{prefix}/experts/wi_gate", f"{prefix}/experts/wi_up"} & keep:
@@ -159,6 +189,16 @@ def moe_stats(mod: nn.Module, moe_params: PyTree, moe_state: PyTree | None, x: j
             h = act(xt @ sh["wi_gate"].astype(jnp.float32), xt @ sh["wi_up"].astype(jnp.float32))[1]
             out["shared_experts/wo"] = input_stats(h, w)
     return out
+
+
+def add_stats(a: PyTree, b: PyTree) -> PyTree:
+    """Two calibration batches' statistics combined: sums, except the maximum for
+    'output_max' (`expert_outputs`)."""
+    def combine(path, x, y):
+        last = path[-1]
+        name = getattr(last, "key", getattr(last, "name", None))
+        return jnp.maximum(x, y) if name == "output_max" else x + y
+    return jax.tree_util.tree_map_with_path(combine, a, b)
 
 
 def moe_group(kernel: str) -> str:

@@ -306,7 +306,7 @@ def _jsonable(x):
 
 def _prune_bindings_text() -> str:
     """The operative pruning settings (PruneConfig and its solvers) as commented gin lines."""
-    ours = ("PruneConfig.", "SparseGPTSettings.", "DSnoT.", "OWL.", "GBLM.")
+    ours = ("PruneConfig.", "SparseGPTSettings.", "DSnoT.", "OWL.", "GBLM.", "SuperExperts.")
     lines = [f"# {k} = {v}" for k, v in sorted(config_lib.operative_bindings().items())
              if k.startswith(ours)]
     return "\n".join(lines) + "\n"

@@ -204,11 +204,20 @@ def test_global_magnitude_is_one_ranking_over_all_layers():
     (dict(method="wanda", structure="global"), "not available for PruneConfig.method='wanda'"),
     (dict(method="wanda", calibration_batch_size=3), "multiple of the data-parallel size 8"),
     (dict(experts="merge", num_experts=2), "the model has no MoE layer"),
+    (dict(experts="merge", num_experts=1, moe=True), r"num_experts=1 is below MoeMlp.top_k=2"),
+    (dict(experts="reap", num_experts=2, drop_experts=("0:1",), moe=True),
+     r"drop_experts names layer 0, which is not an MoE layer; MoE layers: \[1\]"),
+    (dict(experts="reap", num_experts=2, drop_experts=("1:7",), moe=True),
+     r"names expert 7 of layer 1; valid: 0..3"),
     (dict(method="nonesuch"), "is not a registered post-training pruner"),
     (dict(allocation="owl", nm="2:4"), "needs per-layer densities"),
 ])
 def test_bad_settings_fail_before_any_work(kw, match):
-    cfg = tiny(2)
+    kw = dict(kw)
+    if kw.pop("moe", False):
+        config_lib.parse_gin([], ["MoeMlp.num_experts=4", "MoeMlp.top_k=2", "MoeMlp.mlp_dim=8"])
+    cfg = tiny(2, mlp_kinds=("dense", "moe")) if "num_experts" in kw and kw["num_experts"] != 2 \
+        or "drop_experts" in kw else tiny(2)
     v, c = setup(cfg)
     with pytest.raises(ValueError, match=match):
         prune_model(cfg, v["params"], None, c, PruneConfig(**kw), mesh=make_mesh(),
@@ -245,3 +254,42 @@ def test_gblm_scores_with_per_sequence_gradients_of_the_loss():
                      loss_fn=loss)
     np.testing.assert_array_equal(flat(g0), flat(wanda))
     assert g0.report["solver_settings"]["gblm"]["scale"] == 0.0
+
+
+def test_super_experts_are_kept_by_default_and_drop_experts_are_dropped():
+    config_lib.parse_gin([], ["MoeMlp.num_experts=4", "MoeMlp.top_k=2", "MoeMlp.mlp_dim=8"])
+    cfg = tiny(2, mlp_kinds=("dense", "moe"))
+    v, c = setup(cfg)
+    kw = dict(method=None, experts="frequency", num_experts=2)
+    off = run(cfg, v, c, protect_super_experts=False, **kw).report["experts"][0]
+    counts = np.array(off["routed_tokens"])
+    least = int(np.argsort(counts, kind="stable")[0])
+    assert [least] not in off["groups"] and off["protected"] == [] and "super_experts" not in off
+    # the least used expert's outputs become massive: a super expert, kept by default
+    params = jax.tree.map(lambda a: a, v["params"])
+    wo = params["layer_1"]["moe"]["experts"]["wo"]
+    params["layer_1"]["moe"]["experts"]["wo"] = wo.at[least].multiply(1000.0)
+    v2 = {**v, "params": params}
+    on = run(cfg, v2, c, **kw).report["experts"][0]
+    assert on["routed_tokens"] == off["routed_tokens"]  # routing of layer 1 is unchanged
+    assert on["protected"] == on["super_experts"]["candidates"] == [least]
+    assert [least] in on["groups"] and len(on["groups"]) == 2
+    assert on["super_experts"]["ratio_to_median"][least] > 100
+    off2 = run(cfg, v2, c, protect_super_experts=False, **kw).report["experts"][0]
+    assert off2["groups"] == off["groups"]
+    keep = sorted(np.argsort(-counts, kind="stable")[:2].tolist())
+    dropped = run(cfg, v, c, drop_experts=(f"1:{keep[0]}",), protect_super_experts=False,
+                  **kw).report["experts"][0]
+    assert dropped["dropped"] == [keep[0]] and [keep[0]] not in dropped["groups"]
+
+
+def test_fewer_calibration_samples_than_half_a_batch():
+    """The last batch is padded with weight-0 rows, also when it needs more than N of them."""
+    cfg = tiny(2)
+    v, c = setup(cfg)
+    few = CalibrationSet(*(a[:2] for a in (c.inputs, c.targets, c.loss_mask, c.positions,
+                                           c.segment_ids)))
+    r = prune_model(cfg, v["params"], None, few, PruneConfig(method="wanda"),
+                    mesh=make_mesh(num_devices=8), valid=padded_params(cfg), batch_size=8)
+    assert r.report["calibration"]["tokens"] == 2 * S
+    assert r.report["density"] == pytest.approx(0.5, abs=0.01)

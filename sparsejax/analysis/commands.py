@@ -1,0 +1,66 @@
+"""`sparsejax moe-report` (wired into sparsejax/cli.py): routing analysis of a MoE workdir
+(analysis/moe_report.py). Its calibration flags are shorthands for `MoeReport` bindings;
+other settings are gin bindings (`--gin.MoeReport.segment_lengths=(16,64)`,
+`--gin.MoeReport.cache_sizes=(2,4,8)`, `--gin.SuperExperts.multiple=20`)."""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+FLAGS = {"calibration_samples": int, "calibration_seed": int, "calibration_split": str,
+         "calibration_data": str, "calibration_batch_size": int}
+
+
+def add_parsers(sub) -> None:
+    # imported here, as the other command modules do, so that `sparsejax --help` stays fast
+    from sparsejax.train.commands import add_run_flags
+    s = sub.add_parser("moe-report", help="per MoE layer: expert load, co-activation, routing "
+                                          "consistency (segment coverage, cache hit rates) and "
+                                          "super-expert candidates, as JSON and plots in the "
+                                          "workdir")
+    add_run_flags(s)
+    for action in s._actions:
+        if action.dest == "workdir":
+            action.help = "a trained MoE workdir or one made by import-hf (outputs go here)"
+    g = s.add_argument_group("calibration (shorthands for MoeReport.<name> bindings)")
+    for name in FLAGS:
+        g.add_argument(f"--{name}", help="files:GLOB: windows of these files' text (default: "
+                                         "the run's dataset)" if name == "calibration_data"
+                       else None)
+    s.set_defaults(handler=run_moe_report)
+
+
+def flag_bindings(args: argparse.Namespace, bindings: Sequence[str]) -> list[str]:
+    """MoeReport bindings of the given flags; a flag and a --gin binding of the same field is
+    a ValueError."""
+    given = {b.partition("=")[0].strip() for b in bindings}
+    out = []
+    for name, parse in FLAGS.items():
+        text = getattr(args, name, None)
+        if text is None:
+            continue
+        if f"MoeReport.{name}" in given:
+            raise ValueError(f"--{name} and --gin.MoeReport.{name} both given; keep one")
+        try:
+            value = parse(text)
+        except ValueError:
+            raise ValueError(f"--{name}={text!r} is not a valid {parse.__name__}") from None
+        out.append(f"MoeReport.{name}={value!r}")
+    return out
+
+
+def run_moe_report(args: argparse.Namespace, bindings: Sequence[str]) -> int:
+    # imported here so that the CLI starts without jax (see sparsejax/cli.py)
+    from sparsejax import cli
+    from sparsejax.train.commands import guarded
+
+    def go():
+        cli.quiet_logging()
+        from sparsejax.parallel import distributed
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                               timeout_s=args.distributed_timeout_s,
+                               heartbeat_timeout_s=args.heartbeat_timeout_s)
+        from sparsejax.analysis.moe_report import moe_report_workdir
+        return moe_report_workdir(args.workdir, args.gin_file,
+                                  list(bindings) + flag_bindings(args, bindings), args.imports)
+    return guarded(go)

@@ -1,0 +1,81 @@
+"""`sparsejax moe-report` on an imported tiny random model of each MoE family (skipped without
+transformers and torch): per MoE layer, the routed-token counts it reports are those of the
+top-k of transformers' own router logits on the same calibration windows, shared experts
+are not among the routed experts, and the JSON and plots are written."""
+import json
+import os
+
+import gin
+import numpy as np
+import pytest
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+from sparsejax import cli  # noqa: E402
+from sparsejax.analysis.moe_report import MoeReport  # noqa: E402
+from sparsejax.sparsity.posttrain.workdir import calibration_set  # noqa: E402
+from sparsejax.train import trainer  # noqa: E402
+from sparsejax.train.commands import parse_workdir_config  # noqa: E402
+
+COMMON = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+FAMILIES = {
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, dict(
+        num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM, dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, norm_topk_prob=False, mlp_only_layers=[1])),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, dict(
+        head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        norm_topk_prob=True, mlp_only_layers=[0])),
+    "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM, dict(
+        num_experts=4, num_experts_per_tok=2, clip_qkv=1.0, eos_token_id=None)),
+}
+MOE_LAYERS = {"mixtral": [0, 1], "qwen2_moe": [0], "qwen3_moe": [1], "olmoe": [0, 1]}
+RUN = ["--gin.TrainConfig.seq_len=32", "--gin.TrainConfig.global_batch_size=8"]
+DOCS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n",
+        "for i in range(10):\n    total += i * i\n"]
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    for i in range(6):
+        (root / f"doc_{i}.txt").write_text(DOCS[i % 3] * 4)
+    return f"files:{root}/*.txt"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_moe_report_of_an_imported_model(family, tmp_path, text, bpe_tokenizer, hf_random_model,
+                                         capsys):
+    config_cls, model_cls, extra = FAMILIES[family]
+    src, w = tmp_path / "hf", str(tmp_path / "w")
+    model = hf_random_model(config_cls, model_cls, str(src), {**COMMON, **extra})
+    bpe_tokenizer(src / "tokenizer.json")
+    assert cli.main(["import-hf", f"--src={src}", f"--workdir={w}"]) == 0
+    gin.clear_config()
+    capsys.readouterr()
+    assert cli.main(["moe-report", f"--workdir={w}", "--quiet", *RUN, "--calibration_samples=4",
+                     f"--calibration_data={text}", "--gin.MoeReport.segment_lengths=(4,8)"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = json.load(open(summary["file"]))
+    assert all(os.path.isfile(p) for p in result["plots"])
+    layers = result["layers"]
+    assert [r["layer"] for r in layers] == MOE_LAYERS[family]
+    assert all(r["num_experts"] == 4 and r["top_k"] == 2 for r in layers)  # no shared expert
+
+    # transformers' router on the same windows: the top-2 of each MoE layer's logits
+    gin.clear_config()
+    parse_workdir_config(w, [], [b[len("--gin."):] for b in RUN] + [
+        "MoeReport.calibration_samples=4", f"MoeReport.calibration_data='{text}'"])
+    calib = calibration_set(trainer.TrainConfig(), MoeReport())
+    with torch.no_grad():
+        out = model(torch.from_numpy(calib.inputs.astype(np.int64)), output_router_logits=True)
+    logits = [np.asarray(x) for x in out.router_logits]
+    assert len(logits) == len(layers)
+    for r, lg in zip(layers, logits):
+        top = np.argsort(-lg.reshape(-1, 4), axis=1)[:, :2]
+        want = np.bincount(top.reshape(-1), minlength=4)
+        assert r["counts"] == want.tolist(), (family, r["layer"])
+        assert r["tokens"] == calib.inputs.size
