@@ -139,19 +139,24 @@ def expert_outputs(mod: nn.Module, moe_params: PyTree, xt: jax.Array, a: jax.Arr
     {'gate_norm_sum': Σ_t a_te g_te ‖y_e(x_t)‖₂ [E], 'output_max': max over routed tokens
     and features of |y_e(x_t)| [E]}. xt [T, embed]; a, g [T, E] from `routing_weights`
     (a holds token weights: 0 for padding). One expert at a time (memory T x embed)."""
-    act = gated(mod.activation, mod.activation_threshold)
+    act = gated(mod.activation, mod.activation_threshold, *mod.swiglu)  # the layer's own
     ex = moe_params["experts"]
     xt = jnp.where(jnp.any(a > 0, axis=1, keepdims=True), xt.astype(jnp.float32), 0.0)
+    names = ("wi_gate", "wi_up", "wo")
+    # MoeMlp.expert_bias (gpt-oss): each projection's per-expert bias, else zeros
+    biases = tuple(ex.get(f"{n}_bias", jnp.zeros(ex[n].shape[::2], jnp.float32))
+                   for n in names)
 
     def one(args):
-        wg, wu, wo, ae, ge = args
-        _, h = act(xt @ wg.astype(jnp.float32), xt @ wu.astype(jnp.float32))
-        y = h @ wo.astype(jnp.float32)  # [T, embed]
+        wg, wu, wo, bg, bu, bo, ae, ge = args
+        f32 = jnp.float32
+        _, h = act(xt @ wg.astype(f32) + bg.astype(f32), xt @ wu.astype(f32) + bu.astype(f32))
+        y = h @ wo.astype(f32) + bo.astype(f32)  # [T, embed]
         norm = jnp.sqrt(jnp.sum(y * y, axis=-1))
         peak = jnp.max(jnp.where(ae[:, None] > 0, jnp.abs(y), 0.0))
         return jnp.sum(ae * ge * norm), peak
 
-    s, peak = jax.lax.map(one, (ex["wi_gate"], ex["wi_up"], ex["wo"], a.T, g.T))
+    s, peak = jax.lax.map(one, (*(ex[n] for n in names), *biases, a.T, g.T))
     return {"gate_norm_sum": s, "output_max": peak}
 
 
