@@ -31,14 +31,18 @@ FAMILIES = {
                    "e_score_correction_bias, n_group / topk_group, norm_topk_prob, "
                    "routed_scaling_factor, shared experts; multi-token-prediction layers "
                    "dropped on import)",
+    "gpt_oss": "gpt-oss (attention sinks, layer_types alternating sliding and full attention, "
+               "q/k/v/o biases, router and expert biases, clamped SwiGLU, yarn with truncate; "
+               "MXFP4 experts dequantized on import)",
 }
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
 DEEPSEEK = ("deepseek_v2", "deepseek_v3")  # interop/deepseek.py
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
-                 "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+                 "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+                 "gpt_oss": "GptOssForCausalLM"}
 QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "projection"}  # else 'none'
 _WHY_NOT: dict[str, str] = {}  # model_type -> what sparsejax lacks to run it
 # config.json keys of multi-head latent attention: refused for the families without it
@@ -67,6 +71,30 @@ def _rope(cfg: Mapping[str, Any]) -> tuple[float, dict | None]:
                             / float(params["original_max_position_embeddings"]))
     params = {k: v for k, v in params.items() if v is not None}
     return theta, {"type": kind, **params}
+
+
+def _period(types: list[str]) -> tuple[str, ...]:
+    """The shortest prefix of `types` that, cycled, gives every entry."""
+    for p in range(1, len(types) + 1):
+        if all(t == types[i % p] for i, t in enumerate(types)):
+            return tuple(types[:p])
+    return tuple(types)
+
+
+def _gpt_oss_layers(cfg: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """sliding_window and layer_types bindings of gpt-oss's `layer_types` (HF's default:
+    sliding on even layers, full on odd)."""
+    types = cfg.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                                       for i in range(num_layers)]
+    if len(types) != num_layers or any(t not in ("sliding_attention", "full_attention")
+                                       for t in types):
+        raise ValueError(f"config.json layer_types={types} must list 'sliding_attention' or "
+                         f"'full_attention' for each of the {num_layers} layers")
+    if "sliding_attention" not in types:
+        return {"ModelConfig.sliding_window": 0, "ModelConfig.layer_types": ()}
+    window = int(_need(cfg, "sliding_window"))
+    return {"ModelConfig.sliding_window": window,
+            "ModelConfig.layer_types": () if "full_attention" not in types else _period(types)}
 
 
 def _sliding(cfg: Mapping[str, Any], family: str, num_layers: int) -> int:
@@ -106,7 +134,7 @@ def from_hf_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if act not in FROM_HF_ACT:
         raise ValueError(f"config.json hidden_act={act!r} is not supported; supported: "
                          f"{sorted(FROM_HF_ACT)}")
-    for key in ("attention_bias", "mlp_bias"):
+    for key in ("attention_bias", "mlp_bias") if family != "gpt_oss" else ("mlp_bias",):
         if cfg.get(key):
             raise ValueError(f"config.json {key}=true is not supported (no output/MLP biases)")
     for key in MLA_KEYS if family not in DEEPSEEK else ():
@@ -140,10 +168,34 @@ def from_hf_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "ModelConfig.mlp_kinds": ("dense",),
         "ModelConfig.mlp_activation": FROM_HF_ACT[act],
     }
-    if family in MOE_FAMILIES:
+    if family == "gpt_oss":
+        b.update(_gpt_oss_bindings(cfg, layers))
+    elif family in MOE_FAMILIES:
         b.update(_moe_bindings(cfg, family, layers))
     if family in DEEPSEEK:
         b.update(deepseek.from_hf_config(cfg, layers))
+    return b
+
+
+def _gpt_oss_bindings(cfg: Mapping[str, Any], layers: int) -> dict[str, Any]:
+    """gpt-oss: q/k/v/o biases (attention_bias), sinks, per-layer windows, MoE on every layer
+    with router and expert biases, top-k then softmax over the chosen logits (= softmax top-k
+    renormalized), the clamped SwiGLU."""
+    bias = bool(cfg.get("attention_bias", True))
+    b = {"ModelConfig.qkv_bias": bias, "ModelConfig.out_bias": bias,
+         "ModelConfig.attention_sinks": True, **_gpt_oss_layers(cfg, layers),
+         "ModelConfig.mlp_activation": "clamped_swiglu",
+         "ModelConfig.swiglu_alpha": float(cfg.get("swiglu_alpha", 1.702)),
+         "ModelConfig.swiglu_limit": float(cfg.get("swiglu_limit", 7.0)),
+         "ModelConfig.mlp_kinds": ("moe",),
+         "MoeMlp.router": "softmax_topk", "MoeMlp.router_jitter": 0.0,
+         "MoeMlp.top_k": int(_need(cfg, "num_experts_per_tok")),
+         "MoeMlp.num_experts": _num_experts(cfg),
+         "MoeMlp.mlp_dim": int(_need(cfg, "intermediate_size")),
+         "MoeMlp.load_balance_weight": float(cfg.get("router_aux_loss_coef", 0.001)),
+         "MoeMlp.z_loss_weight": 0.0, "SoftmaxTopKRouter.renormalize": True,
+         "MoeMlp.num_shared_experts": 0, "MoeMlp.shared_expert_gate": False,
+         "MoeMlp.router_bias": True, "MoeMlp.expert_bias": True}
     return b
 
 
@@ -168,7 +220,7 @@ def _clip_qkv(cfg: Mapping[str, Any]) -> float:
 
 def _num_experts(cfg: Mapping[str, Any]) -> int:
     """num_experts (transformers 5 writes Qwen3-MoE's as num_local_experts)."""
-    for key in ("num_experts", "num_local_experts"):
+    for key in ("num_experts", "num_local_experts"):  # (gpt-oss: num_local_experts)
         if cfg.get(key) is not None:
             return int(cfg[key])
     return int(_need(cfg, "num_experts"))
@@ -220,7 +272,8 @@ def to_hf_config(model: Any, moe: Any | None, prefer: str | None = None,
     the family to keep when it fits (the imported one); `base`: an imported config.json whose
     other fields (token ids, ...) are carried over."""
     kinds = [model.mlp_kind(i) for i in range(model.num_layers)]
-    if model.mlp_activation not in HF_ACT:
+    gpt_oss = _is_gpt_oss(model, moe)
+    if model.mlp_activation not in HF_ACT and not gpt_oss:
         raise _refuse("ModelConfig.mlp_activation", model.mlp_activation,
                       f"HF's gated MLPs apply one activation to the gate; exportable: "
                       f"{sorted(HF_ACT)}")
@@ -235,6 +288,8 @@ def to_hf_config(model: Any, moe: Any | None, prefer: str | None = None,
     if model.kv_lora_rank:
         router = _router(moe) if moe is not None else None
         family = deepseek.family_of(model, moe, kinds, router, prefer, _refuse)
+    elif gpt_oss:
+        family = _gpt_oss(model, moe, kinds)
     elif "moe" in kinds:
         family = _moe_family(model, moe, kinds)
     elif model.qk_norm == "projection":
@@ -257,7 +312,7 @@ def to_hf_config(model: Any, moe: Any | None, prefer: str | None = None,
         "vocab_size": model.vocab_size, "hidden_size": model.embed_dim,
         "intermediate_size": model.mlp_dim, "num_hidden_layers": model.num_layers,
         "num_attention_heads": model.num_heads, "num_key_value_heads": model.num_kv_heads,
-        "head_dim": model.head_dim, "hidden_act": HF_ACT[model.mlp_activation],
+        "head_dim": model.head_dim, "hidden_act": HF_ACT.get(model.mlp_activation, "silu"),
         "max_position_embeddings": model.max_seq_len, "rms_norm_eps": model.norm_epsilon,
         "tie_word_embeddings": model.tie_embeddings, "rope_theta": model.rope_theta,
         "rope_parameters": _rope_out(model), "attention_dropout": 0.0, "dtype": "float32",
@@ -297,7 +352,57 @@ def to_hf_config(model: Any, moe: Any | None, prefer: str | None = None,
                    intermediate_size=moe.mlp_dim, norm_topk_prob=_router(moe).renormalize,
                    clip_qkv=float(model.clip_qkv) or None,
                    router_aux_loss_coef=moe.load_balance_weight, output_router_logits=False)
+    if family == "gpt_oss":
+        cfg.update(num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
+                   intermediate_size=moe.mlp_dim, swiglu_alpha=float(model.swiglu_alpha),
+                   swiglu_limit=float(model.swiglu_limit), attention_bias=model.qkv_bias,
+                   sliding_window=model.sliding_window or None,
+                   layer_types=["sliding_attention" if model.window(i) else "full_attention"
+                                for i in range(model.num_layers)],
+                   router_aux_loss_coef=moe.load_balance_weight, output_router_logits=False)
     return cfg
+
+
+def _is_gpt_oss(model: Any, moe: Any) -> bool:
+    """Does the model use an option only gpt-oss has (sinks, output bias, per-layer windows,
+    the clamped SwiGLU, router or expert biases)?"""
+    return bool(model.attention_sinks or model.out_bias or model.layer_types
+                or model.mlp_activation == "clamped_swiglu"
+                or (moe is not None and (moe.router_bias or moe.expert_bias)))
+
+
+def _gpt_oss(model: Any, moe: Any, kinds: list[str]) -> str:
+    """gpt-oss has all of its options on: sinks, router and expert biases, the clamped
+    SwiGLU, MoE on every layer (softmax over the top-k logits, no shared expert); q/k/v and
+    output biases together (attention_bias); no q/k norm."""
+    why = "gpt-oss's options come together: {} (a model with {} is exported as gpt-oss)"
+    first = ("attention sinks" if model.attention_sinks else "an output bias" if model.out_bias
+             else "layer_types" if model.layer_types else "the clamped SwiGLU"
+             if model.mlp_activation == "clamped_swiglu" else "router or expert biases")
+    need = [("ModelConfig.attention_sinks", model.attention_sinks, True),
+            ("ModelConfig.mlp_activation", model.mlp_activation, "clamped_swiglu"),
+            ("ModelConfig.mlp_kinds", tuple(model.mlp_kinds) if moe is None or "dense" in kinds
+             else ("moe",), ("moe",)),
+            ("ModelConfig.out_bias", model.out_bias, model.qkv_bias),
+            ("ModelConfig.qk_norm", model.qk_norm, "none"),
+            ("ModelConfig.clip_qkv", model.clip_qkv, 0.0)]
+    if moe is not None and "dense" not in kinds:
+        need += [("MoeMlp.router_bias", moe.router_bias, True),
+                 ("MoeMlp.expert_bias", moe.expert_bias, True),
+                 ("MoeMlp.num_shared_experts", moe.num_shared_experts, 0),
+                 ("MoeMlp.router", moe.router, "softmax_topk"),
+                 ("MoeMlp.correction_bias", moe.correction_bias, False),
+                 ("MoeMlp.bias_update_rate", moe.bias_update_rate, 0.0)]
+    for setting, value, want in need:
+        if value != want:
+            raise _refuse(setting, value, why.format(f"needs {want!r}", first))
+    router = _router(moe)
+    if not router.renormalize or router.num_groups != 1:
+        setting = ("SoftmaxTopKRouter.renormalize" if not router.renormalize
+                   else "SoftmaxTopKRouter.num_groups")
+        raise _refuse(setting, getattr(router, setting.split(".")[1]),
+                      why.format("softmax over the top-k logits", first))
+    return "gpt_oss"
 
 
 def _router(moe: Any) -> Any:

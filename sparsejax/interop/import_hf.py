@@ -24,6 +24,7 @@ import numpy as np
 
 from sparsejax.interop import mapping
 from sparsejax.interop.families import from_hf_config
+from sparsejax.interop.mxfp4 import open_checkpoint
 from sparsejax.interop.safetensors_io import SafetensorsCheckpoint, expect_names
 from sparsejax.models.transformer import Transformer
 from sparsejax.parallel.rules import LOGICAL_RULES, logical_shardings, path_str
@@ -196,7 +197,7 @@ def import_hf(src: str, workdir: str, bindings: Sequence[str] = (),
     import orbax.checkpoint as ocp
     cfg = read_config(src)
     arch = from_hf_config(cfg)  # unknown family / option -> ValueError, before any read
-    ckpt = SafetensorsCheckpoint(src)
+    ckpt = open_checkpoint(src, cfg)  # MXFP4 experts dequantized, other quantization refused
     dropped = mapping.extra_layers(ckpt.names, arch["ModelConfig.num_layers"])
     if dropped:
         extra = sorted({int(n.split(".")[2]) for n in dropped})

@@ -5,6 +5,11 @@ HF `nn.Linear` weights are [out, in]; ours are [in, out] (attention kernels 2-D
 `rotate_half` convention, so q/k need no permutation). Stacked expert weights [E, in, out]
 come from one HF tensor per expert. The vocab axis of the embedding and LM head is zero-padded
 to `ModelConfig.padded_vocab_size` rows on import and cut back on export.
+
+gpt-oss stores each layer's experts as single tensors that are already [E, in, out]
+(`mlp.experts.gate_up_proj` [E, embed, 2 * mlp], `down_proj` [E, mlp, embed], and their
+biases), with gate and up interleaved along the last axis (gate at even columns, up at odd):
+our `wi_gate` / `wi_up` (and their biases) are its even / odd columns (`Source.interleave`).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ class Source:
     transpose: bool
     stacked: bool
     hf_shape: tuple[int, ...]
+    interleave: tuple[int, int] | None = None  # (offset, stride) of our columns in the last axis
 
 
 _ATTN = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "out": "o_proj"}
@@ -40,6 +46,10 @@ _MLA_NORM = {"query_a_norm": "q_a_layernorm", "kv_a_norm": "kv_a_layernorm"}
 DEEPSEEK = ("deepseek_v2", "deepseek_v3")
 # MoE state (not params) that a family stores: DeepSeek-V3's selection bias
 _STATE = {"deepseek_v3": {"moe/bias": "mlp.gate.e_score_correction_bias"}}
+# gpt-oss: our expert param -> (its HF tensor in mlp.experts, column offset among 2 or None)
+_GPT_OSS_EXPERT = {"wi_gate": ("gate_up_proj", 0), "wi_up": ("gate_up_proj", 1),
+                   "wo": ("down_proj", None), "wi_gate_bias": ("gate_up_proj_bias", 0),
+                   "wi_up_bias": ("gate_up_proj_bias", 1), "wo_bias": ("down_proj_bias", None)}
 
 
 def hf_names(path: str, family: str) -> tuple[tuple[str, ...] | str, bool]:
@@ -66,6 +76,8 @@ def hf_names(path: str, family: str) -> tuple[tuple[str, ...] | str, bool]:
             return p + f"self_attn.{_MLA[parts[1]]}.weight", True
         if parts[1] in _MLA_NORM and parts[2] == "scale":
             return p + f"self_attn.{_MLA_NORM[parts[1]]}.weight", False
+    if rest == "attn/sinks":
+        return p + "self_attn.sinks", False
     if parts[0] == "attn" and len(parts) == 2:
         name = parts[1]
         if name.endswith("_bias") and name[:-5] in _ATTN:
@@ -74,7 +86,14 @@ def hf_names(path: str, family: str) -> tuple[tuple[str, ...] | str, bool]:
             return p + f"self_attn.{_ATTN[name]}.weight", True
     if parts[0] == "mlp" and len(parts) == 3 and parts[1] in _MLP:
         return p + f"mlp.{_MLP[parts[1]]}.weight", True
-    if parts[0] == "moe":
+    if parts[0] == "moe" and family == "gpt_oss":
+        if rest == "moe/router_kernel":
+            return p + "mlp.router.weight", True
+        if rest == "moe/router_bias":
+            return p + "mlp.router.bias", False
+        if len(parts) == 3 and parts[1] == "experts" and parts[2] in _GPT_OSS_EXPERT:
+            return p + f"mlp.experts.{_GPT_OSS_EXPERT[parts[2]][0]}", False
+    elif parts[0] == "moe":
         moe = p + ("block_sparse_moe." if family == "mixtral" else "mlp.")
         if rest == "moe/router_kernel":
             return moe + "gate.weight", True
@@ -107,6 +126,13 @@ def extra_layers(names, num_layers: int) -> list[str]:
         if m and int(m.group(1)) >= num_layers:
             out.append(name)
     return out
+def _interleave(path: str, family: str) -> tuple[int, int] | None:
+    """(offset, stride) of our param's columns in its HF tensor (gpt-oss's gate/up), or None."""
+    parts = path.split("/")
+    if family != "gpt_oss" or len(parts) != 4 or parts[1:3] != ["moe", "experts"]:
+        return None
+    offset = _GPT_OSS_EXPERT.get(parts[3], (None, None))[1]
+    return None if offset is None else (offset, 2)
 
 
 def plan(shapes: Mapping[str, tuple[int, ...]], family: str, vocab_size: int
@@ -118,12 +144,15 @@ def plan(shapes: Mapping[str, tuple[int, ...]], family: str, vocab_size: int
         stacked = "{e}" in name
         per = tuple(shape[1:]) if stacked else tuple(shape)
         hf_shape = per[::-1] if transpose else per
+        interleave = _interleave(path, family)
+        if interleave is not None:
+            hf_shape = hf_shape[:-1] + (hf_shape[-1] * interleave[1],)
         if path == "embed/embedding":
             hf_shape = (vocab_size,) + hf_shape[1:]
         if path == "lm_head/kernel":
             hf_shape = (vocab_size,) + hf_shape[1:]
         names = tuple(name.format(e=e) for e in range(shape[0])) if stacked else (name,)
-        out[path] = Source(names, transpose, stacked, tuple(hf_shape))
+        out[path] = Source(names, transpose, stacked, tuple(hf_shape), interleave)
     return out
 
 
@@ -145,6 +174,11 @@ def read_slice(read, src: Source, shape: tuple[int, ...], index: tuple[slice, ..
 
 
 def _read_one(read, name: str, src: Source, bounds: list[tuple[int, int]], dtype) -> np.ndarray:
+    if src.interleave is not None:  # our columns a..b-1 are HF columns off + i * stride
+        (off, stride), (a, b) = src.interleave, bounds[-1]
+        index = tuple(slice(*x) for x in bounds[:-1]) + (
+            slice(off + a * stride, off + (b - 1) * stride + 1),)
+        return read(name, index)[..., ::stride].astype(dtype, copy=False)
     ours_hf_extent = src.hf_shape[::-1] if src.transpose else src.hf_shape
     want = tuple(b - a for a, b in bounds)
     clipped = [(a, min(b, n)) for (a, b), n in zip(bounds, ours_hf_extent)]
@@ -173,5 +207,9 @@ def to_hf_tensors(params: Mapping[str, np.ndarray], family: str, vocab_size: int
             t = piece.T if src.transpose else piece
             if path in ("embed/embedding", "lm_head/kernel"):
                 t = t[:vocab_size]
+            if src.interleave is not None:  # gpt-oss's gate/up columns of one tensor
+                off, stride = src.interleave
+                out.setdefault(name, np.zeros(src.hf_shape, t.dtype))[..., off::stride] = t
+                continue
             out[name] = np.ascontiguousarray(t)
     return out

@@ -21,7 +21,8 @@ SINGLE_FILE = "model.safetensors"
 class SafetensorsCheckpoint:
     """Tensor names, shapes and dtypes of a checkpoint directory; slices read on demand."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, dtypes: tuple[str, ...] = SUPPORTED_DTYPES):
+        """`dtypes`: the tensor dtypes accepted (others are refused by name)."""
         from safetensors import safe_open
         self._safe_open = safe_open
         self.directory = directory
@@ -53,10 +54,10 @@ class SafetensorsCheckpoint:
             missing = sorted(set(weight_map) - set(self.shapes))
             if missing:
                 raise ValueError(f"{INDEX_FILE} lists tensors no shard holds: {missing[:5]}")
-        bad = {k: d for k, d in self.dtypes.items() if d not in SUPPORTED_DTYPES}
+        bad = {k: d for k, d in self.dtypes.items() if d not in dtypes}
         if bad:
             name, dtype = next(iter(bad.items()))
-            raise ValueError(f"tensor {name} has dtype {dtype}; supported: {SUPPORTED_DTYPES}")
+            raise ValueError(f"tensor {name} has dtype {dtype}; supported: {dtypes}")
         self._handles: dict[str, object] = {}
 
     @property
@@ -64,7 +65,7 @@ class SafetensorsCheckpoint:
         return sorted(self.shapes)
 
     def nbytes(self) -> int:
-        size = {"F32": 4, "F16": 2, "BF16": 2}
+        size = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1}
         return sum(int(np.prod(s)) * size[self.dtypes[k]] for k, s in self.shapes.items())
 
     def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:

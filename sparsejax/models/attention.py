@@ -9,6 +9,10 @@ Before RoPE, q and k may be RMS-normalized (`qk_norm`: 'head' normalizes each he
 over head_dim, Qwen3; 'projection' the whole q and k projections, OLMoE) and q, k, v clipped
 to [-clip_qkv, clip_qkv] after the norms (OLMoE).
 
+`out_bias` adds a bias to the output projection (gpt-oss's attention_bias, with `qkv_bias`).
+`attention_sinks` gives each head a learned logit that joins its softmax denominator and attends to
+nothing (gpt-oss's attention sinks): a query's weights then sum to less than one.
+
 With `decode=True` the layer reads and appends to a KV cache in the 'cache' collection (made
 by `sparsejax.infer.cache.init_cache`): key/value [batch, cache_len, kv_heads, head_dim], the
 position of each slot (-1: empty or padding) and the next free slot. Queries attend to the
@@ -51,6 +55,25 @@ def causal_segment_mask(segment_ids: jax.Array, window: int = 0) -> jax.Array:
     return (causal[None] & same)[:, None]
 
 
+def sink_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                   sinks: jax.Array) -> jax.Array:
+    """Softmax attention whose denominator also holds one learned logit per head (gpt-oss;
+    transformers' `eager_attention_forward` with `s_aux`). q [b, s, heads, d], k/v [b, L,
+    kv_heads, d] (head i reads kv head i // (heads / kv_heads)), mask [b, 1, s, L] bool,
+    sinks [heads] -> [b, s, heads, d]. Computed in float32."""
+    b, s, h, d = q.shape
+    kv = k.shape[2]
+    qg = q.astype(jnp.float32).reshape(b, s, kv, h // kv, d)
+    logits = jnp.einsum("bsngd,blnd->bngsl", qg, k.astype(jnp.float32)) / jnp.sqrt(
+        jnp.float32(d))
+    logits = jnp.where(mask[:, :, None], logits, -jnp.inf)  # [b, kv, g, s, L]
+    sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, kv, h // kv, 1, 1),
+                            logits.shape[:-1] + (1,))
+    probs = jax.nn.softmax(jnp.concatenate([logits, sink], axis=-1), axis=-1)[..., :-1]
+    out = jnp.einsum("bngsl,blnd->bsngd", probs, v.astype(jnp.float32))
+    return out.reshape(b, s, h, d).astype(q.dtype)
+
+
 def cache_mask(q_slots: jax.Array, slot_pos: jax.Array, positions: jax.Array, window: int,
                rule: Any = None) -> jax.Array:
     """Visibility [batch, 1, seq, cache_len] of cache slots for the queries at `positions`
@@ -81,6 +104,8 @@ class Attention(nn.Module):
     rope_scaling: Any = None  # a ModelConfig.rope_scaling dict
     qk_norm: str = "none"  # one of QK_NORMS (module docstring)
     clip_qkv: float = 0.0  # > 0: q, k, v clipped to [-clip_qkv, clip_qkv]
+    out_bias: bool = False  # a bias on the output projection
+    attention_sinks: bool = False  # a learned softmax-denominator logit per head (module docstring)
     norm_epsilon: float = 1e-6  # of the q/k norms
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -172,14 +197,22 @@ class Attention(nn.Module):
         k = tag(rotary_embedding(k, positions, self.rope_theta, self.rope_scaling), "key_proj")
         v = tag(v, "value_proj")
         q = nn.with_logical_constraint(q, ("batch", "seq", "heads", "kv"))
+        sinks = None
+        if self.attention_sinks:
+            sinks = self.param("sinks", nn.with_logical_partitioning(
+                nn.initializers.zeros, ("heads",)), (self.num_heads,), self.param_dtype)
         if self.is_mutable_collection(STREAMING_COLLECTION):  # head calibration reads these
             self.sow(STREAMING_COLLECTION, "qkv", (q, k, v))
         if decode:
-            out = self._cached_attention(q, k, v, positions, segment_ids)
+            out = self._cached_attention(q, k, v, positions, segment_ids, sinks)
+        elif self.kind == "dense" and sinks is not None:
+            out = sink_attention(q, k, v, causal_segment_mask(segment_ids, self.window), sinks)
         elif self.kind == "dense":
             out = jax.nn.dot_product_attention(
                 q, k, v, mask=causal_segment_mask(segment_ids, self.window))
         elif self.kind == "block_sparse":
+            if sinks is not None:
+                raise ValueError("Attention.attention_sinks=True needs dense attention, not block_sparse")
             from sparsejax.models.sparse_attention import BlockSparseSelfAttention
             out = BlockSparseSelfAttention(self.sparse_mask, name="block_sparse")(
                 q, k, v, segment_ids)
@@ -194,23 +227,32 @@ class Attention(nn.Module):
         `nn.intercept_methods`, as it reads `_proj`'s)."""
         if self._compact("out"):
             y = self._formatted("out", out.astype(self.dtype), shape[-1], ("heads", "embed"))
-            return y.reshape(shape)
-        out_kernel = self.param(
-            "out", nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("heads", "embed")),
-            (self.num_heads * self.head_dim, shape[-1]), self.param_dtype)
-        y = self._sited_matmul("out_in", out.astype(self.dtype), out_kernel.astype(self.dtype),
-                               decode)
+        else:
+            out_kernel = self.param(
+                "out", nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("heads", "embed")),
+                (self.num_heads * self.head_dim, shape[-1]), self.param_dtype)
+            y = self._sited_matmul("out_in", out.astype(self.dtype),
+                                   out_kernel.astype(self.dtype), decode)
+        if self.out_bias:
+            bias = self.param("out_bias", nn.with_logical_partitioning(
+                nn.initializers.zeros, ("embed",)), (shape[-1],), self.param_dtype)
+            y = y + bias.astype(self.dtype)
         return y.reshape(shape)
 
-    def _cached_attention(self, q, k, v, positions, segment_ids):
+    def _cached_attention(self, q, k, v, positions, segment_ids, sinks=None):
         """Appends k/v to the cache and attends over it: the retrieval heads over the whole
         cache (`_full_cache_attention`), the streaming heads of this layer, if any, over their
-        sink + recent ring (models/streaming_heads.py)."""
+        sink + recent ring (models/streaming_heads.py). `sinks` [heads]: learned sink logits
+        (gpt-oss), for the whole-cache attention only."""
         if not self.has_variable("cache", "cached_key"):
             raise ValueError("decode=True needs a KV cache in the 'cache' collection; build it "
                              "with sparsejax.infer.cache.init_cache")
+        if sinks is not None and (self.has_variable("cache", "stream_key")
+                                  or self.has_variable("cache", "page_min")):
+            raise ValueError("ModelConfig.attention_sinks=True is not supported with streaming "
+                             "heads or Quest decoding; decode with the full KV cache")
         if not self.has_variable("cache", "stream_key"):
-            return self._full_cache_attention(q, k, v, positions, segment_ids)
+            return self._full_cache_attention(q, k, v, positions, segment_ids, sinks)
         settings = StreamingHeads()
         group = self.num_heads // self.num_kv_heads
         full, stream = split_heads(self.num_kv_heads, settings.of_layer(self.layer))
@@ -232,9 +274,9 @@ class Attention(nn.Module):
         inverse = [order.index(h) for h in range(self.num_heads)]
         return jnp.concatenate([out_f, out_s], axis=2)[:, :, inverse]
 
-    def _full_cache_attention(self, q, k, v, positions, segment_ids):
+    def _full_cache_attention(self, q, k, v, positions, segment_ids, sinks=None):
         """Appends k/v at the cache's next free slot and attends over the whole cache (no
-        attention when every KV head of the layer streams)."""
+        attention when every KV head of the layer streams); `sinks`: as `sink_attention`."""
         ck = self.variable("cache", "cached_key", None)
         cv = self.variable("cache", "cached_value", None)
         cpos, cidx = self.variable("cache", "pos", None), self.variable("cache", "index", None)
@@ -265,5 +307,8 @@ class Attention(nn.Module):
                 return paged_attention(q, ck.value, cv.value, cpos.value, chosen, positions,
                                        quest.page_size, self.window, rule, q_slot=idx)
         mask = cache_mask(idx + jnp.arange(s), cpos.value, positions, self.window, rule)
+        if sinks is not None:
+            return sink_attention(q, ck.value.astype(q.dtype), cv.value.astype(q.dtype), mask,
+                                  sinks)
         return jax.nn.dot_product_attention(q, ck.value.astype(q.dtype),
                                             cv.value.astype(q.dtype), mask=mask)

@@ -1,8 +1,9 @@
 """Scanned layers (`ModelConfig.scan_layers`): the repeating group of blocks run by `nn.scan`,
 and the conversion between the two param layouts.
 
-The layer pattern (`mlp_kinds` / `attention_kinds`, each cycled over the layers) repeats every
-`period = lcm(len(mlp_kinds), len(attention_kinds))` layers. Scanned, the model holds one
+The layer pattern (`mlp_kinds` / `attention_kinds` / `layer_types`, each cycled over the
+layers) repeats every `period = lcm(len(mlp_kinds), len(attention_kinds), len(layer_types))`
+layers. Scanned, the model holds one
 group of `period` blocks, `layers/block_{j}`, whose params (and every other per-layer variable:
 MoE state, sown metrics, KV cache) carry a leading `layers` axis of length
 `num_layers / period`; layer i of the unscanned model is `block_{i % period}` at index
@@ -41,7 +42,8 @@ SCAN_COLLECTIONS = ("params", "moe_state", "moe_counts", "aux_loss", "metrics", 
 
 def layer_period(cfg: Any) -> int:
     """Layers after which the per-layer pattern repeats."""
-    return math.lcm(len(tuple(cfg.mlp_kinds)), len(tuple(cfg.attention_kinds)))
+    return math.lcm(len(tuple(cfg.mlp_kinds)), len(tuple(cfg.attention_kinds)),
+                    len(tuple(getattr(cfg, "layer_types", ()))) or 1)
 
 
 def check_scan_layers(cfg: Any) -> None:
@@ -52,7 +54,8 @@ def check_scan_layers(cfg: Any) -> None:
     if cfg.scan_layers and cfg.num_layers % p:
         raise ValueError(
             f"ModelConfig.scan_layers=True: the layer pattern (mlp_kinds={tuple(cfg.mlp_kinds)}, "
-            f"attention_kinds={tuple(cfg.attention_kinds)}) repeats every {p} layers, which does "
+            f"attention_kinds={tuple(cfg.attention_kinds)}, "
+            f"layer_types={tuple(getattr(cfg, 'layer_types', ()))}) repeats every {p} layers, which does "
             f"not divide num_layers={cfg.num_layers}; use a multiple of {p} layers or "
             f"scan_layers=False")
 

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sparsejax.models.activations import SWIGLU_ALPHA, SWIGLU_LIMIT
 from sparsejax.models.formats import FormatSpec, Projection
 from sparsejax.models.init import DEFAULT_KERNEL_INIT, zero_padding  # noqa: F401 (re-exported)
 
@@ -113,6 +114,7 @@ class GatedMlp(nn.Module):
     param_dtype: Dtype = jnp.float32
     activation: str = "silu"
     activation_threshold: float = 0.0
+    swiglu: tuple = (SWIGLU_ALPHA, SWIGLU_LIMIT)  # (alpha, limit) of 'clamped_swiglu'
     formats: FormatSpec = FormatSpec()
 
     @nn.compact
@@ -130,7 +132,7 @@ class GatedMlp(nn.Module):
             if sparse_mlp.sparse_decode_applies(self, t.shape[0]):
                 y = sparse_mlp.decode_gated_mlp(
                     self, t.astype(self.dtype),
-                    gated(self.activation, self.activation_threshold), self.dtype)
+                    gated(self.activation, self.activation_threshold, *self.swiglu), self.dtype)
                 return y.reshape(x.shape[:-1] + (self.embed_dim,))
         # Training-free thresholds (TEAL/CATS/WINA) act only where the 'act_sparsity'
         # collection holds a site (models/thresholds.py).
@@ -140,7 +142,7 @@ class GatedMlp(nn.Module):
         up = dense(self.mlp_dim, ("embed", "mlp"), "wi_up", self.dtype, self.param_dtype,
                    formats=self.formats)(
             apply_site(self, "wi_up_in", t)[0])
-        a, h = gated(self.activation, self.activation_threshold)(gate, up)
+        a, h = gated(self.activation, self.activation_threshold, *self.swiglu)(gate, up)
         keep = apply_site(self, "gate_act", a)[1]
         if keep is not None:
             h = jnp.where(keep, h, jnp.zeros_like(h))

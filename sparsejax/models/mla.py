@@ -71,7 +71,9 @@ def check_latent_attention(cfg: Any) -> None:
                          f"expands its own key and value from the latent)")
     given = {"qkv_bias": cfg.qkv_bias, "qk_norm": cfg.qk_norm != "none",
              "clip_qkv": cfg.clip_qkv, "sliding_window": cfg.sliding_window,
-             "attention_kinds": any(k != "dense" for k in cfg.attention_kinds)}
+             "attention_kinds": any(k != "dense" for k in cfg.attention_kinds),
+             "out_bias": getattr(cfg, "out_bias", False),
+             "attention_sinks": getattr(cfg, "attention_sinks", False)}
     for name, on in given.items():
         if on:
             raise ValueError(f"ModelConfig.{name}={getattr(cfg, name)!r} is not supported with "

@@ -10,8 +10,9 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from sparsejax.config import check_field_types
-from sparsejax.models.activations import check_activation
+from sparsejax.config import check_field_types, refuse_given
+from sparsejax.models.activations import (SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation,
+                                          check_swiglu)
 from sparsejax.models.formats import FormatSpec, Projection, format_spec, module_path
 from sparsejax.models.attention import ATTENTION_KINDS, QK_NORMS, Attention
 from sparsejax.models.layer_stack import (check_scan_layers, layer_period, scanned_blocks,
@@ -22,6 +23,7 @@ from sparsejax.models.remat import check_remat_policy, remat_module
 from sparsejax.models.rope import check_rope_scaling
 
 MLP_KINDS = ("dense", "moe")
+LAYER_TYPES = ("sliding_attention", "full_attention")  # ModelConfig.layer_types (HF's names)
 
 
 @gin.configurable
@@ -42,7 +44,13 @@ class ModelConfig:
     a dict, see models/rope.py), `sliding_window` (> 0: dense attention sees that many tokens,
     itself included; Mistral), `qk_norm` ('none'; 'head': RMSNorm of each head's q and k
     before RoPE, Qwen3; 'projection': of the whole q and k projections, OLMoE), `clip_qkv`
-    (> 0: q, k and v clipped to [-clip_qkv, clip_qkv] after the q/k norms, OLMoE; 0: off).
+    (> 0: q, k and v clipped to [-clip_qkv, clip_qkv] after the q/k norms, OLMoE; 0: off),
+    `out_bias` (a bias on the attention output projection; with `qkv_bias`, gpt-oss's
+    attention_bias), `attention_sinks` (a learned logit per head in each softmax
+    denominator, gpt-oss), `layer_types` (() : every layer sees `sliding_window`; else a
+    tuple of 'sliding_attention' / 'full_attention' cycled over the layers like `mlp_kinds`:
+    only the sliding layers use the window, gpt-oss), `swiglu_alpha` / `swiglu_limit` (of
+    `mlp_activation='clamped_swiglu'`, gpt-oss's experts).
 
     Multi-head latent attention (DeepSeek-V2 / V3, models/mla.py) on every layer when
     `kv_lora_rank` > 0 (0: standard attention): keys and values expanded from a latent of
@@ -86,7 +94,12 @@ class ModelConfig:
     sliding_window: int = 0
     qk_norm: str = "none"
     clip_qkv: float = 0.0
+    out_bias: bool = False
+    attention_sinks: bool = False
+    layer_types: tuple = ()
     mlp_activation: str = "silu"
+    swiglu_alpha: float = SWIGLU_ALPHA
+    swiglu_limit: float = SWIGLU_LIMIT
     activation_threshold: float = 0.0
     weight_format: str = "dense"
     weight_format_overrides: Any = None
@@ -121,7 +134,8 @@ class ModelConfig:
         if not 0 <= float(self.clip_qkv) < float("inf"):
             raise ValueError(f"ModelConfig.clip_qkv={self.clip_qkv} must be a finite number >= 0 "
                              f"(0: no clipping)")
-        for name in ("scale_embeddings", "qkv_bias", "tie_embeddings"):
+        for name in ("scale_embeddings", "qkv_bias", "tie_embeddings", "out_bias",
+                     "attention_sinks"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} must be True or "
                                  f"False")
@@ -129,8 +143,37 @@ class ModelConfig:
         check_remat_policy(self.remat_policy)
         check_scan_layers(self)
         check_activation(self.mlp_activation, self.activation_threshold)
+        check_swiglu(self.swiglu_alpha, self.swiglu_limit)
+        if self.mlp_activation != "clamped_swiglu":
+            why = f"ModelConfig.mlp_activation={self.mlp_activation!r} is not 'clamped_swiglu'"
+            for name, default in (("swiglu_alpha", SWIGLU_ALPHA), ("swiglu_limit", SWIGLU_LIMIT)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"ModelConfig.{name}={getattr(self, name)} has no effect: "
+                                     f"{why}")
+                refuse_given(f"ModelConfig.{name}", why)
+        self._check_attention_options()
         check_latent_attention(self)
         self.formats()
+
+    def _check_attention_options(self):
+        types = self.layer_types
+        if isinstance(types, str) or any(t not in LAYER_TYPES for t in types):
+            raise ValueError(f"ModelConfig.layer_types={types!r} must be a tuple of "
+                             f"{LAYER_TYPES} (or () for the same attention on every layer)")
+        if types and not int(self.sliding_window) > 0:
+            raise ValueError(f"ModelConfig.layer_types={tuple(types)!r} needs "
+                             f"ModelConfig.sliding_window > 0 (the window of its sliding "
+                             f"layers); got {self.sliding_window}")
+        if self.attention_sinks and "block_sparse" in tuple(self.attention_kinds):
+            raise ValueError(f"ModelConfig.attention_sinks=True needs dense attention; "
+                             f"attention_kinds={tuple(self.attention_kinds)!r} has block_sparse")
+
+    def window(self, layer: int) -> int:
+        """Layer `layer`'s sliding window (0: full causal attention)."""
+        types = tuple(self.layer_types)
+        if types and types[layer % len(types)] == "full_attention":
+            return 0
+        return int(self.sliding_window)
 
     def formats(self) -> FormatSpec:
         """The projections' weight formats (validated)."""
@@ -189,23 +232,25 @@ class Block(nn.Module):
             attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
                              kind=cfg.attention_kind(self.layer),
                              sparse_mask=cfg.sparse_attention_mask, qkv_bias=cfg.qkv_bias,
-                             window=int(cfg.sliding_window), rope_scaling=cfg.rope_scaling,
+                             window=cfg.window(self.layer), rope_scaling=cfg.rope_scaling,
                              qk_norm=cfg.qk_norm, clip_qkv=float(cfg.clip_qkv),
+                             out_bias=cfg.out_bias, attention_sinks=cfg.attention_sinks,
                              norm_epsilon=eps, dtype=dtype, param_dtype=pdtype,
                              formats=formats, layer=self.layer, name="attn")
         h = attn(h, positions, segment_ids, decode)
         x = x + h
         h = RMSNorm(eps, dtype=dtype, param_dtype=pdtype, name="mlp_norm")(x)
+        swiglu = (float(cfg.swiglu_alpha), float(cfg.swiglu_limit))
         if cfg.mlp_kind(self.layer) == "moe":
             from sparsejax.models.moe.layer import MoeMlp
             mlp = MoeMlp(embed_dim=cfg.embed_dim, activation=cfg.mlp_activation,
-                         activation_threshold=float(cfg.activation_threshold), dtype=dtype,
-                         param_dtype=pdtype, name="moe")
+                         activation_threshold=float(cfg.activation_threshold),
+                         swiglu=swiglu, dtype=dtype, param_dtype=pdtype, name="moe")
         else:
             mlp = GatedMlp(cfg.embed_dim, cfg.mlp_dim, dtype=dtype, param_dtype=pdtype,
                            activation=cfg.mlp_activation,
                            activation_threshold=float(cfg.activation_threshold),
-                           formats=formats, name="mlp")
+                           swiglu=swiglu, formats=formats, name="mlp")
         if isinstance(mlp, GatedMlp):  # (its decode step may skip inactive neurons)
             x = x + mlp(h, deterministic=deterministic, decode=decode)
         else:

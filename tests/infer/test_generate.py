@@ -1,5 +1,6 @@
 """KV-cache decoding equals full recomputation (greedy and seeded sampling), for dense, MoE,
-sliding-window, block-sparse and q/k-normed (Qwen3, OLMoE) models, with batched prompts of
+sliding-window, block-sparse, q/k-normed (Qwen3, OLMoE) and gpt-oss-like (sinks, sliding and
+full layers, biases, clamped SwiGLU; scanned) models, with batched prompts of
 different lengths."""
 import flax.linen as nn
 import gin
@@ -27,12 +28,17 @@ def model_and_params(**kw):
     return model, params, v.get("moe_state")
 
 
+GPT_OSS = dict(qkv_bias=True, out_bias=True, attention_sinks=True, sliding_window=4,
+               layer_types=("sliding_attention", "full_attention"), mlp_kinds=("moe",),
+               mlp_activation="clamped_swiglu", swiglu_limit=1.0)
 CASES = {"dense": {}, "window": dict(sliding_window=4), "qkv_bias": dict(qkv_bias=True),
          "qk_norm_head": dict(qk_norm="head"),
          "olmoe_like": dict(qk_norm="projection", clip_qkv=1.0, mlp_kinds=("moe",)),
          "moe": dict(mlp_kinds=("dense", "moe")),
          "block_sparse": dict(attention_kinds=("block_sparse", "dense"), sparse_attention_mask={
-             "kind": "sliding_window", "window": 6, "block_size": 4})}
+             "kind": "sliding_window", "window": 6, "block_size": 4}),
+         # (unscanned, with transformers' generate: tests/interop/test_transformers_parity.py)
+         "gpt_oss_scanned": dict(GPT_OSS, scan_layers=True)}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -40,6 +46,9 @@ def test_greedy_with_cache_equals_full_recomputation(name):
     gin.bind_parameter("MoeMlp.dispatch", "ragged_dot")
     gin.bind_parameter("MoeMlp.num_experts", 4)
     gin.bind_parameter("MoeMlp.mlp_dim", 16)
+    if name.startswith("gpt_oss"):
+        gin.bind_parameter("MoeMlp.router_bias", True)
+        gin.bind_parameter("MoeMlp.expert_bias", True)
     model, params, moe_state = model_and_params(**CASES[name])
     kw = dict(max_new_tokens=9, moe_state=moe_state)
     if name == "block_sparse":

@@ -1,7 +1,14 @@
 """Shared by the interop tests: a small byte-level BPE tokenizer.json trained here, and tiny
 transformers models with random weights (for the tests that need transformers and torch)."""
+import jax
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from sparsejax.interop.import_hf import abstract_params, unflatten
+from sparsejax.models.transformer import ModelConfig, Transformer
+from sparsejax.parallel.mesh import make_mesh
+from sparsejax.train.commands import parse_workdir_config
+from sparsejax.train.warm_start import restore_pretrained_state
 
 TEXT = ["def add(a, b):\n    return a + b\n", "class Point:\n    x: int = 0\n    y: int = 0\n",
         "import os\nprint(os.getcwd())\n", "for i in range(10):\n    total += i * i\n"]
@@ -45,3 +52,20 @@ def random_hf_model(config_cls, model_cls, directory, config, **save_kw):
 def hf_random_model():
     """random_hf_model(config_cls, model_cls, directory, config, **save_kw)."""
     return random_hf_model
+
+
+def imported_model(workdir):
+    """(Transformer, params, MoE state or None) of an imported workdir (its gin config
+    parsed; the MoE state is DeepSeek-V3's selection biases, None for the other families)."""
+    parse_workdir_config(workdir, [], [])
+    mc = ModelConfig()
+    shapes, sh = abstract_params(mc, make_mesh())
+    abstract = unflatten({k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k])
+                          for k, v in shapes.items()})
+    return (Transformer(mc), *restore_pretrained_state(workdir, abstract))
+
+
+@pytest.fixture(scope="session")
+def imported():
+    """imported_model(workdir) -> (Transformer, params, MoE state or None)."""
+    return imported_model

@@ -11,6 +11,12 @@ HF = dict(scale_embeddings=False, vocab_size=300, num_layers=2, embed_dim=32, nu
           num_kv_heads=2, head_dim=8, mlp_dim=48)
 
 
+GPT_OSS = dict(qkv_bias=True, out_bias=True, attention_sinks=True, sliding_window=8,
+               layer_types=("sliding_attention", "full_attention"),
+               mlp_activation="clamped_swiglu", swiglu_limit=5.0, mlp_kinds=("moe",))
+GPT_OSS_MOE = dict(router_bias=True, expert_bias=True)
+
+
 def moe(router_settings=None, **kw):
     """An MoeMlp, with settings of its (softmax top-k) router bound by gin."""
     for name, value in (router_settings or {}).items():
@@ -28,17 +34,21 @@ def moe(router_settings=None, **kw):
     (dict(qk_norm="head", head_dim=16), None, "qwen3"),
     (dict(qk_norm="head", mlp_kinds=("dense", "moe")), moe(), "qwen3_moe"),
     (dict(qk_norm="projection", clip_qkv=2.5, mlp_kinds=("moe",)), moe(), "olmoe"),
+    (GPT_OSS, moe(**GPT_OSS_MOE), "gpt_oss"),
+    (dict(GPT_OSS, qkv_bias=False, out_bias=False, layer_types=()), moe(**GPT_OSS_MOE),
+     "gpt_oss"),
 ])
 def test_family_of_an_architecture(model, layer, family):
     cfg = to_hf_config(ModelConfig(**{**HF, **model}), layer)
     assert cfg["model_type"] == family
     back = from_hf_config(cfg)  # and the bindings it reimports as are the same architecture
     for key, value in {**HF, **model}.items():
-        if not (family in ("mixtral", "olmoe") and key == "mlp_dim"):  # every layer is MoE
+        if not (family in ("mixtral", "olmoe", "gpt_oss") and key == "mlp_dim"):  # all MoE
             assert back[f"ModelConfig.{key}"] == value, key
     if layer is not None:
-        for key in ("num_experts", "top_k", "mlp_dim", "num_shared_experts"):
-            assert back[f"MoeMlp.{key}"] == getattr(layer, key), key
+        for key in ("num_experts", "top_k", "mlp_dim", "num_shared_experts", "router_bias",
+                    "expert_bias"):
+            assert back.get(f"MoeMlp.{key}", False) == getattr(layer, key), key
         assert back["SoftmaxTopKRouter.renormalize"] is True
 
 
@@ -63,6 +73,17 @@ def test_family_of_an_architecture(model, layer, family):
      "ModelConfig.head_dim=16"),
     (dict(mlp_kinds=("moe",), qk_norm="projection", sliding_window=8), dict(),
      "ModelConfig.sliding_window=8"),
+    # gpt-oss's options come together
+    (dict(attention_sinks=True), None, "ModelConfig.mlp_activation='silu'"),
+    (dict(out_bias=True), None, "ModelConfig.attention_sinks=False"),
+    (dict(mlp_activation="clamped_swiglu", attention_sinks=True), None, "ModelConfig.mlp_kinds"),
+    (dict(GPT_OSS, out_bias=False), GPT_OSS_MOE, "ModelConfig.out_bias=False"),
+    (GPT_OSS, dict(GPT_OSS_MOE, router_bias=False), "MoeMlp.router_bias=False"),
+    (GPT_OSS, dict(GPT_OSS_MOE, expert_bias=False), "MoeMlp.expert_bias=False"),
+    (GPT_OSS, dict(GPT_OSS_MOE, router_settings={"renormalize": False}),
+     "SoftmaxTopKRouter.renormalize=False"),
+    (dict(GPT_OSS, qk_norm="head"), GPT_OSS_MOE, "ModelConfig.qk_norm='head'"),
+    (dict(mlp_kinds=("moe",)), dict(router_bias=True), "ModelConfig.attention_sinks=False"),
 ])
 def test_options_without_hf_equivalent_are_refused(model, layer, needle):
     layer = None if layer is None else moe(**layer)

@@ -1,12 +1,13 @@
-"""qwen3, qwen3_moe and olmoe through the CLI (skipped without transformers and torch): a tiny
+"""qwen3, qwen3_moe, olmoe and gpt_oss through the CLI (skipped without transformers and torch): a tiny
 random checkpoint with a tokenizer.json and a config.json that defines neither BOS nor EOS is
 imported; `sample` continues a prompt as transformers' `generate` does; `train` fine-tunes it on
 a corpus holding empty files (skipped and counted, not an error); the fine-tuned model exports
 and transformers loads it with our logits. The MoE families are also pruned with Wanda, their
-experts merged, and the smaller model exported and loaded with our logits. DeepSeek-V2 / V3
-(multi-head latent attention, a dense layer then an MoE layer) go the same way and are pruned
-with magnitude, Wanda or SparseGPT: every projection, the low-rank ones included, exports with
-its exact zeros."""
+experts merged, and the smaller model exported and loaded with our logits; gpt_oss is also
+pruned by magnitude, and its biases and sinks come out of both prunings unpruned. DeepSeek-V2 /
+V3 (multi-head latent attention, a dense layer then an MoE layer) go the same way and are
+pruned with magnitude, Wanda or SparseGPT: every projection, the low-rank ones included,
+exports with its exact zeros."""
 import json
 import os
 import shutil
@@ -36,7 +37,16 @@ FAMILIES = {
         norm_topk_prob=True, mlp_only_layers=[0])),
     "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM, dict(
         num_experts=4, num_experts_per_tok=2, clip_qkv=1.0)),
+    # sinks, a window of 5 (shorter than the prompt + continuation and the training rows) on
+    # layer 0, full attention on layer 1, biases everywhere
+    "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM, dict(
+        head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"])),
 }
+TRAINED = {"qwen3": "model.layers.0.self_attn.q_norm.weight",  # a tensor fine-tuning changes
+           "qwen3_moe": "model.layers.0.self_attn.q_norm.weight",
+           "olmoe": "model.layers.0.self_attn.q_norm.weight",
+           "gpt_oss": "model.layers.0.self_attn.sinks"}
 FAST = ["--gin.TrainConfig.global_batch_size=8", "--gin.TrainConfig.seq_len=32",
         "--gin.TrainConfig.log_every=1", "--gin.TrainConfig.eval_every=2",
         "--gin.TrainConfig.eval_tokens=256", "--gin.TrainConfig.checkpoint_every=2",
@@ -95,7 +105,7 @@ def test_import_sample_finetune_prune_export(family, tmp_path, corpus, bpe_token
     assert cli.main(["import-hf", f"--src={src}", f"--workdir={w}"]) == 0
 
     # sample: the prompt encoded as the tokenizer does (no BOS), greedy as transformers'
-    prompt = "def add(a, b):"
+    prompt = "def add(a, b):"  # 9 tokens: with the continuation, past gpt_oss's window
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(src / "tokenizer.json"))
     ids = torch.tensor([tok(prompt)["input_ids"]])
     with torch.no_grad():
@@ -119,8 +129,7 @@ def test_import_sample_finetune_prune_export(family, tmp_path, corpus, bpe_token
     assert start["eval_skipped_documents"] == sum(is_validation(n, 5) for n in EMPTY)
     back = exported(tuned, str(tmp_path / "tuned_hf"), model)
     np.testing.assert_allclose(hf_logits(back), our_logits(tuned), atol=TOL, rtol=0)
-    assert not torch.equal(back.state_dict()["model.layers.0.self_attn.q_norm.weight"],
-                           model.state_dict()["model.layers.0.self_attn.q_norm.weight"])
+    assert not torch.equal(back.state_dict()[TRAINED[family]], model.state_dict()[TRAINED[family]])
     if family == "qwen3":
         return
 
@@ -133,11 +142,33 @@ def test_import_sample_finetune_prune_export(family, tmp_path, corpus, bpe_token
                      "--gin.TrainConfig.eval_tokens=256"]) == 0
     back = exported(pruned, str(tmp_path / "pruned_hf"), model)
     assert back.config.num_experts == 2
-    layer = back.model.layers[1]  # an MoE layer in both families
-    assert layer.mlp.gate.weight.shape[0] == 2
+    layer = back.model.layers[1]  # an MoE layer in every MoE family
+    router = layer.mlp.router if family == "gpt_oss" else layer.mlp.gate
+    assert router.weight.shape[0] == 2
     q = layer.self_attn.q_proj.weight.detach().numpy()
     assert (q == 0).mean() == pytest.approx(0.5)
     np.testing.assert_allclose(hf_logits(back), our_logits(pruned), atol=TOL, rtol=0)
+    if family != "gpt_oss":
+        return
+    original = model.state_dict()
+    for name, value in back.state_dict().items():  # biases and sinks: never pruned
+        if name.endswith(("bias", "sinks")) and "mlp." not in name:
+            assert torch.equal(value, original[name]), name
+
+    # magnitude at 50%, every expert kept: exact zeros in every projection, expert
+    # projections included, and the biases, router bias and sinks exactly as they were
+    pruned = str(tmp_path / "magnitude")
+    gin.clear_config()
+    assert cli.main(["prune", f"--workdir={w}", f"--out={pruned}", "--method=magnitude",
+                     "--sparsity=0.5", "--calibration_samples=8", "--quiet", data, *FAST[:2],
+                     "--gin.TrainConfig.eval_tokens=256"]) == 0
+    back = exported(pruned, str(tmp_path / "magnitude_hf"), model)
+    np.testing.assert_allclose(hf_logits(back), our_logits(pruned), atol=TOL, rtol=0)
+    for name, value in back.state_dict().items():
+        if name.endswith(("bias", "sinks")):
+            assert torch.equal(value, original[name]), name
+        elif name.endswith(("proj.weight", "gate_up_proj", "down_proj")):
+            assert (value == 0).float().mean().item() == pytest.approx(0.5, abs=0.01), name
 
 
 MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,

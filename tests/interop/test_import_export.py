@@ -32,6 +32,9 @@ QWEN3_MOE = dict(LLAMA, model_type="qwen3_moe", head_dim=16, num_experts=4,
                  num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
                  decoder_sparse_step=1, mlp_only_layers=[0])
 OLMOE = dict(LLAMA, model_type="olmoe", num_experts=4, num_experts_per_tok=2, clip_qkv=8.0)
+GPT_OSS = dict(LLAMA, model_type="gpt_oss", num_local_experts=4, num_experts_per_tok=2,
+               attention_bias=True, sliding_window=4,
+               layer_types=["sliding_attention", "full_attention"])
 
 
 def hf_tensors(cfg, rng):
@@ -49,9 +52,18 @@ def hf_tensors(cfg, rng):
                   p + "self_attn.v_proj.weight": (kv * hd, d),
                   p + "self_attn.o_proj.weight": (d, h * hd)})
         fam = cfg["model_type"]
-        if fam == "qwen2_moe":
+        if fam in ("qwen2_moe", "gpt_oss"):
             t.update({p + "self_attn.q_proj.bias": (h * hd,), p + "self_attn.k_proj.bias": (kv * hd,),
                       p + "self_attn.v_proj.bias": (kv * hd,)})
+        if fam == "gpt_oss":  # o bias, sinks; experts [E, in, out], gate/up interleaved
+            e = cfg["num_local_experts"]
+            t.update({p + "self_attn.o_proj.bias": (d,), p + "self_attn.sinks": (h,),
+                      p + "mlp.router.weight": (e, d), p + "mlp.router.bias": (e,),
+                      p + "mlp.experts.gate_up_proj": (e, d, 2 * f),
+                      p + "mlp.experts.gate_up_proj_bias": (e, 2 * f),
+                      p + "mlp.experts.down_proj": (e, f, d),
+                      p + "mlp.experts.down_proj_bias": (e, d)})
+            continue
         if fam in ("qwen3_moe", "olmoe"):  # per head / over the whole projection
             qn, kn = (hd, hd) if fam == "qwen3_moe" else (h * hd, kv * hd)
             t.update({p + "self_attn.q_norm.weight": (qn,), p + "self_attn.k_norm.weight": (kn,)})
@@ -121,9 +133,10 @@ def imported_params(workdir, *bindings):
                                                 (MIXTRAL, np.float16, 1),
                                                 (QWEN2_MOE, np.float32, 2),
                                                 (QWEN3_MOE, ml_dtypes.bfloat16, 1),
-                                                (OLMOE, np.float32, 2)],
+                                                (OLMOE, np.float32, 2),
+                                                (GPT_OSS, ml_dtypes.bfloat16, 2)],
                          ids=["llama-bf16-sharded", "mixtral-fp16", "qwen2_moe-fp32-sharded",
-                              "qwen3_moe-bf16", "olmoe-fp32-sharded"])
+                              "qwen3_moe-bf16", "olmoe-fp32-sharded", "gpt_oss-bf16-sharded"])
 def test_import_maps_every_tensor_and_export_round_trips_bit_exact(tmp_path, cfg, dtype, shards):
     src, w, out = tmp_path / "src", str(tmp_path / "w"), str(tmp_path / "out")
     tensors = write_checkpoint(src, cfg, dtype, shards)
@@ -153,6 +166,19 @@ def test_import_maps_every_tensor_and_export_round_trips_bit_exact(tmp_path, cfg
                                       f32["model.layers.1.self_attn.k_norm.weight"])
         np.testing.assert_array_equal(params["layer_1"]["moe"]["experts"]["wi_up"][2],
                                       f32["model.layers.1.mlp.experts.2.up_proj.weight"].T)
+    if cfg["model_type"] == "gpt_oss":
+        assert (mc.layer_types, mc.sliding_window) == (("sliding_attention", "full_attention"), 4)
+        assert mc.attention_sinks and mc.out_bias and mc.qkv_bias
+        ex, up = params["layer_1"]["moe"]["experts"], f32["model.layers.1.mlp.experts.gate_up_proj"]
+        np.testing.assert_array_equal(ex["wi_gate"], up[:, :, 0::2])
+        np.testing.assert_array_equal(ex["wi_up"], up[:, :, 1::2])
+        np.testing.assert_array_equal(
+            ex["wi_up_bias"], f32["model.layers.1.mlp.experts.gate_up_proj_bias"][:, 1::2])
+        np.testing.assert_array_equal(ex["wo"], f32["model.layers.1.mlp.experts.down_proj"])
+        np.testing.assert_array_equal(params["layer_0"]["moe"]["router_kernel"],
+                                      f32["model.layers.0.mlp.router.weight"].T)
+        np.testing.assert_array_equal(params["layer_0"]["attn"]["sinks"],
+                                      f32["model.layers.0.self_attn.sinks"])
     gin.clear_config()
     dt = {ml_dtypes.bfloat16: "bfloat16", np.float16: "float16", np.float32: "float32"}[dtype]
     assert cli.main(["export-hf", f"--workdir={w}", f"--out={out}", f"--dtype={dt}"]) == 0
@@ -286,7 +312,11 @@ def test_bad_input_one_line_errors(tmp_path, capsys):
             ("olmoe_window", dict(OLMOE, sliding_window=8), "sliding_window=8"),
             ("olmoe_clip", dict(OLMOE, clip_qkv=0), "clip_qkv=0"),
             ("qwen3_bias", dict(QWEN3_MOE, model_type="qwen3", attention_bias=True),
-             "attention_bias=true")]:
+             "attention_bias=true"),
+            ("gptq", dict(LLAMA, quantization_config={"quant_method": "gptq", "bits": 4}),
+             "quant_method='gptq' is not supported"),
+            ("gpt_oss_types", dict(GPT_OSS, layer_types=["sliding_attention"]),
+             "layer_types=['sliding_attention'] must list")]:
         d = tmp_path / name
         write_checkpoint(d, cfg, tensors=tensors)
         cases.append((d, needle))

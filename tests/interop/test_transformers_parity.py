@@ -10,7 +10,6 @@ import json
 import os
 
 import gin
-import jax
 import numpy as np
 import pytest
 
@@ -19,11 +18,6 @@ torch = pytest.importorskip("torch")
 
 from sparsejax import cli  # noqa: E402
 from sparsejax.infer.generate import generate  # noqa: E402
-from sparsejax.train.commands import parse_workdir_config  # noqa: E402
-from sparsejax.interop.import_hf import abstract_params, unflatten  # noqa: E402
-from sparsejax.models.transformer import ModelConfig, Transformer  # noqa: E402
-from sparsejax.parallel.mesh import make_mesh  # noqa: E402
-from sparsejax.train.warm_start import restore_pretrained_state  # noqa: E402
 
 TOL = 1e-4
 COMMON = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -56,6 +50,14 @@ FAMILIES = {
     "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM, dict(
         num_experts=4, num_experts_per_tok=2, clip_qkv=1.0, norm_topk_prob=False,
         eos_token_id=None)),
+    # sinks; a window of 5 on layer 0, full attention on layer 1; q/k/v/o, router and expert
+    # biases; the clamped SwiGLU with a limit that clamps; yarn without truncation
+    "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM, dict(
+        head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"], swiglu_limit=0.5,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0,
+                         "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                         "original_max_position_embeddings": 16})),
 }
 # MLA: layer 0 dense, layer 1 MoE (first_k_dense_replace=1); heads of 8 + 4 rotary dims
 MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
@@ -99,28 +101,18 @@ def hf_logits(model, tokens):
         return model(torch.from_numpy(tokens)).logits.numpy()
 
 
-def ours(workdir):
-    """(model, params, MoE state or None) of an imported workdir."""
-    parse_workdir_config(workdir, [], [])
-    mc = ModelConfig()
-    shapes, sh = abstract_params(mc, make_mesh())
-    abstract = unflatten({k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k])
-                          for k, v in shapes.items()})
-    return (Transformer(mc), *restore_pretrained_state(workdir, abstract))
-
-
 def variables(params, moe_state):
     return {"params": params, **({"moe_state": moe_state} if moe_state else {})}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_import_logits_generate_export(family, tmp_path, hf_random_model):
+def test_import_logits_generate_export(family, tmp_path, hf_random_model, imported):
     src, w, out = str(tmp_path / "hf"), str(tmp_path / "w"), str(tmp_path / "out")
     model = hf_model(hf_random_model, family, src)
     if family == "mixtral":
         assert os.path.exists(os.path.join(src, "model.safetensors.index.json"))
     assert cli.main(["import-hf", f"--src={src}", f"--workdir={w}"]) == 0
-    ours_model, params, moe_state = ours(w)
+    ours_model, params, moe_state = imported(w)
     assert (moe_state is not None) == (model.config.model_type == "deepseek_v3")
     want = hf_logits(model, TOKENS)
     got = np.asarray(ours_model.apply(variables(params, moe_state), TOKENS))
@@ -150,7 +142,8 @@ def test_import_logits_generate_export(family, tmp_path, hf_random_model):
         model.config.model_type
 
 
-def test_deepseek_v3_multi_token_prediction_layers_dropped(tmp_path, hf_random_model, caplog):
+def test_deepseek_v3_multi_token_prediction_layers_dropped(tmp_path, hf_random_model, caplog,
+                                                          imported):
     """A V3 checkpoint stores its multi-token-prediction layer as model.layers.<num_hidden_
     layers>.*: the import drops it with a warning naming it, and computes transformers' logits
     (transformers does not run it either)."""
@@ -168,6 +161,6 @@ def test_deepseek_v3_multi_token_prediction_layers_dropped(tmp_path, hf_random_m
         assert cli.main(["import-hf", f"--src={src}", f"--workdir={w}"]) == 0
     assert "dropping 3 tensors of layers [2]" in caplog.text
     assert "multi-token-prediction" in caplog.text
-    ours_model, params, moe_state = ours(w)
+    ours_model, params, moe_state = imported(w)
     got = np.asarray(ours_model.apply(variables(params, moe_state), TOKENS))
     np.testing.assert_allclose(got, hf_logits(model, TOKENS), atol=TOL, rtol=0)

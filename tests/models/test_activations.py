@@ -28,7 +28,14 @@ def np_hidden(name, g, u, t=0.0):
             "gelu": 0.5 * g * (1 + _erf(g / math.sqrt(2))) * u,
             "relu": relu_t * u,
             "relu2": relu_t ** 2 * u,
-            "drelu": relu_t * np.maximum(u, 0.0)}[name]
+            "drelu": relu_t * np.maximum(u, 0.0),
+            "clamped_swiglu": np_clamped_swiglu(g, u)}[name]
+
+
+def np_clamped_swiglu(g, u, alpha=1.702, limit=7.0):
+    """gpt-oss's expert activation (transformers' GptOssExperts._apply_gate) in NumPy."""
+    g = np.minimum(g, limit)
+    return g / (1 + np.exp(-alpha * g)) * (np.clip(u, -limit, limit) + 1)
 
 
 def rand(key, *shape, scale=1.0):
@@ -47,6 +54,15 @@ def test_gated_mlp_matches_numpy(name):
     np.testing.assert_allclose(y.reshape(-1, 8), ref, rtol=2e-5, atol=2e-5)
 
 
+def test_clamped_swiglu_clamps_gate_above_and_up_both_sides():
+    g = np.array([[-3.0, -0.5, 0.4, 0.9, 2.5]], np.float32)
+    u = np.array([[2.0, -2.5, 0.3, 1.5, -0.2]], np.float32)
+    a, h = gated("clamped_swiglu", alpha=1.5, limit=1.0)(jnp.asarray(g), jnp.asarray(u))
+    np.testing.assert_allclose(np.asarray(h), np_clamped_swiglu(g.astype(np.float64), u, 1.5, 1.0),
+                               rtol=1e-6, atol=1e-7)
+    assert np.asarray(a)[0, 4] == pytest.approx(1.0 / (1 + np.exp(-1.5)), rel=1e-6)  # gate at 1
+
+
 @pytest.mark.parametrize("name", ["relu", "relu2", "drelu"])
 def test_threshold_shift_zeroes_gate_values_at_or_below_it(name):
     g = np.array([[-1.0, 0.0, 0.05, 0.1, 0.1001, 2.0]], np.float32)
@@ -56,17 +72,27 @@ def test_threshold_shift_zeroes_gate_values_at_or_below_it(name):
     assert np.all(np.asarray(a)[0, :4] == 0) and np.all(np.asarray(a)[0, 4:] > 0)
 
 
-def expert_weights(e, d, f):
-    return ExpertWeights(jnp.asarray(rand(2, e, d, f, scale=0.5)), jnp.asarray(rand(3, e, d, f, scale=0.5)),
-                         jnp.asarray(rand(4, e, f, d, scale=0.5)))
+def expert_weights(e, d, f, bias=False):
+    w = ExpertWeights(jnp.asarray(rand(2, e, d, f, scale=0.5)), jnp.asarray(rand(3, e, d, f, scale=0.5)),
+                      jnp.asarray(rand(4, e, f, d, scale=0.5)))
+    if not bias:
+        return w
+    return w._replace(wi_gate_bias=jnp.asarray(rand(8, e, f)), wi_up_bias=jnp.asarray(rand(9, e, f)),
+                      wo_bias=jnp.asarray(rand(10, e, d)))
 
 
-@pytest.mark.parametrize("dispatch, name", [("onehot", "relu"), ("ragged_dot", "gelu"),
-                                            ("pallas_gmm", "relu2"), ("pallas_gmm", "drelu")])
-def test_routed_experts_use_the_activation(dispatch, name):
+@pytest.mark.parametrize("dispatch, name, bias", [
+    ("onehot", "relu", False), ("ragged_dot", "gelu", False), ("pallas_gmm", "relu2", False),
+    ("pallas_gmm", "drelu", False),
+    # gpt-oss's experts: biased projections (every dispatch) and the clamped SwiGLU
+    ("onehot", "clamped_swiglu", True), ("ragged_dot", "clamped_swiglu", True),
+    ("pallas_gmm", "clamped_swiglu", True)])
+def test_routed_experts_use_the_activation(dispatch, name, bias):
     t, d, f, e = 6, 4, 8, 3
     x = rand(5, t, d)
-    w = expert_weights(e, d, f)
+    w = expert_weights(e, d, f, bias)
+    b = {n: np.zeros((e, n_)) if getattr(w, n) is None else np.asarray(getattr(w, n), np.float64)
+         for n, n_ in (("wi_gate_bias", f), ("wi_up_bias", f), ("wo_bias", d))}
     idx = np.array([[0, 1], [1, 2], [2, 0], [0, 2], [1, 0], [2, 1]], np.int32)
     weight = np.abs(rand(6, t, 2)) + 0.1
     routing = Routing(expert_index=jnp.asarray(idx.reshape(-1)), token_index=jnp.repeat(jnp.arange(t), 2),
@@ -78,8 +104,9 @@ def test_routed_experts_use_the_activation(dispatch, name):
         for j in range(2):
             ex = idx[i, j]
             xi = x[i].astype(np.float64)
-            h = np_hidden(name, xi @ np.asarray(w.wi_gate[ex]), xi @ np.asarray(w.wi_up[ex]))
-            ref[i] += weight[i, j] * (h @ np.asarray(w.wo[ex], np.float64))
+            h = np_hidden(name, xi @ np.asarray(w.wi_gate[ex]) + b["wi_gate_bias"][ex],
+                          xi @ np.asarray(w.wi_up[ex]) + b["wi_up_bias"][ex])
+            ref[i] += weight[i, j] * (h @ np.asarray(w.wo[ex], np.float64) + b["wo_bias"][ex])
     assert float(dropped) == 0
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-5)
 
@@ -110,7 +137,7 @@ def test_model_config_passes_the_activation_to_every_mlp(kinds):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(mlp_activation="swish"), r"ModelConfig.mlp_activation='swish' is not a known "
                                    r"activation; valid: \('silu', 'gelu', 'relu', 'relu2', "
-                                   r"'drelu'\)"),
+                                   r"'drelu', 'clamped_swiglu'\)"),
     (dict(mlp_activation="silu", activation_threshold=0.1),
      r"activation_threshold=0.1 .* no effect with ModelConfig.mlp_activation='silu'"),
     (dict(mlp_activation="relu", activation_threshold=-0.1), r"must be a number >= 0"),

@@ -1,6 +1,7 @@
 """Architecture options of released checkpoints (norm epsilon, embedding scaling, q/k/v bias,
-RoPE scaling, sliding window, q/k norms, q/k/v clipping), each checked against an independent
-numpy forward pass."""
+RoPE scaling, sliding window, q/k norms, q/k/v clipping, gpt-oss's output bias, attention
+sinks, per-layer windows and clamped SwiGLU), each checked against an independent numpy
+forward pass."""
 import math
 
 import flax.linen as nn
@@ -41,7 +42,7 @@ def np_rope(x, pos, inv_freq, mult):  # x [s, h, d]: pairs (i, i + d/2) rotate b
     return out
 
 
-def np_attention(x, p, cfg, inv_freq, mult):
+def np_attention(x, p, cfg, inv_freq, mult, layer=0):
     s = x.shape[0]
     h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     proj = {n: x @ p[n] + (p[f"{n}_bias"] if cfg.qkv_bias else 0)
@@ -63,11 +64,24 @@ def np_attention(x, p, cfg, inv_freq, mult):
     for head in range(h):
         g = head // (h // kvh)
         for i in range(s):
-            lo = 0 if not cfg.sliding_window else max(0, i - cfg.sliding_window + 1)
+            window = cfg.sliding_window
+            if cfg.layer_types and cfg.layer_types[layer % len(cfg.layer_types)] == \
+                    "full_attention":
+                window = 0
+            lo = 0 if not window else max(0, i - window + 1)
             sc = np.array([q[i, head] @ k[j, g] / math.sqrt(d) for j in range(lo, i + 1)])
-            w = np.exp(sc - sc.max())
-            out[i, head] = (w / w.sum()) @ v[lo:i + 1, g]
-    return out.reshape(s, h * d) @ p["out"]
+            top = max(sc.max(), p["sinks"][head]) if cfg.attention_sinks else sc.max()
+            w = np.exp(sc - top)
+            denom = w.sum() + (np.exp(p["sinks"][head] - top) if cfg.attention_sinks else 0)
+            out[i, head] = (w / denom) @ v[lo:i + 1, g]
+    return out.reshape(s, h * d) @ p["out"] + (p["out_bias"] if cfg.out_bias else 0)
+
+
+def np_gated(cfg, g, u):
+    if cfg.mlp_activation == "clamped_swiglu":  # gpt-oss: transformers' GptOssExperts
+        g, lim = np.minimum(g, cfg.swiglu_limit), cfg.swiglu_limit
+        return g / (1 + np.exp(-cfg.swiglu_alpha * g)) * (np.clip(u, -lim, lim) + 1)
+    return g / (1 + np.exp(-g)) * u
 
 
 def np_forward(params, cfg, tokens):
@@ -82,11 +96,11 @@ def np_forward(params, cfg, tokens):
         for i in range(cfg.num_layers):
             lp = params[f"layer_{i}"]
             x = x + np_attention(np_rms(x, lp["attn_norm"]["scale"], eps), lp["attn"], cfg,
-                                 inv_freq.astype(np.float64), mult)
+                                 inv_freq.astype(np.float64), mult, i)
             hdn = np_rms(x, lp["mlp_norm"]["scale"], eps)
             m = lp["mlp"]
             g = hdn @ m["wi_gate"]["kernel"]
-            x = x + ((g / (1 + np.exp(-g))) * (hdn @ m["wi_up"]["kernel"])) @ m["wo"]["kernel"]
+            x = x + np_gated(cfg, g, hdn @ m["wi_up"]["kernel"]) @ m["wo"]["kernel"]
         x = np_rms(x, params["final_norm"]["scale"], eps)
         if cfg.tie_embeddings:
             logits = x @ table.T / (math.sqrt(cfg.embed_dim) if cfg.scale_embeddings else 1)
@@ -111,6 +125,12 @@ OPTIONS = {
                                     "original_max_position_embeddings": 16}),
     "qwen3_qk_norm": dict(qk_norm="head", scale_embeddings=False),
     "olmoe_qk_norm_clip": dict(qk_norm="projection", clip_qkv=0.5, scale_embeddings=False),
+    # gpt-oss: q/k/v/o biases, sinks, a window of 3 on even layers, full attention on odd ones
+    "gpt_oss_attention": dict(qkv_bias=True, out_bias=True, attention_sinks=True,
+                              sliding_window=3,
+                              layer_types=("sliding_attention", "full_attention"),
+                              scale_embeddings=False),
+    "clamped_swiglu": dict(mlp_activation="clamped_swiglu", swiglu_alpha=1.5, swiglu_limit=0.4),
 }
 
 
@@ -138,6 +158,25 @@ def test_each_option_changes_the_output():
         p = params if cfg.qkv_bias else without_bias(params)
         out = Transformer(cfg).apply({"params": p}, TOKENS)
         assert not np.allclose(out, ref, atol=1e-4), name
+
+
+def test_gpt_oss_options_each_change_the_output():
+    """Sinks, the output bias, the full-attention layers and the clamp each matter."""
+    cfg = ModelConfig(**BASE, **OPTIONS["gpt_oss_attention"])
+    params = random_params(cfg)
+    ref = Transformer(cfg).apply({"params": params}, TOKENS)
+    without = lambda name: {k: {**v, "attn": {n: w for n, w in v["attn"].items() if n != name}}
+                            if k.startswith("layer_") else v for k, v in params.items()}
+    for kw, p in ((dict(attention_sinks=False), without("sinks")),
+                  (dict(out_bias=False), without("out_bias")),
+                  (dict(layer_types=()), params)):
+        other = Transformer(ModelConfig(**{**BASE, **OPTIONS["gpt_oss_attention"], **kw}))
+        assert not np.allclose(other.apply({"params": p}, TOKENS), ref, atol=1e-4), kw
+    clamped = ModelConfig(**BASE, **OPTIONS["clamped_swiglu"])
+    wide = ModelConfig(**BASE, **{**OPTIONS["clamped_swiglu"], "swiglu_limit": 100.0})
+    params = random_params(clamped)
+    assert not np.allclose(Transformer(clamped).apply({"params": params}, TOKENS),
+                           Transformer(wide).apply({"params": params}, TOKENS), atol=1e-4)
 
 
 def test_qk_norm_and_clipping_change_the_output():
@@ -186,7 +225,12 @@ def test_rope_frequencies_match_transformers():
                    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
                    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
-                    "beta_fast": 16.0, "beta_slow": 2.0}):
+                    "beta_fast": 16.0, "beta_slow": 2.0},
+                   # gpt-oss's: the correction range kept fractional (truncate=False) or not
+                   {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                    "truncate": False, "original_max_position_embeddings": 4096},
+                   {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                    "truncate": True, "original_max_position_embeddings": 4096}):
         cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=16,
                                        max_position_embeddings=256,
                                        rope_parameters={"rope_theta": 10000.0, **params})
@@ -195,6 +239,9 @@ def test_rope_frequencies_match_transformers():
         inv, mult = rope_frequencies(16, 10000.0, {"type": params["rope_type"], **ours})
         np.testing.assert_allclose(inv, inv_t.numpy(), rtol=1e-6)
         assert mult == pytest.approx(mult_t)
+    yarn = {"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096}
+    assert not np.allclose(rope_frequencies(16, 10000.0, {**yarn, "truncate": False})[0],
+                           rope_frequencies(16, 10000.0, {**yarn, "truncate": True})[0])
 
 
 @pytest.mark.parametrize("kwargs, needle", [
@@ -208,6 +255,12 @@ def test_rope_frequencies_match_transformers():
     (dict(qk_norm="per_head"), "ModelConfig.qk_norm='per_head' is unknown"),
     (dict(clip_qkv=-1.0), "ModelConfig.clip_qkv=-1.0"),
     (dict(clip_qkv=float("nan")), "ModelConfig.clip_qkv=nan"),
+    (dict(layer_types=("sliding_attention", "full_attention")), "needs ModelConfig.sliding_window"),
+    (dict(sliding_window=4, layer_types=("sliding", "full")), "ModelConfig.layer_types"),
+    (dict(sliding_window=4, layer_types="full_attention"), "ModelConfig.layer_types"),
+    (dict(swiglu_limit=3.0), "ModelConfig.swiglu_limit=3.0 has no effect"),
+    (dict(mlp_activation="clamped_swiglu", swiglu_alpha=0.0), "ModelConfig.swiglu_alpha=0.0"),
+    (dict(attention_sinks=True, attention_kinds=("block_sparse",)), "attention_sinks"),
 ])
 def test_bad_values_name_the_setting(kwargs, needle):
     with pytest.raises(ValueError, match=needle):

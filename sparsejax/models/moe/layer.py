@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.models.act_record import record, recording
-from sparsejax.models.activations import check_activation, gated
+from sparsejax.models.activations import SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation, gated
 from sparsejax.models.moe import losses
 from sparsejax.models.moe.dispatch import DISPATCHES, get_dispatch, pallas_gmm
 from sparsejax.models.moe.expert_parallel import (EXCHANGES, EXPERT_AXIS, buffer_capacity,
@@ -55,7 +55,10 @@ class MoeMlp(nn.Module):
     like the router so sparsity never prunes it); `correction_bias` keeps a selection bias
     in 'moe_state' even without updates (DeepSeek-V3's e_score_correction_bias);
     group-limited top-k (DeepSeek-V3) is a setting of the top-k routers
-    (`SigmoidTopKRouter.num_groups` / `top_groups`).
+    (`SigmoidTopKRouter.num_groups` / `top_groups`); `router_bias` adds a learned bias to the
+    router logits (param `router_bias` [E], gpt-oss) and `expert_bias` gives each routed
+    expert biases on its three projections (`experts/wi_gate_bias`, `wi_up_bias`, `wo_bias`,
+    gpt-oss); both are never pruned.
     """
 
     embed_dim: int
@@ -78,8 +81,11 @@ class MoeMlp(nn.Module):
     expert_parallel: str = "all_to_all"
     shared_expert_gate: bool = False
     correction_bias: bool = False
+    router_bias: bool = False
+    expert_bias: bool = False
     activation: str = "silu"  # set from ModelConfig.mlp_activation by the transformer
     activation_threshold: float = 0.0  # ModelConfig.activation_threshold
+    swiglu: tuple = (SWIGLU_ALPHA, SWIGLU_LIMIT)  # ModelConfig.swiglu_alpha / swiglu_limit
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -160,6 +166,9 @@ class MoeMlp(nn.Module):
                                        1.0 - self.router_jitter, 1.0 + self.router_jitter)
             xr = xr * noise
         logits = xr @ kernel.astype(jnp.float32)  # [T, E]
+        if self.router_bias:
+            logits = logits + self.param("router_bias", nn.with_logical_partitioning(
+                nn.initializers.zeros, ("expert",)), (e,), self.param_dtype).astype(jnp.float32)
         router = ROUTERS.get(self.router, "MoeMlp.router")()
         token_choice = router.token_choice
         self._refuse_ineffective(router, n_ep)
@@ -198,10 +207,15 @@ class MoeMlp(nn.Module):
             self._sow("metrics", name, value)
 
         # --- dispatch + experts ---
-        w = cast(Experts(e, d, self.mlp_dim, self.param_dtype, name="experts")(), self.dtype)
+        w = cast(Experts(e, d, self.mlp_dim, self.param_dtype, self.expert_bias,
+                         name="experts")(), self.dtype)
         xt = x.reshape(t, d).astype(self.dtype)
-        act = gated(self.activation, self.activation_threshold)
+        act = gated(self.activation, self.activation_threshold, *self.swiglu)
         if n_ep > 1 and token_choice:
+            if self.expert_bias:
+                raise ValueError(f"MoeMlp.expert_bias=True is not supported with expert "
+                                 f"parallelism (an '{EXPERT_AXIS}' mesh axis of size {n_ep}); "
+                                 f"use a mesh without an expert axis")
             gmm = pallas_gmm() if self.dispatch == "pallas_gmm" else ragged_dot
             y, dropped = expert_parallel_ffn(
                 xt, routing.expert_index.reshape(t, k), routing.weight.reshape(t, k),
@@ -217,7 +231,7 @@ class MoeMlp(nn.Module):
         if self.num_shared_experts:
             shared = SharedExperts(d, self.mlp_dim, self.num_shared_experts, self.dtype,
                                    self.param_dtype, self.activation, self.activation_threshold,
-                                   name="shared_experts")(x)
+                                   self.swiglu, name="shared_experts")(x)
             if self.shared_expert_gate:
                 gate = self.param("router_shared_gate", nn.with_logical_partitioning(
                     nn.initializers.zeros, ("embed", None)), (d, 1), self.param_dtype)
@@ -254,8 +268,11 @@ class MoeMlp(nn.Module):
 
 
 def num_active_params(layer: MoeMlp) -> int:
-    """Parameters touched per token (router + k routed experts + shared experts)."""
+    """Parameters touched per token (router + k routed experts + shared experts, with the
+    router and expert biases when the layer has them)."""
     per_expert = 3 * layer.embed_dim * layer.mlp_dim
+    biases = (layer.num_experts if layer.router_bias else 0) + (
+        (2 * layer.mlp_dim + layer.embed_dim) * layer.top_k if layer.expert_bias else 0)
     return (layer.embed_dim * layer.num_experts + per_expert * layer.top_k
-            + per_expert * layer.num_shared_experts)
+            + per_expert * layer.num_shared_experts + biases)
 

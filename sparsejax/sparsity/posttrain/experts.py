@@ -215,10 +215,13 @@ def constrained_plan(reducer: ExpertReducer, stats: ExpertStats, k: int,
 def apply_plan(moe_params: PyTree, moe_state: PyTree | None, plan: ReductionPlan
                ) -> tuple[PyTree, PyTree | None]:
     """The MoE layer's params (and moe_state) with the plan's K experts: stacked expert
-    weights merged per group, router columns and biases of the representatives."""
+    weights (and expert biases) merged per group, router columns, router biases and balancing
+    biases of the representatives."""
     reps = jnp.asarray(plan.kept)
     out = dict(moe_params)
     out["router_kernel"] = moe_params["router_kernel"][:, reps]
+    if "router_bias" in moe_params:  # MoeMlp.router_bias (gpt-oss)
+        out["router_bias"] = moe_params["router_bias"][reps]
     experts = {}
     for name, w in moe_params["experts"].items():
         merged = [sum(float(c) * w[e].astype(jnp.float32) for e, c in zip(g, ws))

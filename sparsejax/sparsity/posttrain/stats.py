@@ -111,6 +111,8 @@ def routing_weights(mod: nn.Module, moe_params: PyTree, moe_state: PyTree | None
     t, e, k = b * s, mod.num_experts, mod.top_k
     logits = x.reshape(t, d).astype(jnp.float32) @ moe_params["router_kernel"].astype(
         jnp.float32)
+    if "router_bias" in moe_params:  # MoeMlp.router_bias (gpt-oss)
+        logits = logits + moe_params["router_bias"].astype(jnp.float32)
     bias = None
     if (mod.bias_update_rate > 0 or mod.correction_bias) and moe_state is not None:
         bias = moe_state.get("bias")
@@ -137,19 +139,24 @@ def expert_outputs(mod: nn.Module, moe_params: PyTree, xt: jax.Array, a: jax.Arr
     {'gate_norm_sum': Σ_t a_te g_te ‖y_e(x_t)‖₂ [E], 'output_max': max over routed tokens
     and features of |y_e(x_t)| [E]}. xt [T, embed]; a, g [T, E] from `routing_weights`
     (a holds token weights: 0 for padding). One expert at a time (memory T x embed)."""
-    act = gated(mod.activation, mod.activation_threshold)
+    act = gated(mod.activation, mod.activation_threshold, *mod.swiglu)  # the layer's own
     ex = moe_params["experts"]
     xt = jnp.where(jnp.any(a > 0, axis=1, keepdims=True), xt.astype(jnp.float32), 0.0)
+    names = ("wi_gate", "wi_up", "wo")
+    # MoeMlp.expert_bias (gpt-oss): each projection's per-expert bias, else zeros
+    biases = tuple(ex.get(f"{n}_bias", jnp.zeros(ex[n].shape[::2], jnp.float32))
+                   for n in names)
 
     def one(args):
-        wg, wu, wo, ae, ge = args
-        _, h = act(xt @ wg.astype(jnp.float32), xt @ wu.astype(jnp.float32))
-        y = h @ wo.astype(jnp.float32)  # [T, embed]
+        wg, wu, wo, bg, bu, bo, ae, ge = args
+        f32 = jnp.float32
+        _, h = act(xt @ wg.astype(f32) + bg.astype(f32), xt @ wu.astype(f32) + bu.astype(f32))
+        y = h @ wo.astype(f32) + bo.astype(f32)  # [T, embed]
         norm = jnp.sqrt(jnp.sum(y * y, axis=-1))
         peak = jnp.max(jnp.where(ae[:, None] > 0, jnp.abs(y), 0.0))
         return jnp.sum(ae * ge * norm), peak
 
-    s, peak = jax.lax.map(one, (ex["wi_gate"], ex["wi_up"], ex["wo"], a.T, g.T))
+    s, peak = jax.lax.map(one, (*(ex[n] for n in names), *biases, a.T, g.T))
     return {"gate_norm_sum": s, "output_max": peak}
 
 
@@ -170,20 +177,21 @@ def moe_stats(mod: nn.Module, moe_params: PyTree, moe_state: PyTree | None, x: j
     if outputs:
         out.update(expert_outputs(mod, moe_params, xt, a, g))
     ex = moe_params["experts"]
+    act = gated(mod.activation, mod.activation_threshold, *mod.swiglu)  # the layer's own
     if {f"{prefix}/experts/wi_gate", f"{prefix}/experts/wi_up"} & keep:
         out["experts/wi"] = expert_input_stats(xt, a)
     if f"{prefix}/experts/wo" in keep:
         dt = ex["wi_gate"].dtype
-        h = nn.silu(jnp.einsum("td,edf->tef", xt.astype(dt), ex["wi_gate"])) * jnp.einsum(
-            "td,edf->tef", xt.astype(dt), ex["wi_up"])
-        out["experts/wo"] = expert_input_stats(h, a)
+        proj = {n: jnp.einsum("td,edf->tef", xt.astype(dt), ex[n]) + (
+            ex[f"{n}_bias"][None].astype(dt) if f"{n}_bias" in ex else 0)  # MoeMlp.expert_bias
+            for n in ("wi_gate", "wi_up")}
+        out["experts/wo"] = expert_input_stats(act(proj["wi_gate"], proj["wi_up"])[1], a)
     if "shared_experts" in moe_params:
         sh = moe_params["shared_experts"]
         if {f"{prefix}/shared_experts/wi_gate", f"{prefix}/shared_experts/wi_up"} & keep:
             out["shared_experts/wi"] = input_stats(xt, w)
         if f"{prefix}/shared_experts/wo" in keep:
-            h = nn.silu(xt @ sh["wi_gate"].astype(jnp.float32)) * (
-                xt @ sh["wi_up"].astype(jnp.float32))
+            h = act(xt @ sh["wi_gate"].astype(jnp.float32), xt @ sh["wi_up"].astype(jnp.float32))[1]
             out["shared_experts/wo"] = input_stats(h, w)
     return out
 

@@ -67,6 +67,14 @@ def test_experts_not_divisible_by_expert_axis():
             MoeMlp(embed_dim=16, mlp_dim=8, num_experts=6).init(jax.random.key(0), X)
 
 
+def test_expert_biases_refused_under_an_expert_mesh():
+    with jax.set_mesh(_mesh((1, 8))):
+        with pytest.raises(ValueError, match="MoeMlp.expert_bias=True is not supported with "
+                                             "expert parallelism"):
+            MoeMlp(embed_dim=16, mlp_dim=8, num_experts=8, expert_bias=True).init(
+                jax.random.key(0), X)
+
+
 def test_layer_under_expert_mesh_matches_single_device():
     """Same params: outputs, aux losses and metrics agree between 1 device and a
     (data=2, expert=4) mesh running the all_to_all exchange."""
@@ -129,6 +137,12 @@ def test_shared_experts_and_active_params():
     assert p["experts"]["wi_gate"].names == ("expert", "embed", "mlp")
     assert p["router_kernel"].names == ("embed", "expert")
     assert num_active_params(layer) == 16 * 4 + 3 * 16 * 8 * 4
+    biased = MoeMlp(embed_dim=16, mlp_dim=8, num_experts=4, top_k=2, router_bias=True,
+                    expert_bias=True)  # gpt-oss: + router bias + 2 experts' biases
+    assert num_active_params(biased) == 16 * 4 + 3 * 16 * 8 * 2 + 4 + 2 * (8 + 8 + 16)
+    pb = biased.init(jax.random.key(0), X)["params"]
+    assert pb["experts"]["wo_bias"].names == ("expert", "embed")
+    assert nn.unbox(pb["router_bias"]).shape == (4,)
     no_shared = jax.tree.map(lambda a: a, variables)
     del no_shared["params"]["shared_experts"]
     y0 = MoeMlp(embed_dim=16, mlp_dim=8, num_experts=4, top_k=2).apply(no_shared, X)

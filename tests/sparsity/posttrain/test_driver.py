@@ -75,10 +75,20 @@ def test_captured_inputs_are_the_layers_inputs():
                                attn_out, rtol=1e-4, atol=1e-5)
 
 
-def test_experts_get_the_hessians_of_their_routed_tokens():
-    config_lib.parse_gin([], ["MoeMlp.num_experts=4", "MoeMlp.top_k=2", "MoeMlp.mlp_dim=8"])
-    cfg = tiny(1, mlp_kinds=("moe",))
+@pytest.mark.parametrize("gpt_oss", [False, True])
+def test_experts_get_the_hessians_of_their_routed_tokens(gpt_oss):
+    """gpt_oss: a router bias, expert biases and the clamped SwiGLU (clamping at 0.5), which
+    the routing and the down projection's input follow."""
+    extra = ["MoeMlp.router_bias=True", "MoeMlp.expert_bias=True"] if gpt_oss else []
+    config_lib.parse_gin([], ["MoeMlp.num_experts=4", "MoeMlp.top_k=2", "MoeMlp.mlp_dim=8",
+                              *extra])
+    cfg = tiny(1, mlp_kinds=("moe",), **(dict(mlp_activation="clamped_swiglu",
+                                              swiglu_limit=0.5) if gpt_oss else {}))
     v, c = setup(cfg)
+    rng = np.random.default_rng(3)
+    v = jax.tree_util.tree_map_with_path(  # biases away from their zero init
+        lambda k, a: rng.standard_normal(a.shape).astype(np.float32)
+        if "bias" in jax.tree_util.keystr(k) else a, v)
     p = v["params"]["layer_0"]
     x = capture.embed(cfg, v["params"], c.inputs)
     keep = {"moe/experts/wi_gate", "moe/experts/wo"}
@@ -92,14 +102,21 @@ def test_experts_get_the_hessians_of_their_routed_tokens():
     xm, s = stats(p, x)
     xt = np.asarray(xm, np.float64).reshape(-1, 16)
     logits = xt @ np.asarray(p["moe"]["router_kernel"], np.float64)
+    e = {n: np.asarray(a, np.float64) for n, a in p["moe"]["experts"].items()}
+    if gpt_oss:
+        logits = logits + np.asarray(p["moe"]["router_bias"], np.float64)
     top2 = np.argsort(-logits, axis=-1)[:, :2]  # softmax is monotone: top-2 logits
-    e = p["moe"]["experts"]
     for k in range(4):
         rows = np.any(top2 == k, axis=-1)
         np.testing.assert_allclose(s["experts/wi"].hessian[k], xt[rows].T @ xt[rows],
                                    rtol=1e-4, atol=1e-4)
-        hid = xt[rows] @ np.asarray(e["wi_gate"][k], np.float64)
-        hid = hid / (1 + np.exp(-hid)) * (xt[rows] @ np.asarray(e["wi_up"][k], np.float64))
+        gate, up = xt[rows] @ e["wi_gate"][k], xt[rows] @ e["wi_up"][k]
+        if gpt_oss:
+            gate = np.minimum(gate + e["wi_gate_bias"][k], 0.5)
+            up = np.clip(up + e["wi_up_bias"][k], -0.5, 0.5) + 1
+            hid = gate / (1 + np.exp(-1.702 * gate)) * up
+        else:
+            hid = gate / (1 + np.exp(-gate)) * up
         np.testing.assert_allclose(s["experts/wo"].hessian[k], hid.T @ hid, rtol=1e-4, atol=1e-4)
         assert float(s["counts"][k]) == rows.sum()
 
