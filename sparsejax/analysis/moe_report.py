@@ -112,7 +112,7 @@ def collect(cfg, params: PyTree, moe_state: PyTree | None, calib: CalibrationSet
         for layer in range(cfg.num_layers):
             name = capture.layer_name(layer)
             bp, ms = params[name], (moe_state or {}).get(name)
-            key = (cfg.mlp_kind(layer), cfg.attention_kind(layer))
+            key = cfg.block_kind(layer)
             if key not in programs:
                 programs[key] = _program(cfg, layer, batches)
             fn, modules = programs[key]

@@ -125,6 +125,11 @@ def family_of(model: Any, moe: Any, kinds: list[str], router: Any, prefer: str |
     if moe.shared_expert_gate:
         raise refuse("MoeMlp.shared_expert_gate", True, "DeepSeek's shared experts are ungated")
     if moe.router == "sigmoid_topk":
+        if router.num_groups > 1 and moe.num_experts // router.num_groups < 2:
+            raise refuse("SigmoidTopKRouter.num_groups", router.num_groups,
+                         f"transformers' DeepSeek-V3 scores each expert group by its best two "
+                         f"experts, and {moe.num_experts} experts in {router.num_groups} groups "
+                         f"leave fewer than two per group (keep more experts or fewer groups)")
         return "deepseek_v3"
     if moe.router != "softmax_topk":
         raise refuse("MoeMlp.router", moe.router, "DeepSeek routes by softmax (V2) or sigmoid "

@@ -192,6 +192,11 @@ class ModelConfig:
         kinds = tuple(self.attention_kinds)
         return kinds[layer % len(kinds)]
 
+    def block_kind(self, layer: int) -> tuple[str, str, int]:
+        """What sets block `layer`'s computation apart from the other blocks' (blocks of one
+        kind can share a compiled program): its MLP kind, attention kind and window."""
+        return self.mlp_kind(layer), self.attention_kind(layer), self.window(layer)
+
 
 def padded_params(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """{param path: (axis, real length)} of the params padded to `padded_vocab_size`: their

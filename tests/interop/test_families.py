@@ -161,3 +161,21 @@ def test_mla_options_without_deepseek_equivalent_are_refused(model, layer, needl
     with pytest.raises(ValueError, match="no Hugging Face equivalent") as e:
         to_hf_config(ModelConfig(**{**MLA, **model}), MoeMlp(embed_dim=32, **layer))
     assert needle in str(e.value)
+
+
+def test_deepseek_v3_groups_of_fewer_than_two_experts_are_refused():
+    """transformers' DeepSeek-V3 scores a group by its two best experts: a reduced model with
+    one expert per group has no equivalent there (four experts in two groups have one)."""
+    with gin.unlock_config():
+        gin.bind_parameter("SigmoidTopKRouter.num_groups", 2)
+        gin.bind_parameter("SigmoidTopKRouter.top_groups", 2)
+    try:
+        model = ModelConfig(**MLA)
+        fits = to_hf_config(model, MoeMlp(embed_dim=32, num_experts=4, top_k=2,
+                                          router="sigmoid_topk", num_shared_experts=1))
+        assert fits["n_group"] == 2 and fits["n_routed_experts"] == 4
+        with pytest.raises(ValueError, match=r"SigmoidTopKRouter.num_groups=2 .*fewer than two"):
+            to_hf_config(model, MoeMlp(embed_dim=32, num_experts=2, top_k=2,
+                                       router="sigmoid_topk", num_shared_experts=1))
+    finally:
+        gin.clear_config()

@@ -20,6 +20,9 @@ from sparsejax.train.commands import parse_workdir_config  # noqa: E402
 
 COMMON = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+           v_head_dim=6, first_k_dense_replace=1, n_shared_experts=1, moe_intermediate_size=16,
+           n_routed_experts=4, num_experts_per_tok=2)
 FAMILIES = {
     "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, dict(
         num_local_experts=4, num_experts_per_tok=2)),
@@ -31,8 +34,19 @@ FAMILIES = {
         norm_topk_prob=True, mlp_only_layers=[0])),
     "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM, dict(
         num_experts=4, num_experts_per_tok=2, clip_qkv=1.0, eos_token_id=None)),
+    # router bias and per-expert biases; top-k of the biased logits
+    "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM, dict(
+        head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"])),
+    # MLA, a dense first layer, a shared expert (not among the routed ones); one expert group,
+    # so V3's sigmoid selection (zero correction bias) is the top-k of the logits too
+    "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM, dict(
+        MLA, q_lora_rank=None)),
+    "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, dict(
+        MLA, q_lora_rank=12, n_group=1, topk_group=1)),
 }
-MOE_LAYERS = {"mixtral": [0, 1], "qwen2_moe": [0], "qwen3_moe": [1], "olmoe": [0, 1]}
+MOE_LAYERS = {"mixtral": [0, 1], "qwen2_moe": [0], "qwen3_moe": [1], "olmoe": [0, 1],
+              "gpt_oss": [0, 1], "deepseek_v2": [1], "deepseek_v3": [1]}
 RUN = ["--gin.TrainConfig.seq_len=32", "--gin.TrainConfig.global_batch_size=8"]
 DOCS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n",
         "for i in range(10):\n    total += i * i\n"]
@@ -72,7 +86,7 @@ def test_moe_report_of_an_imported_model(family, tmp_path, text, bpe_tokenizer, 
     calib = calibration_set(trainer.TrainConfig(), MoeReport())
     with torch.no_grad():
         out = model(torch.from_numpy(calib.inputs.astype(np.int64)), output_router_logits=True)
-    logits = [np.asarray(x) for x in out.router_logits]
+    logits = [np.asarray(x) for x in out.router_logits if x is not None]
     assert len(logits) == len(layers)
     for r, lg in zip(layers, logits):
         top = np.argsort(-lg.reshape(-1, 4), axis=1)[:, :2]

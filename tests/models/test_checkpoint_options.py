@@ -265,3 +265,12 @@ def test_rope_frequencies_match_transformers():
 def test_bad_values_name_the_setting(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         ModelConfig(**BASE, **kwargs)
+
+
+def test_blocks_of_other_windows_are_other_kinds():
+    """Block-by-block passes (post-training calibration, moe-report) compile one program per
+    block kind: a sliding and a full layer of gpt-oss's layer_types must not share one."""
+    cfg = ModelConfig(**BASE, sliding_window=3, layer_types=("sliding_attention",
+                                                             "full_attention"))
+    assert cfg.block_kind(0) != cfg.block_kind(1)
+    assert cfg.block_kind(0) == cfg.block_kind(2) and cfg.block_kind(1)[2] == 0

@@ -149,8 +149,7 @@ def program(cache: dict, cfg: ModelConfig, layer: int, keep, num_experts: int | 
     """The program of block `layer`'s kind, from `cache` (one per prune_model call, since
     programs read gin-configured MoE settings when they are traced); `expert_outputs`: MoE
     statistics include the experts' outputs (stats.expert_outputs)."""
-    key = (cfg.mlp_kind(layer), cfg.attention_kind(layer), frozenset(keep), num_experts,
-           with_stats, expert_outputs)
+    key = (cfg.block_kind(layer), frozenset(keep), num_experts, with_stats, expert_outputs)
     if key not in cache:
         cache[key] = _BlockProgram(cfg, layer, frozenset(keep), num_experts, batches,
                                    with_stats, expert_outputs)
