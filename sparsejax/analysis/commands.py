@@ -51,15 +51,10 @@ def flag_bindings(args: argparse.Namespace, bindings: Sequence[str]) -> list[str
 
 def run_moe_report(args: argparse.Namespace, bindings: Sequence[str]) -> int:
     # imported here so that the CLI starts without jax (see sparsejax/cli.py)
-    from sparsejax import cli
-    from sparsejax.train.commands import guarded
+    from sparsejax.train.commands import guarded, start_processes
 
     def go():
-        cli.quiet_logging()
-        from sparsejax.parallel import distributed
-        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
-                               timeout_s=args.distributed_timeout_s,
-                               heartbeat_timeout_s=args.heartbeat_timeout_s)
+        start_processes(args)
         from sparsejax.analysis.moe_report import moe_report_workdir
         return moe_report_workdir(args.workdir, args.gin_file,
                                   list(bindings) + flag_bindings(args, bindings), args.imports)

@@ -55,18 +55,23 @@ def add_parsers(sub) -> None:
                                 "whose shared bindings concern some trials only)")
 
 
+def start_processes(args: argparse.Namespace) -> None:
+    """Quiet logging and jax.distributed from a run command's multi-process flags."""
+    from sparsejax import cli  # imported here so that the CLI starts without jax (cli.py)
+    from sparsejax.parallel import distributed
+    cli.quiet_logging()
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                           timeout_s=args.distributed_timeout_s,
+                           heartbeat_timeout_s=args.heartbeat_timeout_s)
+
+
 def start_run(args: argparse.Namespace, bindings: Sequence[str]) -> str:
     """Logging, jax.distributed and gin for a run command; returns the parsed config text.
 
     A workdir that holds a run (a checkpoint and its config.gin) or an imported model is
     configured by its own config first, then by the given gin files and bindings; a fresh
     workdir by the gin files alone (base.gin when none is given)."""
-    from sparsejax import cli
-    from sparsejax.parallel import distributed
-    cli.quiet_logging()
-    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
-                           timeout_s=args.distributed_timeout_s,
-                           heartbeat_timeout_s=args.heartbeat_timeout_s)
+    start_processes(args)
     return parse_workdir_config(args.workdir, args.gin_file, bindings, args.imports,
                                 default=("base.gin",))
 

@@ -90,15 +90,10 @@ def flag_bindings(args: argparse.Namespace, bindings: Sequence[str]) -> list[str
 
 
 def run_prune(args: argparse.Namespace, bindings: Sequence[str]) -> int:
-    from sparsejax import cli
-    from sparsejax.train.commands import guarded
+    from sparsejax.train.commands import guarded, start_processes
 
     def go():
-        cli.quiet_logging()
-        from sparsejax.parallel import distributed
-        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
-                               timeout_s=args.distributed_timeout_s,
-                               heartbeat_timeout_s=args.heartbeat_timeout_s)
+        start_processes(args)
         from sparsejax.sparsity.posttrain.workdir import prune_workdir
         return prune_workdir(args.workdir, args.out, args.gin_file,
                              list(bindings) + flag_bindings(args, bindings), args.imports)
