@@ -1,4 +1,4 @@
-"""REAP expert pruning of imported Qwen2-MoE and DeepSeek-V3 models (each with a shared expert;
+"""REAP expert pruning of imported Qwen2-MoE and DeepSeek-V2 / V3 models (each with a shared expert;
 skipped without transformers and torch): `sparsejax prune --method=none --experts=reap` keeps
 the two most salient routed experts, the export is a valid checkpoint of the family with 2
 experts that transformers loads with our logits, its kept experts and router rows (and
@@ -30,6 +30,13 @@ FAMILIES = {
         ("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight",
          "shared_expert.down_proj.weight", "shared_expert_gate.weight"),
         ("gate.weight", "experts.gate_up_proj", "experts.down_proj"), "num_experts"),
+    "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM, dict(
+        num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+        v_head_dim=6, q_lora_rank=None, first_k_dense_replace=1, n_shared_experts=1,
+        n_routed_experts=4), 1,
+        ("shared_experts.gate_proj.weight", "shared_experts.up_proj.weight",
+         "shared_experts.down_proj.weight"),
+        ("gate.weight", "experts.gate_up_proj", "experts.down_proj"), "n_routed_experts"),
     "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, dict(
         num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
         v_head_dim=6, q_lora_rank=12, first_k_dense_replace=1, n_shared_experts=1,
