@@ -38,8 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def quiet_logging() -> None:
-    """INFO logs from sparsejax, warnings only from the libraries underneath."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """INFO logs from sparsejax, warnings only from the libraries underneath. (`force`: a
+    library imported before this may have configured the root logger already, as absl does
+    when orbax logs at import, which would leave sparsejax's INFO lines unprinted.)"""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        force=True)
     for noisy in ("orbax", "jax._src", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on missing metadata files
