@@ -38,11 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def quiet_logging() -> None:
-    """INFO logs from sparsejax, warnings only from the libraries underneath. (`force`: a
-    library imported before this may have configured the root logger already, as absl does
-    when orbax logs at import, which would leave sparsejax's INFO lines unprinted.)"""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
-                        force=True)
+    """INFO logs from sparsejax, warnings only from the libraries underneath. `main` calls it
+    before the command modules import anything: a library imported first may configure the
+    root logger itself (absl does when orbax logs at import), and this would then do nothing,
+    leaving sparsejax's INFO lines unprinted."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("orbax", "jax._src", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on missing metadata files
@@ -52,6 +52,7 @@ def quiet_logging() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     bindings, rest = split_args(argv)
     args = build_parser().parse_args(rest)
