@@ -2,11 +2,12 @@
 random checkpoint with a tokenizer.json and a config.json that defines neither BOS nor EOS is
 imported; `sample` continues a prompt as transformers' `generate` does; `train` fine-tunes it on
 a corpus holding empty files (skipped and counted, not an error); the fine-tuned model exports
-and transformers loads it with our logits. The MoE families are also pruned with Wanda, their
-experts merged, and the smaller model exported and loaded with our logits; gpt_oss is also
-pruned by magnitude, and its biases and sinks come out of both prunings unpruned. DeepSeek-V2 /
-V3 (multi-head latent attention, a dense layer then an MoE layer) go the same way and are
-pruned with magnitude, Wanda or SparseGPT: every projection, the low-rank ones included,
+and transformers loads it with our logits. Each is then pruned at 50% (PRUNE: SparseGPT,
+Wanda, DSnoT and OWL among them), the MoE families' experts merged 4 -> 2, and the smaller
+model exported and loaded with our logits; gpt_oss is also pruned by magnitude and Wanda, and
+its biases and sinks come out of every pruning unpruned. DeepSeek-V2 / V3 (multi-head latent
+attention, a dense layer then an MoE layer) go the same way and are pruned with magnitude,
+Wanda + OWL, Wanda + DSnoT or SparseGPT: every projection, the low-rank ones included,
 exports with its exact zeros."""
 import json
 import os
@@ -47,6 +48,11 @@ TRAINED = {"qwen3": "model.layers.0.self_attn.q_norm.weight",  # a tensor fine-t
            "qwen3_moe": "model.layers.0.self_attn.q_norm.weight",
            "olmoe": "model.layers.0.self_attn.q_norm.weight",
            "gpt_oss": "model.layers.0.self_attn.sinks"}
+# the post-training pruning each family goes through (with expert merging for the MoE ones)
+PRUNE = {"qwen3": ["--method=sparsegpt", "--dsnot", "--allocation=owl"],
+         "qwen3_moe": ["--method=sparsegpt", "--dsnot"],
+         "olmoe": ["--method=wanda", "--allocation=owl"],
+         "gpt_oss": ["--method=sparsegpt", "--dsnot", "--allocation=owl"]}
 FAST = ["--gin.TrainConfig.global_batch_size=8", "--gin.TrainConfig.seq_len=32",
         "--gin.TrainConfig.log_every=1", "--gin.TrainConfig.eval_every=2",
         "--gin.TrainConfig.eval_tokens=256", "--gin.TrainConfig.checkpoint_every=2",
@@ -130,23 +136,27 @@ def test_import_sample_finetune_prune_export(family, tmp_path, corpus, bpe_token
     back = exported(tuned, str(tmp_path / "tuned_hf"), model)
     np.testing.assert_allclose(hf_logits(back), our_logits(tuned), atol=TOL, rtol=0)
     assert not torch.equal(back.state_dict()[TRAINED[family]], model.state_dict()[TRAINED[family]])
-    if family == "qwen3":
-        return
-
-    # Wanda at 50% and the 4 experts of each MoE layer merged into 2, exported
+    # pruned at 50% (each family another method, DSnoT and OWL among them) and the 4 experts of
+    # each MoE layer merged into 2, exported
+    moe = family != "qwen3"
     pruned = str(tmp_path / "pruned")
     gin.clear_config()
-    assert cli.main(["prune", f"--workdir={w}", f"--out={pruned}", "--method=wanda",
-                     "--sparsity=0.5", "--experts=merge", "--num_experts=2",
+    assert cli.main(["prune", f"--workdir={w}", f"--out={pruned}", *PRUNE[family],
+                     "--sparsity=0.5", *(["--experts=merge", "--num_experts=2"] if moe else []),
                      "--calibration_samples=8", "--quiet", data, *FAST[:2],
                      "--gin.TrainConfig.eval_tokens=256"]) == 0
     back = exported(pruned, str(tmp_path / "pruned_hf"), model)
-    assert back.config.num_experts == 2
     layer = back.model.layers[1]  # an MoE layer in every MoE family
-    router = layer.mlp.router if family == "gpt_oss" else layer.mlp.gate
-    assert router.weight.shape[0] == 2
-    q = layer.self_attn.q_proj.weight.detach().numpy()
-    assert (q == 0).mean() == pytest.approx(0.5)
+    if moe:
+        assert back.config.num_experts == 2
+        router = layer.mlp.router if family == "gpt_oss" else layer.mlp.gate
+        assert router.weight.shape[0] == 2
+    zeros = [(back.model.layers[i].self_attn.q_proj.weight.detach().numpy() == 0).mean()
+             for i in range(len(back.model.layers))]
+    if "--allocation=owl" in PRUNE[family]:  # blocks pruned unevenly around the target
+        assert np.mean(zeros) == pytest.approx(0.5, abs=0.05) and 0 < min(zeros)
+    else:
+        assert zeros == pytest.approx([0.5] * len(zeros))
     np.testing.assert_allclose(hf_logits(back), our_logits(pruned), atol=TOL, rtol=0)
     if family != "gpt_oss":
         return
@@ -155,20 +165,21 @@ def test_import_sample_finetune_prune_export(family, tmp_path, corpus, bpe_token
         if name.endswith(("bias", "sinks")) and "mlp." not in name:
             assert torch.equal(value, original[name]), name
 
-    # magnitude at 50%, every expert kept: exact zeros in every projection, expert
+    # magnitude and Wanda at 50%, every expert kept: exact zeros in every projection, expert
     # projections included, and the biases, router bias and sinks exactly as they were
-    pruned = str(tmp_path / "magnitude")
-    gin.clear_config()
-    assert cli.main(["prune", f"--workdir={w}", f"--out={pruned}", "--method=magnitude",
-                     "--sparsity=0.5", "--calibration_samples=8", "--quiet", data, *FAST[:2],
-                     "--gin.TrainConfig.eval_tokens=256"]) == 0
-    back = exported(pruned, str(tmp_path / "magnitude_hf"), model)
-    np.testing.assert_allclose(hf_logits(back), our_logits(pruned), atol=TOL, rtol=0)
-    for name, value in back.state_dict().items():
-        if name.endswith(("bias", "sinks")):
-            assert torch.equal(value, original[name]), name
-        elif name.endswith(("proj.weight", "gate_up_proj", "down_proj")):
-            assert (value == 0).float().mean().item() == pytest.approx(0.5, abs=0.01), name
+    for method in ("magnitude", "wanda"):
+        pruned = str(tmp_path / method)
+        gin.clear_config()
+        assert cli.main(["prune", f"--workdir={w}", f"--out={pruned}", f"--method={method}",
+                         "--sparsity=0.5", "--calibration_samples=8", "--quiet", data,
+                         *FAST[:2], "--gin.TrainConfig.eval_tokens=256"]) == 0
+        back = exported(pruned, str(tmp_path / f"{method}_hf"), model)
+        np.testing.assert_allclose(hf_logits(back), our_logits(pruned), atol=TOL, rtol=0)
+        for name, value in back.state_dict().items():
+            if name.endswith(("bias", "sinks")):
+                assert torch.equal(value, original[name]), name
+            elif name.endswith(("proj.weight", "gate_up_proj", "down_proj")):
+                assert (value == 0).float().mean().item() == pytest.approx(0.5, abs=0.01), name
 
 
 MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
