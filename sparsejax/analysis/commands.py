@@ -31,22 +31,10 @@ def add_parsers(sub) -> None:
 
 
 def flag_bindings(args: argparse.Namespace, bindings: Sequence[str]) -> list[str]:
-    """MoeReport bindings of the given flags; a flag and a --gin binding of the same field is
-    a ValueError."""
-    given = {b.partition("=")[0].strip() for b in bindings}
-    out = []
-    for name, parse in FLAGS.items():
-        text = getattr(args, name, None)
-        if text is None:
-            continue
-        if f"MoeReport.{name}" in given:
-            raise ValueError(f"--{name} and --gin.MoeReport.{name} both given; keep one")
-        try:
-            value = parse(text)
-        except ValueError:
-            raise ValueError(f"--{name}={text!r} is not a valid {parse.__name__}") from None
-        out.append(f"MoeReport.{name}={value!r}")
-    return out
+    """MoeReport bindings of the given flags (train/commands.shorthand_bindings)."""
+    # imported here, as the rest of this module's run code, so that the CLI starts fast
+    from sparsejax.train.commands import shorthand_bindings
+    return shorthand_bindings("MoeReport", FLAGS, args, bindings)
 
 
 def run_moe_report(args: argparse.Namespace, bindings: Sequence[str]) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 
 def add_run_flags(s: argparse.ArgumentParser) -> None:
@@ -53,6 +53,33 @@ def add_parsers(sub) -> None:
             s.add_argument("--allow_unused_bindings", action="store_true",
                            help="run even if some given bindings have no effect (sweeps "
                                 "whose shared bindings concern some trials only)")
+
+
+def shorthand_bindings(config: str, flags: Mapping[str, Callable[[str], Any]],
+                       args: argparse.Namespace, bindings: Sequence[str],
+                       switches: Sequence[str] = ()) -> list[str]:
+    """`config.<name>=value` bindings of a command's shorthand flags (`flags`: name -> parser
+    of its text; `switches`: store_true flags bound to True when set); a flag and a --gin
+    binding of the same field, or a text its parser refuses, is a ValueError."""
+    given = {b.partition("=")[0].strip() for b in bindings}
+    values: dict[str, Any] = {}
+    for name, parse in flags.items():
+        text = getattr(args, name, None)
+        if text is None:
+            continue
+        try:
+            values[name] = parse(text)
+        except ValueError:
+            raise ValueError(f"--{name}={text!r} is not a valid "
+                             f"{parse.__name__.strip('_')}") from None
+    values.update({name: True for name in switches if getattr(args, name)})
+    out = []
+    for name, value in values.items():
+        key = f"{config}.{name}"
+        if key in given:
+            raise ValueError(f"--{name} and --gin.{key} both given; keep one")
+        out.append(f"{key}={value!r}")
+    return out
 
 
 def start_processes(args: argparse.Namespace) -> None:

@@ -5,7 +5,7 @@ the sparse recovery fine-tune written to --out."""
 from __future__ import annotations
 
 import argparse
-from typing import Any, Sequence
+from typing import Sequence
 
 # flag -> (PruneConfig field, parser of the flag's text)
 def _opt_str(v: str) -> str | None:
@@ -64,29 +64,10 @@ def add_parsers(sub) -> None:
 
 
 def flag_bindings(args: argparse.Namespace, bindings: Sequence[str]) -> list[str]:
-    """PruneConfig bindings of the given flags; a flag and a --gin binding of the same
-    field is a ValueError."""
-    given = {b.partition("=")[0].strip() for b in bindings}
-    out = []
-    values: dict[str, Any] = {}
-    for name, parse in FLAGS.items():
-        text = getattr(args, name, None)
-        if text is None:
-            continue
-        try:
-            values[name] = parse(text)
-        except ValueError:
-            raise ValueError(f"--{name}={text!r} is not a valid {parse.__name__.strip('_')}") from None
-    if args.dsnot:
-        values["dsnot"] = True
-    if args.compact:
-        values["compact"] = True
-    for name, value in values.items():
-        key = f"PruneConfig.{name}"
-        if key in given:
-            raise ValueError(f"--{name} and --gin.{key} both given; keep one")
-        out.append(f"{key}={value!r}")
-    return out
+    """PruneConfig bindings of the given flags (train/commands.shorthand_bindings)."""
+    # imported here, as the rest of this module's run code, so that the CLI starts fast
+    from sparsejax.train.commands import shorthand_bindings
+    return shorthand_bindings("PruneConfig", FLAGS, args, bindings, switches=("dsnot", "compact"))
 
 
 def run_prune(args: argparse.Namespace, bindings: Sequence[str]) -> int:
