@@ -10,14 +10,16 @@ import dataclasses
 
 import gin
 
-from pallas_kernels.block_sparse_attention import masks, topk
+from pallas_kernels.block_sparse_attention import flexprefill, masks, minference, topk, xattention
 from sparsejax.registry import Registry
 
 MASK_KINDS: Registry[type[masks.BlockMask]] = Registry("attention mask kind")
 for _name, _cls in (("causal", masks.CausalMask), ("sliding_window", masks.SlidingWindowMask),
                     ("global_local", masks.GlobalLocalMask), ("strided", masks.StridedMask),
                     ("chunked", masks.ChunkedMask), ("block_layout", masks.BlockLayoutMask),
-                    ("top_k", topk.TopKBlockMask)):
+                    ("top_k", topk.TopKBlockMask), ("minference", minference.MInferenceMask),
+                    ("flexprefill", flexprefill.FlexPrefillMask),
+                    ("xattention", xattention.XAttentionMask)):
     MASK_KINDS.register(_name, _cls)
 
 

@@ -250,6 +250,8 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks
     rows = None
     if backend == "xla" and isinstance(layout, np.ndarray):
         rows = xla_impl.plan_rows(layout.sum(-1))
+    elif backend == "xla" and hasattr(mask, "row_bounds"):  # dynamic, with static bounds
+        rows = xla_impl.plan_rows(mask.row_bounds(sq, sk, block_q, block_k), exact=False)
     cfg = _Config(backend, mask.token_rule, scale, block_q, block_k, bool(interpret), gpu_config,
                   rows)
     out = _attention(cfg, q, k, v, segment_ids, lists)

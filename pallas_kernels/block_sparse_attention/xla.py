@@ -22,7 +22,7 @@ MAX_BUCKETS = 4
 SLACK = 1.1  # stop adding buckets once padded work is within 10% of the listed work
 
 
-def plan_rows(counts: np.ndarray, max_buckets: int = MAX_BUCKETS) -> tuple:
+def plan_rows(counts: np.ndarray, max_buckets: int = MAX_BUCKETS, exact: bool = True) -> tuple:
     """Group query blocks by list length: ``((rows, n, full), ...)``.
 
     ``counts`` ``[..., q_blocks]`` are the static list lengths (any leading batch / head
@@ -30,7 +30,8 @@ def plan_rows(counts: np.ndarray, max_buckets: int = MAX_BUCKETS) -> tuple:
     entries; ``full`` says every row of it lists exactly ``n`` blocks in every batch and
     head (no padding to mask). Buckets are contiguous runs of the rows sorted by length,
     chosen to minimise padded work; the fewest buckets whose work is within ``SLACK`` of
-    the listed work are used.
+    the listed work are used. ``exact=False``: ``counts`` are upper bounds (a dynamic
+    layout's), so no bucket is ``full``.
     """
     counts = np.asarray(counts).reshape(-1, np.shape(counts)[-1])
     per_row = counts.max(axis=0)
@@ -57,7 +58,7 @@ def plan_rows(counts: np.ndarray, max_buckets: int = MAX_BUCKETS) -> tuple:
         if start < end:
             rows = np.sort(order[start:end])
             n = max(int(lens[end - 1]), 1)
-            full = bool(np.all(counts[:, rows] == n))
+            full = exact and bool(np.all(counts[:, rows] == n))
             buckets.append((tuple(int(r) for r in rows), n, full))
         end, k = start, k - 1
     return tuple(reversed(buckets))

@@ -34,6 +34,8 @@ from sparsejax.models.layers import (DEFAULT_KERNEL_INIT, Dtype, RMSNorm, as_tok
 from sparsejax.models.quest import (QuestDecode, page_scores, paged_attention, select_pages,
                                     update_pages)
 from sparsejax.models.remat import tag
+from sparsejax.models.sparse_attention import (BlockSparseSelfAttention, decode_rule,
+                                               prefill_attention, prefill_spec)
 from sparsejax.models.streaming_heads import COLLECTION as STREAMING_COLLECTION
 from sparsejax.models.streaming_heads import (StreamingHeads, query_heads, split_heads,
                                               streaming_attention)
@@ -205,6 +207,8 @@ class Attention(nn.Module):
             self.sow(STREAMING_COLLECTION, "qkv", (q, k, v))
         if decode:
             out = self._cached_attention(q, k, v, positions, segment_ids, sinks)
+        elif self._prefill_method(sinks):
+            out = prefill_attention(q, k, v, segment_ids, self.layer)
         elif self.kind == "dense" and sinks is not None:
             out = sink_attention(q, k, v, causal_segment_mask(segment_ids, self.window), sinks)
         elif self.kind == "dense":
@@ -213,13 +217,23 @@ class Attention(nn.Module):
         elif self.kind == "block_sparse":
             if sinks is not None:
                 raise ValueError("Attention.attention_sinks=True needs dense attention, not block_sparse")
-            from sparsejax.models.sparse_attention import BlockSparseSelfAttention
             out = BlockSparseSelfAttention(self.sparse_mask, name="block_sparse")(
                 q, k, v, segment_ids)
         else:
             raise ValueError(f"attention kind={self.kind!r} is unknown; valid: {ATTENTION_KINDS}")
         out = tag(nn.with_logical_constraint(out, ("batch", "seq", "heads", "kv")), "attention_out")
         return self._out_proj(out.reshape(-1, self.num_heads * self.head_dim), x.shape, decode)
+
+    def _prefill_method(self, sinks) -> bool:
+        """Whether `attention_kernel.prefill_method` runs this layer: a dense layer with full
+        causal attention (windowed layers keep their window)."""
+        if self.kind != "dense" or self.window > 0 or prefill_spec() is None:
+            return False
+        if sinks is not None:
+            raise ValueError(f"attention_kernel.prefill_method={prefill_spec()!r} does not "
+                             f"support ModelConfig.attention_sinks=True (gpt-oss): the sinks "
+                             f"need dense attention")
+        return True
 
     def _out_proj(self, out: jax.Array, shape: tuple[int, ...], decode: bool = False) -> jax.Array:
         """out: [tokens, heads * head_dim] -> [*shape] (a method of its own, so that
@@ -282,7 +296,6 @@ class Attention(nn.Module):
         cpos, cidx = self.variable("cache", "pos", None), self.variable("cache", "index", None)
         rule = None
         if self.kind == "block_sparse":
-            from sparsejax.models.sparse_attention import decode_rule
             rule = decode_rule(self.sparse_mask)
         idx = cidx.value
         s = q.shape[1]
@@ -306,6 +319,8 @@ class Attention(nn.Module):
                                       idx // quest.page_size, quest)
                 return paged_attention(q, ck.value, cv.value, cpos.value, chosen, positions,
                                        quest.page_size, self.window, rule, q_slot=idx)
+        if s > 1 and self._prefill_method(sinks):  # the prompt pass: the cache held nothing
+            return prefill_attention(q, k, v, segment_ids, self.layer)
         mask = cache_mask(idx + jnp.arange(s), cpos.value, positions, self.window, rule)
         if sinks is not None:
             return sink_attention(q, ck.value.astype(q.dtype), cv.value.astype(q.dtype), mask,

@@ -34,6 +34,7 @@ from sparsejax.models.formats import FormatSpec, Projection
 from sparsejax.models.layers import Dtype, RMSNorm, as_tokens, rotary_embedding
 from sparsejax.models.remat import tag
 from sparsejax.models.rope import _yarn_mscale
+from sparsejax.models.sparse_attention import prefill_spec
 
 # ModelConfig settings of MLA and their values with MLA off
 SETTINGS = {"q_lora_rank": 0, "qk_rope_head_dim": 0, "v_head_dim": 0,
@@ -130,6 +131,10 @@ class LatentAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                  decode: bool = False) -> jax.Array:
+        if prefill_spec() is not None:
+            raise ValueError(f"attention_kernel.prefill_method={prefill_spec()!r} is not "
+                             f"supported with multi-head latent attention "
+                             f"(ModelConfig.kv_lora_rank > 0)")
         b, s, _ = x.shape
         h, d, r, rope = self.num_heads, self.head_dim, self.kv_lora_rank, self.qk_rope_head_dim
         t = as_tokens(x)
