@@ -26,7 +26,6 @@ last line is JSON: {"device", "prefill": {length: {case: seconds, ...}}, "decode
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
 import flax.linen as nn

@@ -284,7 +284,7 @@ def to_hf_config(model: Any, moe: Any | None, prefer: str | None = None,
         raise _refuse("ModelConfig.scale_embeddings", True, "HF models do not scale embeddings")
     if any(model.attention_kind(i) != "dense" for i in range(model.num_layers)):
         raise _refuse("ModelConfig.attention_kinds", model.attention_kinds,
-                      "block-sparse attention")
+                      "block-sparse and NSA attention")
     if model.kv_lora_rank:
         router = _router(moe) if moe is not None else None
         family = deepseek.family_of(model, moe, kinds, router, prefer, _refuse)

@@ -3,7 +3,8 @@
 `kind="dense"` uses `jax.nn.dot_product_attention` (the best implementation on the device),
 optionally within a causal sliding window (`window` > 0: query i sees keys i - window < j <= i,
 Mistral's definition); `kind="block_sparse"` calls the Pallas block-sparse attention op with a
-gin-chosen mask.
+gin-chosen mask; `kind="nsa"` is Native Sparse Attention (models/nsa.py: compressed, selected
+and sliding-window branches, each with its own keys and values, mixed by learned gates).
 
 Before RoPE, q and k may be RMS-normalized (`qk_norm`: 'head' normalizes each head's q and k
 over head_dim, Qwen3; 'projection' the whole q and k projections, OLMoE) and q, k, v clipped
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 from sparsejax.models.formats import FormatSpec, Projection, module_path
 from sparsejax.models.layers import (DEFAULT_KERNEL_INIT, Dtype, RMSNorm, as_tokens,
                                      rotary_embedding)
+from sparsejax.models.nsa import NativeSparseAttention, NSAConfig
 from sparsejax.models.quest import (QuestDecode, page_scores, paged_attention, select_pages,
                                     update_pages)
 from sparsejax.models.remat import tag
@@ -41,7 +43,7 @@ from sparsejax.models.streaming_heads import (StreamingHeads, query_heads, split
                                               streaming_attention)
 from sparsejax.models.thresholds import apply_site
 
-ATTENTION_KINDS = ("dense", "block_sparse")
+ATTENTION_KINDS = ("dense", "block_sparse", "nsa")
 QK_NORMS = ("none", "head", "projection")
 
 
@@ -113,6 +115,7 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
     formats: FormatSpec = FormatSpec()
     layer: int = -1  # the layer's index (its streaming heads, models/streaming_heads.py)
+    nsa: Any = None  # an NSAConfig when kind == "nsa" (None: NSAConfig() from gin)
 
     def _compact(self, name: str) -> bool:
         """Is projection `name` stored in a format other than dense (a `Projection` submodule
@@ -205,6 +208,10 @@ class Attention(nn.Module):
                 nn.initializers.zeros, ("heads",)), (self.num_heads,), self.param_dtype)
         if self.is_mutable_collection(STREAMING_COLLECTION):  # head calibration reads these
             self.sow(STREAMING_COLLECTION, "qkv", (q, k, v))
+        if decode and self.kind == "nsa":
+            raise ValueError("decode=True: 'nsa' layers (ModelConfig.attention_kinds) do not "
+                             "decode with a KV cache yet (sample, longeval, generation); "
+                             "valid: 'dense' or 'block_sparse' layers")
         if decode:
             out = self._cached_attention(q, k, v, positions, segment_ids, sinks)
         elif self._prefill_method(sinks):
@@ -219,6 +226,10 @@ class Attention(nn.Module):
                 raise ValueError("Attention.attention_sinks=True needs dense attention, not block_sparse")
             out = BlockSparseSelfAttention(self.sparse_mask, name="block_sparse")(
                 q, k, v, segment_ids)
+        elif self.kind == "nsa":
+            if sinks is not None:
+                raise ValueError("Attention.attention_sinks=True needs dense attention, not nsa")
+            out = self._nsa_attention(x, q, (k, v), positions, segment_ids)
         else:
             raise ValueError(f"attention kind={self.kind!r} is unknown; valid: {ATTENTION_KINDS}")
         out = tag(nn.with_logical_constraint(out, ("batch", "seq", "heads", "kv")), "attention_out")
@@ -234,6 +245,32 @@ class Attention(nn.Module):
                              f"support ModelConfig.attention_sinks=True (gpt-oss): the sinks "
                              f"need dense attention")
         return True
+
+    def _nsa_attention(self, x, q, selected, positions, segment_ids):
+        """NSA (models/nsa.py) over q and the selected branch's (k, v), projecting the
+        compressed and window branches' own keys and values from x (with the same q/k norms
+        and clipping; RoPE on the window keys here, on the compressed keys after
+        compression)."""
+        if self.window > 0:
+            raise ValueError(f"ModelConfig.sliding_window={self.window} applies to dense "
+                             f"layers; an 'nsa' layer's window is NSAConfig.window")
+        branches = {}
+        for branch in ("compressed", "window"):
+            k = self._proj(x, self.num_kv_heads, f"key_{branch}")
+            v = self._proj(x, self.num_kv_heads, f"value_{branch}")
+            if self.qk_norm != "none":
+                k = self._qk_norm(k, f"key_norm_{branch}")
+            if self.clip_qkv > 0:
+                k, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (k, v))
+            branches[branch] = (k, v)
+        k, v = branches["window"]
+        branches["window"] = (rotary_embedding(k, positions, self.rope_theta,
+                                               self.rope_scaling), v)
+        settings = self.nsa if self.nsa is not None else NSAConfig()
+        return NativeSparseAttention(settings, self.rope_theta, self.rope_scaling,
+                                     dtype=self.dtype, param_dtype=self.param_dtype,
+                                     name="nsa")(x, q, selected, branches["compressed"],
+                                                 branches["window"], positions, segment_ids)
 
     def _out_proj(self, out: jax.Array, shape: tuple[int, ...], decode: bool = False) -> jax.Array:
         """out: [tokens, heads * head_dim] -> [*shape] (a method of its own, so that

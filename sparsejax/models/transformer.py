@@ -1,5 +1,5 @@
 """Decoder-only transformer LM whose blocks are chosen per layer (dense or MoE MLP,
-dense or block-sparse attention)."""
+dense, block-sparse or NSA attention)."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,6 +19,7 @@ from sparsejax.models.layer_stack import (check_scan_layers, layer_period, scann
                                           stack_layers)
 from sparsejax.models.layers import Embed, GatedMlp, RMSNorm, as_tokens, dense, dtype_from_name
 from sparsejax.models.mla import LatentAttention, check_latent_attention
+from sparsejax.models.nsa import NSAConfig
 from sparsejax.models.remat import check_remat_policy, remat_module
 from sparsejax.models.rope import check_rope_scaling
 
@@ -32,7 +33,9 @@ class ModelConfig:
     """Shape and per-layer structure of the transformer.
 
     `mlp_kinds` / `attention_kinds` are cycled over the layers: ("dense", "moe") makes every
-    other layer an MoE layer, starting with a dense one.
+    other layer an MoE layer, starting with a dense one. Attention kinds: 'dense',
+    'block_sparse' (with `sparse_attention_mask`) and 'nsa' (Native Sparse Attention,
+    models/nsa.py, settings in `NSAConfig`).
 
     Scale: `scan_layers` runs the repeating group of layers with `nn.scan` (params stacked on
     a `layers` axis; models/layer_stack.py), `remat_policy` names what a block keeps for the
@@ -164,9 +167,16 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.layer_types={tuple(types)!r} needs "
                              f"ModelConfig.sliding_window > 0 (the window of its sliding "
                              f"layers); got {self.sliding_window}")
-        if self.attention_sinks and "block_sparse" in tuple(self.attention_kinds):
+        sparse = [k for k in ("block_sparse", "nsa") if k in tuple(self.attention_kinds)]
+        if self.attention_sinks and sparse:
             raise ValueError(f"ModelConfig.attention_sinks=True needs dense attention; "
-                             f"attention_kinds={tuple(self.attention_kinds)!r} has block_sparse")
+                             f"attention_kinds={tuple(self.attention_kinds)!r} has {sparse[0]}")
+        if "nsa" in tuple(self.attention_kinds):
+            NSAConfig()  # its settings are checked before anything compiles
+            if any(self.attention_kind(i) == "nsa" and self.window(i) > 0
+                   for i in range(self.num_layers)):
+                raise ValueError(f"ModelConfig.sliding_window={self.sliding_window} applies to "
+                                 f"dense layers; an 'nsa' layer's window is NSAConfig.window")
 
     def window(self, layer: int) -> int:
         """Layer `layer`'s sliding window (0: full causal attention)."""
