@@ -52,7 +52,7 @@ from pallas_kernels.block_sparse_attention import (BlockMask, CausalMask, Slidin
                                                    block_sparse_attention)
 from sparsejax.models.init import DEFAULT_KERNEL_INIT
 from sparsejax.models.layers import rotary_embedding
-from sparsejax.models.sparse_attention import attention_kernel
+from sparsejax.models.sparse_attention import kernel_options
 
 Dtype = Any
 BRANCHES = ("compressed", "selected", "window")  # the order of the gates
@@ -282,7 +282,7 @@ class NativeSparseAttention(nn.Module):
         qp = jnp.pad(q, pad)
         seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, padded - s)),
                       constant_values=-1)
-        kernel = attention_kernel()
+        kernel = kernel_options()
         mask = SelectedBlocksMask(jnp.repeat(layout, h // kvh, axis=1), cfg.select_blocks)
         out_s = block_sparse_attention(qp, jnp.pad(selected[0], pad), jnp.pad(selected[1], pad),
                                        mask, segment_ids=seg, block_q=blk, block_k=blk,
