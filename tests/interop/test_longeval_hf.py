@@ -1,6 +1,7 @@
 """`sparsejax longeval` on an imported Hugging Face model (torch-free: a Llama checkpoint
 written with safetensors.numpy, a byte-level BPE tokenizer.json trained here): prompts are
-sized under the model's own tokenizer and every cell is scored."""
+sized under the model's own tokenizer and every cell is scored; each prefill method runs it
+through the CLI, and at full budget answers as the dense model does."""
 import json
 import os
 
@@ -55,3 +56,20 @@ def test_longeval_on_an_imported_model(tmp_path, bpe_tokenizer, capsys):
         {"niah_single": 2, "niah_multikey": 2}
     preds = [json.loads(line) for line in open(os.path.join(w, "longeval", "predictions.jsonl"))]
     assert len(preds) == 4 and all(isinstance(p["output"], str) for p in preds)
+
+    def outputs(spec):
+        capsys.readouterr()
+        rc = cli.main(["longeval", f"--workdir={w}", "--tasks=niah_single,niah_multikey",
+                       "--num_samples=2", f"--gin.attention_kernel.prefill_method={spec}"])
+        assert rc == 0, capsys.readouterr().err
+        return [json.loads(line)["output"]
+                for line in open(os.path.join(w, "longeval", "predictions.jsonl"))]
+
+    assert outputs("{'kind': 'xattention', 'threshold': 1.0, 'block_size': 64}") == \
+        [p["output"] for p in preds]
+    for spec in ("{'kind': 'xattention', 'threshold': 0.5, 'block_size': 64}",
+                 "{'kind': 'flexprefill', 'gamma': 0.5, 'max_budget': 2, 'block_size': 64}",
+                 "{'kind': 'minference', 'vertical_size': 64, 'slash_size': 64, "
+                 "'block_size': 64}"):
+        assert len(outputs(spec)) == 4
+
