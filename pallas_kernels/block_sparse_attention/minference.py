@@ -101,22 +101,32 @@ class MInferenceMask(dynamic.PrefillMask):
         return layout, score
 
 
-def vertical_slash_tokens(q: jax.Array, k: jax.Array, length: int, mask: MInferenceMask
-                          ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """The authors' token selection: (columns ``[b, h, seq]`` bool, offsets ``[b, h, seq]``
-    bool, vertical mass, slash mass)."""
-    s = k.shape[1]
+def vertical_slash_indices(q: jax.Array, k: jax.Array, length: int, mask: MInferenceMask
+                           ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The authors' token selection: (key columns ``[b, h, nv]``, offsets ``[b, h, ns]``, the
+    vertical mass ``[b, h, seq]``, the slash mass per offset ``[b, h, seq]``); columns and
+    offsets are distinct and below ``length``."""
     attn = dynamic.last_query_attention(q, k, mask.last_q, length)
     vertical = attn.sum(-2)
     slash = dynamic.diagonal_sums(attn, length)
-    pos = np.arange(s)
-    v_key = jnp.where(jnp.asarray(pos < mask.keep_global), jnp.inf, vertical)
-    s_key = jnp.where(jnp.asarray(pos < mask.keep_local), jnp.inf, slash)
+    pos = np.arange(k.shape[1])
+    real = jnp.asarray(pos < length)
+    v_key = jnp.where(jnp.asarray(pos < mask.keep_global), jnp.inf,
+                      jnp.where(real, vertical, -jnp.inf))
+    s_key = jnp.where(jnp.asarray(pos < mask.keep_local), jnp.inf,
+                      jnp.where(real, slash, -jnp.inf))
     nv = min(max(mask.vertical_size, mask.keep_global), length)
     ns = min(max(mask.slash_size, mask.keep_local), length)
-    cols = _top(v_key, nv) & jnp.asarray(pos < length)
-    offs = _top(s_key, ns) & jnp.asarray(pos < length)
-    return cols, offs, vertical, slash
+    _, cols = jax.lax.top_k(v_key, nv)
+    _, offs = jax.lax.top_k(s_key, ns)
+    return cols.astype(jnp.int32), offs.astype(jnp.int32), vertical, slash
+
+
+def vertical_slash_tokens(q: jax.Array, k: jax.Array, length: int, mask: MInferenceMask
+                          ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """As `vertical_slash_indices`, the columns and offsets as bool masks ``[b, h, seq]``."""
+    cols, offs, vertical, slash = vertical_slash_indices(q, k, length, mask)
+    return _marked(cols, k.shape[1]), _marked(offs, k.shape[1]), vertical, slash
 
 
 def vertical_slash(q, k, block, length, mask):
@@ -144,8 +154,13 @@ def pooled_topk(q, k, block, top_k):
     return _top(score, min(top_k, qb)) & causal, score
 
 
+def _marked(idx: jax.Array, n: int) -> jax.Array:
+    """Bool ``[..., n]`` marking the indices ``idx`` ``[..., m]``."""
+    return jnp.zeros(idx.shape[:-1] + (n,), bool).at[
+        tuple(jnp.indices(idx.shape)[:-1]) + (idx,)].set(True)
+
+
 def _top(x: jax.Array, n: int) -> jax.Array:
     """Bool mask of the ``n`` largest entries on the last axis."""
     _, idx = jax.lax.top_k(x, n)
-    return jnp.zeros(x.shape, bool).at[
-        tuple(jnp.indices(idx.shape)[:-1]) + (idx,)].set(True)
+    return _marked(idx, x.shape[-1])

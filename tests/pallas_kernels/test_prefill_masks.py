@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.block_sparse_attention import block_sparse_attention, make_mask
+from pallas_kernels.block_sparse_attention import minference, vertical_slash
 
 B, S, H, KVH, D = 16, 128, 4, 2, 8
 QB = S // B
@@ -253,3 +254,23 @@ def test_stride_must_divide_the_block():
     q, k, _ = inputs(0)
     with pytest.raises(ValueError, match="stride=3 must divide the block size 16"):
         make_mask(kind="xattention", stride=3).block_layout_dynamic(q, k, B, B)
+
+
+@pytest.mark.parametrize("chunk", [32, 128])
+def test_token_vertical_slash_equals_dense_attention_on_the_token_pattern(chunk):
+    q, k, v = inputs(6)
+    mask = make_mask(kind="minference", vertical_size=12, slash_size=20, keep_global=4,
+                     keep_local=6, last_q=32)
+    cols, offs, _, _ = minference.vertical_slash_indices(q, k, S, mask)
+    out = jax.jit(lambda a, b, c: vertical_slash.vertical_slash_attention(
+        a, b, c, cols, offs, chunk=chunk))(q, k, v)
+    i, j = np.arange(S)[:, None], np.arange(S)[None, :]
+    want = np.zeros_like(q)
+    for bi in range(2):
+        for h in range(H):
+            c, o = set(np.asarray(cols[bi, h])), set(np.asarray(offs[bi, h]))
+            assert len(c) == 12 and len(o) == 20  # distinct
+            vis = (j <= i) & (np.isin(j, list(c)) | np.isin(i - j, list(o)))
+            logits = q[bi, :, h] @ k[bi, :, kv_head(h)].T / math.sqrt(D)
+            want[bi, :, h] = softmax(np.where(vis, logits, -np.inf)) @ v[bi, :, kv_head(h)]
+    np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=1e-5)

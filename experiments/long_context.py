@@ -1,0 +1,191 @@
+"""The sparse frontier of the prefill methods on one trained model: for each method and a sweep
+of its budget, how much of the dense attention it keeps and what that costs in quality.
+
+    python experiments/long_context.py --workdir=W [--seq_len 4096] [--rows 4]
+        [--lengths 1K,2K,4K] [--num_samples 8]
+
+Per setting (and dense), on the model's full-attention layers:
+* density: the kept tiles' share of the causal tiles (mean over layers, heads and rows);
+* attention recall: the share of the dense attention mass inside the layout, per layer and
+  head (mean and minimum), over `--rows` validation rows of `--seq_len` tokens;
+* output error: ||sparse - dense|| / ||dense|| of each layer's attention output (mean);
+* eval loss on long rows: `sparsejax eval --text_file --protocol=concat --seq_len` over the
+  corpus's validation text, with the method bound by gin;
+* `sparsejax longeval` accuracy per length (mean over its tasks), with the method.
+
+Writes experiments/results/long_context.md (between the frontier markers; the text around
+them is kept), long_context_frontier.png (accuracy and loss against sparsity), and the raw
+records to OUT/frontier.jsonl (a rerun skips finished settings).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from pallas_kernels.block_sparse_attention import (CausalMask, block_sparse_attention,  # noqa: E402
+                                                   make_mask)
+from posttrain import heldout_text  # noqa: E402
+from sparsejax.infer import prefill_calibration as calib  # noqa: E402
+from sparsejax.models.prefill_search import tile_mass  # noqa: E402
+
+RESULTS = os.path.join(HERE, "results")
+BEGIN, END = "<!-- frontier:begin -->", "<!-- frontier:end -->"
+BLOCK = 64
+SWEEP = {"xattention": [{"threshold": t, "stride": 8} for t in (0.5, 0.7, 0.9, 0.95)],
+         "flexprefill": [{"gamma": g, "tau": 0.1} for g in (0.5, 0.7, 0.9, 0.95)],
+         "minference": [{"vertical_size": v, "slash_size": 2 * v} for v in (32, 64, 128, 256)]}
+
+
+def spec_of(method: str, setting: dict) -> dict:
+    return {"kind": method, "block_size": BLOCK, **setting}
+
+
+def layer_quality(qkv: list, layers: list[int], segment_ids, spec: dict | None) -> dict:
+    """Density, recall (mean, min) and output error of `spec` (None: dense) over `layers`."""
+    recalls, errors, densities = [], [], []
+    seg = jnp.asarray(segment_ids, jnp.int32)
+    for layer in layers:
+        q, k, v = qkv[layer]
+        s = q.shape[1]
+        qb = s // BLOCK
+        if spec is None:
+            recalls.append(np.ones(q.shape[2]))
+            errors.append(0.0)
+            densities.append(1.0)
+            continue
+        mask, = (make_mask(**{k_: v_ for k_, v_ in spec.items() if k_ != "block_size"}),)
+        if spec["kind"] == "minference":
+            mask = dataclasses.replace(mask, layer=layer)
+        layout = jax.jit(lambda a, b: mask.block_layout_dynamic(a, b, BLOCK, BLOCK))(q, k)
+        mass = tile_mass(q, k, seg, BLOCK)  # [b, h, qb, kb]
+        queries = float(jnp.sum(seg > 0))
+        recalls.append(np.asarray(jnp.sum(jnp.where(layout, mass, 0.0), axis=(0, 2, 3)))
+                       / (queries / q.shape[0]) / q.shape[0])
+        densities.append(float(np.asarray(layout).sum()
+                               / (layout.shape[0] * layout.shape[1] * qb * (qb + 1) / 2)))
+        run = lambda m: jax.jit(lambda a, b, c: block_sparse_attention(
+            a, b, c, m, segment_ids=seg, block_q=BLOCK, block_k=BLOCK))(q, k, v)
+        dense, sparse = run(CausalMask()), run(mask)
+        errors.append(float(jnp.linalg.norm(sparse - dense) / jnp.linalg.norm(dense)))
+    r = np.concatenate(recalls)
+    return {"density": float(np.mean(densities)), "recall_mean": float(r.mean()),
+            "recall_min": float(r.min()), "output_error": float(np.mean(errors))}
+
+
+def cli_json(args: list[str]) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-m", "sparsejax.cli", *args], check=True, env=env,
+                         cwd=ROOT, capture_output=True, text=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_setting(workdir: str, text: str, seq_len: int, lengths: str, samples: int,
+                spec: dict | None, quality: dict) -> dict:
+    gin = [] if spec is None else [f"--gin.attention_kernel.prefill_method={spec}"]
+    ev = cli_json(["eval", f"--workdir={workdir}", f"--text_file={text}", "--protocol=concat",
+                   f"--seq_len={seq_len}", "--quiet", *gin])
+    le = cli_json(["longeval", f"--workdir={workdir}", f"--lengths={lengths}",
+                   f"--num_samples={samples}", *gin])
+    acc = {n: float(np.mean([le["accuracy"][t][n]["mean"] for t in le["tasks"]]))
+           for n in map(str, le["lengths"])}
+    return {**quality, "eval_loss": ev["eval_loss"], "eval_loss_stderr": ev["eval_loss_stderr"],
+            "longeval": acc, "longeval_mean": float(np.mean(list(acc.values())))}
+
+
+def write_report(records: list[dict], workdir: str, seq_len: int, results: str) -> str:
+    dense = next(r for r in records if r["method"] == "dense")
+    lengths = list(dense["longeval"])
+    head = ("| method | setting | density | recall (mean / min) | output error | eval loss "
+            "(Δ dense) | " + " | ".join(f"longeval {n}" for n in lengths) + " |")
+    rows = [head, "|" + " --- |" * (6 + len(lengths))]
+    for r in records:
+        setting = ", ".join(f"{k}={v}" for k, v in r["setting"].items()) or "-"
+        rows.append(f"| {r['method']} | {setting} | {r['density']:.3f} | "
+                    f"{r['recall_mean']:.3f} / {r['recall_min']:.3f} | {r['output_error']:.3f} | "
+                    f"{r['eval_loss']:.4f} ({r['eval_loss'] - dense['eval_loss']:+.4f}) | "
+                    + " | ".join(f"{r['longeval'][n]:.2f}" for n in lengths) + " |")
+    png = plot(records, results)
+    block = "\n".join([BEGIN, f"Model: `{workdir}`; quality over validation rows of {seq_len} "
+                       f"tokens; blocks of {BLOCK}. `python experiments/long_context.py "
+                       f"--workdir=...`", "", *rows, "", f"![frontier]({os.path.basename(png)})",
+                       END])
+    md = os.path.join(results, "long_context.md")
+    text = open(md).read() if os.path.exists(md) else "# Long-context sparse attention\n\n" \
+        + BEGIN + "\n" + END + "\n"
+    pre, rest = text.split(BEGIN, 1)
+    with open(md, "w") as f:
+        f.write(pre + block + rest.split(END, 1)[1])
+    return md
+
+
+def plot(records: list[dict], results: str) -> str:
+    import matplotlib  # deferred: the plot is the script's last step
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method in dict.fromkeys(r["method"] for r in records):
+        pts = sorted((1 - r["density"], r["longeval_mean"], r["eval_loss"]) for r in records
+                     if r["method"] == method)
+        xs, acc, loss = zip(*pts)
+        marker = "*" if method == "dense" else "o-"
+        axes[0].plot(xs, acc, marker, label=method)
+        axes[1].plot(xs, loss, marker, label=method)
+    axes[0].set(xlabel="sparsity (1 - density)", ylabel="longeval accuracy (mean)")
+    axes[1].set(xlabel="sparsity (1 - density)", ylabel="eval loss on long rows")
+    axes[0].legend()
+    fig.tight_layout()
+    path = os.path.join(results, "long_context_frontier.png")
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", default=os.path.join(HERE, "runs", "long_context"))
+    p.add_argument("--seq_len", type=int, default=4096)
+    p.add_argument("--rows", type=int, default=4)
+    p.add_argument("--lengths", default="1K,2K,4K")
+    p.add_argument("--num_samples", type=int, default=8)
+    p.add_argument("--results_dir", default=RESULTS)
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "frontier.jsonl")
+    records = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    done = {(r["method"], json.dumps(r["setting"], sort_keys=True)) for r in records}
+    model, variables, cfg, train_cfg = calib.load_model(args.workdir)
+    layers = calib.method_layers(cfg)
+    batch = calib.calibration_rows(train_cfg, args.rows, args.seq_len, seed=0)
+    qkv = calib.capture(model, variables, batch)
+    text = heldout_text(args.out)
+    todo = [("dense", {})] + [(m, s) for m, settings in SWEEP.items() for s in settings]
+    for method, setting in todo:
+        if (method, json.dumps(setting, sort_keys=True)) in done:
+            continue
+        spec = None if method == "dense" else spec_of(method, setting)
+        quality = layer_quality(qkv, layers, batch["segment_ids"], spec)
+        rec = {"method": method, "setting": setting,
+               **run_setting(args.workdir, text, args.seq_len, args.lengths, args.num_samples,
+                             spec, quality)}
+        records.append(rec)
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(json.dumps(rec), flush=True)
+    print(write_report(records, args.workdir, args.seq_len, args.results_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
