@@ -21,7 +21,7 @@ COMMAND_MODULES = (
     "sparsejax.sweep.cli",        # sweep, report
     "sparsejax.listing",          # list
     "sparsejax.interop.commands",  # import-hf, export-hf, lm-eval
-    "sparsejax.infer.commands",    # sample, longeval, streaming-heads
+    "sparsejax.infer.commands",    # sample, longeval, streaming-heads, prefill-search
     "sparsejax.sparsity.posttrain.commands",  # prune
     "sparsejax.sparsity.activation.commands",  # act-curves
     "sparsejax.analysis.commands",  # moe-report

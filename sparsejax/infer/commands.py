@@ -1,4 +1,5 @@
-"""`sparsejax sample`, `longeval` and `streaming-heads` (wired into sparsejax/cli.py)."""
+"""`sparsejax sample`, `longeval`, `streaming-heads` and `prefill-search` (wired into
+sparsejax/cli.py)."""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +53,39 @@ def add_parsers(sub) -> None:
     c.add_argument("--gin_file", action="append", default=[])
     c.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
     c.set_defaults(handler=run_streaming_heads)
+
+    p = sub.add_parser("prefill-search", help="pick each head's MInference pattern (a_shape, "
+                                              "vertical_slash, block_sparse) by attention "
+                                              "recall on validation rows")
+    p.add_argument("--workdir", required=True,
+                   help="the model; W/prefill_search.json and W/prefill_search.gin go here")
+    p.add_argument("--rows", type=int, default=4, help="calibration rows (validation split)")
+    p.add_argument("--seq_len", type=int, default=None,
+                   help="calibration row length (default: TrainConfig.seq_len)")
+    p.add_argument("--block_size", type=int, default=64, help="tile size in tokens")
+    p.add_argument("--seed", type=int, default=0, help="which validation rows")
+    g = p.add_argument_group("budgets (default: MInferenceMask's; a flag or "
+                             "--gin.MInferenceMask.NAME)")
+    for name, help_ in BUDGET_FLAGS.items():
+        g.add_argument(f"--{name}", default=None, metavar="N", help=help_)
+    p.add_argument("--gin_file", action="append", default=[],
+                   help="gin files of the run (an import-hf or trained workdir needs none)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
+    p.set_defaults(handler=run_prefill_search)
+
+
+BUDGET_FLAGS = {
+    "vertical_size": "vertical_slash: key columns kept (tokens)",
+    "slash_size": "vertical_slash: diagonals kept (tokens)",
+    "last_q": "vertical_slash: last queries that estimate them",
+    "keep_global": "vertical_slash: first tokens always among the columns",
+    "keep_local": "vertical_slash: nearest diagonals always kept",
+    "top_k": "block_sparse: key blocks per query block",
+    "a_shape_blocks": "a_shape: local blocks",
+    "sink_blocks": "every pattern: first key blocks kept",
+    "local_blocks": "every pattern: blocks ending at the diagonal kept",
+    "max_blocks": "every pattern: at most this many key blocks per query block",
+}
 
 
 def run_sample(args: argparse.Namespace, bindings: Sequence[str]) -> int:
@@ -110,4 +144,19 @@ def run_streaming_heads(args: argparse.Namespace, bindings: Sequence[str]) -> in
         return calibrate_workdir(args.workdir, fraction=args.fraction, length=args.length,
                                  num_rows=args.num_rows, sink_tokens=args.sink_tokens,
                                  recent_tokens=args.recent_tokens, seed=args.seed)
+    return guarded(go)
+
+
+def run_prefill_search(args: argparse.Namespace, bindings: Sequence[str]) -> int:
+    from sparsejax import cli
+    from sparsejax.train.commands import guarded, parse_workdir_config, shorthand_bindings
+
+    def go():
+        cli.quiet_logging()
+        budgets = shorthand_bindings("MInferenceMask", dict.fromkeys(BUDGET_FLAGS, int), args,
+                                     bindings)
+        parse_workdir_config(args.workdir, args.gin_file, [*bindings, *budgets], args.imports)
+        from sparsejax.infer.prefill_calibration import search_workdir
+        return search_workdir(args.workdir, rows=args.rows, seq_len=args.seq_len,
+                              block_size=args.block_size, seed=args.seed)
     return guarded(go)

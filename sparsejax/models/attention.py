@@ -33,12 +33,12 @@ from sparsejax.models.formats import FormatSpec, Projection, module_path
 from sparsejax.models.layers import (DEFAULT_KERNEL_INIT, Dtype, RMSNorm, as_tokens,
                                      rotary_embedding)
 from sparsejax.models.nsa import NativeSparseAttention, NSAConfig
+from sparsejax.models.qkv_capture import COLLECTION as QKV_COLLECTION
 from sparsejax.models.quest import (QuestDecode, page_scores, paged_attention, select_pages,
                                     update_pages)
 from sparsejax.models.remat import tag
 from sparsejax.models.sparse_attention import (BlockSparseSelfAttention, decode_rule,
                                                prefill_attention, prefill_spec)
-from sparsejax.models.streaming_heads import COLLECTION as STREAMING_COLLECTION
 from sparsejax.models.streaming_heads import (StreamingHeads, query_heads, split_heads,
                                               streaming_attention)
 from sparsejax.models.thresholds import apply_site
@@ -206,8 +206,8 @@ class Attention(nn.Module):
         if self.attention_sinks:
             sinks = self.param("sinks", nn.with_logical_partitioning(
                 nn.initializers.zeros, ("heads",)), (self.num_heads,), self.param_dtype)
-        if self.is_mutable_collection(STREAMING_COLLECTION):  # head calibration reads these
-            self.sow(STREAMING_COLLECTION, "qkv", (q, k, v))
+        if self.is_mutable_collection(QKV_COLLECTION):  # head calibrations read these
+            self.sow(QKV_COLLECTION, "qkv", (q, k, v))
         if decode and self.kind == "nsa":
             raise ValueError("decode=True: 'nsa' layers (ModelConfig.attention_kinds) do not "
                              "decode with a KV cache yet (sample, longeval, generation); "

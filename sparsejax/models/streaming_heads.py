@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-COLLECTION = "attn_qkv"  # Attention sows (q, k, v) here when the collection is mutable
+from sparsejax.models.qkv_capture import capture_qkv
 
 
 @gin.configurable
@@ -142,8 +142,7 @@ def calibrate(model: Any, variables: dict, tokens: jax.Array, positions: jax.Arr
     (sink + recent tokens of each query, by token index) against full causal attention, summed
     over its query group and rows, on calibration rows [batch, seq]; `variables`: the
     model's ({'params': ...}, and its MoE state if any)."""
-    _, sown = jax.jit(lambda v, t, p, s: model.apply(v, t, p, s, mutable=[COLLECTION]))(
-        variables, tokens, positions, segment_ids)
+    qkv = capture_qkv(model, variables, tokens, positions, segment_ids)
     cfg = model.config
     group = cfg.num_heads // cfg.num_kv_heads
     seq = tokens.shape[1]
@@ -153,7 +152,7 @@ def calibrate(model: Any, variables: dict, tokens: jax.Array, positions: jax.Arr
     lam = full & lambda_mask(idx, idx, sink, recent)[None, None]
     out = np.zeros((cfg.num_layers, cfg.num_kv_heads))
     for layer in range(cfg.num_layers):
-        (q, k, v), = sown[COLLECTION][f"layer_{layer}"]["attn"]["qkv"]
+        q, k, v = qkv[layer]
         dense = jax.nn.dot_product_attention(q, k, v, mask=full)
         stream = jax.nn.dot_product_attention(q, k, v, mask=lam)
         err = jnp.sum((stream - dense) ** 2, axis=(0, 1, 3)) / jnp.maximum(
