@@ -218,6 +218,7 @@ def test_rope_frequencies_by_hand():
     assert inv[-1] == pytest.approx(base[-1] / 4, rel=1e-6)
 
 
+@pytest.mark.hf
 def test_rope_frequencies_match_transformers():
     transformers = pytest.importorskip("transformers")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
