@@ -18,8 +18,10 @@ TOKENS = np.random.default_rng(0).integers(0, 50, (2, 12)).astype(np.int32)
 
 
 def random_params(cfg):
-    """Params with every entry random (biases and norm scales too), so each option shows."""
-    params = nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), TOKENS[:, :4])["params"])
+    """Params with every entry random (biases and norm scales too), so each option shows
+    (only their shapes come from the model: nothing is initialized or compiled for them)."""
+    params = nn.meta.unbox(jax.eval_shape(
+        lambda: Transformer(cfg).init(jax.random.key(0), TOKENS[:, :4]))["params"])
     rng = np.random.default_rng(1)
     return jax.tree.map(lambda p: (rng.standard_normal(p.shape) * 0.3).astype(np.float32),
                         params)
