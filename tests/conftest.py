@@ -41,13 +41,95 @@ def _has_gpu() -> bool:
         return False
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--hf-only", action="store_true",
+        help="run only the tests marked `hf` (those that need the [hf] / [eval] extras: torch, "
+             "transformers, lm_eval), and fail where a test would skip for a missing import")
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Under --hf-only, a test module whose source marks nothing `hf` is not imported (importing
+    every test module costs more than some of the `hf` tests)."""
+    if (config.getoption("hf_only") and collection_path.suffix == ".py"
+            and collection_path.name.startswith("test_")
+            and "mark.hf" not in collection_path.read_text()):
+        return True
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("hf_only"):
+        hf = [item.get_closest_marker("hf") is not None for item in items]
+        config.hook.pytest_deselected(items=[i for i, m in zip(items, hf) if not m])
+        items[:] = [i for i, m in zip(items, hf) if m]
     if _has_gpu():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+# --- the [hf] / [eval] extras: no test skipped for a missing import in both CI runs ---------
+# CI runs the suite without the extras, then installs them and runs only the tests marked
+# `hf` (`--hf-only`). A test skipped by `pytest.importorskip` therefore has to be marked `hf`
+# (the test, or its module: `pytestmark = pytest.mark.hf`), and under `--hf-only` such a skip
+# is a failure: a test that needs torch never goes unrun in both.
+
+def _import_skip(excinfo) -> bool:
+    """Whether `excinfo` is `pytest.importorskip`'s skip (a module that cannot be imported)."""
+    return (excinfo is not None and excinfo.errisinstance(pytest.skip.Exception)
+            and str(excinfo.value).startswith("could not import "))
+
+
+def _module_marked_hf(path) -> bool:
+    """Whether a test module's `pytestmark` (top level, read from its source: the module
+    stopped importing at its skip) names the `hf` marker."""
+    import ast
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and any(
+                isinstance(t, ast.Name) and t.id == "pytestmark"
+                for t in (node.targets if isinstance(node, ast.Assign) else [node.target])):
+            return any(isinstance(n, ast.Attribute) and n.attr == "hf"
+                       for n in ast.walk(node.value))
+    return False
+
+
+def _import_skip_failure(config, reason: str, marked: bool):
+    """Why an import skip fails the run (None where it may skip)."""
+    if config.getoption("hf_only"):
+        return (f"{reason} (--hf-only: the [hf] / [eval] extras must be installed; "
+                "`pip install -e '.[test,hf,eval]'`)")
+    if not marked:
+        return (f"{reason}: a test that skips for a missing import must be marked `hf` "
+                "(pytestmark = pytest.mark.hf), or CI's run with the extras (--hf-only) "
+                "does not run it either")
+    return None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.skipped and _import_skip(call.excinfo):
+        why = _import_skip_failure(item.config, str(call.excinfo.value),
+                                   item.get_closest_marker("hf") is not None)
+        if why:
+            report.outcome, report.longrepr = "failed", why
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield
+    if (report.skipped and isinstance(collector, pytest.Module)
+            and isinstance(report.longrepr, tuple)
+            and "could not import " in str(report.longrepr[2])):
+        reason = str(report.longrepr[2]).removeprefix("Skipped: ")
+        why = _import_skip_failure(collector.config, reason, _module_marked_hf(collector.path))
+        if why:
+            report.outcome, report.longrepr = "failed", f"{collector.path}: {why}"
+    return report
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ import gin
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.hf  # needs the [hf] extra (CI's --hf-only run)
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 

@@ -17,6 +17,7 @@ import gin
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.hf  # needs the [hf] extra (CI's --hf-only run)
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
@@ -188,8 +189,11 @@ MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_h
 DEEPSEEK = {
     "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM, dict(
         MLA, q_lora_rank=None, n_routed_experts=4, routed_scaling_factor=1.5)),
+    # plain rotary pairs and unnormalized top-k weights (not V3's defaults, which
+    # test_transformers_parity.py compares)
     "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, dict(
-        MLA, q_lora_rank=12, n_routed_experts=4, n_group=2, topk_group=1)),
+        MLA, q_lora_rank=12, n_routed_experts=4, n_group=2, topk_group=1,
+        rope_interleave=False, norm_topk_prob=False)),
 }
 # the projections of each attention layer, where pruning must leave its zeros
 MLA_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",

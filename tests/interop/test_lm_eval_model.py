@@ -27,6 +27,7 @@ import gin  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+pytestmark = pytest.mark.hf  # needs the [hf] and [eval] extras (CI's --hf-only run)
 lm_eval = pytest.importorskip("lm_eval")
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")

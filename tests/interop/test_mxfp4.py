@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+pytestmark = pytest.mark.hf  # needs the [hf] extra (CI's --hf-only run)
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 

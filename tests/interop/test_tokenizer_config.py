@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, processors
 
 from sparsejax.data.tokenizer import HFTokenizer
 
+pytestmark = pytest.mark.hf  # needs the [hf] extra (CI's --hf-only run)
 transformers = pytest.importorskip("transformers")
 
 TEXT = "def add(a, b):\n    return a + b\n"

@@ -18,8 +18,10 @@ TOKENS = np.random.default_rng(0).integers(0, 50, (2, 12)).astype(np.int32)
 
 
 def random_params(cfg):
-    """Params with every entry random (biases and norm scales too), so each option shows."""
-    params = nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), TOKENS[:, :4])["params"])
+    """Params with every entry random (biases and norm scales too), so each option shows
+    (only their shapes come from the model: nothing is initialized or compiled for them)."""
+    params = nn.meta.unbox(jax.eval_shape(
+        lambda: Transformer(cfg).init(jax.random.key(0), TOKENS[:, :4]))["params"])
     rng = np.random.default_rng(1)
     return jax.tree.map(lambda p: (rng.standard_normal(p.shape) * 0.3).astype(np.float32),
                         params)
@@ -218,6 +220,7 @@ def test_rope_frequencies_by_hand():
     assert inv[-1] == pytest.approx(base[-1] / 4, rel=1e-6)
 
 
+@pytest.mark.hf
 def test_rope_frequencies_match_transformers():
     transformers = pytest.importorskip("transformers")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

@@ -22,7 +22,9 @@ def run_cli(workdir, *extra, gin_file="tiny.gin"):
 def spawn_cli(workdir, *extra, command="train"):
     """Starts `sparsejax train` as a subprocess (1 CPU device)."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    # the test-wide compile level too (tests/conftest.py), as the other CLI subprocesses
+    env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=1 "
+                        "--xla_backend_optimization_level=0")
     env["JAX_PLATFORMS"] = "cpu"
     return subprocess.Popen(
         [sys.executable, "-m", "sparsejax.cli", command, "--gin_file=tiny.gin",

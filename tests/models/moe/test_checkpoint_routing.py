@@ -113,6 +113,7 @@ def test_bad_moe_options_name_the_setting(kwargs, router, needle):
         layer.init(jax.random.key(0), jnp.zeros((1, 4, 8)))
 
 
+@pytest.mark.hf
 def test_deepseek_v3_moe_block_matches_transformers():
     pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")

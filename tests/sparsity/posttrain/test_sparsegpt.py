@@ -196,6 +196,7 @@ def test_dead_inputs_nm_are_pruned_first_in_their_group():
 REFERENCE = os.environ.get("SPARSEGPT_REFERENCE")
 
 
+@pytest.mark.hf  # and a checkout of the reference code: CI has none, so it skips there
 @pytest.mark.skipif(not REFERENCE, reason="SPARSEGPT_REFERENCE is not set (the directory of "
                                           "a checkout of github.com/IST-DASLab/sparsegpt)")
 @pytest.mark.parametrize("n,m", [(0, 0), (2, 4)])
