@@ -9,7 +9,9 @@ heads, head_dim 32; batch 1; random q, k, v): per length, the model's dense atte
 (`jax.nn.dot_product_attention`, causal; above `--dense_max` tokens its logits do not fit in
 memory here and it is skipped), causal attention on the block-sparse op (the fastest exact
 causal attention on this CPU) and each method end to end (pattern estimation included),
-with the estimation alone timed apart. On random inputs every head's attention is flat, so
+with the estimation alone timed apart. MInference's vertical-slash selection also runs at
+token granularity (`minference_token`: each query over exactly its columns and offsets,
+uncapped) against its covering tiles, uncapped (`minference_tiles_uncapped`). On random inputs every head's attention is flat, so
 the threshold rules would keep nearly every tile: each method runs under a static budget
 of `--budget` of the causal tiles (`max_blocks`), the compute a method has at that
 sparsity. The achieved density is printed with each row.
@@ -35,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.block_sparse_attention import CausalMask, block_sparse_attention, make_mask
+from pallas_kernels.block_sparse_attention.minference import vertical_slash_indices
+from pallas_kernels.block_sparse_attention.vertical_slash import vertical_slash_attention
 from sparsejax.infer.cache import init_cache
 from sparsejax.models.transformer import ModelConfig, Transformer
 from timing import timed_together
@@ -69,6 +73,14 @@ def prefill_cases(length: int, budget: float, dense_max: int, seed: int = 0):
         est = jax.jit(lambda a, b, m=mask: m.block_layout_dynamic(a, b, BLOCK, BLOCK))
         cases[f"{name}_estimate"] = (est, (q, k))
         density[name] = float(np.asarray(est(q, k)).sum() / (HEADS * causal_tiles))
+    token = make_mask(**METHODS["minference"])  # the same selection, at token granularity
+    cases["minference_tiles_uncapped"] = (jax.jit(lambda a, b, c: block_sparse_attention(
+        a, b, c, token, block_q=BLOCK, block_k=BLOCK)), (q, k, v))
+
+    def by_token(a, b, c):
+        cols, offs, _, _ = vertical_slash_indices(a, b, length, token)
+        return vertical_slash_attention(a, b, c, cols, offs)
+    cases["minference_token"] = (jax.jit(by_token), (q, k, v))
     return cases, density
 
 

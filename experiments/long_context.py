@@ -10,7 +10,8 @@ Per setting (and dense), on the model's full-attention layers:
   head (mean and minimum), over `--rows` validation rows of `--seq_len` tokens;
 * output error: ||sparse - dense|| / ||dense|| of each layer's attention output (mean);
 * eval loss on long rows: `sparsejax eval --text_file --protocol=concat --seq_len` over the
-  corpus's validation text, with the method bound by gin;
+  first `--eval_chars` characters of the corpus's validation text, with the method bound by
+  gin;
 * `sparsejax longeval` accuracy per length (mean over its tasks), with the method.
 
 Writes experiments/results/long_context.md (between the frontier markers; the text around
@@ -26,6 +27,7 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,8 +39,15 @@ sys.path.insert(0, ROOT)
 from pallas_kernels.block_sparse_attention import (CausalMask, block_sparse_attention,  # noqa: E402
                                                    make_mask)
 from posttrain import heldout_text  # noqa: E402
-from sparsejax.infer import prefill_calibration as calib  # noqa: E402
+from sparsejax.infer.prefill_calibration import calibration_rows, method_layers  # noqa: E402
+from sparsejax.infer.workdir import load_workdir  # noqa: E402
 from sparsejax.models.prefill_search import tile_mass  # noqa: E402
+from sparsejax.models.qkv_capture import capture_qkv  # noqa: E402
+from sparsejax.models.transformer import ModelConfig  # noqa: E402
+from sparsejax.parallel.rules import LOGICAL_RULES  # noqa: E402
+from sparsejax.train.commands import parse_workdir_config  # noqa: E402
+from sparsejax.train.step import model_variables  # noqa: E402
+from sparsejax.train.trainer import TrainConfig  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 BEGIN, END = "<!-- frontier:begin -->", "<!-- frontier:end -->"
@@ -65,7 +74,7 @@ def layer_quality(qkv: list, layers: list[int], segment_ids, spec: dict | None) 
             errors.append(0.0)
             densities.append(1.0)
             continue
-        mask, = (make_mask(**{k_: v_ for k_, v_ in spec.items() if k_ != "block_size"}),)
+        mask = make_mask(**{key: val for key, val in spec.items() if key != "block_size"})
         if spec["kind"] == "minference":
             mask = dataclasses.replace(mask, layer=layer)
         layout = jax.jit(lambda a, b: mask.block_layout_dynamic(a, b, BLOCK, BLOCK))(q, k)
@@ -86,8 +95,10 @@ def layer_quality(qkv: list, layers: list[int], segment_ids, spec: dict | None) 
 
 def cli_json(args: list[str]) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, "-m", "sparsejax.cli", *args], check=True, env=env,
-                         cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "sparsejax.cli", *args], env=env, cwd=ROOT,
+                         capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"sparsejax {args[0]} failed: {res.stderr.strip()[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -96,12 +107,15 @@ def run_setting(workdir: str, text: str, seq_len: int, lengths: str, samples: in
     gin = [] if spec is None else [f"--gin.attention_kernel.prefill_method={spec}"]
     ev = cli_json(["eval", f"--workdir={workdir}", f"--text_file={text}", "--protocol=concat",
                    f"--seq_len={seq_len}", "--quiet", *gin])
-    le = cli_json(["longeval", f"--workdir={workdir}", f"--lengths={lengths}",
-                   f"--num_samples={samples}", *gin])
-    acc = {n: float(np.mean([le["accuracy"][t][n]["mean"] for t in le["tasks"]]))
-           for n in map(str, le["lengths"])}
+    acc = {}
+    if lengths:
+        le = cli_json(["longeval", f"--workdir={workdir}", f"--lengths={lengths}",
+                       f"--num_samples={samples}", *gin])
+        acc = {n: float(np.mean([le["accuracy"][t][n]["mean"] for t in le["tasks"]]))
+               for n in map(str, le["lengths"])}
     return {**quality, "eval_loss": ev["eval_loss"], "eval_loss_stderr": ev["eval_loss_stderr"],
-            "longeval": acc, "longeval_mean": float(np.mean(list(acc.values())))}
+            "longeval": acc,
+            "longeval_mean": float(np.mean(list(acc.values()))) if acc else float("nan")}
 
 
 def write_report(records: list[dict], workdir: str, seq_len: int, results: str) -> str:
@@ -157,19 +171,26 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(HERE, "runs", "long_context"))
     p.add_argument("--seq_len", type=int, default=4096)
     p.add_argument("--rows", type=int, default=4)
-    p.add_argument("--lengths", default="1K,2K,4K")
+    p.add_argument("--lengths", default="1K,2K,4K", help="longeval lengths ('': no longeval)")
     p.add_argument("--num_samples", type=int, default=8)
+    p.add_argument("--eval_chars", type=int, default=262144,
+                   help="characters of the validation text scored for the eval loss")
     p.add_argument("--results_dir", default=RESULTS)
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "frontier.jsonl")
     records = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     done = {(r["method"], json.dumps(r["setting"], sort_keys=True)) for r in records}
-    model, variables, cfg, train_cfg = calib.load_model(args.workdir)
-    layers = calib.method_layers(cfg)
-    batch = calib.calibration_rows(train_cfg, args.rows, args.seq_len, seed=0)
-    qkv = calib.capture(model, variables, batch)
-    text = heldout_text(args.out)
+    parse_workdir_config(args.workdir, [], [])
+    layers = method_layers(ModelConfig())
+    loaded = load_workdir(args.workdir)
+    batch = calibration_rows(TrainConfig(), args.rows, args.seq_len, seed=0)
+    with jax.set_mesh(loaded.run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        qkv = capture_qkv(loaded.model, model_variables(loaded.params, loaded.moe_state),
+                          batch["inputs"], batch["positions"], batch["segment_ids"])
+    text = os.path.join(args.out, f"heldout_{args.eval_chars}.txt")
+    with open(heldout_text(args.out)) as src, open(text, "w") as dst:
+        dst.write(src.read(args.eval_chars))
     todo = [("dense", {})] + [(m, s) for m, settings in SWEEP.items() for s in settings]
     for method, setting in todo:
         if (method, json.dumps(setting, sort_keys=True)) in done:
