@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from sparsejax import cli
+from sparsejax.train.commands import guarded, parse_workdir_config
+
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("sample", help="generate text from a workdir's model (KV cache)")
@@ -55,9 +58,6 @@ def add_parsers(sub) -> None:
 
 
 def run_sample(args: argparse.Namespace, bindings: Sequence[str]) -> int:
-    from sparsejax import cli
-    from sparsejax.train.commands import guarded, parse_workdir_config
-
     def go():
         cli.quiet_logging()
         prompts = list(args.prompt)
@@ -68,7 +68,7 @@ def run_sample(args: argparse.Namespace, bindings: Sequence[str]) -> int:
             except OSError as e:
                 raise ValueError(f"--prompt_file={args.prompt_file!r}: {e.strerror}") from None
         parse_workdir_config(args.workdir, args.gin_file, bindings, args.imports)
-        from sparsejax.infer.workdir import sample_workdir
+        from sparsejax.infer.workdir import sample_workdir  # deferred: keeps the CLI's start fast
         out = sample_workdir(args.workdir, prompts, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              seed=args.seed)
@@ -83,12 +83,10 @@ def run_sample(args: argparse.Namespace, bindings: Sequence[str]) -> int:
 
 
 def run_longeval(args: argparse.Namespace, bindings: Sequence[str]) -> int:
-    from sparsejax import cli
-    from sparsejax.train.commands import guarded, parse_workdir_config
-
     def go():
         cli.quiet_logging()
         parse_workdir_config(args.workdir, args.gin_file, bindings, args.imports)
+        # deferred: keeps the CLI's start fast
         from sparsejax.data.retrieval_tasks import TASKS
         from sparsejax.infer.longeval import longeval_workdir
         tasks = TASKS if args.tasks is None else tuple(
@@ -100,12 +98,10 @@ def run_longeval(args: argparse.Namespace, bindings: Sequence[str]) -> int:
 
 
 def run_streaming_heads(args: argparse.Namespace, bindings: Sequence[str]) -> int:
-    from sparsejax import cli
-    from sparsejax.train.commands import guarded, parse_workdir_config
-
     def go():
         cli.quiet_logging()
         parse_workdir_config(args.workdir, args.gin_file, bindings, args.imports)
+        # deferred: keeps the CLI's start fast
         from sparsejax.infer.streaming_calibration import calibrate_workdir
         return calibrate_workdir(args.workdir, fraction=args.fraction, length=args.length,
                                  num_rows=args.num_rows, sink_tokens=args.sink_tokens,
