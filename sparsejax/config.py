@@ -22,6 +22,9 @@ from typing import Any, Sequence
 
 import gin
 
+import pallas_kernels
+import sparsejax
+
 def config_dir() -> Path:
     """The directory of the shipped gin files (package data of `sparsejax`)."""
     return Path(str(importlib.resources.files("sparsejax") / "configs"))
@@ -48,8 +51,6 @@ def register_configurables() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    import pallas_kernels
-    import sparsejax
     for pkg in (sparsejax, pallas_kernels):
         for mod in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
             if mod.name not in OPTIONAL_MODULES:

@@ -10,8 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.block_sparse_attention import gpu as gpu_impl
 from pallas_kernels.block_sparse_attention import gpu_config as gpu_config_lib
 from pallas_kernels.block_sparse_attention import masks as masks_lib
+from pallas_kernels.block_sparse_attention import tpu as tpu_impl
 from pallas_kernels.block_sparse_attention import xla as xla_impl
 
 _BACKENDS = ("gpu", "tpu", "xla")
@@ -33,11 +35,9 @@ class _Config:
 
 def _impl(backend: str):
     if backend == "gpu":
-        from pallas_kernels.block_sparse_attention import gpu
-        return gpu
+        return gpu_impl
     if backend == "tpu":
-        from pallas_kernels.block_sparse_attention import tpu
-        return tpu
+        return tpu_impl
     return xla_impl
 
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from sparsejax.train.commands import add_run_flags, guarded, shorthand_bindings, start_processes
+
 FLAGS = {"calibration_samples": int, "calibration_seed": int, "calibration_split": str,
          "calibration_data": str, "calibration_batch_size": int}
 
 
 def add_parsers(sub) -> None:
-    # imported here, as the other command modules do, so that `sparsejax --help` stays fast
-    from sparsejax.train.commands import add_run_flags
     s = sub.add_parser("moe-report", help="per MoE layer: expert load, co-activation, routing "
                                           "consistency (segment coverage, cache hit rates) and "
                                           "super-expert candidates, as JSON and plots in the "
@@ -32,17 +32,13 @@ def add_parsers(sub) -> None:
 
 def flag_bindings(args: argparse.Namespace, bindings: Sequence[str]) -> list[str]:
     """MoeReport bindings of the given flags (train/commands.shorthand_bindings)."""
-    # imported here, as the rest of this module's run code, so that the CLI starts fast
-    from sparsejax.train.commands import shorthand_bindings
     return shorthand_bindings("MoeReport", FLAGS, args, bindings)
 
 
 def run_moe_report(args: argparse.Namespace, bindings: Sequence[str]) -> int:
-    # imported here so that the CLI starts without jax (see sparsejax/cli.py)
-    from sparsejax.train.commands import guarded, start_processes
-
     def go():
         start_processes(args)
+        # deferred: keeps the CLI's start fast
         from sparsejax.analysis.moe_report import moe_report_workdir
         return moe_report_workdir(args.workdir, args.gin_file,
                                   list(bindings) + flag_bindings(args, bindings), args.imports)

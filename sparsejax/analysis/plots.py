@@ -7,6 +7,7 @@ import os
 import re
 from typing import Any, Sequence
 
+from matplotlib import colormaps
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -26,7 +27,6 @@ def natural_key(text: str) -> list[Any]:
 
 def distinct_colors(n: int) -> list[Any]:
     """`n` colours that stay distinguishable: tab10 / tab20, then evenly spaced hues."""
-    from matplotlib import colormaps
     if n <= 10:
         return [colormaps["tab10"](i) for i in range(n)]
     if n <= 20:

@@ -10,6 +10,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from sparsejax.models.layer_stack import layer_period, stack_layers
 from sparsejax.models.layers import dtype_from_name
 from sparsejax.models.quest import QuestDecode, empty_pages
 from sparsejax.models.streaming_heads import StreamingHeads, empty_ring
@@ -62,6 +63,5 @@ def init_cache(model_config: Any, batch: int, length: int, dtype: Any = None,
 
     cache = {f"layer_{i}": layer(i) for i in range(model_config.num_layers)}
     if getattr(model_config, "scan_layers", False):  # stacked like the scanned layers' params
-        from sparsejax.models.layer_stack import layer_period, stack_layers
         cache = stack_layers(cache, layer_period(model_config))
     return cache

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from sparsejax import cli
+from sparsejax.train.commands import guarded, parse_workdir_config, shorthand_bindings
+
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("sample", help="generate text from a workdir's model (KV cache)")
@@ -89,9 +92,6 @@ BUDGET_FLAGS = {
 
 
 def run_sample(args: argparse.Namespace, bindings: Sequence[str]) -> int:
-    from sparsejax import cli
-    from sparsejax.train.commands import guarded, parse_workdir_config
-
     def go():
         cli.quiet_logging()
         prompts = list(args.prompt)
@@ -102,7 +102,7 @@ def run_sample(args: argparse.Namespace, bindings: Sequence[str]) -> int:
             except OSError as e:
                 raise ValueError(f"--prompt_file={args.prompt_file!r}: {e.strerror}") from None
         parse_workdir_config(args.workdir, args.gin_file, bindings, args.imports)
-        from sparsejax.infer.workdir import sample_workdir
+        from sparsejax.infer.workdir import sample_workdir  # deferred: keeps the CLI's start fast
         out = sample_workdir(args.workdir, prompts, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              seed=args.seed)
@@ -117,12 +117,10 @@ def run_sample(args: argparse.Namespace, bindings: Sequence[str]) -> int:
 
 
 def run_longeval(args: argparse.Namespace, bindings: Sequence[str]) -> int:
-    from sparsejax import cli
-    from sparsejax.train.commands import guarded, parse_workdir_config
-
     def go():
         cli.quiet_logging()
         parse_workdir_config(args.workdir, args.gin_file, bindings, args.imports)
+        # deferred: keeps the CLI's start fast
         from sparsejax.data.retrieval_tasks import TASKS
         from sparsejax.infer.longeval import longeval_workdir
         tasks = TASKS if args.tasks is None else tuple(
@@ -134,12 +132,10 @@ def run_longeval(args: argparse.Namespace, bindings: Sequence[str]) -> int:
 
 
 def run_streaming_heads(args: argparse.Namespace, bindings: Sequence[str]) -> int:
-    from sparsejax import cli
-    from sparsejax.train.commands import guarded, parse_workdir_config
-
     def go():
         cli.quiet_logging()
         parse_workdir_config(args.workdir, args.gin_file, bindings, args.imports)
+        # deferred: keeps the CLI's start fast
         from sparsejax.infer.streaming_calibration import calibrate_workdir
         return calibrate_workdir(args.workdir, fraction=args.fraction, length=args.length,
                                  num_rows=args.num_rows, sink_tokens=args.sink_tokens,
@@ -148,14 +144,12 @@ def run_streaming_heads(args: argparse.Namespace, bindings: Sequence[str]) -> in
 
 
 def run_prefill_search(args: argparse.Namespace, bindings: Sequence[str]) -> int:
-    from sparsejax import cli
-    from sparsejax.train.commands import guarded, parse_workdir_config, shorthand_bindings
-
     def go():
         cli.quiet_logging()
         budgets = shorthand_bindings("MInferenceMask", dict.fromkeys(BUDGET_FLAGS, int), args,
                                      bindings)
         parse_workdir_config(args.workdir, args.gin_file, [*bindings, *budgets], args.imports)
+        # deferred: keeps the CLI's start fast
         from sparsejax.infer.prefill_calibration import search_workdir
         return search_workdir(args.workdir, rows=args.rows, seq_len=args.seq_len,
                               block_size=args.block_size, seed=args.seed)

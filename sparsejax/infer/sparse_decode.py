@@ -19,6 +19,7 @@ import math
 from typing import Mapping
 
 import gin
+import jax.numpy as jnp
 import numpy as np
 
 from sparsejax.models.thresholds import BIN_EDGES, Site
@@ -91,7 +92,6 @@ def neuron_major_weights(params: Mapping, sites: Mapping) -> dict:
     """The 'decode_weights' collection: each dense MLP with a sparse `gate_act` site gets its
     up kernel neuron-major (`wi_up_t` [mlp, embed], a copy), so the neuron-sparse decode step
     reads each active neuron's up weights as one contiguous row."""
-    import jax.numpy as jnp
     out: dict = {}
     for layer, modules in sites.items():
         s = modules.get("mlp", {}).get("gate_act")

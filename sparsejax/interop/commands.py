@@ -6,7 +6,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from sparsejax.train.commands import error_text
+from sparsejax import cli
+from sparsejax.train.commands import error_text, guarded, parse_workdir_config
 
 
 def add_parsers(sub) -> None:
@@ -36,23 +37,17 @@ def add_parsers(sub) -> None:
 
 
 def run_import(args: argparse.Namespace, bindings: Sequence[str]) -> int:
-    from sparsejax import cli
-    from sparsejax.train.commands import guarded
-
     def go():
         cli.quiet_logging()
-        from sparsejax.interop.import_hf import import_hf
+        from sparsejax.interop.import_hf import import_hf  # deferred: keeps the CLI's start fast
         return import_hf(args.src, args.workdir, bindings, imports=args.imports)
     return guarded(go)
 
 
 def run_export(args: argparse.Namespace, bindings: Sequence[str]) -> int:
-    from sparsejax import cli
-    from sparsejax.train.commands import guarded, parse_workdir_config
-
     def go():
         cli.quiet_logging()
-        from sparsejax.interop.export_hf import export_hf
+        from sparsejax.interop.export_hf import export_hf  # deferred: keeps the CLI's start fast
         parse_workdir_config(args.workdir, args.gin_file, bindings, args.imports)
         return export_hf(args.workdir, args.out, dtype=args.dtype,
                          max_shard_bytes=int(args.max_shard_gb * 2**30))
@@ -60,9 +55,8 @@ def run_export(args: argparse.Namespace, bindings: Sequence[str]) -> int:
 
 
 def run_lm_eval(args: argparse.Namespace, bindings: Sequence[str]) -> int:
-    # imported here: lm_eval is an optional extra, and slow to import
     try:
-        from sparsejax.interop import lm_eval_model
+        from sparsejax.interop import lm_eval_model  # optional dependency: eval (lm_eval, slow)
     except ImportError as e:
         print(f"error: sparsejax lm-eval needs lm_eval ({e}); pip install 'sparsejax[eval]'",
               file=sys.stderr)

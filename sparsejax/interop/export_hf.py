@@ -25,14 +25,16 @@ from sparsejax.interop.families import to_hf_config
 from sparsejax.interop.import_hf import RECORD, TOKENIZER_FILES
 from sparsejax.train.workdir import PRETRAINED_DIR as PRETRAINED
 from sparsejax.interop.safetensors_io import write_safetensors
+from sparsejax.models.moe.layer import MoeMlp
+from sparsejax.models.transformer import ModelConfig
 from sparsejax.parallel.rules import LOGICAL_RULES, path_str
+from sparsejax.train import trainer
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def moe_settings(model_config) -> Any:
     """The gin-configured MoeMlp of the model's MoE layers (None if it has none)."""
-    from sparsejax.models.moe.layer import MoeMlp
     if "moe" not in [model_config.mlp_kind(i) for i in range(model_config.num_layers)]:
         return None
     return MoeMlp(embed_dim=model_config.embed_dim)
@@ -59,8 +61,6 @@ def export_hf(workdir: str, out: str, *, dtype: str = "float32",
               max_shard_bytes: int = 5 * 2**30) -> dict[str, Any]:
     """Exports the latest checkpoint of `workdir` (or its imported params) to `out`. Gin must
     already be parsed (the workdir's config)."""
-    from sparsejax.models.transformer import ModelConfig
-    from sparsejax.train import trainer
     if dtype not in DTYPES:
         raise ValueError(f"--dtype={dtype!r} is not supported; valid: {DTYPES}")
     has_ckpt = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(

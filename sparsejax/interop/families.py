@@ -11,6 +11,7 @@ from typing import Any, Mapping
 from sparsejax.interop import deepseek
 from sparsejax.interop.config_json import need as _need
 from sparsejax.models.activations import FROM_HF_ACT, HF_ACT
+from sparsejax.models.moe.router import ROUTERS
 
 # family -> what it is (`sparsejax list`)
 FAMILIES = {
@@ -407,7 +408,6 @@ def _gpt_oss(model: Any, moe: Any, kinds: list[str]) -> str:
 
 def _router(moe: Any) -> Any:
     """The router of the MoE layers, with its gin settings."""
-    from sparsejax.models.moe.router import ROUTERS
     return ROUTERS.get(moe.router, "MoeMlp.router")()
 
 

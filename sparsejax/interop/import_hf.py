@@ -21,13 +21,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
+from sparsejax.config import parse_gin
 from sparsejax.interop import mapping
 from sparsejax.interop.families import from_hf_config
 from sparsejax.interop.mxfp4 import open_checkpoint
 from sparsejax.interop.safetensors_io import SafetensorsCheckpoint, expect_names
-from sparsejax.models.transformer import Transformer
+from sparsejax.models.transformer import ModelConfig, Transformer
+from sparsejax.parallel.mesh import make_mesh
 from sparsejax.parallel.rules import LOGICAL_RULES, logical_shardings, path_str
+from sparsejax.train.build import strip_boxes
+from sparsejax.train.trainer import TrainConfig
 from sparsejax.train.workdir import PRETRAINED_CONFIG, PRETRAINED_DIR as PRETRAINED
 
 log = logging.getLogger(__name__)
@@ -71,7 +76,6 @@ def tokenizer_bindings(src: str, workdir: str, cfg: Mapping[str, Any]) -> dict[s
 
 def train_bindings(arch: Mapping[str, Any]) -> dict[str, Any]:
     """TrainConfig.seq_len capped at the model's context when that is below the default."""
-    from sparsejax.train.trainer import TrainConfig
     default = TrainConfig.__dataclass_fields__["seq_len"].default
     limit = arch["ModelConfig.max_seq_len"]
     return {"TrainConfig.seq_len": limit} if limit < default else {}
@@ -80,7 +84,6 @@ def train_bindings(arch: Mapping[str, Any]) -> dict[str, Any]:
 def abstract_params(model_config, mesh) -> tuple[dict, dict]:
     """({path: ShapeDtypeStruct with sharding}, {path: sharding}) of the model's params, per
     layer (an import is stored unscanned; a run with scanned layers stacks it on start)."""
-    from sparsejax.train.build import strip_boxes
     model = Transformer(dataclasses.replace(model_config, scan_layers=False))
     dummy = jnp.zeros((1, 8), jnp.int32)
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
@@ -191,10 +194,6 @@ def import_hf(src: str, workdir: str, bindings: Sequence[str] = (),
               imports: Sequence[str] = ()) -> dict[str, Any]:
     """Imports the checkpoint in `src` into `workdir` (see module docstring). `bindings`:
     extra gin bindings (mesh, dtypes) applied on top of the generated config."""
-    from sparsejax.config import parse_gin
-    from sparsejax.models.transformer import ModelConfig
-    from sparsejax.parallel.mesh import make_mesh
-    import orbax.checkpoint as ocp
     cfg = read_config(src)
     arch = from_hf_config(cfg)  # unknown family / option -> ValueError, before any read
     ckpt = open_checkpoint(src, cfg)  # MXFP4 experts dequantized, other quantization refused

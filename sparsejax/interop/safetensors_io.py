@@ -12,6 +12,8 @@ import os
 from typing import Iterable, Mapping
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 SUPPORTED_DTYPES = ("F32", "F16", "BF16")
 INDEX_FILE = "model.safetensors.index.json"
@@ -23,7 +25,6 @@ class SafetensorsCheckpoint:
 
     def __init__(self, directory: str, dtypes: tuple[str, ...] = SUPPORTED_DTYPES):
         """`dtypes`: the tensor dtypes accepted (others are refused by name)."""
-        from safetensors import safe_open
         self._safe_open = safe_open
         self.directory = directory
         index_path = os.path.join(directory, INDEX_FILE)
@@ -91,7 +92,6 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], directory: str,
                       metadata: Mapping[str, str] | None = None) -> list[str]:
     """Writes `tensors` as model.safetensors, or as model-0000i-of-0000n.safetensors shards
     plus an index when they exceed `max_shard_bytes`. Returns the files written."""
-    from safetensors.numpy import save_file
     os.makedirs(directory, exist_ok=True)
     groups: list[list[str]] = [[]]
     size = 0

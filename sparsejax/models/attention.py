@@ -39,9 +39,10 @@ from sparsejax.models.quest import (QuestDecode, page_scores, paged_attention, s
 from sparsejax.models.remat import tag
 from sparsejax.models.sparse_attention import (BlockSparseSelfAttention, decode_rule,
                                                prefill_attention, prefill_spec)
+from sparsejax.models.sparse_mlp import project, shared_slots
 from sparsejax.models.streaming_heads import (StreamingHeads, query_heads, split_heads,
                                               streaming_attention)
-from sparsejax.models.thresholds import apply_site
+from sparsejax.models.thresholds import apply_site, keep_mask, site
 
 ATTENTION_KINDS = ("dense", "block_sparse", "nsa")
 QK_NORMS = ("none", "head", "projection")
@@ -174,16 +175,12 @@ class Attention(nn.Module):
         at a decode step, the sparse path of models/sparse_mlp.py reads only kept rows)."""
         xs, keep = apply_site(self, name, x)
         if decode and keep is not None:
-            from sparsejax.models.sparse_mlp import project
-            from sparsejax.models.thresholds import site
             return project(xs, kernel, keep, site(self, name), slots)
         return xs @ kernel
 
     def _qkv_slots(self, x):
         """At a decode step: one sparse-decode slot list for q, k and v (their common input
         x), or None (models/sparse_mlp.shared_slots)."""
-        from sparsejax.models.sparse_mlp import shared_slots
-        from sparsejax.models.thresholds import keep_mask, site
         sites = [site(self, f"{n}_in") for n in ("query", "key", "value")]
         if any(s is None for s in sites):
             return None

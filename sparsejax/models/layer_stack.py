@@ -28,6 +28,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
 from sparsejax.models.remat import remat_module
@@ -181,7 +182,6 @@ def layout_like(tree: Any, reference: Any) -> Any:
 def unstack_abstract(tree: Any) -> Any:
     """`unstack_layers` for ShapeDtypeStructs: a stacked leaf's per-layer struct drops the
     leading axis from its shape and from its sharding's partition spec."""
-    from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
 
     def take(x, g):
         sh = getattr(x, "sharding", None)

@@ -11,9 +11,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sparsejax.models.activations import SWIGLU_ALPHA, SWIGLU_LIMIT
+from sparsejax.models import sparse_mlp
+from sparsejax.models.act_record import record
+from sparsejax.models.activations import SWIGLU_ALPHA, SWIGLU_LIMIT, gated
 from sparsejax.models.formats import FormatSpec, Projection
 from sparsejax.models.init import DEFAULT_KERNEL_INIT, zero_padding  # noqa: F401 (re-exported)
+from sparsejax.models.rope import rope_frequencies
+from sparsejax.models.thresholds import apply_site
 
 Dtype = Any
 
@@ -50,7 +54,6 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float = 10000.0,
                      scaling: Any = None) -> jax.Array:
     """Applies RoPE in the half-split layout (HF's `rotate_half`). x: [batch, seq, heads,
     head_dim]; positions: [batch, seq]; `scaling`: a `ModelConfig.rope_scaling` dict or None."""
-    from sparsejax.models.rope import rope_frequencies
     head_dim = x.shape[-1]
     if head_dim % 2:
         raise ValueError(f"head_dim={head_dim} must be even for rotary embeddings")
@@ -123,12 +126,8 @@ class GatedMlp(nn.Module):
         """`decode=True` (a KV-cache step): sites with a sparse decode path read only the
         active weight rows/columns (models/sparse_mlp.py)."""
         del deterministic
-        from sparsejax.models.act_record import record
-        from sparsejax.models.activations import gated
-        from sparsejax.models.thresholds import apply_site
         t = as_tokens(x)  # [tokens, embed]
         if decode and not self.is_initializing():
-            from sparsejax.models import sparse_mlp
             if sparse_mlp.sparse_decode_applies(self, t.shape[0]):
                 y = sparse_mlp.decode_gated_mlp(
                     self, t.astype(self.dtype),

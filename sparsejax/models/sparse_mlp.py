@@ -26,7 +26,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from sparsejax.models.thresholds import Site
+from pallas_kernels.gather_matmul import ops as gather_ops
+from sparsejax.models.thresholds import Site, keep_mask, site
 
 DECODE_WEIGHTS = "decode_weights"
 
@@ -81,13 +82,13 @@ def project(x: jax.Array, kernel: jax.Array, keep: jax.Array | None, s: Site | N
     `keep`, to use instead of this site's own)."""
     if keep is None or not use_sparse(s, x.shape[0]):
         return x @ kernel
-    from pallas_kernels.gather_matmul.ops import gather_matmul
     if slots is None:
         slots = active_slots(keep, min(s.capacity, kernel.shape[0]))
     idx, count = slots
     if idx.shape[0] >= kernel.shape[0]:  # a slot for every row: it cannot overflow
-        return gather_matmul(x, kernel, idx, count)
-    return jax.lax.cond(count <= idx.shape[0], lambda: gather_matmul(x, kernel, idx, count),
+        return gather_ops.gather_matmul(x, kernel, idx, count)
+    return jax.lax.cond(count <= idx.shape[0],
+                        lambda: gather_ops.gather_matmul(x, kernel, idx, count),
                         lambda: x @ kernel)
 
 
@@ -100,22 +101,21 @@ def neuron_sparse_mlp(gate: jax.Array, x_up: jax.Array, w_up: jax.Array, w_down:
     gate [T, F] (computed); x_up [T, D] the up projection's input; keep_a [T, F] the gate
     activation's mask; `down_site(h, idx)` applies the down projection's own input site
     (if any) to compact h [T, C] at neurons idx; `w_up_t`: w_up stored [F, D], if given."""
-    from pallas_kernels.gather_matmul.ops import gather_matmul
     cap = min(s.capacity, gate.shape[-1])
     idx, count = active_slots(keep_a, cap)
 
     def sparse():
         valid = jnp.arange(cap) < count
         if w_up_t is not None:  # contiguous rows of the neuron-major copy
-            up_c = gather_matmul(x_up, w_up_t, idx, count, mode="cols", transpose_w=True)
+            up_c = gather_ops.gather_matmul(x_up, w_up_t, idx, count, mode="cols", transpose_w=True)
         else:
-            up_c = gather_matmul(x_up, w_up, idx, count, mode="cols")       # [T, C]
+            up_c = gather_ops.gather_matmul(x_up, w_up, idx, count, mode="cols")  # [T, C]
         _, h_c = gated(jnp.take(gate, idx, axis=1), up_c)
         keep_c = jnp.take(keep_a, idx, axis=1) & valid[None, :]
         h_c = down_site(jnp.where(keep_c, h_c, jnp.zeros_like(h_c)), idx)
         h_full = jnp.zeros(gate.shape, h_c.dtype).at[:, idx].add(
             jnp.where(valid[None, :], h_c, jnp.zeros_like(h_c)))
-        return gather_matmul(h_full, w_down, idx, count)
+        return gather_ops.gather_matmul(h_full, w_down, idx, count)
 
     def dense():
         _, h = gated(gate, x_up @ w_up)
@@ -128,7 +128,6 @@ def neuron_sparse_mlp(gate: jax.Array, x_up: jax.Array, w_up: jax.Array, w_down:
 def _masked(s: Site | None, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     if s is None:
         return x, None
-    from sparsejax.models.thresholds import keep_mask
     keep = keep_mask(s, x)
     return jnp.where(keep, x, jnp.zeros_like(x)), keep
 
@@ -137,14 +136,12 @@ def sparse_decode_applies(module, rows: int,
                           names: tuple[str, ...] = ("wi_gate_in", "wi_up_in", "gate_act", "wo_in")
                           ) -> bool:
     """Whether any of `module`'s sites takes the sparse decode path for `rows` rows."""
-    from sparsejax.models.thresholds import site
     return any(use_sparse(site(module, n), rows) for n in names)
 
 
 def decode_gated_mlp(module, t: jax.Array, gated: Callable, dtype) -> jax.Array:
     """A GatedMlp's decode step t [T, embed] -> [T, embed] through its sites' sparse paths
     (the same masks as the eval path in models/layers.py)."""
-    from sparsejax.models.thresholds import keep_mask, site
     p = module.variables["params"]
     kg, ku, ko = (p[n]["kernel"].astype(dtype) for n in ("wi_gate", "wi_up", "wo"))
     s_g, s_u, s_a, s_o = (site(module, n) for n in ("wi_gate_in", "wi_up_in", "gate_act", "wo_in"))

@@ -19,6 +19,7 @@ from sparsejax.models.layer_stack import (check_scan_layers, layer_period, scann
                                           stack_layers)
 from sparsejax.models.layers import Embed, GatedMlp, RMSNorm, as_tokens, dense, dtype_from_name
 from sparsejax.models.mla import LatentAttention, check_latent_attention
+from sparsejax.models.moe.layer import MoeMlp
 from sparsejax.models.nsa import NSAConfig
 from sparsejax.models.remat import check_remat_policy, remat_module
 from sparsejax.models.rope import check_rope_scaling
@@ -257,7 +258,6 @@ class Block(nn.Module):
         h = RMSNorm(eps, dtype=dtype, param_dtype=pdtype, name="mlp_norm")(x)
         swiglu = (float(cfg.swiglu_alpha), float(cfg.swiglu_limit))
         if cfg.mlp_kind(self.layer) == "moe":
-            from sparsejax.models.moe.layer import MoeMlp
             mlp = MoeMlp(embed_dim=cfg.embed_dim, activation=cfg.mlp_activation,
                          activation_threshold=float(cfg.activation_threshold),
                          swiglu=swiglu, dtype=dtype, param_dtype=pdtype, name="moe")

@@ -6,6 +6,10 @@ import json
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
+from sparsejax import cli
+from sparsejax.config import parse_gin
+from sparsejax.train import workdir as workdir_lib
+
 
 def add_run_flags(s: argparse.ArgumentParser) -> None:
     """Flags every command that builds a run shares: gin files, plug-ins, workdir, processes."""
@@ -84,8 +88,7 @@ def shorthand_bindings(config: str, flags: Mapping[str, Callable[[str], Any]],
 
 def start_processes(args: argparse.Namespace) -> None:
     """Quiet logging and jax.distributed from a run command's multi-process flags."""
-    from sparsejax import cli  # imported here so that the CLI starts without jax (cli.py)
-    from sparsejax.parallel import distributed
+    from sparsejax.parallel import distributed  # deferred: keeps the CLI's start fast (jax)
     cli.quiet_logging()
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
                            timeout_s=args.distributed_timeout_s,
@@ -108,8 +111,6 @@ def parse_workdir_config(workdir: str, gin_files: Sequence[str], bindings: Seque
     """Parses the workdir's own config (see `workdir.saved_config`), then `gin_files` and
     `bindings` on top; a workdir without one uses `gin_files` or else `default` (None: the
     command needs a configured workdir, so it is an error)."""
-    from sparsejax.config import parse_gin
-    from sparsejax.train import workdir as workdir_lib
     saved = workdir_lib.saved_config(workdir)
     files = list(gin_files)
     if saved is None and not files:
@@ -144,7 +145,7 @@ def guarded(fn):
 def run_train(args: argparse.Namespace, bindings: Sequence[str]) -> int:
     def go():
         config_str = start_run(args, bindings)
-        from sparsejax.train import trainer
+        from sparsejax.train import trainer  # deferred: keeps the CLI's start fast
         if not args.quiet:
             print("# gin config\n" + config_str, flush=True)
         return trainer.train(args.workdir, allow_config_change=args.allow_config_change,
@@ -154,8 +155,7 @@ def run_train(args: argparse.Namespace, bindings: Sequence[str]) -> int:
 
 def run_eval(args: argparse.Namespace, bindings: Sequence[str]) -> int:
     def go():
-        # (imported here, as the trainer below: commands load with the CLI, which starts fast)
-        from sparsejax.train.text_eval import TextEval
+        from sparsejax.train.text_eval import TextEval  # deferred: keeps the CLI's start fast
         text = None
         if args.text_file or args.dataset:
             text = TextEval(tuple(args.text_file), args.dataset, args.protocol, args.stride,
@@ -164,6 +164,6 @@ def run_eval(args: argparse.Namespace, bindings: Sequence[str]) -> int:
             raise ValueError("--protocol, --stride and --seq_len apply to a text: give "
                              "--text_file or --dataset=files:GLOB")
         start_run(args, bindings)
-        from sparsejax.train import trainer
+        from sparsejax.train import trainer  # deferred: keeps the CLI's start fast
         return trainer.evaluate_checkpoint(args.workdir, text=text)
     return guarded(go)

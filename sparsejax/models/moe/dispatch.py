@@ -25,6 +25,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.grouped_matmul import ops as gmm_ops
 from sparsejax.models.activations import Gated
 from sparsejax.models.moe.experts import (SWIGLU, ExpertWeights, GroupedMatmul, batched_ffn,
                                           grouped_ffn, ragged_dot)
@@ -136,10 +137,9 @@ def pallas_gmm(backend: str | None = None, interpret: bool = False) -> GroupedMa
     """The Pallas grouped matmul. `backend`/`interpret` force a kernel (e.g. backend='gpu',
     interpret=True runs the Triton kernel in interpret mode on CPU); by default the op picks
     the device's kernel, or its XLA formulation (backend 'xla') on CPU."""
-    from pallas_kernels.grouped_matmul.ops import gmm  # noqa: PLC0415
     if backend is None and not interpret:
-        return gmm
-    return functools.partial(gmm, backend=backend, interpret=interpret)
+        return gmm_ops.gmm
+    return functools.partial(gmm_ops.gmm, backend=backend, interpret=interpret)
 
 
 @DISPATCHES.register("ragged_dot")

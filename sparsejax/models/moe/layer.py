@@ -17,6 +17,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from sparsejax.config import refuse_given
 from sparsejax.models.act_record import record, recording
 from sparsejax.models.activations import SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation, gated
 from sparsejax.models.moe import losses
@@ -122,7 +123,6 @@ class MoeMlp(nn.Module):
 
     def _refuse_ineffective(self, router, n_ep: int) -> None:
         """Settings the user gave that this configuration never reads are refused by name."""
-        from sparsejax.config import refuse_given
         dropless = self.dispatch != "onehot" and router.token_choice and n_ep == 1
         if dropless:
             refuse_given("MoeMlp.capacity_factor",

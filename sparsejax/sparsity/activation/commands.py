@@ -16,16 +16,24 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Sequence
 
+import flax.linen as nn
 import gin
 import jax
 import numpy as np
 
+from sparsejax import config as config_lib
 from sparsejax.models.transformer import ModelConfig
+from sparsejax.parallel.rules import LOGICAL_RULES
+from sparsejax.sparsity.activation.calibrate import (ThresholdEval, calibration_batches,
+                                                     histograms)
 from sparsejax.sparsity.activation.evaluate import effective_params
 from sparsejax.sparsity.activation.thresholding import (THRESHOLDERS, Thresholding, check_model,
                                                         check_target, make_sites, site_layout)
+from sparsejax.train import evaluation
+from sparsejax.train.commands import add_run_flags, guarded, start_run
 
 
 
@@ -45,7 +53,6 @@ class ThresholdCurves:
     name: str = "activation_curves"  # output files W/<name>.json and W/<name>.png
 
     def __post_init__(self):
-        import re
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise ValueError(f"ThresholdCurves.name={self.name!r} must be a file name stem "
                              f"(letters, digits, _ . -)")
@@ -73,21 +80,15 @@ def paired_difference(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.
                       ) -> tuple[float, float | None]:
     """Loss difference a - b on the same rows (per-row loss sums, counts) and its standard
     error over rows (train/evaluation.py's ratio estimator applied to the differences)."""
-    from sparsejax.train.evaluation import loss_stats
     (sa, n), (sb, _) = a, b
     keep = n > 0
-    d = loss_stats(sa[keep] - sb[keep], n[keep])
+    d = evaluation.loss_stats(sa[keep] - sb[keep], n[keep])
     return d["eval_loss"], d["eval_loss_stderr"]
 
 
 def act_curves(workdir: str) -> dict[str, Any]:
     """Runs the ThresholdCurves of the parsed gin config on the workdir's checkpoint."""
-    import flax.linen as nn
-    from sparsejax import config as config_lib
-    from sparsejax.parallel.rules import LOGICAL_RULES
-    from sparsejax.sparsity.activation.calibrate import (ThresholdEval, calibration_batches,
-                                                         histograms)
-    from sparsejax.train import evaluation, trainer
+    from sparsejax.train import trainer  # deferred: keeps the CLI's start fast
     curves = ThresholdCurves()
     cfg = trainer.TrainConfig()
     model_config = ModelConfig()  # the run's (gin-configured): checked before anything is built
@@ -125,6 +126,7 @@ def act_curves(workdir: str) -> dict[str, Any]:
     if jax.process_index() == 0:
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
+        # deferred: keeps the CLI's start fast (matplotlib)
         from sparsejax.analysis.activation_plots import plot_curves
         result["plot"] = plot_curves(result, os.path.join(workdir, curves.name + ".png"))
     result["file"] = path
@@ -138,7 +140,6 @@ def _point(res: dict, dense: dict) -> dict[str, Any]:
 
 
 def add_parsers(sub) -> None:
-    from sparsejax.train.commands import add_run_flags
     s = sub.add_parser("act-curves", help="eval loss vs training-free activation sparsity "
                                           "(TEAL, CATS, WINA) of a checkpoint")
     add_run_flags(s)
@@ -146,8 +147,6 @@ def add_parsers(sub) -> None:
 
 
 def run_act_curves(args: argparse.Namespace, bindings: Sequence[str]) -> int:
-    from sparsejax.train.commands import guarded, start_run
-
     def go():
         start_run(args, bindings)
         out = act_curves(args.workdir)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax.registry import Registry
+from sparsejax.sparsity.posttrain.solvers import PRUNERS
 
 
 class Allocation:
@@ -60,7 +61,6 @@ class OWL(Allocation):
         if not float(outlier_multiple) > 0:
             raise ValueError(f"OWL.outlier_multiple={outlier_multiple!r} must be > 0 (the "
                              f"paper's M, 5 for LLaMA)")
-        from sparsejax.sparsity.posttrain.solvers import PRUNERS
         PRUNERS.get(score, "OWL.score")
         self.lam, self.outlier_multiple, self.score = float(lam), float(outlier_multiple), score
 

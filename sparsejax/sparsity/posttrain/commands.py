@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from sparsejax.train.commands import add_run_flags, guarded, shorthand_bindings, start_processes
+
 # flag -> (PruneConfig field, parser of the flag's text)
 def _opt_str(v: str) -> str | None:
     return None if v.lower() in ("none", "") else v
@@ -26,7 +28,6 @@ FLAGS = {"method": _opt_str, "sparsity": float, "nm": _opt_str, "structure": _op
 
 
 def add_parsers(sub) -> None:
-    from sparsejax.train.commands import add_run_flags
     s = sub.add_parser("prune", help="post-training pruning of a workdir's model (magnitude, "
                                      "Wanda, GBLM, SparseGPT, DSnoT, OWL, expert pruning / "
                                      "merging) into a new workdir")
@@ -65,16 +66,13 @@ def add_parsers(sub) -> None:
 
 def flag_bindings(args: argparse.Namespace, bindings: Sequence[str]) -> list[str]:
     """PruneConfig bindings of the given flags (train/commands.shorthand_bindings)."""
-    # imported here, as the rest of this module's run code, so that the CLI starts fast
-    from sparsejax.train.commands import shorthand_bindings
     return shorthand_bindings("PruneConfig", FLAGS, args, bindings, switches=("dsnot", "compact"))
 
 
 def run_prune(args: argparse.Namespace, bindings: Sequence[str]) -> int:
-    from sparsejax.train.commands import guarded, start_processes
-
     def go():
         start_processes(args)
+        # deferred: keeps the CLI's start fast
         from sparsejax.sparsity.posttrain.workdir import prune_workdir
         return prune_workdir(args.workdir, args.out, args.gin_file,
                              list(bindings) + flag_bindings(args, bindings), args.imports)

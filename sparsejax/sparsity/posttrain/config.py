@@ -11,6 +11,9 @@ from typing import Any
 import gin
 
 from sparsejax.config import check_field_types, check_step_spec
+from sparsejax.sparsity.posttrain.allocation import ALLOCATIONS
+from sparsejax.sparsity.posttrain.experts import EXPERT_REDUCERS
+from sparsejax.sparsity.posttrain.solvers import PRUNERS
 
 CALIBRATION_MODES = ("sequential", "parallel")
 DEFAULT_SPARSITY = 0.5
@@ -114,9 +117,6 @@ class PruneConfig:
 
     def __post_init__(self):
         check_field_types(self)
-        from sparsejax.sparsity.posttrain.allocation import ALLOCATIONS
-        from sparsejax.sparsity.posttrain.experts import EXPERT_REDUCERS
-        from sparsejax.sparsity.posttrain.solvers import PRUNERS
         P = "PruneConfig"
         if self.method is None and self.experts is None:
             raise ValueError(f"{P}.method=None prunes no weights; give a method "
@@ -223,7 +223,6 @@ class PruneConfig:
 
     @property
     def structure_name(self) -> str:
-        from sparsejax.sparsity.posttrain.solvers import PRUNERS
         if self.nm is not None:
             return "nm"
         if self.structure is not None:

@@ -10,13 +10,17 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sparsejax.models.moe.layer import MoeMlp
+from sparsejax.models.moe.router import ROUTERS
 from sparsejax.models.transformer import ModelConfig
 from sparsejax.parallel.mesh import data_parallel_size
 from sparsejax.sparsity import masks as masks_lib
 from sparsejax.sparsity import paths as paths_lib
 from sparsejax.sparsity import select
 from sparsejax.sparsity import structures as struct_lib
+from sparsejax.sparsity.criteria import CRITERIA
 from sparsejax.sparsity.posttrain import capture, gradients
+from sparsejax.sparsity.posttrain import stats as stats_lib
 from sparsejax.sparsity.posttrain.allocation import ALLOCATIONS
 from sparsejax.sparsity.posttrain.config import PruneConfig
 from sparsejax.sparsity.posttrain.dsnot import DSnoT
@@ -153,13 +157,11 @@ class Plan:
         if ALLOCATIONS.get(self.config.allocation).needs_outliers:
             out["owl"] = vars(ALLOCATIONS.get(self.config.allocation)())
         if self.pruner is not None and getattr(self.pruner, "criterion", None) == "gblm":
-            from sparsejax.sparsity.criteria import CRITERIA
             out["gblm"] = vars(CRITERIA.get("gblm")())
         return out
 
 
 def _moe_settings(cfg: ModelConfig):
-    from sparsejax.models.moe.layer import MoeMlp
     moe_layers = [i for i in range(cfg.num_layers) if cfg.mlp_kind(i) == "moe"]
     return moe_layers, (MoeMlp(embed_dim=cfg.embed_dim) if moe_layers else None)
 
@@ -189,7 +191,6 @@ def check_experts(cfg: ModelConfig, pc: PruneConfig) -> None:
         if mod.num_experts - len(experts) < k:
             raise ValueError(f"PruneConfig.drop_experts drops {len(experts)} experts of layer "
                              f"{layer}, leaving fewer than PruneConfig.num_experts={k}")
-    from sparsejax.models.moe.router import ROUTERS
     router = ROUTERS.get(mod.router, "MoeMlp.router")()
     groups = getattr(router, "num_groups", 1)
     if k % groups:
@@ -200,7 +201,6 @@ def check_experts(cfg: ModelConfig, pc: PruneConfig) -> None:
 def _traced_groups(cfg: ModelConfig, params: PyTree, moe_state: PyTree | None,
                    keep: dict[int, set[str]]) -> dict[int, set[str]]:
     """{layer: kernels whose inputs calibration records} by tracing each block abstractly."""
-    from sparsejax.sparsity.posttrain import stats as stats_lib
     out = {}
     x = jax.ShapeDtypeStruct((1, 8, cfg.embed_dim), jnp.float32)
     ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.models.activations import gated
+from sparsejax.models.moe.dispatch import capacity_positions
 from sparsejax.models.moe.expert_parallel import buffer_capacity
 from sparsejax.models.moe.router import ROUTERS
 
@@ -121,7 +122,6 @@ def routing_weights(mod: nn.Module, moe_params: PyTree, moe_state: PyTree | None
         logits, top_k=k, capacity=capacity, bias=bias)
     mask = routing.mask
     if mod.dispatch == "onehot" and routing.token_major:
-        from sparsejax.models.moe.dispatch import capacity_positions
         idx = routing.expert_index.reshape(t, k)
         pos = capacity_positions(idx, mask.reshape(t, k), e)
         mask = (mask.reshape(t, k) & (pos < capacity)).reshape(-1)

@@ -45,17 +45,28 @@ import numpy as np
 
 from sparsejax import config as config_lib
 from sparsejax.data import pipeline
+from sparsejax.data.sharded import ShardedIteratorSave, ShardedTrainIterator
 from sparsejax.data.tokenizer import make_tokenizer
+from sparsejax.interop.import_hf import RECORD, TOKENIZER_FILES
 from sparsejax.models import layer_stack
 from sparsejax.models.formats.convert import compact_projections, from_dense_params
+from sparsejax.models.transformer import padded_params
 from sparsejax.sparsity import paths as paths_lib
 from sparsejax.parallel.rules import LOGICAL_RULES, batch_sharding
 from sparsejax.sparsity.method import DenseMethod, new_stats_state, with_masks
 from sparsejax.sparsity.posttrain.config import PruneConfig
 from sparsejax.sparsity.posttrain.driver import CalibrationSet, PruneResult, prune_model
 from sparsejax.sparsity.posttrain.plan import build_plan
+from sparsejax.train import evaluation, run_info, trainer
 from sparsejax.train import workdir as workdir_lib
+from sparsejax.train.build import build_run
+from sparsejax.train.checkpoint import Checkpointer
+from sparsejax.train.commands import parse_workdir_config
+from sparsejax.train.metrics import MetricsWriter
+from sparsejax.train.state import TrainState
+from sparsejax.train.step import make_loss_fn
 from sparsejax.train.text_eval import read_texts
+from sparsejax.train.warm_start import init_from_pretrained
 
 log = logging.getLogger(__name__)
 REPORT = "prune_report.json"
@@ -128,8 +139,6 @@ def text_calibration_set(cfg: Any, pc: PruneConfig) -> CalibrationSet:
 
 def restore(run, workdir: str) -> tuple[int, Any]:
     """(step, TrainState) of the latest checkpoint of `workdir`, or of its imported params."""
-    from sparsejax.train.checkpoint import Checkpointer
-    from sparsejax.train.warm_start import init_from_pretrained
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     ckpt.check_compatible(run.abstract_state, run.sparsity_method.resizes)
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(LOGICAL_RULES):
@@ -143,8 +152,6 @@ def restore(run, workdir: str) -> tuple[int, Any]:
 
 def eval_params(run, params, moe_state, eval_set) -> dict[str, Any] | None:
     """Eval loss / perplexity of model params on the run's fixed eval sample."""
-    from sparsejax.train import evaluation
-    from sparsejax.train.state import TrainState
     if eval_set is None:
         return None
     t0 = time.perf_counter()
@@ -158,8 +165,6 @@ def eval_params(run, params, moe_state, eval_set) -> dict[str, Any] | None:
 
 def _loss_fn(run):
     """The trainer's loss (cross-entropy + aux losses) of dense params on a batch of rows."""
-    from sparsejax.train.state import TrainState
-    from sparsejax.train.step import make_loss_fn
     loss = make_loss_fn(run.model, DenseMethod())
 
     def fn(params, rows):  # params in the unscanned layout
@@ -174,7 +179,6 @@ def _loss_fn(run):
 def _tokenizer_rebinding(src: str, dst: str) -> list[str]:
     """Copies an imported model's tokenizer files and record into DST; returns the binding
     that points make_tokenizer at DST's copy (when it pointed into SRC)."""
-    from sparsejax.interop.import_hf import RECORD, TOKENIZER_FILES
     for name in (*TOKENIZER_FILES, RECORD):
         if os.path.isfile(os.path.join(src, name)):
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
@@ -190,10 +194,6 @@ def _tokenizer_rebinding(src: str, dst: str) -> list[str]:
 def prune_workdir(src: str, dst: str, gin_files: Sequence[str] = (),
                   bindings: Sequence[str] = (), imports: Sequence[str] = ()) -> dict[str, Any]:
     """Prunes SRC into DST (module docstring); returns the report's summary."""
-    from sparsejax.train import evaluation, trainer
-    from sparsejax.train.build import build_run
-    from sparsejax.train.commands import parse_workdir_config
-    from sparsejax.models.transformer import padded_params
     t_start = time.perf_counter()
     check_workdirs(src, dst)
     check_bindings(bindings)
@@ -284,7 +284,6 @@ def compact_result(result: PruneResult, model_config: Any) -> PruneResult:
 
 
 def eval_set_of(cfg, pc: PruneConfig):
-    from sparsejax.train import evaluation
     return evaluation.eval_set_for(cfg, pc.eval_tokens)
 
 
@@ -314,10 +313,6 @@ def _prune_bindings_text() -> str:
 
 def _write_output(dst: str, run_b, cfg_b, result, eval_set) -> tuple[dict | None, dict]:
     """DST's checkpoint (step 0), config.gin and first metrics; returns (eval after, summary)."""
-    from sparsejax.data.sharded import ShardedIteratorSave, ShardedTrainIterator
-    from sparsejax.train import run_info
-    from sparsejax.train.checkpoint import Checkpointer
-    from sparsejax.train.metrics import MetricsWriter
     shardings = jax.tree.map(lambda a: a.sharding, run_b.abstract_model_params)
     with jax.set_mesh(run_b.mesh), nn.logical_axis_rules(LOGICAL_RULES):
         layout = functools.partial(layer_stack.to_layout, cfg=run_b.model_config)
