@@ -51,24 +51,24 @@ from sparsejax.train.trainer import TrainConfig  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 BEGIN, END = "<!-- frontier:begin -->", "<!-- frontier:end -->"
-BLOCK = 64
 SWEEP = {"xattention": [{"threshold": t, "stride": 8} for t in (0.5, 0.7, 0.9, 0.95)],
          "flexprefill": [{"gamma": g, "tau": 0.1} for g in (0.5, 0.7, 0.9, 0.95)],
          "minference": [{"vertical_size": v, "slash_size": 2 * v} for v in (32, 64, 128, 256)]}
 
 
-def spec_of(method: str, setting: dict) -> dict:
-    return {"kind": method, "block_size": BLOCK, **setting}
+def spec_of(method: str, setting: dict, block: int) -> dict:
+    return {"kind": method, "block_size": block, **setting}
 
 
-def layer_quality(qkv: list, layers: list[int], segment_ids, spec: dict | None) -> dict:
+def layer_quality(qkv: list, layers: list[int], segment_ids, spec: dict | None,
+                  block: int) -> dict:
     """Density, recall (mean, min) and output error of `spec` (None: dense) over `layers`."""
     recalls, errors, densities = [], [], []
     seg = jnp.asarray(segment_ids, jnp.int32)
     for layer in layers:
         q, k, v = qkv[layer]
         s = q.shape[1]
-        qb = s // BLOCK
+        qb = s // block
         if spec is None:
             recalls.append(np.ones(q.shape[2]))
             errors.append(0.0)
@@ -77,15 +77,15 @@ def layer_quality(qkv: list, layers: list[int], segment_ids, spec: dict | None) 
         mask = make_mask(**{key: val for key, val in spec.items() if key != "block_size"})
         if spec["kind"] == "minference":
             mask = dataclasses.replace(mask, layer=layer)
-        layout = jax.jit(lambda a, b: mask.block_layout_dynamic(a, b, BLOCK, BLOCK))(q, k)
-        mass = tile_mass(q, k, seg, BLOCK)  # [b, h, qb, kb]
+        layout = jax.jit(lambda a, b: mask.block_layout_dynamic(a, b, block, block))(q, k)
+        mass = tile_mass(q, k, seg, block)  # [b, h, qb, kb]
         queries = float(jnp.sum(seg > 0))
         recalls.append(np.asarray(jnp.sum(jnp.where(layout, mass, 0.0), axis=(0, 2, 3)))
                        / (queries / q.shape[0]) / q.shape[0])
         densities.append(float(np.asarray(layout).sum()
                                / (layout.shape[0] * layout.shape[1] * qb * (qb + 1) / 2)))
         run = lambda m: jax.jit(lambda a, b, c: block_sparse_attention(
-            a, b, c, m, segment_ids=seg, block_q=BLOCK, block_k=BLOCK))(q, k, v)
+            a, b, c, m, segment_ids=seg, block_q=block, block_k=block))(q, k, v)
         dense, sparse = run(CausalMask()), run(mask)
         errors.append(float(jnp.linalg.norm(sparse - dense) / jnp.linalg.norm(dense)))
     r = np.concatenate(recalls)
@@ -118,7 +118,8 @@ def run_setting(workdir: str, text: str, seq_len: int, lengths: str, samples: in
             "longeval_mean": float(np.mean(list(acc.values()))) if acc else float("nan")}
 
 
-def write_report(records: list[dict], workdir: str, seq_len: int, results: str) -> str:
+def write_report(records: list[dict], workdir: str, seq_len: int, block: int,
+                 results: str) -> str:
     dense = next(r for r in records if r["method"] == "dense")
     lengths = list(dense["longeval"])
     head = ("| method | setting | density | recall (mean / min) | output error | eval loss "
@@ -131,8 +132,8 @@ def write_report(records: list[dict], workdir: str, seq_len: int, results: str) 
                     f"{r['eval_loss']:.4f} ({r['eval_loss'] - dense['eval_loss']:+.4f}) | "
                     + " | ".join(f"{r['longeval'][n]:.2f}" for n in lengths) + " |")
     png = plot(records, results)
-    block = "\n".join([BEGIN, f"Model: `{workdir}`; quality over validation rows of {seq_len} "
-                       f"tokens; blocks of {BLOCK}. `python experiments/long_context.py "
+    section = "\n".join([BEGIN, f"Model: `{workdir}`; quality over validation rows of {seq_len} "
+                       f"tokens; blocks of {block}. `python experiments/long_context.py "
                        f"--workdir=...`", "", *rows, "", f"![frontier]({os.path.basename(png)})",
                        END])
     md = os.path.join(results, "long_context.md")
@@ -140,7 +141,7 @@ def write_report(records: list[dict], workdir: str, seq_len: int, results: str) 
         + BEGIN + "\n" + END + "\n"
     pre, rest = text.split(BEGIN, 1)
     with open(md, "w") as f:
-        f.write(pre + block + rest.split(END, 1)[1])
+        f.write(pre + section + rest.split(END, 1)[1])
     return md
 
 
@@ -171,6 +172,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(HERE, "runs", "long_context"))
     p.add_argument("--seq_len", type=int, default=4096)
     p.add_argument("--rows", type=int, default=4)
+    p.add_argument("--block_size", type=int, default=64)
     p.add_argument("--lengths", default="1K,2K,4K", help="longeval lengths ('': no longeval)")
     p.add_argument("--num_samples", type=int, default=8)
     p.add_argument("--eval_chars", type=int, default=262144,
@@ -195,8 +197,8 @@ def main(argv=None) -> int:
     for method, setting in todo:
         if (method, json.dumps(setting, sort_keys=True)) in done:
             continue
-        spec = None if method == "dense" else spec_of(method, setting)
-        quality = layer_quality(qkv, layers, batch["segment_ids"], spec)
+        spec = None if method == "dense" else spec_of(method, setting, args.block_size)
+        quality = layer_quality(qkv, layers, batch["segment_ids"], spec, args.block_size)
         rec = {"method": method, "setting": setting,
                **run_setting(args.workdir, text, args.seq_len, args.lengths, args.num_samples,
                              spec, quality)}
@@ -204,7 +206,7 @@ def main(argv=None) -> int:
         with open(path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         print(json.dumps(rec), flush=True)
-    print(write_report(records, args.workdir, args.seq_len, args.results_dir))
+    print(write_report(records, args.workdir, args.seq_len, args.block_size, args.results_dir))
     return 0
 
 
