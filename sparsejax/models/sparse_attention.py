@@ -50,6 +50,15 @@ def prefill_spec() -> Any:
     return attention_kernel()["prefill_method"]
 
 
+def check_scanned_prefill() -> None:
+    """Scanned layers run one program per position in the layer period, so a prefill method
+    with one entry per layer (`MInferenceMask.layer_patterns`) cannot tell them apart."""
+    spec = prefill_spec()
+    if isinstance(spec, Mapping) and spec.get("layer_patterns"):
+        raise ValueError(f"attention_kernel.prefill_method={spec!r}: layer_patterns (one entry "
+                         f"per layer) needs ModelConfig.scan_layers=False")
+
+
 def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
                       layer: int) -> jax.Array:
     """Causal attention of q ``[b, s, h, d]`` over k, v ``[b, s, kv_h, d]`` through the

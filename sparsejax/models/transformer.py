@@ -23,6 +23,7 @@ from sparsejax.models.moe.layer import MoeMlp
 from sparsejax.models.nsa import NSAConfig
 from sparsejax.models.remat import check_remat_policy, remat_module
 from sparsejax.models.rope import check_rope_scaling
+from sparsejax.models.sparse_attention import check_scanned_prefill
 
 MLP_KINDS = ("dense", "moe")
 LAYER_TYPES = ("sliding_attention", "full_attention")  # ModelConfig.layer_types (HF's names)
@@ -352,6 +353,7 @@ class Transformer(nn.Module):
             x = x * jnp.sqrt(cfg.embed_dim).astype(dtype)
         x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
         if cfg.scan_layers:
+            check_scanned_prefill()
             x = scanned_blocks(cfg, Block, x, positions, segment_ids, deterministic, decode)
         else:
             block_cls = remat_module(Block, cfg.remat_policy, static_argnums=(4, 5))

@@ -136,3 +136,13 @@ def test_eval_takes_the_method_by_gin(make_source, tmp_path, capsys):
                    "'threshold': 2.0}"])
     err = capsys.readouterr().err
     assert rc != 0 and "threshold=2.0 must be a number in (0, 1]" in err and err.count("\n") == 1
+
+
+def test_per_layer_patterns_are_refused_on_scanned_layers():
+    use("{'kind': 'minference', 'layer_patterns': ('a_shape', 'vertical_slash'), "
+        "'block_size': 16}")
+    model = Transformer(ModelConfig(**{**BASE, "scan_layers": True}))
+    tokens = np.zeros((1, 16), np.int32)
+    variables = model.init(jax.random.key(0), tokens)  # initialized unscanned, then stacked
+    with pytest.raises(ValueError, match="layer_patterns .* needs ModelConfig.scan_layers=False"):
+        model.apply(variables, tokens)
