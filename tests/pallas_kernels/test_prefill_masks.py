@@ -73,10 +73,16 @@ def ref_xattention(q, k, threshold, stride, sink=1, local=1):
 
 
 def ref_last_attention(q, k, bi, h, n):
+    """The last n queries' causal attention [n, S], its column sums and its sums along each
+    offset q - k."""
     pos = np.arange(S - n, S)
     logits = q[bi, S - n:, h] @ k[bi, :, kv_head(h)].T / math.sqrt(D)
-    logits = np.where(np.arange(S)[None] <= pos[:, None], logits, -np.inf)
-    return softmax(logits), pos
+    a = softmax(np.where(np.arange(S)[None] <= pos[:, None], logits, -np.inf))
+    slash = np.zeros(S)
+    for i in range(n):
+        for j in range(pos[i] + 1):
+            slash[pos[i] - j] += a[i, j]
+    return a, a.sum(0), slash
 
 
 def ref_flexprefill(q, k, gamma, tau, min_budget=1, sink=1, local=1):
@@ -84,12 +90,8 @@ def ref_flexprefill(q, k, gamma, tau, min_budget=1, sink=1, local=1):
     out = np.zeros((b, H, QB, QB), bool)
     for bi in range(b):
         for h in range(H):
-            a, pos = ref_last_attention(q, k, bi, h, B)
-            vertical = a.mean(0)
-            slash = np.zeros(S)
-            for i in range(B):
-                for j in range(pos[i] + 1):
-                    slash[pos[i] - j] += a[i, j] / B
+            _, vertical, slash = ref_last_attention(q, k, bi, h, B)
+            vertical, slash = vertical / B, slash / B
 
             def blocks_for(x):
                 cum = np.cumsum(np.sort(x)[::-1])
@@ -133,12 +135,7 @@ def ref_minference_vs(q, k, vertical_size, slash_size, keep_global, keep_local, 
     out = np.zeros((b, H, QB, QB), bool)
     for bi in range(b):
         for h in range(H):
-            a, pos = ref_last_attention(q, k, bi, h, last_q)
-            vertical = a.sum(0)
-            slash = np.zeros(S)
-            for i in range(last_q):
-                for j in range(pos[i] + 1):
-                    slash[pos[i] - j] += a[i, j]
+            _, vertical, slash = ref_last_attention(q, k, bi, h, last_q)
             vertical[:keep_global] = np.inf
             slash[:keep_local] = np.inf
             cols = set(np.argsort(-vertical, kind="stable")[:max(vertical_size, keep_global)])
