@@ -63,6 +63,11 @@ REPRODUCTIONS = {
                                     "pruning vs a dense model of the average size",
                                     ("dense_long", "avg_params_long_gradual",
                                      "dense_mlp256_long"), "dense_mlp256_long: mlp_dim=256"),
+    # Trainable sparse attention: NSA (configs/attention/nsa.gin) vs full causal attention vs a
+    # sliding window of NSA's window width, on the small model.
+    "nsa": Reproduction("Native Sparse Attention (compressed + selected + sliding-window "
+                        "branches, learned gates) vs full attention vs a 32-token sliding "
+                        "window", ("dense_small", "nsa_small", "sliding_window_small"), DENSE),
 }
 
 
