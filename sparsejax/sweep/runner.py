@@ -178,8 +178,10 @@ class SweepRunner:
     def _done_count(self) -> int:
         return sum(is_finished(self.out, t) for t in self.trials)
 
-    def _launch(self, trial: Trial) -> _Running | None:
-        """Starts the trial, or returns None if another process still runs it."""
+    def _launch(self, trial: Trial) -> _Running | str | None:
+        """Starts the trial; returns None if another process still runs it, and "finished"
+        if it finished meanwhile (under another runner, which may not have written its
+        result.json yet: then it is written here, without the wall time)."""
         wd = trial_dir(self.out, trial)
         os.makedirs(wd, exist_ok=True)
         lock_fd = os.open(os.path.join(wd, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
@@ -188,6 +190,9 @@ class SweepRunner:
         except OSError:
             os.close(lock_fd)
             return None
+        if is_finished(self.out, trial) or self._done_in_log(trial, wd):
+            os.close(lock_fd)
+            return "finished"
         try:
             cmd = trial_command(self.spec, trial, wd, python=(sys.executable,))
             log_path = os.path.join(wd, LOG_FILE)
@@ -203,19 +208,37 @@ class SweepRunner:
             os.close(lock_fd)  # the child keeps the lock through its inherited descriptor
         return _Running(trial, proc, offset, time.time())
 
+    def _done_in_log(self, trial: Trial, wd: str) -> bool:
+        """Whether the trial's last launch printed status 'done' (its runner exits the lock
+        before it writes result.json); if so, the result is written here."""
+        log_path = os.path.join(wd, LOG_FILE)
+        if not os.path.isfile(log_path):
+            return False
+        with open(log_path, errors="replace") as f:
+            text = f.read()
+        start = text.rfind("# sweep launch ")
+        if start < 0 or _final_status(log_path, len(text[:start].encode())) != "done":
+            return False
+        self._write_result(trial, wd, None)
+        return True
+
+    def _write_result(self, trial: Trial, wd: str, elapsed: float | None) -> dict:
+        result = {"trial": trial.name, "point": dict(trial.point), "seed": trial.seed,
+                  "status": "done", "finished_at": time.time(), "wall_s": elapsed,
+                  **summarize_trial(wd)}
+        tmp = os.path.join(wd, RESULT_FILE + f".tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, os.path.join(wd, RESULT_FILE))
+        return result
+
     def _finish(self, r: _Running) -> None:
         rc = r.proc.returncode
         wd = trial_dir(self.out, r.trial)
         status = _final_status(os.path.join(wd, LOG_FILE), r.log_offset)
         elapsed = time.time() - r.started
         if rc == 0 and status == "done":
-            result = {"trial": r.trial.name, "point": dict(r.trial.point), "seed": r.trial.seed,
-                      "status": "done", "finished_at": time.time(), "wall_s": elapsed,
-                      **summarize_trial(wd)}
-            tmp = os.path.join(wd, RESULT_FILE + ".tmp")
-            with open(tmp, "w") as f:
-                json.dump(result, f, indent=1)
-            os.replace(tmp, os.path.join(wd, RESULT_FILE))
+            result = self._write_result(r.trial, wd, elapsed)
             loss, err = result["final_eval_loss"], result["final_eval_loss_stderr"]
             shown = "n/a" if loss is None else f"{loss:.4f}" + ("" if err is None else f" ± {err:.4f}")
             self._print(f"[{self._done_count()}/{len(self.trials)}] done {r.trial.name} "
@@ -253,6 +276,9 @@ class SweepRunner:
                         break
                     r = self._launch(t)
                     pending.remove(t)
+                    if r == "finished":
+                        self._print(f"finished elsewhere: {t.name}")
+                        continue
                     if r is None:  # held by a trial left running by an earlier runner
                         if t.name not in waiting_on_lock:
                             self._print(f"waiting: {t.name} is still running elsewhere")
