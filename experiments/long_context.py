@@ -53,7 +53,11 @@ RESULTS = os.path.join(HERE, "results")
 BEGIN, END = "<!-- frontier:begin -->", "<!-- frontier:end -->"
 SWEEP = {"xattention": [{"threshold": t, "stride": 8} for t in (0.5, 0.7, 0.9, 0.95)],
          "flexprefill": [{"gamma": g, "tau": 0.1} for g in (0.5, 0.7, 0.9, 0.95)],
-         "minference": [{"vertical_size": v, "slash_size": 2 * v} for v in (32, 64, 128, 256)]}
+         "minference": [{"vertical_size": v, "slash_size": 2 * v} for v in (32, 64, 128, 256)]
+         # the paper's always-kept 30 first tokens and 100 nearest offsets, scaled down for
+         # short rows, where they alone cover most of the map
+         + [{"vertical_size": v, "slash_size": 2 * v, "keep_global": 4, "keep_local": 16}
+            for v in (8, 16, 32)]}
 
 
 def spec_of(method: str, setting: dict, block: int) -> dict:
@@ -123,14 +127,14 @@ def write_report(records: list[dict], workdir: str, seq_len: int, block: int,
     dense = next(r for r in records if r["method"] == "dense")
     lengths = list(dense["longeval"])
     head = ("| method | setting | density | recall (mean / min) | output error | eval loss "
-            "(Δ dense) | " + " | ".join(f"longeval {n}" for n in lengths) + " |")
+            "(Δ dense) |" + "".join(f" longeval {n} |" for n in lengths))
     rows = [head, "|" + " --- |" * (6 + len(lengths))]
     for r in records:
         setting = ", ".join(f"{k}={v}" for k, v in r["setting"].items()) or "-"
         rows.append(f"| {r['method']} | {setting} | {r['density']:.3f} | "
                     f"{r['recall_mean']:.3f} / {r['recall_min']:.3f} | {r['output_error']:.3f} | "
-                    f"{r['eval_loss']:.4f} ({r['eval_loss'] - dense['eval_loss']:+.4f}) | "
-                    + " | ".join(f"{r['longeval'][n]:.2f}" for n in lengths) + " |")
+                    f"{r['eval_loss']:.4f} ({r['eval_loss'] - dense['eval_loss']:+.4f}) |"
+                    + "".join(f" {r['longeval'][n]:.2f} |" for n in lengths))
     png = plot(records, results)
     section = "\n".join([BEGIN, f"Model: `{workdir}`; quality over validation rows of {seq_len} "
                        f"tokens; blocks of {block}. `python experiments/long_context.py "
@@ -178,10 +182,15 @@ def main(argv=None) -> int:
     p.add_argument("--eval_chars", type=int, default=262144,
                    help="characters of the validation text scored for the eval loss")
     p.add_argument("--results_dir", default=RESULTS)
+    p.add_argument("--report_only", action="store_true", help="redraw from OUT/frontier.jsonl")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "frontier.jsonl")
     records = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    if args.report_only:
+        print(write_report(records, args.workdir, args.seq_len, args.block_size,
+                           args.results_dir))
+        return 0
     done = {(r["method"], json.dumps(r["setting"], sort_keys=True)) for r in records}
     parse_workdir_config(args.workdir, [], [])
     layers = method_layers(ModelConfig())
