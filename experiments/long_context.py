@@ -153,16 +153,18 @@ def plot(records: list[dict], results: str) -> str:
     import matplotlib  # deferred: the plot is the script's last step
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = [("recall_mean", "attention recall (mean)"), ("eval_loss", "eval loss on long rows")]
+    if any(r["longeval"] for r in records):
+        panels.append(("longeval_mean", "longeval accuracy (mean)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for method in dict.fromkeys(r["method"] for r in records):
-        pts = sorted((1 - r["density"], r["longeval_mean"], r["eval_loss"]) for r in records
+        pts = sorted((1 - r["density"], *(r[k] for k, _ in panels)) for r in records
                      if r["method"] == method)
-        xs, acc, loss = zip(*pts)
-        marker = "*" if method == "dense" else "o-"
-        axes[0].plot(xs, acc, marker, label=method)
-        axes[1].plot(xs, loss, marker, label=method)
-    axes[0].set(xlabel="sparsity (1 - density)", ylabel="longeval accuracy (mean)")
-    axes[1].set(xlabel="sparsity (1 - density)", ylabel="eval loss on long rows")
+        cols = list(zip(*pts))
+        for ax, ys in zip(axes, cols[1:]):
+            ax.plot(cols[0], ys, "*" if method == "dense" else "o-", label=method)
+    for ax, (_, label) in zip(axes, panels):
+        ax.set(xlabel="sparsity (1 - density)", ylabel=label)
     axes[0].legend()
     fig.tight_layout()
     path = os.path.join(results, "long_context_frontier.png")
