@@ -21,7 +21,6 @@ records to OUT/frontier.jsonl (a rerun skips finished settings).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -79,8 +78,7 @@ def layer_quality(qkv: list, layers: list[int], segment_ids, spec: dict | None,
             densities.append(1.0)
             continue
         mask = make_mask(**{key: val for key, val in spec.items() if key != "block_size"})
-        if spec["kind"] == "minference":
-            mask = dataclasses.replace(mask, layer=layer)
+        mask = mask.bind(layer, s)
         layout = jax.jit(lambda a, b: mask.block_layout_dynamic(a, b, block, block))(q, k)
         mass = tile_mass(q, k, seg, block)  # [b, h, qb, kb]
         queries = float(jnp.sum(seg > 0))

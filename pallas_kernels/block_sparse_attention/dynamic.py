@@ -105,6 +105,11 @@ class PrefillMask(masks_lib.BlockMask):
         kb]`` float32 ranking the blocks for ``max_blocks``)."""
         raise NotImplementedError
 
+    def bind(self, layer: int, length: int) -> "PrefillMask":
+        """This mask for one layer's input of ``length`` real tokens (methods with per-layer
+        settings override it to read ``layer``)."""
+        return dataclasses.replace(self, length=length)
+
     def real_length(self, seq: int) -> int:
         if self.length > seq:
             raise ValueError(f"{type(self).__name__}: length={self.length} exceeds the "
@@ -132,8 +137,7 @@ def cap_rows(layout: jax.Array, score: jax.Array, keep: jax.Array,
         return layout
     key = jnp.where(keep, jnp.inf, jnp.where(layout, score.astype(jnp.float32), -jnp.inf))
     _, top = jax.lax.top_k(key, max_blocks)
-    picked = jnp.any(top[..., None] == jnp.arange(kb), axis=-2)
-    return layout & picked
+    return layout & masks_lib.index_mask(top, kb)
 
 
 def cumulative_select(mass: jax.Array, threshold: float, keep: jax.Array,
@@ -200,12 +204,17 @@ def vertical_layout(columns: jax.Array, qb: int) -> jax.Array:
     return columns[:, :, None, :] & jnp.asarray(causal_blocks(qb))[None, None]
 
 
+def by_distance(x: jax.Array, qb: int) -> jax.Array:
+    """``x`` ``[..., qb]`` indexed by block distance ``r - c`` -> ``[..., qb, qb]`` tiles
+    (entries above the diagonal read distance 0)."""
+    dist = np.arange(qb)[:, None] - np.arange(qb)[None, :]
+    return jnp.take(x, jnp.asarray(np.clip(dist, 0, qb - 1)), axis=-1)
+
+
 def slash_layout(distances: jax.Array, qb: int) -> jax.Array:
     """Block distances ``distances`` ``[b, h, kb]`` (bool; distance ``r - c``) as tiles
     ``[b, h, qb, kb]``."""
-    dist = np.arange(qb)[:, None] - np.arange(qb)[None, :]
-    return (jnp.take(distances, jnp.asarray(np.clip(dist, 0, qb - 1)), axis=-1)
-            & jnp.asarray(dist >= 0))
+    return by_distance(distances, qb) & jnp.asarray(causal_blocks(qb))
 
 
 def offsets_to_distances(offsets: jax.Array, block: int, qb: int) -> jax.Array:

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.block_sparse_attention import dynamic
+from pallas_kernels.block_sparse_attention.topk import gate_scores
 
 
 @gin.configurable
@@ -72,9 +73,7 @@ class FlexPrefillMask(dynamic.PrefillMask):
         layout = (dynamic.vertical_layout(dynamic.top_count(vertical, nv), qb)
                   | dynamic.slash_layout(dynamic.top_count(slash, ns), qb))
         layout = layout | (aware[..., None, None] & parts["query_aware"])
-        dist = jnp.arange(qb)[:, None] - jnp.arange(qb)[None, :]
-        score = (parts["vertical"][:, :, None, :]
-                 + jnp.take(parts["slash"], jnp.clip(dist, 0, qb - 1), axis=-1)
+        score = (parts["vertical"][:, :, None, :] + dynamic.by_distance(parts["slash"], qb)
                  + parts["pooled"])
         return layout, score
 
@@ -113,9 +112,8 @@ def flexprefill_scores(q: jax.Array, k: jax.Array, block: int, length: int,
     real = jnp.asarray(np.arange(qb) * block < length)  # key blocks holding real tokens
     pooled_last = jax.nn.softmax(jnp.where(real, jnp.einsum("bhd,bjhd->bhj", last_q.mean(1),
                                                             k_pool), -jnp.inf), -1)
-    q_pool = q.astype(jnp.float32).reshape(b, qb, block, h, d).mean(2) * scale
     causal = jnp.asarray(dynamic.causal_blocks(qb))
-    logits = jnp.einsum("bihd,bjhd->bhij", q_pool, k_pool)
+    logits = gate_scores(q, k, block, block)  # pooled q . pooled k / sqrt(d)
     pooled = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)  # [b, h, qb, kb]
     flat = pooled.reshape(b, h, qb * qb)
     order = jnp.argsort(-flat, axis=-1, stable=True)

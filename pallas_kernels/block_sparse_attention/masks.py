@@ -285,6 +285,13 @@ def full_first(idx, cnt, full: np.ndarray):
             xp.sum(valid & is_full, axis=-1).astype(np.int32))
 
 
+def index_mask(idx: jax.Array, n: int) -> jax.Array:
+    """Bool ``[..., n]`` marking the indices ``idx`` ``[..., m]`` of each row (e.g. the
+    picks of ``jax.lax.top_k``)."""
+    return jnp.zeros(idx.shape[:-1] + (n,), bool).at[
+        tuple(jnp.indices(idx.shape)[:-1]) + (idx,)].set(True)
+
+
 def compress_dynamic(layout: jax.Array, max_nnz: int) -> tuple[jax.Array, jax.Array]:
     """Traced counterpart of :func:`compress` with a static ``max_nnz``: the most blocks
     any row can hold. Counts are capped at ``max_nnz`` so that no kernel reads past a list."""

@@ -21,7 +21,6 @@ per layer by ``layer``). Every pattern also keeps the sink and local blocks.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import gin
 import jax
@@ -29,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.block_sparse_attention import dynamic
+from pallas_kernels.block_sparse_attention.masks import index_mask
+from pallas_kernels.block_sparse_attention.topk import gate_scores
 
 PATTERNS = ("vertical_slash", "block_sparse", "a_shape")
 
@@ -64,6 +65,10 @@ class MInferenceMask(dynamic.PrefillMask):
             if bad or not names:
                 raise ValueError(f"MInferenceMask: pattern {entry!r} must be one of {PATTERNS} "
                                  f"or a tuple of them (one per query head).")
+
+    def bind(self, layer: int, length: int) -> "MInferenceMask":
+        """Also chooses this layer's `layer_patterns` entry."""
+        return dataclasses.replace(self, layer=layer, length=length)
 
     def head_patterns(self, heads: int) -> tuple[str, ...]:
         """This layer's pattern per query head."""
@@ -126,7 +131,7 @@ def vertical_slash_tokens(q: jax.Array, k: jax.Array, length: int, mask: MInfere
                           ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """As `vertical_slash_indices`, the columns and offsets as bool masks ``[b, h, seq]``."""
     cols, offs, vertical, slash = vertical_slash_indices(q, k, length, mask)
-    return _marked(cols, k.shape[1]), _marked(offs, k.shape[1]), vertical, slash
+    return index_mask(cols, k.shape[1]), index_mask(offs, k.shape[1]), vertical, slash
 
 
 def vertical_slash(q, k, block, length, mask):
@@ -136,31 +141,21 @@ def vertical_slash(q, k, block, length, mask):
     col_blocks = dynamic.block_sum(cols.astype(jnp.int32), block) > 0
     distances = dynamic.offsets_to_distances(offs, block, qb)
     layout = dynamic.vertical_layout(col_blocks, qb) | dynamic.slash_layout(distances, qb)
-    dist = np.clip(np.arange(qb)[:, None] - np.arange(qb)[None, :], 0, qb - 1)
     score = (dynamic.block_sum(vertical, block)[:, :, None, :]
-             + jnp.take(dynamic.block_sum(slash, block), jnp.asarray(dist), axis=-1))
+             + dynamic.by_distance(dynamic.block_sum(slash, block), qb))
     return layout, score
 
 
 def pooled_topk(q, k, block, top_k):
     """The ``top_k`` causal key blocks per query block by pooled q . pooled k."""
-    b, s, h, d = q.shape
-    qb = s // block
-    qp = q.astype(jnp.float32).reshape(b, qb, block, h, d).mean(2)
-    kp = dynamic.expand_kv(k, h).astype(jnp.float32).reshape(b, qb, block, h, d).mean(2)
-    score = jnp.einsum("bihd,bjhd->bhij", qp, kp) / math.sqrt(d)
+    qb = q.shape[1] // block
+    score = gate_scores(q, k, block, block)
     causal = jnp.asarray(dynamic.causal_blocks(qb))
     score = jnp.where(causal, score, -jnp.inf)
     return _top(score, min(top_k, qb)) & causal, score
 
 
-def _marked(idx: jax.Array, n: int) -> jax.Array:
-    """Bool ``[..., n]`` marking the indices ``idx`` ``[..., m]``."""
-    return jnp.zeros(idx.shape[:-1] + (n,), bool).at[
-        tuple(jnp.indices(idx.shape)[:-1]) + (idx,)].set(True)
-
-
 def _top(x: jax.Array, n: int) -> jax.Array:
     """Bool mask of the ``n`` largest entries on the last axis."""
     _, idx = jax.lax.top_k(x, n)
-    return _marked(idx, x.shape[-1])
+    return index_mask(idx, x.shape[-1])

@@ -75,7 +75,7 @@ class TopKBlockMask(masks_lib.BlockMask):
         scores = jnp.where(allowed[None], scores, -jnp.inf)
         kk = min(self.top_k, kb)
         _, top = jax.lax.top_k(scores, kk)  # [b, h, qb, kk]
-        picked = jnp.any(top[..., None] == jnp.arange(kb), axis=-2)
+        picked = masks_lib.index_mask(top, kb)
         diag = jnp.asarray(_diagonal(qb, kb, block_q, block_k))
         return (picked | diag) & allowed[None]
 

@@ -15,6 +15,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.block_sparse_attention.dynamic import expand_kv
+
 NEG = -1e30
 
 
@@ -26,11 +28,10 @@ def vertical_slash_attention(q: jax.Array, k: jax.Array, v: jax.Array, columns: 
     ``offsets``). Queries are processed ``chunk`` at a time (memory ``chunk * (nv + ns) * d``
     per head)."""
     b, s, h, d = q.shape
-    g = h // k.shape[2]
     chunk = math.gcd(s, chunk)
     scale = 1.0 / math.sqrt(d)
-    kh = jnp.repeat(k, g, axis=2).transpose(0, 2, 1, 3).astype(jnp.float32)  # [b, h, s, d]
-    vh = jnp.repeat(v, g, axis=2).transpose(0, 2, 1, 3).astype(jnp.float32)
+    kh = expand_kv(k, h).transpose(0, 2, 1, 3).astype(jnp.float32)  # [b, h, s, d]
+    vh = expand_kv(v, h).transpose(0, 2, 1, 3).astype(jnp.float32)
     qh = q.transpose(0, 2, 1, 3).astype(jnp.float32) * scale
     is_col = jnp.zeros((b, h, s), bool).at[
         jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None], columns].set(True)

@@ -50,6 +50,7 @@ import numpy as np
 
 from pallas_kernels.block_sparse_attention import (BlockMask, CausalMask, SlidingWindowMask,
                                                    block_sparse_attention)
+from pallas_kernels.block_sparse_attention.dynamic import cap_rows
 from sparsejax.models.init import DEFAULT_KERNEL_INIT
 from sparsejax.models.layers import rotary_embedding
 from sparsejax.models.sparse_attention import kernel_options
@@ -171,10 +172,7 @@ def select_layout(scores: jax.Array, cfg: NSAConfig) -> jax.Array:
     qi, kj = np.arange(qb)[:, None], np.arange(kb)[None, :]
     causal = kj <= qi
     forced = causal & ((kj == 0) | (kj > qi - cfg.local_blocks))
-    ranked = jnp.where(forced, jnp.inf, jnp.where(causal, scores, -jnp.inf))
-    _, top = jax.lax.top_k(ranked, min(cfg.select_blocks, kb))
-    picked = jnp.any(top[..., None] == jnp.arange(kb), axis=-2)
-    return picked & causal
+    return cap_rows(jnp.broadcast_to(causal, scores.shape), scores, forced, cfg.select_blocks)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -8,7 +8,6 @@ forward pass (eval, scoring, training if set there) and in the prompt pass of `s
 decode steps after it attend densely over the cache, as the papers do."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -21,7 +20,6 @@ from pallas_kernels.block_sparse_attention import (BlockLayoutMask, BlockMask, T
                                                    block_sparse_attention, make_mask,
                                                    topk_gate_distillation_loss)
 from pallas_kernels.block_sparse_attention.dynamic import PrefillMask
-from pallas_kernels.block_sparse_attention.minference import MInferenceMask
 
 DEFAULT_BLOCK = 64
 
@@ -71,9 +69,7 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
         raise ValueError(f"attention_kernel.prefill_method={spec!r}: kind must be a prefill "
                          f"method ('minference', 'flexprefill', 'xattention')")
     b, s = q.shape[:2]
-    if isinstance(mask, MInferenceMask):
-        mask = dataclasses.replace(mask, layer=layer)
-    mask = dataclasses.replace(mask, length=s)
+    mask = mask.bind(layer, s)
     seg = jnp.ones((b, s), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     pad = -s % block
     if pad:
