@@ -83,7 +83,7 @@ def layer_quality(qkv: list, layers: list[int], segment_ids, spec: dict | None,
         mass = tile_mass(q, k, seg, block)  # [b, h, qb, kb]
         queries = float(jnp.sum(seg > 0))
         recalls.append(np.asarray(jnp.sum(jnp.where(layout, mass, 0.0), axis=(0, 2, 3)))
-                       / (queries / q.shape[0]) / q.shape[0])
+                       / queries)  # per head: kept mass over the real queries of all rows
         densities.append(float(np.asarray(layout).sum()
                                / (layout.shape[0] * layout.shape[1] * qb * (qb + 1) / 2)))
         run = lambda m: jax.jit(lambda a, b, c: block_sparse_attention(
