@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax import config
+from sparsejax import config, hugepages
 from sparsejax.data import pipeline
 from sparsejax.parallel.rules import LOGICAL_RULES, batch_sharding, replicated
 from sparsejax.train.build import build_run
@@ -97,4 +97,5 @@ def main():
 
 
 if __name__ == "__main__":
+    hugepages.ensure()  # time what the CLI runs (sparsejax/hugepages.py)
     main()

@@ -14,6 +14,7 @@ import logging
 import sys
 from typing import Sequence
 
+from sparsejax import hugepages
 from sparsejax.config import split_args
 
 COMMAND_MODULES = (
@@ -52,6 +53,8 @@ def quiet_logging() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # a process of its own: restart with huge pages where they help
+        hugepages.ensure()
     quiet_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     bindings, rest = split_args(argv)
