@@ -33,6 +33,13 @@ def _unblocks(a: jax.Array) -> jax.Array:
 FEW_TOKENS = 16
 
 
+# Up to this fan-in the forward sums one batched product per slot j instead of one product
+# over all k gathered slabs: measured 1.46x faster at 32-blocks k=3, 1.25x at 64-blocks
+# k=2, 1.15x at 128-blocks k=2, and 0.56-0.94x at k = 4-16 (1024 -> 4096 on 4096 tokens,
+# float32, this project's 2-core CPU with huge pages: sparsejax/hugepages.py).
+SLOT_SUM_MAX_K = 3
+
+
 def forward(x: jax.Array, values: jax.Array, indices: jax.Array, *, out_dtype) -> jax.Array:
     """x [tokens, in] -> [tokens, out_blocks * block_out]."""
     ob, k, bi, bo = values.shape
@@ -41,9 +48,13 @@ def forward(x: jax.Array, values: jax.Array, indices: jax.Array, *, out_dtype) -
         y = jnp.einsum("toc,ocd->tod", xg.astype(jnp.float32),
                        values.reshape(ob, k * bi, bo).astype(jnp.float32))
         return y.reshape(x.shape[0], ob * bo).astype(out_dtype)
-    xg = _blocks(x, bi)[indices]  # [ob, k, tokens, bi]
-    y = jnp.einsum("oktb,okbd->otd", xg, values.astype(x.dtype),
-                   preferred_element_type=jnp.float32)
+    xb = _blocks(x, bi)  # [ib, tokens, bi]
+    v = values.astype(x.dtype)
+    if k <= SLOT_SUM_MAX_K:
+        y = sum(jnp.einsum("otb,obd->otd", xb[indices[:, j]], v[:, j],
+                           preferred_element_type=jnp.float32) for j in range(k))
+    else:
+        y = jnp.einsum("oktb,okbd->otd", xb[indices], v, preferred_element_type=jnp.float32)
     return _unblocks(y.astype(out_dtype))
 
 

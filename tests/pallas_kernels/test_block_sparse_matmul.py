@@ -21,6 +21,7 @@ CASES = [
     (33, 3, 8, 3, 16, 8),   # k = in_blocks: dense
     (16, 8, 2, 4, 32, 64),
     (64, 4, 4, 2, 64, 32),
+    (40, 6, 3, 5, 8, 8),    # k above xla.SLOT_SUM_MAX_K: one product over all slots
 ]
 
 
