@@ -41,3 +41,17 @@ def test_bad_arguments_are_refused(bench):
         bench.main(["--new_tokens", "1", "--parts", "decode"])
     with pytest.raises(ValueError, match="--parts='speed'"):
         bench.main(["--parts", "speed"])
+    with pytest.raises(ValueError, match="--repeats=0"):
+        bench.main(["--repeats", "0", "--parts", "decode"])
+
+
+def test_repeated_runs_give_each_figure_s_median_and_every_run(bench, capsys):
+    runs = [{"device": "cpu:cpu x1", "step/block_all/speedup_vs_dense": r, "step/block_all/ms": m}
+            for r, m in ((3.1, 10.0), (2.5, 12.0), (3.6, 9.0))]
+    out = bench.merge_runs(runs)
+    assert out["device"] == "cpu:cpu x1"
+    assert out["step/block_all/speedup_vs_dense"] == 3.1  # the median, not the mean (3.07)
+    assert out["step/block_all/speedup_vs_dense/runs"] == [3.1, 2.5, 3.6]
+    assert out["step/block_all/ms"] == 10.0
+    assert "median 3.10x over 3 runs (2.50-3.60x)" in capsys.readouterr().out
+    assert bench.merge_runs(runs[:1]) == runs[0]  # one run: its figures as they are
