@@ -22,9 +22,8 @@ that comes and goes on a shared machine hits all of them alike. Each part runs i
 its own, as a training or decode run would: a process's allocator keeps the layout the previous
 part's gigabytes of temporaries left, and the compact train step measured 4.04 s after the
 projection part in the same process against 3.20 s in a fresh one (--one_process keeps every
-part in this process). Prints one line per figure
-and, last, a JSON object with every figure, each ratio (dense time / case time, > 1:
-faster; bytes ratios case / dense) and the device.
+part in this process). Prints one line per figure and, last, a JSON object with every figure,
+each ratio (dense time / case time, > 1: faster; bytes ratios case / dense) and the device.
 
     python benchmarks/sparse_weights.py                 # the sizes (minutes on CPU)
     python benchmarks/sparse_weights.py --quick         # small sizes, a smoke test
